@@ -1,0 +1,231 @@
+"""Capture: walk a directory tree into Nodes, its content into chunks and packs.
+
+The walk records every inode's full Linux metadata (lstat, xattrs incl. ACLs and
+security.capability, symlink targets, device numbers, hardlinks within the tree) and
+streams each regular file's data regions (holes skipped with SEEK_DATA/SEEK_HOLE) through
+FastCDC into the PackWriter, which stores each distinct chunk once.  `writer.write_index`
+then turns the Node tree into metadata records.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Callable
+
+from pyfastcdc.cy import FastCDC
+
+from . import _format as F
+from .errors import SystemFailure, UsageError
+from .packs import ChunkLoc, PackWriter
+from .records import Inode
+from .writer import Node
+
+WINDOW = 8 << 20
+
+
+class SourceError(SystemFailure):
+    """{}: cannot capture: {}"""
+
+
+def kind_of(mode: int) -> int:
+    return {
+        stat.S_IFREG: F.REG, stat.S_IFDIR: F.DIR, stat.S_IFLNK: F.LNK, stat.S_IFCHR: F.CHR,
+        stat.S_IFBLK: F.BLK, stat.S_IFIFO: F.FIFO, stat.S_IFSOCK: F.SOCK,
+    }[stat.S_IFMT(mode)]
+
+
+def read_xattrs(path: str | bytes) -> list[tuple[bytes, bytes]]:
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError as e:
+        if e.errno in (errno.ENOTSUP, errno.EPERM):
+            return []
+        raise
+    out = []
+    for name in sorted(names):
+        try:
+            value = os.getxattr(path, name, follow_symlinks=False)
+        except OSError as e:
+            if e.errno == errno.ENODATA:
+                continue
+            raise
+        out.append((os.fsencode(name), value))
+    return out
+
+
+class TreeCapture:
+    """Reads one source tree into a Node tree, feeding file content to a PackWriter."""
+
+    def __init__(self, packs: PackWriter, chunk_min: int, chunk_avg: int, chunk_max: int,
+                 progress: Callable[[int], None] | None = None,
+                 skip: tuple[int, int] | None = None) -> None:
+        self.packs = packs
+        self.cdc = FastCDC(avg_size=chunk_avg, min_size=chunk_min, max_size=chunk_max)
+        self.chunk_min = chunk_min
+        self.progress = progress
+        self.skip = skip  # (st_dev, st_ino) of the image file itself, if inside the source
+        self._links: dict[tuple[int, int], Node] = {}
+
+    def scan(self, src: str) -> tuple[Node, int]:
+        """Walk src; return the root Node and the total bytes of regular files."""
+        try:
+            st = os.lstat(src)
+        except OSError as e:
+            raise SourceError(src, e.strerror) from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise UsageError(f"{src}: the source must be a directory")
+        root = self._node(os.fsencode(src), st)
+        total = 0
+        stack = [(os.fsencode(src), root)]
+        while stack:
+            path, node = stack.pop()
+            try:
+                with os.scandir(path) as it:
+                    entries = sorted((e.name, e) for e in it)
+            except OSError as e:
+                raise SourceError(os.fsdecode(path), e.strerror) from None
+            children = []
+            for name, entry in entries:
+                child_path = entry.path
+                try:
+                    cst = entry.stat(follow_symlinks=False)
+                except OSError as e:
+                    raise SourceError(os.fsdecode(child_path), e.strerror) from None
+                if self.skip and (cst.st_dev, cst.st_ino) == self.skip:
+                    continue
+                key = (cst.st_dev, cst.st_ino)
+                shared = self._links.get(key) if not stat.S_ISDIR(cst.st_mode) else None
+                if shared is not None:
+                    shared.ino.nlink += 1
+                    children.append((name, shared))
+                    continue
+                child = self._node(child_path, cst)
+                if cst.st_nlink > 1 and not stat.S_ISDIR(cst.st_mode):
+                    self._links[key] = child
+                if child.ino.kind == F.DIR:
+                    stack.append((child_path, child))
+                elif child.ino.kind == F.REG:
+                    child.source = child_path
+                    total += cst.st_size
+                children.append((name, child))
+            node.children = children
+        return root, total
+
+    def _node(self, path: bytes, st: os.stat_result) -> Node:
+        kind = kind_of(st.st_mode)
+        try:
+            xattrs = read_xattrs(path)
+            target = os.readlink(path) if kind == F.LNK else b""
+        except OSError as e:
+            raise SourceError(os.fsdecode(path), e.strerror) from None
+        if len(target) > F.MAX_SYMLINK or any(len(v) > F.MAX_XATTR_VALUE for _, v in xattrs):
+            raise SourceError(os.fsdecode(path), "symlink target or xattr value too large")
+        ino = Inode(kind=kind, mode=st.st_mode, uid=st.st_uid, gid=st.st_gid, nlink=1,
+                    size=len(target) if kind == F.LNK else
+                    (st.st_size if kind == F.REG else 0),
+                    rdev=st.st_rdev if kind in (F.CHR, F.BLK) else 0,
+                    mtime_ns=st.st_mtime_ns, atime_ns=st.st_atime_ns, ctime_ns=st.st_ctime_ns,
+                    xattrs=xattrs, target=target)
+        node = Node(ino)
+        if kind == F.REG:
+            node.sparse_hint = st.st_blocks * 512 < st.st_size
+        return node
+
+    def read_contents(self, root: Node) -> None:
+        """Chunk and store the content of every regular file under root (each inode once)."""
+        seen: set[int] = set()
+        stack = [root]
+        while stack:
+            node = stack.pop()
+            for _name, child in reversed(node.children or []):
+                if child.ino.kind == F.DIR:
+                    stack.append(child)
+                elif child.ino.kind == F.REG and id(child) not in seen:
+                    seen.add(id(child))
+                    self._read_file(child)
+
+    def _read_file(self, node: Node) -> None:
+        path = node.source
+        assert path is not None
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOATIME)
+        except PermissionError:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except OSError as e:
+                raise SourceError(os.fsdecode(path), e.strerror) from None
+        except OSError as e:
+            raise SourceError(os.fsdecode(path), e.strerror) from None
+        try:
+            size = os.fstat(fd).st_size
+            node.ino.size = size
+            for start, end in self._regions(fd, size, node.sparse_hint):
+                self._read_region(fd, start, end, node)
+        except OSError as e:
+            raise SourceError(os.fsdecode(path), e.strerror) from None
+        finally:
+            os.close(fd)
+        node.source = None
+
+    @staticmethod
+    def _regions(fd: int, size: int, sparse: bool) -> list[tuple[int, int]]:
+        if size == 0:
+            return []
+        if not sparse:
+            return [(0, size)]
+        regions = []
+        pos = 0
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:
+                    break
+                raise
+            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+            if end > start:
+                regions.append((start, end))
+            pos = end
+        return regions
+
+    def _read_region(self, fd: int, start: int, end: int, node: Node) -> None:
+        locs = node.locs
+        if end - start <= self.chunk_min:
+            data = os.pread(fd, end - start, start)
+            if data:
+                locs.append((start, self._store(data)))
+                self._progressed(len(data))
+            return
+        carry = b""
+        pos = start  # file offset of carry[0]
+        read_at = start
+        while read_at < end:
+            block = os.pread(fd, min(WINDOW, end - read_at), read_at)
+            if not block:
+                break  # the file shrank while we read it: keep what was there
+            read_at += len(block)
+            buf = carry + block if carry else block
+            last = read_at >= end
+            chunks = list(self.cdc.cut_buf(buf))
+            if not last and chunks:
+                keep = chunks.pop()
+            else:
+                keep = None
+            for c in chunks:
+                locs.append((pos + c.offset, self._store(c.data)))
+            consumed = keep.offset if keep is not None else len(buf)
+            self._progressed(consumed)
+            carry = bytes(buf[consumed:]) if keep is not None else b""
+            pos += consumed
+        if carry:
+            locs.append((pos, self._store(carry)))
+            self._progressed(len(carry))
+
+    def _store(self, data: bytes | memoryview) -> ChunkLoc:
+        return self.packs.add_chunk(data)
+
+    def _progressed(self, n: int) -> None:
+        if self.progress:
+            self.progress(n)

@@ -1,0 +1,509 @@
+"""The image file as a container: header, two root slots, append-only frames, commits.
+
+How a new state is published, and why a crash at any moment is safe
+---------------------------------------------------------------------
+An image file is a 4096-byte header followed by frames (packs of chunks, metadata blocks,
+chunk-table segments, commit records), each with its own checksums.  Nothing before the
+committed end of the file is ever rewritten.  A writer:
+
+1. takes an exclusive ``flock`` on the file (one writer at a time; readers take no lock);
+2. reads the current commit and truncates anything after its end (the leftovers of a
+   writer that died before publishing: no commit refers to them);
+3. appends its new frames: packs, metadata, a chunk-table segment, and last a commit frame
+   that lists every index, every chunk-table segment and the new committed end;
+4. ``fsync``s the file, so that everything the new commit refers to is durable;
+5. writes one 64-byte root slot (the older of the two, A or B) with generation + 1, the
+   commit frame's offset, length and xxh3-128, and the slot's own checksum;
+6. ``fsync``s again.
+
+Step 5 is the single small write that publishes.  Until it is durable, readers and a
+restarted writer find the old slot (higher generation among the *valid* slots) and so the
+old state; once it is, they find the new one.  A slot torn by power loss fails its checksum
+and is ignored, leaving the previous generation in the other slot.  Readers of an old state
+are never disturbed: the frames they use are below the old committed end, which is never
+rewritten; step 2 only cuts bytes no published state refers to.
+
+Space of deleted indices is not reclaimed in place (as with WIM files); ``imagefs export``
+writes a compacted copy holding only what the chosen indices reference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import errno
+import fcntl
+import json
+import os
+import signal
+import stat
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import xxhash
+import zstandard
+
+from . import _format as F
+from .errors import (
+    Busy,
+    ChecksumMismatch,
+    CorruptImage,
+    NoSuchImage,
+    NotAnImage,
+    SystemFailure,
+    UnsupportedVersion,
+)
+
+
+def crash_point(name: str) -> None:
+    """Test-only hook: die by SIGKILL at a named point when IMAGEFS_TEST_CRASH_AT names it."""
+    if os.environ.get("IMAGEFS_TEST_CRASH_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+@dataclass
+class Header:
+    version: int
+    uuid: bytes
+    chunk_min: int
+    chunk_avg: int
+    chunk_max: int
+    pack_target: int
+
+    def encode(self) -> bytes:
+        head = F.HEADER.pack(F.MAGIC, self.version, F.HEADER_SIZE, self.uuid, self.chunk_min,
+                             self.chunk_avg, self.chunk_max, self.pack_target)
+        return head + F.HEADER_CHECK.pack(xxhash.xxh3_64_intdigest(head))
+
+
+@dataclass
+class IndexEntry:
+    """One image (index) of the file, as the commit record lists it."""
+
+    name: str
+    description: str
+    created: str
+    modified: str
+    files: int
+    dirs: int
+    bytes: int
+    root: int
+    digest: str
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class Commit:
+    """The published state: the JSON payload of a commit frame."""
+
+    generation: int = 0
+    data_end: int = F.HEADER_SIZE
+    created: str = ""
+    tables: list[list[int]] = field(default_factory=list)  # [frame offset, chunk count]
+    chunks: int = 0
+    unique_bytes: int = 0
+    stored_bytes: int = 0
+    indices: list[IndexEntry] = field(default_factory=list)
+
+    def encode(self) -> bytes:
+        doc = asdict(self)
+        del doc["data_end"]  # known from the root slot: the commit frame's own end
+        doc["format"] = F.FORMAT_VERSION
+        return json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes, where: str, file_size: int) -> Commit:
+        """Parse and check a commit payload; anything unexpected is CorruptImage."""
+        try:
+            doc = json.loads(raw.decode())
+        except (UnicodeDecodeError, ValueError) as e:
+            raise CorruptImage(where, f"commit record is not valid JSON ({e})") from None
+        try:
+            return cls._from_doc(doc, file_size)
+        except (KeyError, TypeError, ValueError) as e:
+            raise CorruptImage(where, f"commit record is malformed ({e})") from None
+
+    @classmethod
+    def _from_doc(cls, doc: Any, file_size: int) -> Commit:
+        def num(v: Any, limit: int = 1 << 62) -> int:
+            if type(v) is not int or not 0 <= v <= limit:
+                raise ValueError(f"bad number {v!r}")
+            return v
+
+        def text(v: Any) -> str:
+            if type(v) is not str or len(v) > 65536:
+                raise ValueError("bad string")
+            return v
+
+        if type(doc) is not dict:
+            raise TypeError("not an object")
+        if num(doc["format"]) > F.FORMAT_VERSION:
+            raise ValueError(f"format {doc['format']}")
+        tables = [[num(t[0], file_size), num(t[1], file_size)] for t in doc["tables"]]
+        indices = []
+        for e in doc["indices"]:
+            hist = e["history"]
+            if type(hist) is not list or any(type(h) is not dict for h in hist):
+                raise ValueError("bad history")
+            indices.append(IndexEntry(
+                name=text(e["name"]), description=text(e["description"]),
+                created=text(e["created"]), modified=text(e["modified"]),
+                files=num(e["files"]), dirs=num(e["dirs"]), bytes=num(e["bytes"]),
+                root=num(e["root"], file_size << 16), digest=text(e["digest"]), history=hist,
+            ))
+        return cls(
+            generation=num(doc["generation"]),
+            created=text(doc["created"]), tables=tables, chunks=num(doc["chunks"]),
+            unique_bytes=num(doc["unique_bytes"]), stored_bytes=num(doc["stored_bytes"]),
+            indices=indices,
+        )
+
+
+@dataclass
+class FrameInfo:
+    offset: int
+    kind: bytes
+    codec: int
+    stored: int
+    raw: int
+    check: int
+
+    @property
+    def end(self) -> int:
+        return self.offset + F.FRAME_HEADER + self.stored
+
+
+class ImageFile:
+    """An open image file: bounded, checked reads of frames; appends and publication."""
+
+    def __init__(self, path: str, fd: int, header: Header, writable: bool) -> None:
+        self.path = path
+        self.fd = fd
+        self.header = header
+        self.writable = writable
+        self._append_pos: int | None = None
+        self._dctx = zstandard.ZstdDecompressor()
+
+    # ---- opening -------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str, writable: bool = False) -> ImageFile:
+        try:
+            fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise NoSuchImage(path) from None
+        except IsADirectoryError:
+            raise NotAnImage(path, "it is a directory") from None
+        except OSError as e:
+            raise SystemFailure(path, e.strerror) from None
+        try:
+            header = cls._read_header(path, fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(path, fd, header, writable)
+
+    @staticmethod
+    def _read_header(path: str, fd: int) -> Header:
+        st = os.fstat(fd)
+        if not _is_regular(st.st_mode):
+            raise NotAnImage(path, "not a regular file")
+        raw = os.pread(fd, F.HEADER_SIZE, 0)
+        if len(raw) < F.HEADER_USED:
+            raise NotAnImage(path, f"only {len(raw)} bytes long" if raw else "empty file")
+        magic, version, hsize, fuuid, cmin, cavg, cmax, ptarget = F.HEADER.unpack_from(raw)
+        if magic != F.MAGIC:
+            raise NotAnImage(path, "wrong magic bytes")
+        (check,) = F.HEADER_CHECK.unpack_from(raw, F.HEADER.size)
+        if check != xxhash.xxh3_64_intdigest(raw[: F.HEADER.size]):
+            raise ChecksumMismatch(path, "the file header")
+        if version > F.FORMAT_VERSION:
+            raise UnsupportedVersion(path, version, F.FORMAT_VERSION)
+        if version < 1 or hsize != F.HEADER_SIZE:
+            raise CorruptImage(path, f"header claims version {version}, size {hsize}")
+        if len(raw) < F.HEADER_SIZE:
+            raise CorruptImage(path, f"truncated header ({len(raw)} of {F.HEADER_SIZE} bytes)")
+        if not (1024 <= cmin <= cavg <= cmax <= F.MAX_RAW[F.KIND_PACK]
+                and cmax <= ptarget <= F.MAX_RAW[F.KIND_PACK] // 2):
+            raise CorruptImage(path, "header has impossible chunking parameters")
+        return Header(version, fuuid, cmin, cavg, cmax, ptarget)
+
+    @classmethod
+    def create(cls, path: str) -> None:
+        """Create an empty image (no indices) at path, atomically; FileExistsError if taken.
+
+        The header is written to a temporary file that is then hard-linked into place, so a
+        crash leaves either no file or a complete empty one, and two creators cannot both
+        win."""
+        header = Header(F.FORMAT_VERSION, uuid.uuid4().bytes, F.CHUNK_MIN, F.CHUNK_AVG,
+                        F.CHUNK_MAX, F.PACK_TARGET)
+        buf = bytearray(F.HEADER_SIZE)
+        enc = header.encode()
+        buf[: len(enc)] = enc
+        directory = os.path.dirname(os.path.abspath(path))
+        tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.new")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        except FileNotFoundError:
+            raise NoSuchImage(f"{path} (its directory does not exist)") from None
+        except OSError as e:
+            raise SystemFailure(path, e.strerror) from None
+        try:
+            os.write(fd, bytes(buf))
+            os.fsync(fd)
+            os.close(fd)
+            os.link(tmp, path)
+            _fsync_dir(directory)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> ImageFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def size(self) -> int:
+        return os.fstat(self.fd).st_size
+
+    # ---- root slots and commits ----------------------------------------------------------
+
+    def read_slots(self) -> list[tuple[int, int, int, bytes] | None | str]:
+        """Each slot as (generation, offset, length, xxh3_128), None if never written, or
+        a string saying why it is invalid."""
+        out: list[tuple[int, int, int, bytes] | None | str] = []
+        for off in F.SLOT_OFFSETS:
+            raw = os.pread(self.fd, F.SLOT_SIZE, off)
+            if raw == bytes(F.SLOT_SIZE):
+                out.append(None)
+                continue
+            if len(raw) < F.SLOT_SIZE:
+                out.append("truncated")
+                continue
+            magic, gen, coff, clen, csum, _ = F.SLOT.unpack_from(raw)
+            check = int.from_bytes(raw[F.SLOT.size:], "little")
+            if magic != F.SLOT_MAGIC or check != xxhash.xxh3_64_intdigest(raw[: F.SLOT.size]):
+                out.append("checksum mismatch")
+                continue
+            out.append((gen, coff, clen, csum))
+        return out
+
+    def read_commit(self) -> Commit:
+        """The current state: the commit of the valid slot with the highest generation."""
+        slots = [s for s in self.read_slots() if isinstance(s, tuple)]
+        if not slots:
+            if all(s is None for s in self.read_slots()):
+                return Commit()
+            raise CorruptImage(self.path, "no valid root slot in the header")
+        slots.sort(reverse=True)
+        errors = []
+        for gen, coff, clen, csum in slots:
+            try:
+                return self._load_commit(gen, coff, clen, csum)
+            except CorruptImage as e:
+                errors.append(str(e))
+        raise CorruptImage(self.path, "no readable commit: " + "; ".join(errors))
+
+    def _load_commit(self, gen: int, coff: int, clen: int, csum: bytes) -> Commit:
+        where = f"commit at offset {coff}"
+        size = self.size()
+        if coff < F.HEADER_SIZE or clen > F.MAX_RAW[F.KIND_COMMIT] or coff + clen > size:
+            raise CorruptImage(self.path, f"{where} lies outside the file ({size} bytes)")
+        whole = os.pread(self.fd, clen, coff)
+        if xxhash.xxh3_128_digest(whole) != csum:
+            raise ChecksumMismatch(self.path, where)
+        raw = self.read_frame(coff, F.KIND_COMMIT)
+        commit = Commit.decode(raw, f"{self.path}: {where}", size)
+        if commit.generation != gen:
+            raise CorruptImage(self.path, f"{where} does not match its root slot")
+        commit.data_end = coff + clen
+        return commit
+
+    # ---- frames --------------------------------------------------------------------------
+
+    def frame_info(self, offset: int, kind: bytes | None = None) -> FrameInfo:
+        """Read and check a frame header: its kind, and that it lies inside the file."""
+        where = f"frame at offset {offset}"
+        size = self.size()
+        if offset < F.HEADER_SIZE or offset + F.FRAME_HEADER > size:
+            raise CorruptImage(self.path, f"{where} lies outside the file ({size} bytes)")
+        raw = os.pread(self.fd, F.FRAME_HEADER, offset)
+        magic, codec, stored, rawlen, check = F.FRAME.unpack_from(raw)
+        if int.from_bytes(raw[F.FRAME.size:], "little") != xxhash.xxh3_64_intdigest(
+                raw[: F.FRAME.size]):
+            raise ChecksumMismatch(self.path, f"the header of the {where}")
+        fkind = magic[3:]
+        if magic[:3] != F.FRAME_MAGIC or fkind not in F.KINDS:
+            raise CorruptImage(self.path, f"{where}: not a frame")
+        if kind is not None and fkind != kind:
+            raise CorruptImage(self.path, f"{where}: expected a {kind!r} frame, found {fkind!r}")
+        if codec not in (F.CODEC_STORED, F.CODEC_ZSTD):
+            raise CorruptImage(self.path, f"{where}: unknown codec {codec}")
+        if rawlen > F.MAX_RAW[fkind]:
+            raise CorruptImage(self.path, f"{where} claims {rawlen} bytes decompressed "
+                                          f"(limit {F.MAX_RAW[fkind]})")
+        if stored > size - offset - F.FRAME_HEADER:
+            raise CorruptImage(self.path, f"{where} claims {stored} bytes, past the end "
+                                          f"of the file ({size} bytes)")
+        if codec == F.CODEC_STORED and stored != rawlen:
+            raise CorruptImage(self.path, f"{where}: stored frame with two lengths")
+        return FrameInfo(offset, fkind, codec, stored, rawlen, check)
+
+    def read_frame(self, offset: int, kind: bytes | None = None) -> bytes:
+        """The checked, decompressed payload of the frame at offset (bounded allocation)."""
+        info = self.frame_info(offset, kind)
+        payload = os.pread(self.fd, info.stored, offset + F.FRAME_HEADER)
+        return self.decode_payload(info, payload)
+
+    def decode_payload(self, info: FrameInfo, payload: bytes) -> bytes:
+        where = f"{_KIND_WORDS[info.kind]} at offset {info.offset}"
+        if len(payload) != info.stored or xxhash.xxh3_64_intdigest(payload) != info.check:
+            raise ChecksumMismatch(self.path, where)
+        if info.codec == F.CODEC_STORED:
+            return payload
+        try:
+            if zstandard.frame_content_size(payload) != info.raw:
+                raise CorruptImage(self.path, f"{where}: zstd frame size differs from header")
+            raw = self._dctx.decompress(payload, max_output_size=info.raw)
+        except zstandard.ZstdError as e:
+            raise CorruptImage(self.path, f"{where}: cannot decompress ({e})") from None
+        if len(raw) != info.raw:
+            raise CorruptImage(self.path, f"{where}: decompressed to {len(raw)} bytes, "
+                                          f"header says {info.raw}")
+        return raw
+
+    def iter_frames(self, end: int) -> Iterator[FrameInfo]:
+        """Every frame from the header to end, in file order (for verify)."""
+        pos = F.HEADER_SIZE
+        while pos < end:
+            info = self.frame_info(pos)
+            if info.end > end:
+                raise CorruptImage(self.path, f"frame at offset {pos} runs past the "
+                                              f"committed end ({end})")
+            yield info
+            pos = info.end
+
+    # ---- writing -------------------------------------------------------------------------
+
+    def lock(self, wait: float | None = None) -> None:
+        """Take the writer lock; wait up to `wait` seconds (None: forever)."""
+        deadline = None if wait is None else time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise Busy(self.path, "try again later, or pass --wait") from None
+                time.sleep(0.05)
+
+    def begin_append(self, commit: Commit) -> None:
+        """Start appending after the committed end, cutting a dead writer's leftovers."""
+        assert self.writable
+        if self.size() > commit.data_end:
+            os.ftruncate(self.fd, commit.data_end)
+        self._append_pos = commit.data_end
+
+    @property
+    def append_pos(self) -> int:
+        assert self._append_pos is not None, "begin_append first"
+        return self._append_pos
+
+    def append_frame(self, kind: bytes, payload: bytes, raw_len: int, codec: int) -> int:
+        """Append one frame (payload already compressed if codec says so); its offset."""
+        head = F.FRAME.pack(F.FRAME_MAGIC + kind, codec, len(payload), raw_len,
+                            xxhash.xxh3_64_intdigest(payload))
+        head += xxhash.xxh3_64_intdigest(head).to_bytes(8, "little")
+        off = self.append_pos
+        self._pwrite_all(head + payload if len(payload) < 65536 else head, off)
+        if len(payload) >= 65536:
+            self._pwrite_all(payload, off + len(head))
+        self._append_pos = off + len(head) + len(payload)
+        return off
+
+    def append_raw(self, kind: bytes, raw: bytes, level: int) -> int:
+        """Compress raw with zstd at level and append it as a frame."""
+        payload = compress(raw, level)
+        return self.append_frame(kind, payload, len(raw), F.CODEC_ZSTD)
+
+    def _pwrite_all(self, data: bytes, off: int) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                n = os.pwrite(self.fd, view, off)
+                view = view[n:]
+                off += n
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise SystemFailure(self.path, "no space left on device; the image is "
+                                               "unchanged") from None
+            raise SystemFailure(self.path, f"write failed: {e.strerror}") from None
+
+    def publish(self, commit: Commit) -> None:
+        """Append the commit frame and make it current with one slot write (see above)."""
+        old = [s for s in self.read_slots() if isinstance(s, tuple)]
+        gen = max((s[0] for s in old), default=0) + 1
+        commit.generation = gen
+        commit.created = now_iso()
+        off = self.append_pos
+        crash_point("before-commit-frame")
+        self.append_raw(F.KIND_COMMIT, commit.encode(), 3)
+        commit.data_end = self.append_pos
+        crash_point("before-fsync")
+        os.fsync(self.fd)
+        crash_point("before-slot")
+        whole = os.pread(self.fd, commit.data_end - off, off)
+        slot = F.SLOT.pack(F.SLOT_MAGIC, gen, off, len(whole), xxhash.xxh3_128_digest(whole),
+                           bytes(8))
+        slot += xxhash.xxh3_64_intdigest(slot).to_bytes(8, "little")
+        self._pwrite_all(slot, F.SLOT_OFFSETS[gen % 2])
+        os.fsync(self.fd)
+        crash_point("after-slot")
+
+
+_KIND_WORDS = {F.KIND_PACK: "pack", F.KIND_META: "metadata block",
+               F.KIND_TABLE: "chunk table", F.KIND_COMMIT: "commit record"}
+
+_cctx: dict[int, zstandard.ZstdCompressor] = {}
+
+
+def compress(raw: bytes, level: int) -> bytes:
+    """zstd with the content size in the frame (readers check it against the header)."""
+    return compressor(level).compress(raw)
+
+
+def compressor(level: int) -> zstandard.ZstdCompressor:
+    """A compressor for this thread and level (a ZstdCompressor is not shared by threads)."""
+    key = (threading.get_ident() << 8) | (level & 0xFF)
+    c = _cctx.get(key)
+    if c is None:
+        c = _cctx[key] = zstandard.ZstdCompressor(level=level, write_content_size=True)
+    return c
+
+
+def _is_regular(mode: int) -> bool:
+    return stat.S_ISREG(mode)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+

@@ -1,0 +1,42 @@
+"""Cryptographic digests of nodes and indices (Merkle style, SHA-256).
+
+A node's digest covers its kind, mode, owner, link count, size, device number, mtime
+(ns), xattrs, and: for a file, each data extent's offset, length and content SHA-256; for
+a symlink, its target; for a directory, each entry's name and child digest.  It leaves out
+atime and ctime (not restorable) and where chunks are stored, so an exported or
+re-captured copy of the same tree has the same digest.  The index digest is the root's.
+
+Two indices with equal digests hold the same tree; a subtree whose digest is unchanged
+need not be compared (diff) or re-hashed (commit).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Sequence
+
+from . import _format as F
+from .records import Inode
+
+_ATTRS = struct.Struct("<BIIIIQQq")
+_EXT = struct.Struct("<QI")
+
+
+def node_digest(ino: Inode, chunk_shas: Sequence[bytes], child_digests: Sequence[bytes]) -> bytes:
+    h = hashlib.sha256(b"imagefs-node-1")
+    h.update(_ATTRS.pack(ino.kind, ino.mode, ino.uid, ino.gid, ino.nlink, ino.size, ino.rdev,
+                         ino.mtime_ns))
+    h.update(len(ino.xattrs).to_bytes(4, "little"))
+    for name, value in sorted(ino.xattrs):
+        h.update(len(name).to_bytes(4, "little") + name)
+        h.update(len(value).to_bytes(4, "little") + value)
+    if ino.kind == F.REG:
+        for ext, sha in zip(ino.extents, chunk_shas, strict=True):
+            h.update(_EXT.pack(ext[0], ext[3]) + sha)
+    elif ino.kind == F.LNK:
+        h.update(ino.target)
+    elif ino.kind == F.DIR:
+        for (name, _k, _r), d in zip(ino.entries, child_digests, strict=True):
+            h.update(len(name).to_bytes(4, "little") + name + d)
+    return h.digest()

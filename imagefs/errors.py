@@ -1,0 +1,130 @@
+"""Errors that explain themselves.
+
+Each class's docstring is its message (formatted with the constructor's arguments) and each
+carries a stable exit code, so that scripts can tell "no such index" from "the file is
+damaged".  The CLI prints ``imagefs: <message>`` on one line and exits with the code;
+docs/cli.md holds the table, generated from this module by ``error_table()`` and checked by
+a test.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class Error(Exception):
+    """Error: {}"""
+
+    exit_code: ClassVar[int] = 1
+
+    def message(self) -> str:
+        doc = (self.__doc__ or "{}").strip().splitlines()[0]
+        try:
+            return doc.format(*self.args)
+        except (IndexError, KeyError, ValueError):
+            return f"{doc} {self.args}"
+
+    def __str__(self) -> str:
+        return self.message()
+
+
+class UsageError(Error):
+    """{}"""
+
+    exit_code = 2
+
+
+class NotFound(Error):
+    """{}"""
+
+    exit_code = 3
+
+
+class NoSuchImage(NotFound):
+    """{}: no such image file"""
+
+
+class NoSuchIndex(NotFound):
+    """{}: no index {!r} (the image has {} indices; see `imagefs info`)"""
+
+
+class NoSuchPath(NotFound):
+    """index {}: no such path in the image: {}"""
+
+
+class NotADirectory(NotFound):
+    """index {}: not a directory in the image: {}"""
+
+
+class FormatError(Error):
+    """{}: {}"""
+
+    exit_code = 4
+
+
+class NotAnImage(FormatError):
+    """{}: not an imagefs image ({})"""
+
+
+class UnsupportedVersion(FormatError):
+    """{}: format version {} is newer than this imagefs understands (up to {}); upgrade imagefs"""
+
+    exit_code = 5
+
+
+class CorruptImage(FormatError):
+    """{}: damaged or hostile image: {}"""
+
+
+class ChecksumMismatch(CorruptImage):
+    """{}: checksum mismatch in {}"""
+
+
+class DamageFound(Error):
+    """{}: verify found {} problem(s)"""
+
+    exit_code = 1
+
+
+class Busy(Error):
+    """{}: another writer holds the image's lock ({})"""
+
+    exit_code = 6
+
+
+class DestinationError(Error):
+    """{}: {}"""
+
+    exit_code = 7
+
+
+class SystemFailure(Error):
+    """{}: {}"""
+
+    exit_code = 8
+
+
+class Interrupted(Error):
+    """interrupted; the image is unchanged"""
+
+    exit_code = 130
+
+
+def error_classes() -> list[type[Error]]:
+    """Every error class, in definition order (for the docs table and its test)."""
+    found: list[type[Error]] = []
+    pending: list[type[Error]] = [Error]
+    while pending:
+        cls = pending.pop(0)
+        found.append(cls)
+        pending.extend(cls.__subclasses__())
+    return found
+
+
+def error_table() -> str:
+    """The markdown table of error classes and exit codes in docs/cli.md."""
+    rows = ["| exit code | error | meaning |", "| --- | --- | --- |"]
+    for cls in error_classes():
+        doc = (cls.__doc__ or "").strip().splitlines()[0]
+        rows.append(f"| {cls.exit_code} | `{cls.__name__}` | {doc} |")
+    return "\n".join(rows)

@@ -1,0 +1,151 @@
+"""The public face of an image file: open it, name its indices, capture, delete.
+
+    with Image.open("golden.imagefs") as img:
+        view = img.view("bookworm-web")          # by name or number (from 1)
+        data = view.read(view.lookup("/etc/hostname"), 0, 4096)
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from . import _format as F
+from .capture import TreeCapture
+from .container import Commit, ImageFile, IndexEntry
+from .errors import NoSuchIndex, UsageError
+from .view import IndexView
+from .writer import Transaction, add_index, history_entry
+
+DEFAULT_LEVEL = 9
+
+
+@dataclass
+class CaptureResult:
+    index: int
+    name: str
+    files: int
+    bytes: int
+    new_bytes: int  # bytes of chunks this capture added (not already in the file)
+    stored_bytes: int  # compressed bytes those took on disk
+
+
+class Image:
+    def __init__(self, file: ImageFile) -> None:
+        self.file = file
+        self.path = file.path
+        self.commit = file.read_commit()
+
+    @classmethod
+    def open(cls, path: str, writable: bool = False) -> Image:
+        f = ImageFile.open(path, writable)
+        try:
+            return cls(f)
+        except BaseException:
+            f.close()
+            raise
+
+    def close(self) -> None:
+        self.file.close()
+
+    def __enter__(self) -> Image:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def indices(self) -> list[IndexEntry]:
+        return self.commit.indices
+
+    def select(self, spec: str | int) -> tuple[int, IndexEntry]:
+        """An index by number (from 1) or by name."""
+        return select_index(self.commit, spec, self.path)
+
+    def view(self, spec: str | int) -> IndexView:
+        number, entry = self.select(spec)
+        return IndexView(self.file, number, entry)
+
+
+def select_index(commit: Commit, spec: str | int, path: str) -> tuple[int, IndexEntry]:
+    indices = commit.indices
+    s = str(spec)
+    if s.isdigit():
+        n = int(s)
+        if 1 <= n <= len(indices):
+            return n, indices[n - 1]
+    for i, e in enumerate(indices, 1):
+        if e.name == s:
+            return i, e
+    raise NoSuchIndex(path, s, len(indices))
+
+
+def check_new_name(commit: Commit, name: str) -> None:
+    if not name or name.isdigit() or "\n" in name or len(name) > 255:
+        raise UsageError(f"{name!r}: an index name must be 1-255 characters, not all digits "
+                         "(numbers name indices by position), without newlines")
+    if any(e.name == name for e in commit.indices):
+        raise UsageError(f"an index named {name!r} already exists; choose another --name")
+
+
+def open_for_writing(path: str) -> ImageFile:
+    """Open path for appending, creating an empty image first if there is none."""
+    if not os.path.exists(path):
+        try:
+            ImageFile.create(path)
+        except FileExistsError:
+            pass  # another writer created it meanwhile: append to theirs
+    return ImageFile.open(path, writable=True)
+
+
+def capture(image_path: str, src: str, name: str, description: str = "",
+            level: int = DEFAULT_LEVEL, progress: Callable[[int], None] | None = None,
+            on_total: Callable[[int], None] | None = None,
+            on_wait: Callable[[], None] | None = None,
+            wait: float | None = None) -> CaptureResult:
+    """Capture the directory src as a new index of image_path (created if missing)."""
+    check_level(level)
+    if not os.path.isdir(src):
+        raise UsageError(f"{src}: the source must be an existing directory")
+    with open_for_writing(image_path) as f, \
+            Transaction(f, level, wait=wait, on_wait=on_wait) as tx:
+        check_new_name(tx.commit, name)
+        st = os.fstat(f.fd)
+        packs = tx.pack_writer()
+        cap = TreeCapture(packs, f.header.chunk_min, f.header.chunk_avg, f.header.chunk_max,
+                          progress=progress, skip=(st.st_dev, st.st_ino))
+        root, total = cap.scan(src)
+        if on_total:
+            on_total(total)
+        cap.read_contents(root)
+        stats = tx.write_tree(root)
+        number = add_index(tx.commit, name, description, stats,
+                           history_entry("capture", source=os.path.abspath(src), level=level))
+        tx.publish()
+        return CaptureResult(number, name, stats.files, stats.bytes, packs.new_bytes,
+                             packs.stored_bytes)
+
+
+def delete(image_path: str, spec: str, wait: float | None = None) -> IndexEntry:
+    """Remove one index; later indices move down by one (as in WIM files)."""
+    with ImageFile.open(image_path, writable=True) as f, Transaction(f, wait=wait) as tx:
+        number, entry = select_index(tx.commit, spec, image_path)
+        del tx.commit.indices[number - 1]
+        tx.publish()
+        return entry
+
+
+def check_level(level: int) -> None:
+    if not 1 <= level <= 22:
+        raise UsageError(f"--level {level}: zstd levels run from 1 to 22")
+
+
+def is_image_file(path: str) -> bool:
+    try:
+        st = os.stat(path)
+        with open(path, "rb") as fh:
+            return stat.S_ISREG(st.st_mode) and fh.read(len(F.MAGIC)) == F.MAGIC
+    except OSError:
+        return False

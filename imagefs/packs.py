@@ -1,0 +1,249 @@
+"""Chunk storage: packs of content-defined chunks, one zstd frame per pack.
+
+This is the one interface between content and where it lives.  Metadata only ever holds a
+chunk's address (pack id, offset in the pack, length, xxh3-128); `PackReader.read_chunk`
+and `PackWriter.add_chunk` are all the rest of imagefs uses.  In the local backend a pack
+id is the pack frame's file offset; an object-store backend maps pack ids to object keys
+behind the same two classes.
+
+Identity: a chunk is looked up by its xxh3-128 (fast) and confirmed by its SHA-256 before
+it is shared, so a crafted xxh3 collision is stored as a chunk of its own, never as the
+chunk it collides with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import xxhash
+
+from . import _format as F
+from .container import Commit, ImageFile, compressor
+from .errors import ChecksumMismatch, CorruptImage
+
+
+def fast_hash(data: bytes | memoryview) -> bytes:
+    """xxh3-128 of a chunk: the dedup key and the checksum checked on every read."""
+    if _WEAK_FAST_HASH:
+        return bytes(16)  # test-only: every chunk "collides" (IMAGEFS_TEST_WEAK_FASTHASH)
+    return xxhash.xxh3_128_digest(data)
+
+
+_WEAK_FAST_HASH = os.environ.get("IMAGEFS_TEST_WEAK_FASTHASH") == "1"
+
+
+class ChunkLoc:
+    """Where a chunk is (or will be, once its pack is written) and what it is."""
+
+    __slots__ = ("pack", "offset", "length", "xxh", "sha")
+
+    def __init__(self, pack: _PendingPack | int, offset: int, length: int, xxh: bytes,
+                 sha: bytes) -> None:
+        self.pack = pack
+        self.offset = offset
+        self.length = length
+        self.xxh = xxh
+        self.sha = sha
+
+    def pack_id(self) -> int:
+        p = self.pack
+        if isinstance(p, _PendingPack):
+            assert p.offset is not None, "pack not written yet"
+            return p.offset
+        return p
+
+
+class _PendingPack:
+    __slots__ = ("offset",)
+
+    def __init__(self) -> None:
+        self.offset: int | None = None
+
+
+class ChunkTable:
+    """Every chunk the file stores: xxh3-128 → candidates; loaded whole by writers only."""
+
+    def __init__(self) -> None:
+        self.by_xxh: dict[bytes, ChunkLoc | list[ChunkLoc]] = {}
+        self.new: list[ChunkLoc] = []
+        self.count = 0
+        self.unique_bytes = 0
+
+    @classmethod
+    def load(cls, image: ImageFile, commit: Commit) -> ChunkTable:
+        table = cls()
+        for offset, count in commit.tables:
+            raw = image.read_frame(offset, F.KIND_TABLE)
+            if len(raw) != count * F.CHUNK_ENTRY.size:
+                raise CorruptImage(image.path, f"chunk table at offset {offset} holds "
+                                               f"{len(raw)} bytes for {count} chunks")
+            for xxh, sha, pack, off, length in F.CHUNK_ENTRY.iter_unpack(raw):
+                table._insert(ChunkLoc(pack, off, length, xxh, sha))
+        return table
+
+    def _insert(self, loc: ChunkLoc) -> None:
+        have = self.by_xxh.get(loc.xxh)
+        if have is None:
+            self.by_xxh[loc.xxh] = loc
+        elif isinstance(have, list):
+            have.append(loc)
+        else:
+            self.by_xxh[loc.xxh] = [have, loc]
+        self.count += 1
+        self.unique_bytes += loc.length
+
+    def find(self, xxh: bytes, sha: bytes) -> ChunkLoc | None:
+        have = self.by_xxh.get(xxh)
+        if have is None:
+            return None
+        for loc in have if isinstance(have, list) else (have,):
+            if loc.sha == sha:
+                return loc
+        return None
+
+    def add(self, loc: ChunkLoc) -> None:
+        self._insert(loc)
+        self.new.append(loc)
+
+    def all(self) -> list[ChunkLoc]:
+        out: list[ChunkLoc] = []
+        for v in self.by_xxh.values():
+            out.extend(v if isinstance(v, list) else (v,))
+        return out
+
+    def encode_new(self) -> bytes:
+        return b"".join(F.CHUNK_ENTRY.pack(c.xxh, c.sha, c.pack_id(), c.offset, c.length)
+                        for c in self.new)
+
+    def encode_all(self) -> bytes:
+        return b"".join(F.CHUNK_ENTRY.pack(c.xxh, c.sha, c.pack_id(), c.offset, c.length)
+                        for c in self.all())
+
+
+class PackWriter:
+    """Packs new chunks into ~1 MiB packs, compresses them on worker threads (zstd releases
+    the GIL) and appends them to the image in order."""
+
+    MAX_PENDING = 6
+
+    def __init__(self, image: ImageFile, table: ChunkTable, level: int,
+                 threads: int | None = None,
+                 on_written: Callable[[int, int], None] | None = None) -> None:
+        self.image = image
+        self.table = table
+        self.level = level
+        self.target = image.header.pack_target
+        self._buf = bytearray()
+        self._pack = _PendingPack()
+        self._pool = ThreadPoolExecutor(max_workers=threads or os.cpu_count() or 2)
+        self._pending: list[tuple[_PendingPack, int, Future[bytes]]] = []
+        self.stored_bytes = 0
+        self.new_bytes = 0
+        self._on_written = on_written
+
+    def add_chunk(self, data: bytes | memoryview, xxh: bytes | None = None,
+                  sha: bytes | None = None) -> ChunkLoc:
+        """The location of this content, stored once: an existing chunk or a new one."""
+        xxh = xxh or fast_hash(data)
+        sha = sha or hashlib.sha256(data).digest()
+        loc = self.table.find(xxh, sha)
+        if loc is not None:
+            return loc
+        loc = ChunkLoc(self._pack, len(self._buf), len(data), xxh, sha)
+        self._buf += data
+        self.table.add(loc)
+        self.new_bytes += len(data)
+        if len(self._buf) >= self.target:
+            self._seal()
+        return loc
+
+    def _seal(self) -> None:
+        if not self._buf:
+            return
+        raw = bytes(self._buf)
+        fut = self._pool.submit(_compress, raw, self.level)
+        self._pending.append((self._pack, len(raw), fut))
+        self._buf = bytearray()
+        self._pack = _PendingPack()
+        while len(self._pending) > self.MAX_PENDING:
+            self._write_oldest()
+
+    def _write_oldest(self) -> None:
+        pack, raw_len, fut = self._pending.pop(0)
+        payload = fut.result()
+        pack.offset = self.image.append_frame(F.KIND_PACK, payload, raw_len, F.CODEC_ZSTD)
+        self.stored_bytes += F.FRAME_HEADER + len(payload)
+        if self._on_written:
+            self._on_written(raw_len, len(payload))
+
+    def finish(self) -> None:
+        """Write every pending pack; after this every ChunkLoc has its pack id."""
+        self._seal()
+        while self._pending:
+            self._write_oldest()
+        self._pool.shutdown()
+
+    def abort(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _compress(raw: bytes, level: int) -> bytes:
+    return compressor(level).compress(raw)
+
+
+class PackReader:
+    """Chunks by address, through a byte-bounded LRU of decompressed packs.
+
+    Each pack is decompressed once at a time (single-flight): concurrent readers of the same
+    pack wait for the first one's result instead of decompressing it again."""
+
+    def __init__(self, image: ImageFile, cache_bytes: int = 256 << 20) -> None:
+        self.image = image
+        self.cache_bytes = cache_bytes
+        self._cache: OrderedDict[int, bytes] = OrderedDict()
+        self._cached = 0
+        self._lock = threading.Lock()
+        self._inflight: dict[int, threading.Event] = {}
+        self.decompressions = 0
+
+    def pack(self, pack: int) -> bytes:
+        while True:
+            with self._lock:
+                raw = self._cache.get(pack)
+                if raw is not None:
+                    self._cache.move_to_end(pack)
+                    return raw
+                ev = self._inflight.get(pack)
+                if ev is None:
+                    ev = self._inflight[pack] = threading.Event()
+                    break
+            ev.wait()
+        try:
+            raw = self.image.read_frame(pack, F.KIND_PACK)
+            self.decompressions += 1
+            with self._lock:
+                self._cache[pack] = raw
+                self._cached += len(raw)
+                while self._cached > self.cache_bytes and len(self._cache) > 1:
+                    _, old = self._cache.popitem(last=False)
+                    self._cached -= len(old)
+            return raw
+        finally:
+            with self._lock:
+                del self._inflight[pack]
+            ev.set()
+
+    def read_chunk(self, pack: int, offset: int, length: int, xxh: bytes) -> bytes:
+        raw = self.pack(pack)
+        if offset + length > len(raw):
+            raise CorruptImage(self.image.path, f"chunk at {offset}+{length} lies past the "
+                                                f"end of pack {pack}")
+        data = raw[offset:offset + length]
+        if fast_hash(data) != xxh:
+            raise ChecksumMismatch(self.image.path, f"chunk at {offset} of pack {pack}")
+        return data

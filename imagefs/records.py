@@ -1,0 +1,225 @@
+"""Metadata records: one inode each, packed into zstd metadata blocks and read lazily.
+
+An index is a tree of records.  A directory record lists (name, kind, child ref); a child
+ref is the address of the child's record (metadata block offset << 16 | record number), so
+records are written children first and the root last.  Unchanged subtrees can later be
+shared between indices by reference, and nothing needs to be read but the records on the
+path asked for: `ls` of one directory reads its record and its children's.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from . import _format as F
+from .container import ImageFile
+from .errors import CorruptImage
+
+Extent = tuple[int, int, int, int, bytes]  # file offset, pack, offset in pack, length, xxh3
+Dirent = tuple[bytes, int, int]  # name, kind, child ref
+
+
+@dataclass(slots=True)
+class Inode:
+    kind: int
+    mode: int
+    uid: int
+    gid: int
+    nlink: int
+    size: int
+    rdev: int
+    mtime_ns: int
+    atime_ns: int
+    ctime_ns: int
+    digest: bytes = bytes(32)
+    xattrs: list[tuple[bytes, bytes]] = field(default_factory=list)
+    extents: list[Extent] = field(default_factory=list)
+    target: bytes = b""
+    entries: list[Dirent] = field(default_factory=list)
+    ref: int = 0
+
+    def encode(self) -> bytes:
+        out = [F.INODE.pack(self.kind, 0, len(self.xattrs), self.mode, self.uid, self.gid,
+                            self.nlink, 0, self.size, self.rdev, self.mtime_ns, self.atime_ns,
+                            self.ctime_ns, self.digest, bytes(32))]
+        for name, value in self.xattrs:
+            out.append(F.XATTR_HEAD.pack(len(name), len(value)))
+            out.append(name)
+            out.append(value)
+        if self.kind == F.REG:
+            out.append(F.U32.pack(len(self.extents)))
+            out.extend(F.EXTENT.pack(*e) for e in self.extents)
+        elif self.kind == F.LNK:
+            out.append(self.target)
+        elif self.kind == F.DIR:
+            out.append(F.U32.pack(len(self.entries)))
+            for name, kind, ref in self.entries:
+                out.append(F.DIRENT_HEAD.pack(ref, kind, len(name)))
+                out.append(name)
+        return b"".join(out)
+
+
+def check_name(name: bytes) -> bool:
+    """A name a directory may hold: what a filesystem would accept, and nothing that walks."""
+    return 0 < len(name) <= 255 and name not in (b".", b"..") and b"/" not in name \
+        and b"\0" not in name
+
+
+def decode_inode(buf: bytes, where: str) -> Inode:
+    """Parse one record, checking every length and count against the bytes there are."""
+    n = len(buf)
+    if n < F.INODE.size:
+        raise CorruptImage(where, "record shorter than an inode")
+    (kind, _flags, nx, mode, uid, gid, nlink, _r, size, rdev, mtime, atime, ctime, digest,
+     _res) = F.INODE.unpack_from(buf)
+    if kind not in F.KIND_NAMES:
+        raise CorruptImage(where, f"unknown inode kind {kind}")
+    ino = Inode(kind, mode, uid, gid, nlink, size, rdev, mtime, atime, ctime, digest)
+    pos = F.INODE.size
+    for _ in range(nx):
+        if pos + F.XATTR_HEAD.size > n:
+            raise CorruptImage(where, "xattr count larger than the record")
+        ln, lv = F.XATTR_HEAD.unpack_from(buf, pos)
+        pos += F.XATTR_HEAD.size
+        if lv > F.MAX_XATTR_VALUE or pos + ln + lv > n or ln == 0:
+            raise CorruptImage(where, "xattr larger than the record")
+        ino.xattrs.append((buf[pos:pos + ln], buf[pos + ln:pos + ln + lv]))
+        pos += ln + lv
+    if kind == F.REG:
+        if pos + 4 > n:
+            raise CorruptImage(where, "file record without extents")
+        (count,) = F.U32.unpack_from(buf, pos)
+        pos += 4
+        if count > (n - pos) // F.EXTENT.size:
+            raise CorruptImage(where, f"extent count {count} larger than the record")
+        end = 0
+        for i in range(count):
+            e = F.EXTENT.unpack_from(buf, pos + i * F.EXTENT.size)
+            if e[0] < end or e[0] + e[3] > size or e[3] == 0:
+                raise CorruptImage(where, "extents overlap, are unsorted or pass the size")
+            end = e[0] + e[3]
+            ino.extents.append(e)
+        pos += count * F.EXTENT.size
+    elif kind == F.LNK:
+        if size != n - pos or size == 0 or size > F.MAX_SYMLINK:
+            raise CorruptImage(where, "symlink target length does not match the record")
+        ino.target = buf[pos:]
+        pos = n
+    elif kind == F.DIR:
+        if pos + 4 > n:
+            raise CorruptImage(where, "directory record without entries")
+        (count,) = F.U32.unpack_from(buf, pos)
+        pos += 4
+        if count > (n - pos) // (F.DIRENT_HEAD.size + 1):
+            raise CorruptImage(where, f"entry count {count} larger than the record")
+        prev = b""
+        for _ in range(count):
+            if pos + F.DIRENT_HEAD.size > n:
+                raise CorruptImage(where, "directory entries run past the record")
+            ref, ekind, ln = F.DIRENT_HEAD.unpack_from(buf, pos)
+            pos += F.DIRENT_HEAD.size
+            name = buf[pos:pos + ln]
+            pos += ln
+            if len(name) != ln or not check_name(name):
+                raise CorruptImage(where, f"bad name in directory: {name!r}")
+            if name <= prev:
+                raise CorruptImage(where, f"directory entries unsorted or repeated: {name!r}")
+            if ekind not in F.KIND_NAMES:
+                raise CorruptImage(where, f"unknown entry kind {ekind}")
+            prev = name
+            ino.entries.append((name, ekind, ref))
+        if count != size:
+            raise CorruptImage(where, "directory size does not match its entry count")
+    if pos != n:
+        raise CorruptImage(where, "trailing bytes after the record")
+    return ino
+
+
+class MetaWriter:
+    """Packs records into metadata blocks appended to the image; add() returns the ref."""
+
+    def __init__(self, image: ImageFile, level: int) -> None:
+        self.image = image
+        self.level = level
+        self._records: list[bytes] = []
+        self._size = 0
+        self._block_at: int | None = None
+
+    def add(self, record: bytes) -> int:
+        if self._records and (self._size + len(record) > F.META_TARGET
+                              or len(self._records) >= F.MAX_RECORDS_PER_META):
+            self.flush()
+        if len(record) > F.MAX_RAW[F.KIND_META] - 16:
+            raise CorruptImage(self.image.path, "a directory or file record is too large")
+        if self._block_at is None:
+            self._block_at = self.image.append_pos
+        self._records.append(record)
+        self._size += len(record)
+        return (self._block_at << 16) | (len(self._records) - 1)
+
+    def flush(self) -> None:
+        if not self._records:
+            return
+        count = len(self._records)
+        offsets = [0] * (count + 1)
+        base = 4 + 4 * (count + 1)
+        pos = base
+        for i, r in enumerate(self._records):
+            offsets[i] = pos
+            pos += len(r)
+        offsets[count] = pos
+        raw = F.U32.pack(count) + b"".join(F.U32.pack(o) for o in offsets) + b"".join(
+            self._records)
+        at = self.image.append_raw(F.KIND_META, raw, self.level)
+        assert at == self._block_at
+        self._records = []
+        self._size = 0
+        self._block_at = None
+
+
+class MetaReader:
+    """Reads records by ref through a bounded cache of decompressed metadata blocks."""
+
+    def __init__(self, image: ImageFile, cache_blocks: int = 256) -> None:
+        self.image = image
+        self._blocks: OrderedDict[int, tuple[bytes, list[int]]] = OrderedDict()
+        self._cache_blocks = cache_blocks
+        self._lock = threading.Lock()
+
+    def block(self, offset: int) -> tuple[bytes, list[int]]:
+        with self._lock:
+            hit = self._blocks.get(offset)
+            if hit is not None:
+                self._blocks.move_to_end(offset)
+                return hit
+        raw = self.image.read_frame(offset, F.KIND_META)
+        where = f"{self.image.path}: metadata block at offset {offset}"
+        if len(raw) < 8:
+            raise CorruptImage(where, "too short")
+        (count,) = F.U32.unpack_from(raw)
+        table_end = 4 + 4 * (count + 1)
+        if count == 0 or table_end > len(raw):
+            raise CorruptImage(where, f"record count {count} larger than the block")
+        offsets = [F.U32.unpack_from(raw, 4 + 4 * i)[0] for i in range(count + 1)]
+        if offsets[0] != table_end or offsets[-1] != len(raw) or any(
+                a > b for a, b in zip(offsets, offsets[1:], strict=False)):
+            raise CorruptImage(where, "record offsets out of order or past the block")
+        entry = (raw, offsets)
+        with self._lock:
+            self._blocks[offset] = entry
+            while len(self._blocks) > self._cache_blocks:
+                self._blocks.popitem(last=False)
+        return entry
+
+    def get(self, ref: int) -> Inode:
+        offset, number = ref >> 16, ref & 0xFFFF
+        raw, offsets = self.block(offset)
+        if number + 1 >= len(offsets):
+            raise CorruptImage(f"{self.image.path}: metadata block at offset {offset}",
+                               f"no record {number}")
+        ino = decode_inode(raw[offsets[number]:offsets[number + 1]],
+                           f"{self.image.path}: record {ref:#x}")
+        ino.ref = ref
+        return ino

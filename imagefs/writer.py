@@ -1,0 +1,174 @@
+"""Writing one transaction into an image: packs, metadata records, chunk table, commit.
+
+`Transaction` is the only way state changes: it takes the writer lock, appends, and
+publishes one commit (container.ImageFile.publish) or, on any error, cuts what it appended
+and leaves the image as it was.  Capture, delete and export all go through it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import _format as F
+from .container import Commit, ImageFile, IndexEntry, crash_point, now_iso
+from .digest import node_digest
+from .errors import Error, Interrupted
+from .packs import ChunkLoc, ChunkTable, PackWriter
+from .records import Inode, MetaWriter
+
+MAX_TABLE_SEGMENTS = 16
+
+
+@dataclass(eq=False, slots=True)
+class Node:
+    """An inode on its way into the image: attributes, children or content locations."""
+
+    ino: Inode
+    children: list[tuple[bytes, Node]] | None = None
+    locs: list[tuple[int, ChunkLoc]] = field(default_factory=list)
+    source: bytes | None = None
+    sparse_hint: bool = False
+    ref: int | None = None
+
+
+@dataclass
+class TreeStats:
+    root: int
+    digest: bytes
+    files: int
+    dirs: int
+    bytes: int
+
+
+def write_tree(meta: MetaWriter, root: Node) -> TreeStats:
+    """Write every record under root, children before parents; each inode once."""
+    files = dirs = nbytes = 0
+    stack: list[tuple[Node, bool]] = [(root, False)]
+    while stack:
+        node, expanded = stack.pop()
+        if node.ref is not None:
+            continue
+        ino = node.ino
+        if ino.kind == F.DIR and not expanded:
+            stack.append((node, True))
+            for _name, child in node.children or []:
+                if child.ref is None:
+                    stack.append((child, False))
+            continue
+        if ino.kind == F.DIR:
+            kids = node.children or []
+            ino.entries = [(name, child.ino.kind, child.ref or 0) for name, child in kids]
+            ino.size = len(kids)
+            ino.digest = node_digest(ino, (), [child.ino.digest for _n, child in kids])
+            dirs += 1
+            files += sum(1 for _n, child in kids if child.ino.kind != F.DIR)
+        elif ino.kind == F.REG:
+            ino.extents = [(off, loc.pack_id(), loc.offset, loc.length, loc.xxh)
+                           for off, loc in node.locs]
+            ino.digest = node_digest(ino, [loc.sha for _o, loc in node.locs], ())
+            nbytes += ino.size
+        else:
+            ino.digest = node_digest(ino, (), ())
+        node.ref = meta.add(ino.encode())
+        node.locs = []
+    assert root.ref is not None
+    return TreeStats(root.ref, root.ino.digest, files, dirs, nbytes)
+
+
+def history_entry(action: str, **details: Any) -> dict[str, Any]:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = ""
+    return {"when": now_iso(), "uid": os.getuid(), "user": user, "action": action, **details}
+
+
+class Transaction:
+    """Lock, read the current state, append, publish; or undo the appends on error."""
+
+    def __init__(self, image: ImageFile, level: int = 3, wait: float | None = None,
+                 on_wait: Callable[[], None] | None = None,
+                 on_pack: Callable[[int, int], None] | None = None) -> None:
+        self.image = image
+        self.level = level
+        self._wait = wait
+        self._on_wait = on_wait
+        self._on_pack = on_pack
+        self.commit: Commit
+        self._table: ChunkTable | None = None
+        self.packs: PackWriter | None = None
+
+    def __enter__(self) -> Transaction:
+        try:
+            self.image.lock(wait=0)
+        except Error:
+            if self._on_wait:
+                self._on_wait()
+            self.image.lock(wait=self._wait)
+        self.commit = self.image.read_commit()
+        self._start = self.commit.data_end
+        self._published = False
+        self.image.begin_append(self.commit)
+        return self
+
+    def pack_writer(self) -> PackWriter:
+        if self.packs is None:
+            self._table = ChunkTable.load(self.image, self.commit)
+            self.packs = PackWriter(self.image, self._table, self.level,
+                                    on_written=self._on_pack)
+        return self.packs
+
+    def write_tree(self, root: Node) -> TreeStats:
+        if self.packs is not None:
+            self.packs.finish()
+        crash_point("after-packs")
+        meta = MetaWriter(self.image, self.level)
+        stats = write_tree(meta, root)
+        meta.flush()
+        crash_point("after-metadata")
+        return stats
+
+    def publish(self) -> Commit:
+        commit = self.commit
+        if self.packs is not None and self._table is not None and self._table.new:
+            table = self._table
+            if len(commit.tables) + 1 > MAX_TABLE_SEGMENTS:
+                raw = table.encode_all()
+                commit.tables = [[self.image.append_raw(F.KIND_TABLE, raw, 1), table.count]]
+            else:
+                raw = table.encode_new()
+                off = self.image.append_raw(F.KIND_TABLE, raw, 1)
+                commit.tables.append([off, len(table.new)])
+            commit.chunks = table.count
+            commit.unique_bytes = table.unique_bytes
+            commit.stored_bytes += self.packs.stored_bytes
+        self.image.publish(commit)
+        self._published = True
+        return commit
+
+    def __exit__(self, et: type | None, ev: BaseException | None, tb: object) -> None:
+        if self.packs is not None and et is not None:
+            self.packs.abort()
+        if et is not None and not self._published:
+            # Nothing was published: cut what this transaction appended.
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.image.fd, self._start)
+            if et is KeyboardInterrupt:
+                raise Interrupted() from None
+
+
+def add_index(commit: Commit, name: str, description: str, stats: TreeStats,
+              history: dict[str, Any], created: str | None = None,
+              old_history: list[dict[str, Any]] | None = None) -> int:
+    when = now_iso()
+    commit.indices.append(IndexEntry(
+        name=name, description=description, created=created or when, modified=when,
+        files=stats.files, dirs=stats.dirs, bytes=stats.bytes, root=stats.root,
+        digest=stats.digest.hex(), history=[*(old_history or []), history],
+    ))
+    return len(commit.indices)
