@@ -209,10 +209,7 @@ class TreeCapture:
             buf = carry + block if carry else block
             last = read_at >= end
             chunks = list(self.cdc.cut_buf(buf))
-            if not last and chunks:
-                keep = chunks.pop()
-            else:
-                keep = None
+            keep = chunks.pop() if not last and chunks else None
             for c in chunks:
                 locs.append((pos + c.offset, self._store(c.data)))
             consumed = keep.offset if keep is not None else len(buf)

@@ -205,14 +205,14 @@ class ImageFile:
         except OSError as e:
             raise SystemFailure(path, e.strerror) from None
         try:
-            header = cls._read_header(path, fd)
+            header = cls.parse_header(path, fd)
         except BaseException:
             os.close(fd)
             raise
         return cls(path, fd, header, writable)
 
     @staticmethod
-    def _read_header(path: str, fd: int) -> Header:
+    def parse_header(path: str, fd: int) -> Header:
         st = os.fstat(fd)
         if not _is_regular(st.st_mode):
             raise NotAnImage(path, "not a regular file")
@@ -243,11 +243,6 @@ class ImageFile:
         The header is written to a temporary file that is then hard-linked into place, so a
         crash leaves either no file or a complete empty one, and two creators cannot both
         win."""
-        header = Header(F.FORMAT_VERSION, uuid.uuid4().bytes, F.CHUNK_MIN, F.CHUNK_AVG,
-                        F.CHUNK_MAX, F.PACK_TARGET)
-        buf = bytearray(F.HEADER_SIZE)
-        enc = header.encode()
-        buf[: len(enc)] = enc
         directory = os.path.dirname(os.path.abspath(path))
         tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.new")
         try:
@@ -257,7 +252,7 @@ class ImageFile:
         except OSError as e:
             raise SystemFailure(path, e.strerror) from None
         try:
-            os.write(fd, bytes(buf))
+            os.write(fd, cls.new_header())
             os.fsync(fd)
             os.close(fd)
             os.link(tmp, path)
@@ -265,6 +260,14 @@ class ImageFile:
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
+
+    @staticmethod
+    def new_header() -> bytes:
+        """The 4096 header bytes of a new, empty image with today's default parameters."""
+        header = Header(F.FORMAT_VERSION, uuid.uuid4().bytes, F.CHUNK_MIN, F.CHUNK_AVG,
+                        F.CHUNK_MAX, F.PACK_TARGET)
+        enc = header.encode()
+        return enc + bytes(F.HEADER_SIZE - len(enc))
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 from collections.abc import Callable
@@ -93,10 +94,9 @@ def check_new_name(commit: Commit, name: str) -> None:
 def open_for_writing(path: str) -> ImageFile:
     """Open path for appending, creating an empty image first if there is none."""
     if not os.path.exists(path):
-        try:
+        # Another writer may create it meanwhile: then append to theirs.
+        with contextlib.suppress(FileExistsError):
             ImageFile.create(path)
-        except FileExistsError:
-            pass  # another writer created it meanwhile: append to theirs
     return ImageFile.open(path, writable=True)
 
 

@@ -64,6 +64,7 @@ def write_tree(meta: MetaWriter, root: Node) -> TreeStats:
             kids = node.children or []
             ino.entries = [(name, child.ino.kind, child.ref or 0) for name, child in kids]
             ino.size = len(kids)
+            ino.nlink = 2 + sum(1 for _n, child in kids if child.ino.kind == F.DIR)
             ino.digest = node_digest(ino, (), [child.ino.digest for _n, child in kids])
             dirs += 1
             files += sum(1 for _n, child in kids if child.ino.kind != F.DIR)
@@ -102,6 +103,7 @@ class Transaction:
         self.commit: Commit
         self._table: ChunkTable | None = None
         self.packs: PackWriter | None = None
+        self._stored = 0
 
     def __enter__(self) -> Transaction:
         try:
@@ -117,15 +119,20 @@ class Transaction:
         return self
 
     def pack_writer(self) -> PackWriter:
-        if self.packs is None:
+        """The writer for new chunks (deduplicated against everything the file holds)."""
+        if self._table is None:
             self._table = ChunkTable.load(self.image, self.commit)
+        if self.packs is None:
             self.packs = PackWriter(self.image, self._table, self.level,
                                     on_written=self._on_pack)
         return self.packs
 
     def write_tree(self, root: Node) -> TreeStats:
+        """Finish the packs, then write root's records; returns what to put in the index."""
         if self.packs is not None:
             self.packs.finish()
+            self._stored += self.packs.stored_bytes
+            self.packs = None
         crash_point("after-packs")
         meta = MetaWriter(self.image, self.level)
         stats = write_tree(meta, root)
@@ -135,7 +142,8 @@ class Transaction:
 
     def publish(self) -> Commit:
         commit = self.commit
-        if self.packs is not None and self._table is not None and self._table.new:
+        assert self.packs is None, "write_tree before publish"
+        if self._table is not None and self._table.new:
             table = self._table
             if len(commit.tables) + 1 > MAX_TABLE_SEGMENTS:
                 raw = table.encode_all()
@@ -146,7 +154,7 @@ class Transaction:
                 commit.tables.append([off, len(table.new)])
             commit.chunks = table.count
             commit.unique_bytes = table.unique_bytes
-            commit.stored_bytes += self.packs.stored_bytes
+            commit.stored_bytes += self._stored
         self.image.publish(commit)
         self._published = True
         return commit

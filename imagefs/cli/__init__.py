@@ -1,0 +1,95 @@
+"""The `imagefs` command line: one module per verb, each with `register(subparsers)`.
+
+Every error a user can cause ends as one line `imagefs: <message>` on stderr and the error
+class's exit code (see imagefs.errors and docs/cli.md); never a traceback, unless
+IMAGEFS_DEBUG=1 asks for one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import sys
+from collections.abc import Sequence
+
+from ..errors import Error, Interrupted, SystemFailure
+from . import (
+    apply_cmd,
+    capture_cmd,
+    cat_cmd,
+    delete_cmd,
+    diff_cmd,
+    export_cmd,
+    extract_cmd,
+    info_cmd,
+    ls_cmd,
+    verify_cmd,
+)
+
+VERBS = [capture_cmd, info_cmd, ls_cmd, cat_cmd, extract_cmd, apply_cmd, verify_cmd,
+         delete_cmd, export_cmd, diff_cmd]
+
+INTERNAL_ERROR = 70
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        self.exit(2, f"imagefs: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="imagefs",
+        description="Keep many operating-system images (indices) in one deduplicated, "
+                    "zstd-compressed image file; capture, inspect, apply, verify, export.",
+        epilog="An INDEX is a number (from 1) or a name. `imagefs VERB --help` explains a "
+               "verb. Exit codes: 0 ok, 1 damage found, 2 usage, 3 not found, "
+               "4 bad or damaged image, 5 newer format, 6 locked, 7 destination, "
+               "8 system error, 130 interrupted.",
+    )
+    parser.add_argument("--version", action="version", version="imagefs 0.1.0")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
+    sub.required = True
+    for verb in VERBS:
+        verb.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code = args.func(args)
+        sys.stdout.flush()
+        return int(code or 0)
+    except Error as e:
+        return _fail(e.message(), e.exit_code)
+    except KeyboardInterrupt:
+        return _fail(Interrupted().message(), Interrupted.exit_code)
+    except BrokenPipeError:
+        # The reader went away (`imagefs ls ... | head`): not an error of ours.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    except OSError as e:
+        if os.environ.get("IMAGEFS_DEBUG"):
+            raise
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return _fail(f"{e.filename or ''}: no space left on device", SystemFailure.exit_code)
+        return _fail(f"{e.filename or ''}: {e.strerror}", SystemFailure.exit_code)
+    except Exception as e:  # the last boundary: one line, a distinct code
+        if os.environ.get("IMAGEFS_DEBUG"):
+            raise
+        return _fail(f"internal error: {type(e).__name__}: {e} (IMAGEFS_DEBUG=1 shows more)",
+                     INTERNAL_ERROR)
+
+
+def _fail(message: str, code: int) -> int:
+    sys.stdout.flush()
+    print(f"imagefs: {message}", file=sys.stderr)
+    return code
+
+
+def run() -> None:
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""What the verbs share: progress bars, byte formatting, output of raw path bytes."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def print_json(doc: Any) -> None:
+    json.dump(doc, sys.stdout, indent=2, ensure_ascii=False)
+    sys.stdout.write("\n")
+
+
+def write_path(path: bytes, end: bytes = b"\n") -> None:
+    """Paths are bytes in an image; print them as they are (non-UTF-8 included)."""
+    sys.stdout.flush()
+    sys.stdout.buffer.write(path + end)
+
+
+class Progress:
+    """A rich progress bar on a terminal (stderr), nothing otherwise."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self._bar: Any = None
+        self._task: Any = None
+
+    def total(self, n: int) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, total=max(n, 1))
+
+    def advance(self, n: int) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, advance=n)
+
+
+@contextmanager
+def progress(label: str, enabled: bool = True) -> Iterator[Progress]:
+    p = Progress(label)
+    if not enabled or not sys.stderr.isatty():
+        yield p
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+    from rich.progress import Progress as Bar
+
+    with Bar("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+             TransferSpeedColumn(), TimeRemainingColumn(), console=Console(stderr=True),
+             transient=True) as bar:
+        p._bar = bar
+        p._task = bar.add_task(label, total=None)
+        yield p
+
+
+def waiting_note(path: str) -> Callable[[], None]:
+    def note() -> None:
+        print(f"imagefs: waiting for another writer to finish with {path}", file=sys.stderr)
+    return note
+
+
+def add_json(parser: Any) -> None:
+    parser.add_argument("--json", action="store_true", help="print one JSON object (for scripts)")

@@ -1,0 +1,42 @@
+"""imagefs export IMAGE INDEX[,INDEX...]|all DEST: a compacted copy of chosen indices."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from ..export import export
+from ..image import DEFAULT_LEVEL
+from ._common import add_json, print_json, progress
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "export", help="copy chosen indices into another image file, compacted",
+        description="Write the chosen indices into DEST holding only the content they "
+                    "reference, recompressed at --level. Indices keep their names, "
+                    "descriptions, creation times, history and digests. A new DEST appears "
+                    "whole or not at all; an existing DEST gets the indices appended.",
+        epilog="examples: imagefs export golden.imagefs 2 web.imagefs; "
+               "imagefs export golden.imagefs 1,bookworm-web pair.imagefs --level 15; "
+               "imagefs export golden.imagefs all compacted.imagefs")
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("selection", metavar="INDEX[,INDEX...]|all")
+    p.add_argument("dest", metavar="DEST")
+    p.add_argument("--level", type=int, default=DEFAULT_LEVEL,
+                   help=f"zstd level 1-22 (default {DEFAULT_LEVEL})")
+    add_json(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    with progress("exporting", not args.json) as bar:
+        numbers = export(args.image, args.selection, args.dest, args.level,
+                         progress=bar.advance, on_total=bar.total)
+    if args.json:
+        print_json({"dest": args.dest, "indices": numbers})
+    else:
+        print(f"exported to {args.dest} as index(es) {', '.join(map(str, numbers))}",
+              file=sys.stderr)
+    return 0

@@ -1,0 +1,84 @@
+"""imagefs info IMAGE [INDEX]: what the file holds (reads only the commit record)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import asdict
+from typing import Any
+
+from ..image import Image
+from ._common import add_json, human, print_json
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "info", help="list the indices and the file's dedup and compression savings",
+        description="Show each index (number, name, description, creation time, file count, "
+                    "logical bytes) and, for the file, its size on disk, unique stored "
+                    "bytes, the dedup and compression ratios and the format version. "
+                    "Reads only the header and the commit record, however large the image.",
+        epilog="example: imagefs info golden.imagefs 2 --json")
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("index", metavar="INDEX", nargs="?", help="only this index")
+    p.add_argument("--history", action="store_true", help="also show each index's history")
+    add_json(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    with Image.open(args.image) as img:
+        c = img.commit
+        chosen = [img.select(args.index)] if args.index else list(enumerate(img.indices, 1))
+        size = os.fstat(img.file.fd).st_size
+        logical = sum(e.bytes for e in c.indices)
+        doc = {
+            "image": args.image,
+            "format_version": img.file.header.version,
+            "generation": c.generation,
+            "size_on_disk": size,
+            "unique_bytes": c.unique_bytes,
+            "stored_bytes": c.stored_bytes,
+            "chunks": c.chunks,
+            "logical_bytes": logical,
+            "dedup_ratio": round(logical / c.unique_bytes, 3) if c.unique_bytes else None,
+            "compression_ratio": (round(c.unique_bytes / c.stored_bytes, 3)
+                                  if c.stored_bytes else None),
+            "indices": [
+                {"index": n, **{k: v for k, v in asdict(e).items()
+                                if k != "history" or args.history}}
+                for n, e in chosen
+            ],
+        }
+    if args.json:
+        print_json(doc)
+        return 0
+    print(f"Image:           {args.image} (format {doc['format_version']}, "
+          f"generation {c.generation})")
+    print(f"Indices:         {len(c.indices)}")
+    print(f"Size on disk:    {human(size)} ({size} bytes)")
+    print(f"Logical bytes:   {human(logical)} in all indices")
+    print(f"Unique content:  {human(c.unique_bytes)} in {c.chunks} chunks"
+          + (f"  (dedup {doc['dedup_ratio']}x)" if doc["dedup_ratio"] else ""))
+    print(f"Stored (zstd):   {human(c.stored_bytes)}"
+          + (f"  (compression {doc['compression_ratio']}x)" if doc["compression_ratio"]
+             else ""))
+    if logical and size:
+        print(f"Savings:         {100 * (1 - size / logical):.1f}% of the logical bytes")
+    for n, e in chosen:
+        print()
+        print(f"Index:           {n}")
+        print(f"Name:            {e.name}")
+        print(f"Description:     {e.description}")
+        print(f"Created:         {e.created}")
+        print(f"Modified:        {e.modified}")
+        print(f"Files:           {e.files} (and {e.dirs} directories)")
+        print(f"Bytes:           {human(e.bytes)} ({e.bytes} bytes)")
+        print(f"Digest:          sha256:{e.digest}")
+        if args.history:
+            for h in e.history:
+                extra = ", ".join(f"{k}={v}" for k, v in h.items()
+                                  if k not in ("when", "uid", "user", "action"))
+                print(f"  {h.get('when', '?')}  uid {h.get('uid', '?')}  "
+                      f"{h.get('action', '?')}  {extra}")
+    return 0

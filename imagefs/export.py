@@ -1,0 +1,146 @@
+"""Export: chosen indices into another image file, holding only what they reference.
+
+Chunks are read back, checked, and re-packed and recompressed at the level asked; indices
+keep their names, descriptions, creation times, history and digests (an export whose
+digest differs from its source is refused).  A new DEST appears whole or not at all: it is
+written as an unnamed file (O_TMPFILE) and linked into place at the end.  An existing DEST
+gets the indices appended, in one commit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+from collections.abc import Callable
+
+from . import _format as F
+from .container import ImageFile
+from .errors import CorruptImage, DestinationError, UsageError
+from .image import Image, check_level, check_new_name, is_image_file
+from .packs import PackWriter
+from .view import IndexView
+from .writer import Node, Transaction, add_index, history_entry
+
+
+def copy_tree(view: IndexView, packs: PackWriter,
+              progress: Callable[[int], None] | None = None) -> Node:
+    """The index as a Node tree whose content is (re)stored through packs."""
+    root = Node(view.root())
+    nodes = {root.ino.ref: root}
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        kids = []
+        for name, _kind, ref in node.ino.entries:
+            child = nodes.get(ref)
+            if child is None:
+                child = nodes[ref] = Node(view.get(ref))
+                if child.ino.kind == F.DIR:
+                    stack.append(child)
+                elif child.ino.kind == F.REG:
+                    for foff, data in view.iter_data(child.ino):
+                        child.locs.append((foff, packs.add_chunk(data)))
+                        if progress:
+                            progress(len(data))
+            elif child.ino.kind == F.DIR:
+                raise CorruptImage(view.image.path, "a directory appears twice in the tree")
+            kids.append((name, child))
+        node.children = kids
+    return root
+
+
+def parse_selection(image: Image, selection: str) -> list[int]:
+    if selection == "all":
+        return list(range(1, len(image.indices) + 1))
+    numbers = []
+    for part in selection.split(","):
+        n, _ = image.select(part.strip())
+        if n not in numbers:
+            numbers.append(n)
+    return numbers
+
+
+def export(src: str, selection: str, dest: str, level: int = 9,
+           progress: Callable[[int], None] | None = None,
+           on_total: Callable[[int], None] | None = None) -> list[int]:
+    """Export the selected indices of src into dest; the new index numbers in dest."""
+    check_level(level)
+    with Image.open(src) as image:
+        numbers = parse_selection(image, selection)
+        if not numbers:
+            raise UsageError(f"{src}: no indices to export")
+        if on_total:
+            on_total(sum(image.indices[n - 1].bytes for n in numbers))
+        if os.path.exists(dest):
+            if os.path.samefile(src, dest):
+                raise UsageError("export into the same file: DEST must be another file")
+            if not is_image_file(dest):
+                raise DestinationError(dest, "exists and is not an imagefs image")
+            with ImageFile.open(dest, writable=True) as out:
+                return _export_into(image, numbers, out, level, progress)
+        out = _new_unnamed(dest)
+        try:
+            result = _export_into(image, numbers, out, level, progress)
+            try:
+                _link_unnamed(out.fd, dest)
+            except FileExistsError:
+                raise DestinationError(dest, "appeared while exporting; nothing was "
+                                             "written") from None
+            return result
+        finally:
+            out.close()
+
+
+def _export_into(image: Image, numbers: list[int], out: ImageFile, level: int,
+                 progress: Callable[[int], None] | None) -> list[int]:
+    new = []
+    with Transaction(out, level) as tx:
+        for n in numbers:
+            packs = tx.pack_writer()
+            entry = image.indices[n - 1]
+            check_new_name(tx.commit, entry.name)
+            root = copy_tree(IndexView(image.file, n, entry), packs, progress)
+            stats = tx.write_tree(root)
+            if stats.digest.hex() != entry.digest:
+                raise CorruptImage(image.path, f"index {n} does not match its digest; "
+                                               "run `imagefs verify`")
+            new.append(add_index(tx.commit, entry.name, entry.description, stats,
+                                 history_entry("export", source=os.path.abspath(image.path),
+                                               source_index=n, level=level),
+                                 created=entry.created, old_history=entry.history))
+        tx.publish()
+    return new
+
+
+_AT_FDCWD = -100
+_AT_SYMLINK_FOLLOW = 0x400
+
+
+def _link_unnamed(fd: int, dest: str) -> None:
+    """Give the O_TMPFILE file fd the name dest (linkat with AT_SYMLINK_FOLLOW through
+    /proc, which os.link does not offer); FileExistsError if dest exists."""
+    os.fsync(fd)
+    libc = ctypes.CDLL(None, use_errno=True)
+    src = f"/proc/self/fd/{fd}".encode()
+    if libc.linkat(_AT_FDCWD, src, _AT_FDCWD, os.fsencode(dest), _AT_SYMLINK_FOLLOW) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), dest)
+
+
+def _new_unnamed(dest: str) -> ImageFile:
+    directory = os.path.dirname(os.path.abspath(dest))
+    try:
+        fd = os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o644)
+    except FileNotFoundError:
+        raise DestinationError(dest, "its directory does not exist") from None
+    except OSError as e:
+        raise DestinationError(dest, e.strerror) from None
+    try:
+        header = ImageFile.new_header()
+        os.pwrite(fd, header, 0)
+        return ImageFile(dest, fd, ImageFile.parse_header(dest, fd), writable=True)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        raise

@@ -1,0 +1,177 @@
+"""Verify: read and check every byte of an image file, and say what damage touches.
+
+Every byte from 0 to the committed end belongs to something with a checksum: the header
+(xxh3-64), the two root slots (xxh3-64, or all zero), and the frames, back to back, each
+with a header checksum and a payload checksum.  On top of that every chunk is checked
+against its xxh3-128 and SHA-256, every record is parsed with its bounds checked, and each
+index's Merkle digest is recomputed from the records and chunk digests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from . import _format as F
+from .container import ImageFile
+from .digest import node_digest
+from .errors import Error
+from .packs import ChunkLoc, ChunkTable, fast_hash
+from .records import MetaReader
+from .view import IndexView
+
+MAX_PATHS = 20
+
+
+@dataclass
+class Problem:
+    what: str
+    indices: list[int] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Report:
+    problems: list[Problem] = field(default_factory=list)
+    frames: int = 0
+    chunks: int = 0
+    records: int = 0
+    indices: int = 0
+    checked_bytes: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify(path: str, progress: Callable[[int], None] | None = None) -> Report:
+    report = Report()
+    with ImageFile.open(path) as image:
+        _check_header(image, report)
+        commit = image.read_commit()
+        try:
+            table = ChunkTable.load(image, commit)
+        except Error as e:
+            report.problems.append(Problem(f"chunk table: {e}"))
+            table = ChunkTable()
+        by_pack: dict[int, list[ChunkLoc]] = {}
+        for loc in table.all():
+            by_pack.setdefault(loc.pack_id(), []).append(loc)
+        bad_chunks: dict[tuple[int, int], str] = {}
+        packs_seen: set[int] = set()
+        try:
+            for info in image.iter_frames(commit.data_end):
+                report.frames += 1
+                payload = _pread(image, info.offset + F.FRAME_HEADER, info.stored)
+                report.checked_bytes += F.FRAME_HEADER + info.stored
+                if progress:
+                    progress(F.FRAME_HEADER + info.stored)
+                try:
+                    raw = image.decode_payload(info, payload)
+                except Error as e:
+                    report.problems.append(Problem(str(e)))
+                    for loc in by_pack.get(info.offset, []):
+                        bad_chunks[(info.offset, loc.offset)] = "pack damaged"
+                    packs_seen.add(info.offset)
+                    continue
+                if info.kind == F.KIND_PACK:
+                    packs_seen.add(info.offset)
+                    for loc in by_pack.get(info.offset, []):
+                        report.chunks += 1
+                        data = raw[loc.offset:loc.offset + loc.length]
+                        if len(data) != loc.length or fast_hash(data) != loc.xxh or \
+                                hashlib.sha256(data).digest() != loc.sha:
+                            bad_chunks[(info.offset, loc.offset)] = "chunk checksum mismatch"
+        except Error as e:
+            report.problems.append(Problem(f"frame chain broken: {e}"))
+        for pack, locs in by_pack.items():
+            if pack not in packs_seen:
+                for loc in locs:
+                    bad_chunks[(pack, loc.offset)] = "pack missing"
+        if bad_chunks and not any("pack" in p.what or "chunk" in p.what
+                                  for p in report.problems):
+            report.problems.append(Problem(f"{len(bad_chunks)} chunk(s) fail their checksums"))
+        chunks = {(loc.pack_id(), loc.offset): loc for loc in table.all()}
+        meta = MetaReader(image)
+        for number, entry in enumerate(commit.indices, 1):
+            report.indices += 1
+            _check_index(IndexView(image, number, entry, meta=meta), chunks, bad_chunks,
+                         report)
+        return report
+
+
+def _pread(image: ImageFile, off: int, n: int) -> bytes:
+    return os.pread(image.fd, n, off)
+
+
+def _check_header(image: ImageFile, report: Report) -> None:
+    raw = os.pread(image.fd, F.HEADER_SIZE, 0)
+    for i, slot in enumerate(image.read_slots()):
+        if isinstance(slot, str):
+            report.problems.append(Problem(f"root slot {'AB'[i]} is damaged ({slot})"))
+    used = [(0, F.HEADER_USED)] + [(o, o + F.SLOT_SIZE) for o in F.SLOT_OFFSETS]
+    pos = 0
+    for a, b in sorted(used):
+        if any(raw[pos:a]):
+            report.problems.append(Problem(f"header bytes {pos}..{a} should be zero"))
+        pos = b
+    if any(raw[pos:]):
+        report.problems.append(Problem(f"header bytes {pos}..{F.HEADER_SIZE} should be zero"))
+
+
+def _check_index(view: IndexView, chunks: dict[tuple[int, int], ChunkLoc],
+                 bad_chunks: dict[tuple[int, int], str], report: Report) -> None:
+    """Parse every record, check every extent against the chunk table, recompute digests."""
+    number = view.number
+    damaged_paths: list[str] = []
+    digests: dict[int, bytes] = {}
+    order = []
+    try:
+        for path, ino in view.walk():
+            report.records += 1
+            shown = path.decode("utf-8", "backslashreplace")
+            if ino.ref in digests:
+                continue
+            digests[ino.ref] = b""
+            order.append((shown, ino))
+            if ino.kind != F.REG:
+                continue
+            for ext in ino.extents:
+                key = (ext[1], ext[2])
+                loc = chunks.get(key)
+                if loc is None or loc.length != ext[3] or loc.xxh != ext[4]:
+                    report.problems.append(Problem(
+                        f"index {number}: {shown} refers to a chunk the file does not hold",
+                        [number], [shown]))
+                    break
+                if key in bad_chunks:
+                    damaged_paths.append(shown)
+                    break
+    except Error as e:
+        report.problems.append(Problem(f"index {number}: {e}", [number]))
+        return
+    if damaged_paths:
+        report.problems.append(Problem(
+            f"index {number}: {len(damaged_paths)} file(s) use damaged chunks",
+            [number], damaged_paths[:MAX_PATHS]))
+    # Digests bottom-up: children were yielded after their parents.
+    for shown, ino in reversed(order):
+        if ino.kind == F.REG:
+            shas = [chunks[(e[1], e[2])].sha if (e[1], e[2]) in chunks else bytes(32)
+                    for e in ino.extents]
+            d = node_digest(ino, shas, ())
+        elif ino.kind == F.DIR:
+            d = node_digest(ino, (), [digests.get(r, b"") for _n, _k, r in ino.entries])
+        else:
+            d = node_digest(ino, (), ())
+        digests[ino.ref] = d
+        if d != ino.digest:
+            report.problems.append(Problem(
+                f"index {number}: {shown}: stored digest does not match its content",
+                [number], [shown]))
+    root = digests.get(view.entry.root, b"")
+    if root.hex() != view.entry.digest:
+        report.problems.append(Problem(f"index {number}: index digest does not match",
+                                       [number]))
