@@ -314,7 +314,7 @@ class ImageFile:
             raise CorruptImage(self.path, "no valid root slot in the header")
         slots.sort(reverse=True)
         errors = []
-        for gen, coff, clen, csum in slots:
+        for gen, coff, clen, csum in slots[:1]:  # never fall back past a valid slot
             try:
                 return self._load_commit(gen, coff, clen, csum)
             except CorruptImage as e:
