@@ -38,10 +38,10 @@ Pack payload (raw): chunk bytes back to back.  A chunk is addressed by
 (pack offset, offset in raw, length) and checked by its xxh3_128.
 
 Metadata payload (raw):
-    0    4  record count N   u32 (≤ 65535)
+    0    4  record count N   u32 (1..65535)
     4  4*(N+1) record offsets u32, ascending, last = end of the records
     then the records.  A record is addressed by ref = pack offset << 16 | record number,
-    which is also the inode number a mount shows.
+    where the offset is the metadata frame's; it is also the inode number a mount shows.
 
 Chunk table payload (raw): CHUNK_ENTRY.size bytes per chunk, see CHUNK_ENTRY.
 

@@ -17,10 +17,11 @@ import contextlib
 import errno
 import os
 import stat
+import sys
 from collections.abc import Callable
 
 from . import _format as F
-from .errors import DestinationError, SystemFailure
+from .errors import CorruptImage, DestinationError, SystemFailure
 from .records import Inode
 from .view import IndexView
 
@@ -29,7 +30,7 @@ _TYPE_BITS = {F.CHR: stat.S_IFCHR, F.BLK: stat.S_IFBLK, F.FIFO: stat.S_IFIFO,
 
 
 class Applier:
-    MAX_DEPTH = 900  # below Python's recursion limit; real trees are far shallower
+    MAX_DEPTH = 2048  # PATH_MAX allows no deeper tree of one-letter names
 
     def __init__(self, view: IndexView, progress: Callable[[int], None] | None = None) -> None:
         self.view = view
@@ -37,6 +38,9 @@ class Applier:
         self.links: dict[int, bytes] = {}  # inode ref -> path made, relative to the root fd
         self.rootfd = -1
         self.root_uid = os.geteuid() == 0
+        self.dirs_seen: set[int] = set()
+        # Two Python frames per level of the tree; 3.11 keeps them off the C stack.
+        sys.setrecursionlimit(max(sys.getrecursionlimit(), 3 * self.MAX_DEPTH + 200))
 
     def _open_dest(self, dest: str) -> int:
         try:
@@ -115,6 +119,10 @@ class Applier:
         try:
             self._remove_existing(fd, name, ino, path)
             if ino.kind == F.DIR:
+                if ino.ref in self.dirs_seen:
+                    raise CorruptImage(self.view.image.path,
+                                       f"directory {_s(path)} appears twice (a cycle?)")
+                self.dirs_seen.add(ino.ref)
                 self._mkdir(fd, name, path)
                 sub = self._enter(fd, name, path)
                 try:

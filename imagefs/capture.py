@@ -3,7 +3,7 @@
 The walk records every inode's full Linux metadata (lstat, xattrs incl. ACLs and
 security.capability, symlink targets, device numbers, hardlinks within the tree) and
 streams each regular file's data regions (holes skipped with SEEK_DATA/SEEK_HOLE) through
-FastCDC into the PackWriter, which stores each distinct chunk once.  `writer.write_index`
+FastCDC into the PackWriter, which stores each distinct chunk once.  `writer.write_tree`
 then turns the Node tree into metadata records.
 """
 
@@ -17,16 +17,12 @@ from collections.abc import Callable
 from pyfastcdc.cy import FastCDC
 
 from . import _format as F
-from .errors import SystemFailure, UsageError
+from .errors import SourceError, UsageError
 from .packs import ChunkLoc, PackWriter
 from .records import Inode
 from .writer import Node
 
 WINDOW = 8 << 20
-
-
-class SourceError(SystemFailure):
-    """{}: cannot capture: {}"""
 
 
 def kind_of(mode: int) -> int:

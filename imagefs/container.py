@@ -190,6 +190,7 @@ class ImageFile:
         self.header = header
         self.writable = writable
         self._append_pos: int | None = None
+        self.slot_written = False  # set the moment a publication's slot write returned
         self._dctx = zstandard.ZstdDecompressor()
 
     # ---- opening -------------------------------------------------------------------------
@@ -222,11 +223,11 @@ class ImageFile:
         magic, version, hsize, fuuid, cmin, cavg, cmax, ptarget = F.HEADER.unpack_from(raw)
         if magic != F.MAGIC:
             raise NotAnImage(path, "wrong magic bytes")
+        if version > F.FORMAT_VERSION:
+            raise UnsupportedVersion(path, version, F.FORMAT_VERSION)
         (check,) = F.HEADER_CHECK.unpack_from(raw, F.HEADER.size)
         if check != xxhash.xxh3_64_intdigest(raw[: F.HEADER.size]):
             raise ChecksumMismatch(path, "the file header")
-        if version > F.FORMAT_VERSION:
-            raise UnsupportedVersion(path, version, F.FORMAT_VERSION)
         if version < 1 or hsize != F.HEADER_SIZE:
             raise CorruptImage(path, f"header claims version {version}, size {hsize}")
         if len(raw) < F.HEADER_SIZE:
@@ -359,6 +360,9 @@ class ImageFile:
         if rawlen > F.MAX_RAW[fkind]:
             raise CorruptImage(self.path, f"{where} claims {rawlen} bytes decompressed "
                                           f"(limit {F.MAX_RAW[fkind]})")
+        if stored > rawlen + (rawlen >> 7) + 1024:
+            raise CorruptImage(self.path, f"{where} claims {stored} stored bytes for "
+                                          f"{rawlen} decompressed")
         if stored > size - offset - F.FRAME_HEADER:
             raise CorruptImage(self.path, f"{where} claims {stored} bytes, past the end "
                                           f"of the file ({size} bytes)")
@@ -474,6 +478,7 @@ class ImageFile:
                            bytes(8))
         slot += xxhash.xxh3_64_intdigest(slot).to_bytes(8, "little")
         self._pwrite_all(slot, F.SLOT_OFFSETS[gen % 2])
+        self.slot_written = True
         os.fsync(self.fd)
         crash_point("after-slot")
 

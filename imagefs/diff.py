@@ -9,8 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from . import _format as F
+from .errors import CorruptImage
 from .records import Inode
-from .view import IndexView
+from .view import MAX_DEPTH, IndexView
 
 
 @dataclass
@@ -55,9 +56,11 @@ def what_changed(a: Inode, b: Inode) -> list[str]:
 
 def diff(va: IndexView, vb: IndexView) -> Diff:
     result = Diff()
-    stack: list[tuple[bytes, Inode, Inode]] = [(b"", va.root(), vb.root())]
+    stack: list[tuple[bytes, Inode, Inode, int]] = [(b"", va.root(), vb.root(), 0)]
     while stack:
-        path, a, b = stack.pop()
+        path, a, b, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise CorruptImage(va.image.path, "directory tree too deep (a cycle?)")
         if a.digest == b.digest:
             continue
         shown = path.decode("utf-8", "backslashreplace") or "/"
@@ -76,7 +79,7 @@ def diff(va: IndexView, vb: IndexView) -> Diff:
             elif name not in ea:
                 _all_under(vb, p, eb[name], result.added)
             elif ea[name] != eb[name]:
-                stack.append((p, va.get(ea[name]), vb.get(eb[name])))
+                stack.append((p, va.get(ea[name]), vb.get(eb[name]), depth + 1))
     result.added.sort()
     result.removed.sort()
     result.changed.sort()

@@ -104,6 +104,10 @@ class SystemFailure(Error):
     exit_code = 8
 
 
+class SourceError(SystemFailure):
+    """{}: cannot capture: {}"""
+
+
 class Interrupted(Error):
     """interrupted; the image is unchanged"""
 
@@ -111,7 +115,7 @@ class Interrupted(Error):
 
 
 def error_classes() -> list[type[Error]]:
-    """Every error class, in definition order (for the docs table and its test)."""
+    """Every error class, breadth-first from Error (for the docs table and its test)."""
     found: list[type[Error]] = []
     pending: list[type[Error]] = [Error]
     while pending:

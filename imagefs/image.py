@@ -88,7 +88,7 @@ def check_new_name(commit: Commit, name: str) -> None:
         raise UsageError(f"{name!r}: an index name must be 1-255 characters, not all digits "
                          "(numbers name indices by position), without newlines")
     if any(e.name == name for e in commit.indices):
-        raise UsageError(f"an index named {name!r} already exists; choose another --name")
+        raise UsageError(f"an index named {name!r} already exists; choose another name")
 
 
 def open_for_writing(path: str) -> ImageFile:
@@ -128,13 +128,13 @@ def capture(image_path: str, src: str, name: str, description: str = "",
                              packs.stored_bytes)
 
 
-def delete(image_path: str, spec: str, wait: float | None = None) -> IndexEntry:
+def delete(image_path: str, spec: str, wait: float | None = None) -> tuple[int, IndexEntry]:
     """Remove one index; later indices move down by one (as in WIM files)."""
     with ImageFile.open(image_path, writable=True) as f, Transaction(f, wait=wait) as tx:
         number, entry = select_index(tx.commit, spec, image_path)
         del tx.commit.indices[number - 1]
         tx.publish()
-        return entry
+        return number, entry
 
 
 def check_level(level: int) -> None:

@@ -182,10 +182,12 @@ class MetaWriter:
 class MetaReader:
     """Reads records by ref through a bounded cache of decompressed metadata blocks."""
 
-    def __init__(self, image: ImageFile, cache_blocks: int = 256) -> None:
+    def __init__(self, image: ImageFile, cache_bytes: int = 64 << 20) -> None:
         self.image = image
         self._blocks: OrderedDict[int, tuple[bytes, list[int]]] = OrderedDict()
-        self._cache_blocks = cache_blocks
+        self._cache_bytes = cache_bytes
+        self._cached = 0
+        self.decoded = 0  # blocks read and decompressed (tests count them)
         self._lock = threading.Lock()
 
     def block(self, offset: int) -> tuple[bytes, list[int]]:
@@ -200,7 +202,7 @@ class MetaReader:
             raise CorruptImage(where, "too short")
         (count,) = F.U32.unpack_from(raw)
         table_end = 4 + 4 * (count + 1)
-        if count == 0 or table_end > len(raw):
+        if count == 0 or count > F.MAX_RECORDS_PER_META or table_end > len(raw):
             raise CorruptImage(where, f"record count {count} larger than the block")
         offsets = [F.U32.unpack_from(raw, 4 + 4 * i)[0] for i in range(count + 1)]
         if offsets[0] != table_end or offsets[-1] != len(raw) or any(
@@ -208,9 +210,13 @@ class MetaReader:
             raise CorruptImage(where, "record offsets out of order or past the block")
         entry = (raw, offsets)
         with self._lock:
-            self._blocks[offset] = entry
-            while len(self._blocks) > self._cache_blocks:
-                self._blocks.popitem(last=False)
+            self.decoded += 1
+            if offset not in self._blocks:
+                self._blocks[offset] = entry
+                self._cached += len(raw)
+            while self._cached > self._cache_bytes and len(self._blocks) > 1:
+                _, (old, _o) = self._blocks.popitem(last=False)
+                self._cached -= len(old)
         return entry
 
     def get(self, ref: int) -> Inode:

@@ -156,8 +156,9 @@ def _check_index(view: IndexView, chunks: dict[tuple[int, int], ChunkLoc],
         report.problems.append(Problem(
             f"index {number}: {len(damaged_paths)} file(s) use damaged chunks",
             [number], damaged_paths[:MAX_PATHS]))
-    # Digests bottom-up: children were yielded after their parents.
-    for shown, ino in reversed(order):
+    # Digests bottom-up: non-directories first (a hardlink's first name may be walked
+    # before a later directory holding it), then directories, children before parents.
+    for shown, ino in sorted(reversed(order), key=lambda o: o[1].kind == F.DIR):
         if ino.kind == F.REG:
             shas = [chunks[(e[1], e[2])].sha if (e[1], e[2]) in chunks else bytes(32)
                     for e in ino.extents]

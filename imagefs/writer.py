@@ -115,6 +115,7 @@ class Transaction:
         self.commit = self.image.read_commit()
         self._start = self.commit.data_end
         self._published = False
+        self.image.slot_written = False
         self.image.begin_append(self.commit)
         return self
 
@@ -162,7 +163,7 @@ class Transaction:
     def __exit__(self, et: type | None, ev: BaseException | None, tb: object) -> None:
         if self.packs is not None and et is not None:
             self.packs.abort()
-        if et is not None and not self._published:
+        if et is not None and not self._published and not self.image.slot_written:
             # Nothing was published: cut what this transaction appended.
             with contextlib.suppress(OSError):
                 os.ftruncate(self.image.fd, self._start)

@@ -24,6 +24,6 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    entry = delete(args.image, args.index, wait=args.wait)
-    print(f"deleted index {args.index} ({entry.name})", file=sys.stderr)
+    number, entry = delete(args.image, args.index, wait=args.wait)
+    print(f"deleted index {number} ({entry.name})", file=sys.stderr)
     return 0

@@ -46,7 +46,7 @@ def long_line(ino: Inode, name: bytes) -> bytes:
 def run(args: argparse.Namespace) -> int:
     with Image.open(args.image) as img:
         view = img.view(args.index)
-        top = view.lookup(args.path, follow=True)
+        top = view.lookup(args.path, follow=not args.long)
         if top.kind != F.DIR:
             write_path(long_line(top, args.path.encode(errors="surrogateescape"))
                        if args.long else args.path.encode(errors="surrogateescape"))
