@@ -1,0 +1,361 @@
+"""Benchmark imagefs against wimlib (LZX) and squashfs (zstd); run through scripts/bench.
+
+One run measures, on the fixture trees bookworm-minbase and bookworm-web:
+  * capture time and image size of each tree alone (imagefs, wimcapture, mksquashfs);
+  * the two trees in one file: time of the second capture (imagefs capture onto the file
+    vs wimappend) and the file's total size;
+  * apply time of index 2 into an empty dir (imagefs apply vs wimapply), best of two runs
+    each, interleaved, the destination removed between runs (the page cache is not dropped);
+  * verify time of the two-index file (imagefs verify vs wimverify);
+  * export time (and size) of index 2 (imagefs export vs wimexport).
+With --quick only bookworm-minbase is used: no two-index rows, and apply/verify/export run on
+its one-index files (index 1).
+
+Each command is timed with time.perf_counter around subprocess.run (output captured, exit
+status checked); before each, the source trees are already in the page cache (read once up
+front) and os.sync() has flushed the previous step's writes, both outside the timing.
+Targets: size <= 1.0x wimlib LZX (each tree alone and both together), capture time <= 1.0x
+wimcapture (each tree alone), apply time <= 1.5x wimapply. A missed target is reported as
+FAIL and still exits 0; a failing command exits 1.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import fcntl
+import json
+import os
+import resource
+import shlex
+import shutil
+import stat
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+IMAGEFS = REPO / ".venv" / "bin" / "imagefs"
+TREES = [("bookworm-minbase", "minbase"), ("bookworm-web", "web")]
+WIM_OPTS = ["--unix-data", "--compress=LZX"]
+MIB = 1024 * 1024
+
+
+class CommandFailed(Exception):
+    pass
+
+
+@dataclass
+class Sample:
+    seconds: float
+    cpu_seconds: float  # user + system time of the command and its children
+
+
+@dataclass
+class Row:
+    key: str
+    label: str
+    unit: str  # "s" or "bytes"
+    values: dict[str, float | None] = field(default_factory=dict)  # tool -> value
+    samples: dict[str, list[dict]] = field(default_factory=dict)  # tool -> all timed runs
+    target: float | None = None  # max imagefs/wimlib ratio
+    in_table: bool = True  # False: only in the JSON
+
+    @property
+    def ratio(self) -> float | None:
+        a, b = self.values.get("imagefs"), self.values.get("wimlib")
+        return a / b if a is not None and b else None
+
+    @property
+    def passed(self) -> bool | None:
+        if self.target is None or self.ratio is None:
+            return None
+        return self.ratio <= self.target
+
+
+class Bench:
+    def __init__(self, work: Path, names: dict[str, str], level: int | None):
+        self.work = work
+        self.names = names  # absolute path -> shell variable shown in the printed commands
+        self.level = level
+        self.commands: list[str] = []
+        self.rows: list[Row] = []
+
+    def show(self, argv: list[str]) -> str:
+        words = []
+        for a in argv:
+            if a == str(IMAGEFS):
+                words.append("imagefs")
+            elif a in self.names:
+                words.append(f'"${self.names[a]}"')
+            else:
+                words.append(shlex.quote(a))
+        return " ".join(words)
+
+    def run(self, argv: list[str]) -> Sample:
+        """Run one command in the work dir and time it; raise CommandFailed if it fails."""
+        shown = self.show(argv)
+        if shown not in self.commands:
+            self.commands.append(shown)
+        os.sync()  # flush earlier steps' writes so they do not land inside this timing
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        start = time.perf_counter()
+        proc = subprocess.run(argv, cwd=self.work, stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, errors="replace")
+        seconds = time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        if proc.returncode != 0:
+            out = (proc.stderr.strip() or proc.stdout.strip())[-3000:]
+            raise CommandFailed(f"command failed (exit {proc.returncode}): {shown}\n{out}")
+        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        print(f"  {seconds:7.2f} s  {shown}", file=sys.stderr)
+        return Sample(seconds, cpu)
+
+    def row(self, key: str, label: str, unit: str, target: float | None = None,
+            in_table: bool = True) -> Row:
+        r = Row(key, label, unit, target=target, in_table=in_table)
+        self.rows.append(r)
+        return r
+
+    def size(self, name: str) -> int:
+        return (self.work / name).stat().st_size
+
+    def imagefs(self, verb: str, *args: str, level: bool = False) -> list[str]:
+        argv = [str(IMAGEFS), verb, *args]
+        if level and self.level is not None:
+            argv += ["--level", str(self.level)]
+        return argv
+
+
+def timed(row: Row, tool: str, sample: Sample) -> None:
+    row.samples.setdefault(tool, []).append(
+        {"seconds": round(sample.seconds, 4), "cpu_seconds": round(sample.cpu_seconds, 4)})
+    best = min(s["seconds"] for s in row.samples[tool])
+    row.values[tool] = best
+
+
+def fixture_tree(name: str) -> Path:
+    proc = subprocess.run([str(REPO / "scripts" / "fixture-tree"), name],
+                          stdout=subprocess.PIPE, text=True)
+    if proc.returncode != 0 or not proc.stdout.strip():
+        raise CommandFailed(f"scripts/fixture-tree {name} failed (exit {proc.returncode})")
+    return Path(proc.stdout.strip())
+
+
+def warm_page_cache(root: Path) -> None:
+    """Read every regular file once, so the first tool to capture pays no cold reads."""
+    for dirpath, _dirs, files in os.walk(root):
+        for f in files:
+            p = os.path.join(dirpath, f)
+            try:
+                if not stat.S_ISREG(os.lstat(p).st_mode):
+                    continue
+                with open(p, "rb", buffering=0) as fh:
+                    while fh.read(1 << 20):
+                        pass
+            except OSError:
+                pass
+
+
+def version(argv: list[str]) -> str:
+    try:
+        p = subprocess.run(argv, capture_output=True, text=True)
+    except OSError:
+        return "?"
+    lines = (p.stdout or p.stderr).strip().splitlines()
+    return lines[0] if lines else "?"
+
+
+def measure(b: Bench, trees: list[tuple[str, str, Path]]) -> None:
+    # Each tree alone.
+    for name, short, src in trees:
+        cap = b.row(f"capture.{name}", f"capture {name} (s)", "s", target=1.0)
+        timed(cap, "imagefs", b.run(b.imagefs("capture", str(src), f"{short}.imagefs",
+                                              "--name", name, level=True)))
+        timed(cap, "wimlib", b.run(["wimcapture", str(src), f"{short}.wim", name, *WIM_OPTS]))
+        timed(cap, "squashfs", b.run(["mksquashfs", str(src), f"{short}.sqfs",
+                                      "-comp", "zstd", "-noappend", "-quiet"]))
+    for name, short, _src in trees:
+        size = b.row(f"size.{name}", f"size {name} (MiB)", "bytes", target=1.0)
+        size.values = {"imagefs": b.size(f"{short}.imagefs"), "wimlib": b.size(f"{short}.wim"),
+                       "squashfs": b.size(f"{short}.sqfs")}
+
+    if len(trees) == 2:
+        (n1, _s1, src1), (n2, _s2, src2) = trees
+        # Both in one file: capture the first tree, then time the second capture (append).
+        # (This repeats the capture-alone row, so it goes to the JSON only.)
+        first = b.row(f"pair.first.{n1}", f"capture {n1} into the pair file (s)", "s",
+                      in_table=False)
+        timed(first, "imagefs", b.run(b.imagefs("capture", str(src1), "pair.imagefs",
+                                                "--name", n1, level=True)))
+        timed(first, "wimlib", b.run(["wimcapture", str(src1), "pair.wim", n1, *WIM_OPTS]))
+        app = b.row(f"append.{n2}", f"append {n2} as index 2 (s)", "s")
+        timed(app, "imagefs", b.run(b.imagefs("capture", str(src2), "pair.imagefs",
+                                              "--name", n2, level=True)))
+        timed(app, "wimlib", b.run(["wimappend", str(src2), "pair.wim", n2, *WIM_OPTS]))
+        both = b.row("size.both", "size of both in one file (MiB)", "bytes", target=1.0)
+        both.values = {"imagefs": b.size("pair.imagefs"), "wimlib": b.size("pair.wim")}
+        img, wim, index, what = "pair.imagefs", "pair.wim", "2", f"index 2 ({n2})"
+        vwhat = "the two-index file"
+    else:
+        name, short, _src = trees[0]
+        img, wim, index, what = f"{short}.imagefs", f"{short}.wim", "1", f"index 1 ({name})"
+        vwhat = f"the {name} file"
+
+    # Apply: best of two runs each, interleaved, into a fresh empty dir every time.
+    apply = b.row("apply", f"apply {what}, best of 2 (s)", "s", target=1.5)
+    dest = b.work / "applied"
+    for _ in range(2):
+        for tool, argv in (("imagefs", b.imagefs("apply", img, index, "applied")),
+                           ("wimlib", ["wimapply", wim, index, "applied", "--unix-data"])):
+            shutil.rmtree(dest, ignore_errors=True)
+            dest.mkdir()
+            timed(apply, tool, b.run(argv))
+            shutil.rmtree(dest)
+
+    ver = b.row("verify", f"verify {vwhat} (s)", "s")
+    timed(ver, "imagefs", b.run(b.imagefs("verify", img)))
+    timed(ver, "wimlib", b.run(["wimverify", wim]))
+
+    exp = b.row("export", f"export {what} (s)", "s")
+    timed(exp, "imagefs", b.run(b.imagefs("export", img, index, "export.imagefs", level=True)))
+    timed(exp, "wimlib", b.run(["wimexport", wim, index, "export.wim"]))
+    exp_size = b.row("size.export", f"size of exported {what} (MiB)", "bytes")
+    exp_size.values = {"imagefs": b.size("export.imagefs"), "wimlib": b.size("export.wim")}
+
+
+def fmt(row: Row, tool: str) -> str:
+    v = row.values.get(tool)
+    if v is None:
+        return "-"
+    return f"{v / MIB:.2f}" if row.unit == "bytes" else f"{v:.2f}"
+
+
+def table(rows: list[Row]) -> str:
+    head = ["measurement", "imagefs", "wimlib", "squashfs", "imagefs/wimlib", "target", "result"]
+    body = []
+    for r in rows:
+        ratio = f"{r.ratio:.3f}" if r.ratio is not None else "-"
+        target = f"<= {r.target:.1f}x" if r.target is not None else "-"
+        result = {True: "PASS", False: "FAIL", None: ""}[r.passed]
+        body.append([r.label, fmt(r, "imagefs"), fmt(r, "wimlib"), fmt(r, "squashfs"),
+                     ratio, target, result])
+    widths = [max(len(line[i]) for line in [head, *body]) for i in range(len(head))]
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
+    out = [line(head), "  ".join("-" * w for w in widths)]
+    out += [line(c) for c in body]
+    return "\n".join(out)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(prog="scripts/bench", description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="only the bookworm-minbase tree")
+    ap.add_argument("--json", metavar="PATH",
+                    help="write all numbers as JSON to PATH (a directory gets PATH/bench.json)")
+    ap.add_argument("--level", type=int, help="zstd level for imagefs capture and export")
+    args = ap.parse_args()
+    t_start = time.perf_counter()
+    started = datetime.datetime.now(datetime.UTC)
+
+    for tool in ("wimcapture", "wimappend", "wimapply", "wimverify", "wimexport", "mksquashfs"):
+        if not shutil.which(tool):
+            print(f"bench: {tool} not found (scripts/setup installs wimtools, squashfs-tools)",
+                  file=sys.stderr)
+            return 1
+
+    tmp = Path(os.environ.get("TMPDIR") or "/tmp")
+    work = tmp / "imagefs-bench"
+    # One bench at a time per work dir: a second run waits instead of deleting the first's files.
+    lock = os.open(tmp / "imagefs-bench.lock", os.O_WRONLY | os.O_CREAT, 0o644)  # held till exit
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print("bench: another scripts/bench is running; waiting for it", file=sys.stderr)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+
+    selected = TREES[:1] if args.quick else TREES
+    try:
+        trees = [(name, short, fixture_tree(name)) for name, short in selected]
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        names = {str(src): short for _n, short, src in trees}
+        b = Bench(work, names, args.level)
+        load_start = os.getloadavg()
+        print("bench: reading the source trees into the page cache", file=sys.stderr)
+        for _n, _s, src in trees:
+            warm_page_cache(src)
+        measure(b, trees)
+        load_end = os.getloadavg()
+    except CommandFailed as e:
+        print(f"bench: {e}", file=sys.stderr)
+        return 1
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    elapsed = time.perf_counter() - t_start
+
+    versions = {"imagefs": version([str(IMAGEFS), "--version"]),
+                "wimlib": version(["wimcapture", "--version"]),
+                "squashfs": version(["mksquashfs", "-version"])}
+    print()
+    print(f"imagefs benchmark{' (--quick)' if args.quick else ''}: {started:%Y-%m-%d %H:%M} UTC, "
+          f"{os.cpu_count()} CPUs, load average {load_start[0]:.2f} at start, "
+          f"{load_end[0]:.2f} at end")
+    print(f"times in seconds (wall clock), sizes in MiB; versions: {versions['imagefs']}; "
+          f"{versions['wimlib']}; {versions['squashfs']}")
+    print()
+    print(table([r for r in b.rows if r.in_table]))
+    print()
+    print("commands (run in $work; each timed alone; apply into an empty dir removed after "
+          "each run):")
+    print(f"  work={shlex.quote(str(work))}")
+    for name, short, src in trees:
+        print(f"  {short}={shlex.quote(str(src))}  # {name}")
+    print(f"  imagefs={shlex.quote(str(IMAGEFS))}")
+    for c in b.commands:
+        print(f"  {c}")
+    failed = [r.label for r in b.rows if r.passed is False]
+    print()
+    print(f"targets: {'all met' if not failed else 'FAILED: ' + '; '.join(failed)}")
+    print(f"bench took {elapsed:.0f} s")
+
+    if args.json:
+        path = Path(args.json)
+        if path.is_dir() or args.json.endswith("/"):
+            path = path / "bench.json"
+        doc = {
+            "started": started.isoformat(timespec="seconds"),
+            "elapsed_seconds": round(elapsed, 2),
+            "quick": args.quick,
+            "imagefs_level": args.level,
+            "cpus": os.cpu_count(),
+            "loadavg_start": [round(x, 2) for x in load_start],
+            "loadavg_end": [round(x, 2) for x in load_end],
+            "versions": versions,
+            "work": str(work),
+            "trees": {name: str(src) for name, _s, src in trees},
+            "commands": b.commands,
+            "all_targets_met": not failed,
+            "measurements": [
+                {"key": r.key, "label": r.label,
+                 "unit": "seconds" if r.unit == "s" else "bytes",
+                 "in_table": r.in_table,
+                 **{t: r.values.get(t) for t in ("imagefs", "wimlib", "squashfs")},
+                 "ratio_imagefs_wimlib": round(r.ratio, 4) if r.ratio is not None else None,
+                 "target_max_ratio": r.target, "pass": r.passed,
+                 "samples": r.samples}
+                for r in b.rows],
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(doc, indent=2) + "\n")
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # main's finally has removed the work dir
+        sys.exit(130)
