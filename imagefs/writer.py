@@ -46,39 +46,54 @@ class TreeStats:
 
 
 def write_tree(meta: MetaWriter, root: Node) -> TreeStats:
-    """Write every record under root, children before parents; each inode once."""
+    """Write every record under root, each inode once: first the non-directories, one
+    directory's worth at a time, then all directories, children before parents.
+
+    Directory records thus sit together, so listing a directory with its subdirectories'
+    attributes (`ls -l /`, a mount's readdirplus) reads a few blocks, not one per child."""
     files = dirs = nbytes = 0
-    stack: list[tuple[Node, bool]] = [(root, False)]
+    # Pre-order list of directories (the root first); a directory is expanded once.
+    order: list[Node] = []
+    stack = [root]
     while stack:
-        node, expanded = stack.pop()
+        node = stack.pop()
+        order.append(node)
+        for _name, child in node.children or []:
+            if child.ino.kind != F.DIR:
+                if child.ref is None:
+                    nbytes += _write_leaf(meta, child)
+            elif child.ref is None:
+                stack.append(child)
+    for node in reversed(order):  # every subdirectory comes after its parent in order
         if node.ref is not None:
             continue
         ino = node.ino
-        if ino.kind == F.DIR and not expanded:
-            stack.append((node, True))
-            for _name, child in node.children or []:
-                if child.ref is None:
-                    stack.append((child, False))
-            continue
-        if ino.kind == F.DIR:
-            kids = node.children or []
-            ino.entries = [(name, child.ino.kind, child.ref or 0) for name, child in kids]
-            ino.size = len(kids)
-            ino.nlink = 2 + sum(1 for _n, child in kids if child.ino.kind == F.DIR)
-            ino.digest = node_digest(ino, (), [child.ino.digest for _n, child in kids])
-            dirs += 1
-            files += sum(1 for _n, child in kids if child.ino.kind != F.DIR)
-        elif ino.kind == F.REG:
-            ino.extents = [(off, loc.pack_id(), loc.offset, loc.length, loc.xxh)
-                           for off, loc in node.locs]
-            ino.digest = node_digest(ino, [loc.sha for _o, loc in node.locs], ())
-            nbytes += ino.size
-        else:
-            ino.digest = node_digest(ino, (), ())
+        kids = node.children or []
+        ino.entries = [(name, child.ino.kind, child.ref or 0) for name, child in kids]
+        ino.size = len(kids)
+        ino.nlink = 2 + sum(1 for _n, child in kids if child.ino.kind == F.DIR)
+        ino.digest = node_digest(ino, (), [child.ino.digest for _n, child in kids])
+        dirs += 1
+        files += sum(1 for _n, child in kids if child.ino.kind != F.DIR)
         node.ref = meta.add(ino.encode())
-        node.locs = []
     assert root.ref is not None
     return TreeStats(root.ref, root.ino.digest, files, dirs, nbytes)
+
+
+def _write_leaf(meta: MetaWriter, node: Node) -> int:
+    """Write a non-directory's record; returns its bytes if it is a regular file."""
+    ino = node.ino
+    size = 0
+    if ino.kind == F.REG:
+        ino.extents = [(off, loc.pack_id(), loc.offset, loc.length, loc.xxh)
+                       for off, loc in node.locs]
+        ino.digest = node_digest(ino, [loc.sha for _o, loc in node.locs], ())
+        size = ino.size
+    else:
+        ino.digest = node_digest(ino, (), ())
+    node.ref = meta.add(ino.encode())
+    node.locs = []
+    return size
 
 
 def history_entry(action: str, **details: Any) -> dict[str, Any]:
@@ -109,7 +124,7 @@ class Transaction:
         try:
             self.image.lock(wait=0)
         except Error:
-            if self._on_wait:
+            if self._on_wait and self._wait != 0:  # no "waiting" note before a refusal
                 self._on_wait()
             self.image.lock(wait=self._wait)
         self.commit = self.image.read_commit()

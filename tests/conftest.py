@@ -1,0 +1,191 @@
+"""Shared test helpers and fixtures.
+
+Plain functions (importable: `from conftest import run_imagefs, rsync_diff, fixture_tree`)
+and fixtures of the same names (for tests that prefer arguments):
+
+- run_imagefs(*args, check=True, input=None) -> CompletedProcess (bytes stdout/stderr):
+  `python -m imagefs.cli ARGS`; never a traceback on stderr; with check, exit 0 required.
+- fixture_tree(name) -> Path: an extracted real Debian root (bookworm-minbase,
+  bookworm-web).  Read-only: copy what you change.
+- rsync_diff(src, dst) -> str: rsync's itemized differences of two trees (content,
+  owners, modes, nanosecond mtimes, hardlinks, ACLs, xattrs, devices); "" means equal.
+- data_regions(path), assert_same_tree(src, dst, sparse_files=()): see their docstrings.
+
+Session fixtures: minbase_slice (a copy of parts of bookworm-minbase), every_type_tree
+(tests/treegen.py), many_files_image (an image whose index 1 "many" holds 1000
+directories /dNNNN x 500 files fNNNNN, built with the writer API in ~20 s).  All are
+shared: never modify them.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from treegen import build_many_files_image, make_every_type_tree  # noqa: E402
+
+StrPath = str | bytes | os.PathLike
+
+
+def run_imagefs(*args: StrPath, check: bool = True, input: bytes | None = None,
+                env: dict[str, str] | None = None, timeout: float = 600,
+                ) -> subprocess.CompletedProcess[bytes]:
+    """Run the CLI in a child process; stdout and stderr are bytes."""
+    argv = [sys.executable, "-m", "imagefs.cli",
+            *(a if isinstance(a, bytes) else os.fspath(a) for a in args)]
+    proc = subprocess.run(argv, input=input, capture_output=True,
+                          env={**os.environ, **(env or {})} if env else None,
+                          timeout=timeout)
+    err = proc.stderr.decode(errors="replace")
+    assert "Traceback" not in err, f"traceback from imagefs {args!r}:\n{err}"
+    if check:
+        assert proc.returncode == 0, (
+            f"imagefs {args!r} exited {proc.returncode}:\n{err}")
+    return proc
+
+
+@functools.cache
+def fixture_tree(name: str) -> Path:
+    """The path of an extracted fixture tree (scripts/fixture-tree NAME; cached)."""
+    out = subprocess.run([str(REPO / "scripts" / "fixture-tree"), name],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"scripts/fixture-tree {name} failed:\n{out.stderr}")
+    path = Path(out.stdout.strip())
+    assert path.is_dir(), path
+    return path
+
+
+def rsync_diff(src: StrPath, dst: StrPath, ns: bool = True, checksum: bool = True,
+               extra: list[str] | None = None) -> str:
+    """`rsync -aHAXc --dry-run --itemize-changes --no-inc-recursive SRC/ DST/`.
+
+    With ns (the default) `--modify-window=-1` is added so that mtimes are compared to the
+    nanosecond (rsync's default compares whole seconds only).  checksum=False drops -c
+    (content is then compared by size and mtime only); extra: more rsync options, e.g.
+    ["--exclude=/big.img"]."""
+    s = os.fsencode(src).rstrip(b"/") + b"/"
+    d = os.fsencode(dst).rstrip(b"/") + b"/"
+    argv: list[str | bytes] = ["rsync", "-aHAXc" if checksum else "-aHAX", "--dry-run",
+                               "--itemize-changes", "--no-inc-recursive"]
+    if ns:
+        argv.append("--modify-window=-1")
+    argv += [*(extra or []), s, d]
+    proc = subprocess.run(argv, capture_output=True)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    return proc.stdout.decode(errors="backslashreplace")
+
+
+def data_regions(path: StrPath) -> list[tuple[int, int]]:
+    """[(start, end)] of the data (non-hole) regions of a file, by SEEK_DATA/SEEK_HOLE."""
+    out = []
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        pos = 0
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:
+                    break
+                raise
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+            out.append((start, end))
+            pos = end
+    finally:
+        os.close(fd)
+    return out
+
+
+def assert_same_tree(src: StrPath, dst: StrPath, sparse_files: tuple[bytes, ...] = ()
+                     ) -> None:
+    """src and dst are equal in content and every piece of metadata (rsync_diff empty).
+
+    sparse_files (paths relative to the roots) are huge sparse files: instead of letting
+    rsync -c read gigabytes of holes, their data regions are compared (same map, same
+    bytes); their metadata is still compared by rsync."""
+    excludes = [f"--exclude=/{os.fsdecode(p)}" for p in sparse_files]
+    diff = rsync_diff(src, dst, extra=excludes)
+    assert diff == "", f"trees differ ({src} -> {dst}):\n{diff}"
+    if sparse_files:
+        diff = rsync_diff(src, dst, checksum=False)
+        assert diff == "", f"trees differ ({src} -> {dst}):\n{diff}"
+    for rel in sparse_files:
+        a = os.fsencode(src) + b"/" + rel
+        b = os.fsencode(dst) + b"/" + rel
+        regions = data_regions(a)
+        assert data_regions(b) == regions, f"{rel!r}: holes differ"
+        with open(a, "rb") as fa, open(b, "rb") as fb:
+            for start, end in regions:
+                fa.seek(start)
+                fb.seek(start)
+                assert fa.read(end - start) == fb.read(end - start), (
+                    f"{rel!r}: data at {start} differs")
+
+
+@pytest.fixture(name="run_imagefs", scope="session")
+def _run_imagefs_fixture():
+    return run_imagefs
+
+
+@pytest.fixture(name="fixture_tree", scope="session")
+def _fixture_tree_fixture():
+    return fixture_tree
+
+
+@pytest.fixture(name="rsync_diff", scope="session")
+def _rsync_diff_fixture():
+    return rsync_diff
+
+
+MINBASE_SLICE_PARTS = ("etc", "usr/bin", "usr/share/doc", "var/log", "dev")
+
+
+@pytest.fixture(scope="session")
+def minbase_slice(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of etc/, usr/bin/, usr/share/doc/, var/log/ (ACLs on the journal dir) and
+    dev/ (device nodes) of bookworm-minbase, paths kept.  Shared: do not modify."""
+    src = fixture_tree("bookworm-minbase")
+    dst = tmp_path_factory.mktemp("minbase-slice") / "root"
+    dst.mkdir()
+    # --relative keeps usr/bin as usr/bin; the ./ marks where the kept path starts.
+    subprocess.run(["rsync", "-aHAX", "--relative",
+                    *(f"{src}/./{p}" for p in MINBASE_SLICE_PARTS), f"{dst}/"],
+                   check=True)
+    # Parent directories rsync made (usr, usr/share, var) get the source's attributes.
+    for p in ("usr", "usr/share", "var", "."):
+        st = os.stat(src / p)
+        os.chown(dst / p, st.st_uid, st.st_gid)
+        os.chmod(dst / p, st.st_mode & 0o7777)
+        os.utime(dst / p, ns=(st.st_atime_ns, st.st_mtime_ns))
+    return dst
+
+
+@pytest.fixture(scope="session")
+def every_type_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tests/treegen.py's tree of every inode kind and metadata.  Shared: do not modify."""
+    root = tmp_path_factory.mktemp("every-type") / "tree"
+    return make_every_type_tree(root)
+
+
+MANY_DIRS = 1000
+MANY_FILES_PER_DIR = 500
+
+
+@pytest.fixture(scope="session")
+def many_files_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An image with one index ("many") of MANY_DIRS x MANY_FILES_PER_DIR = 500 000 small
+    distinct files (treegen.build_many_files_image).  Shared: do not modify."""
+    path = tmp_path_factory.mktemp("many-files") / "many.imagefs"
+    build_many_files_image(path, MANY_DIRS, MANY_FILES_PER_DIR)
+    return path
