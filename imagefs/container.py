@@ -191,7 +191,7 @@ class ImageFile:
         self.writable = writable
         self._append_pos: int | None = None
         self.slot_written = False  # set the moment a publication's slot write returned
-        self._dctx = zstandard.ZstdDecompressor()
+        self._local = threading.local()  # a ZstdDecompressor is not thread-safe
 
     # ---- opening -------------------------------------------------------------------------
 
@@ -376,6 +376,12 @@ class ImageFile:
         payload = os.pread(self.fd, info.stored, offset + F.FRAME_HEADER)
         return self.decode_payload(info, payload)
 
+    def _decompressor(self) -> zstandard.ZstdDecompressor:
+        dctx = getattr(self._local, "dctx", None)
+        if dctx is None:
+            dctx = self._local.dctx = zstandard.ZstdDecompressor()
+        return dctx
+
     def decode_payload(self, info: FrameInfo, payload: bytes) -> bytes:
         where = f"{_KIND_WORDS[info.kind]} at offset {info.offset}"
         if len(payload) != info.stored or xxhash.xxh3_64_intdigest(payload) != info.check:
@@ -385,7 +391,7 @@ class ImageFile:
         try:
             if zstandard.frame_content_size(payload) != info.raw:
                 raise CorruptImage(self.path, f"{where}: zstd frame size differs from header")
-            raw = self._dctx.decompress(payload, max_output_size=info.raw)
+            raw = self._decompressor().decompress(payload, max_output_size=info.raw)
         except zstandard.ZstdError as e:
             raise CorruptImage(self.path, f"{where}: cannot decompress ({e})") from None
         if len(raw) != info.raw:

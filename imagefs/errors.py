@@ -108,6 +108,26 @@ class SourceError(SystemFailure):
     """{}: cannot capture: {}"""
 
 
+class NotAMountPoint(NotFound):
+    """{}: not an imagefs mount (see `imagefs mounts`)"""
+
+
+class AlreadyMounted(DestinationError):
+    """{}: already an imagefs mount (of {}); unmount it first"""
+
+
+class BadMountPoint(DestinationError):
+    """{}: cannot mount here: {}"""
+
+
+class MountPointBusy(Busy):
+    """{}: busy, not unmounted: {}"""
+
+
+class MountFailed(SystemFailure):
+    """{}: mount failed: {}"""
+
+
 class Interrupted(Error):
     """interrupted; the image is unchanged"""
 

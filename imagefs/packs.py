@@ -211,6 +211,9 @@ class PackReader:
         self._inflight: dict[int, threading.Event] = {}
         self.decompressions = 0
 
+    def cached(self, pack: int) -> bool:
+        return pack in self._cache
+
     def pack(self, pack: int) -> bytes:
         while True:
             with self._lock:

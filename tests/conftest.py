@@ -11,6 +11,13 @@ and fixtures of the same names (for tests that prefer arguments):
   owners, modes, nanosecond mtimes, hardlinks, ACLs, xattrs, devices); "" means equal.
 - data_regions(path), assert_same_tree(src, dst, sparse_files=()): see their docstrings.
 
+- mounted(image, index, mountpoint, *options, env=None): a context manager that mounts
+  with `imagefs mount --json`, yields the mount's record (dict: pid, log, ...) and always
+  unmounts, also when the test fails (see unmount_hard).
+
+Every test session gets its own IMAGEFS_RUN_DIR (mount records and logs); at its end any
+fuse.imagefs mount under the session's temp directories is unmounted and reported.
+
 Session fixtures: minbase_slice (a copy of parts of bookworm-minbase), every_type_tree
 (tests/treegen.py), many_files_image (an image whose index 1 "many" holds 1000
 directories /dNNNN x 500 files fNNNNN, built with the writer API in ~20 s).  All are
@@ -19,11 +26,17 @@ shared: never modify them.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
+import json
 import os
+import signal
 import subprocess
 import sys
+import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -131,6 +144,90 @@ def assert_same_tree(src: StrPath, dst: StrPath, sparse_files: tuple[bytes, ...]
                 fb.seek(start)
                 assert fa.read(end - start) == fb.read(end - start), (
                     f"{rel!r}: data at {start} differs")
+
+
+def kernel_imagefs_mounts() -> list[str]:
+    """Mount points of every fuse.imagefs mount the kernel shows."""
+    found = []
+    with open("/proc/self/mountinfo") as fh:
+        for line in fh:
+            parts = line.split(" ")
+            sep = parts.index("-", 6)
+            if parts[sep + 1] == "fuse.imagefs":
+                found.append(parts[4].replace("\\040", " "))
+    return found
+
+
+def is_mounted(mountpoint: StrPath) -> bool:
+    return os.path.abspath(os.fsdecode(mountpoint)) in kernel_imagefs_mounts()
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+    except OSError:
+        return False
+
+
+def wait_until(cond, timeout: float = 10.0, step: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(step)
+    return cond()
+
+
+def unmount_hard(mountpoint: StrPath, pid: int | None) -> None:
+    """Unmount by every means there is: `imagefs unmount`, then SIGTERM to the mount
+    process we started (it unmounts lazily), then a lazy umount; wait for the pid."""
+    mnt = os.path.abspath(os.fsdecode(mountpoint))
+    if is_mounted(mnt):
+        run_imagefs("unmount", mnt, check=False, timeout=60)
+    if pid and pid_alive(pid) and is_mounted(mnt):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        wait_until(lambda: not is_mounted(mnt), 10)
+    if is_mounted(mnt):
+        subprocess.run(["umount", "-l", mnt], capture_output=True)
+    if pid:
+        wait_until(lambda: not pid_alive(pid), 10)
+
+
+@contextlib.contextmanager
+def mounted(image: StrPath, index: StrPath, mountpoint: StrPath, *options: str,
+            env: dict[str, str] | None = None) -> Iterator[dict]:
+    """Mount an index (background), yield its record, always unmount."""
+    os.makedirs(mountpoint, exist_ok=True)
+    proc = run_imagefs("mount", image, str(index), mountpoint, "--json", *options, env=env,
+                       timeout=60)
+    rec = json.loads(proc.stdout)
+    try:
+        yield rec
+    finally:
+        unmount_hard(mountpoint, rec.get("pid"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_run_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Mount records and logs of this session in a directory of its own; at the end no
+    imagefs mount may be left under the session's temp directories."""
+    run = tempfile.mkdtemp(prefix="imagefs-run-")
+    old = os.environ.get("IMAGEFS_RUN_DIR")
+    os.environ["IMAGEFS_RUN_DIR"] = run
+    base = str(tmp_path_factory.getbasetemp())
+    try:
+        yield
+    finally:
+        left = [m for m in kernel_imagefs_mounts() if m.startswith((base, run))]
+        for m in left:
+            unmount_hard(m, None)
+        if old is None:
+            os.environ.pop("IMAGEFS_RUN_DIR", None)
+        else:
+            os.environ["IMAGEFS_RUN_DIR"] = old
+        assert not left, f"tests left imagefs mounts behind: {left}"
 
 
 @pytest.fixture(name="run_imagefs", scope="session")

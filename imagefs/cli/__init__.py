@@ -24,11 +24,14 @@ from . import (
     extract_cmd,
     info_cmd,
     ls_cmd,
+    mount_cmd,
+    mounts_cmd,
+    unmount_cmd,
     verify_cmd,
 )
 
 VERBS = [capture_cmd, info_cmd, ls_cmd, cat_cmd, extract_cmd, apply_cmd, verify_cmd,
-         delete_cmd, export_cmd, diff_cmd]
+         delete_cmd, export_cmd, diff_cmd, mount_cmd, unmount_cmd, mounts_cmd]
 
 INTERNAL_ERROR = 70
 
@@ -43,11 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="imagefs",
         description="Keep many operating-system images (indices) in one deduplicated, "
-                    "zstd-compressed image file; capture, inspect, apply, verify, export.",
+                    "zstd-compressed image file; capture, inspect, mount, apply, verify, export.",
         epilog="An INDEX is a number (from 1) or a name. `imagefs VERB --help` explains a "
                "verb. Exit codes: 0 ok, 1 damage found, 2 usage, 3 not found, "
                "4 bad or damaged image, 5 newer format, 6 locked, 7 destination, "
-               "8 system error, 130 interrupted.",
+               "8 system error, 70 internal error, 130 interrupted.",
     )
     parser.add_argument("--version", action="version", version="imagefs 0.1.0")
     sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)

@@ -1,0 +1,286 @@
+"""The FUSE side of a read-only mount: pyfuse3 Operations as a thin adapter over
+vfs.IndexTree, and the loop that serves them.
+
+Every handler passes through one boundary: an answer the filesystem gives on purpose
+(ENOENT, ENOTDIR, ENXIO...) goes back as its errno; damage in the image becomes EIO and one
+log line naming the image, index, path and chunk; anything unexpected becomes EIO and a
+logged traceback.  Nothing escapes into pyfuse3's loop, where it would end the mount.
+
+The kernel is asked to cache everything (the index never changes under a mount): long
+entry and attribute timeouts, negative lookups cached (st_ino 0), keep_cache on open files,
+symlinks cached, 1 MiB readahead.  Packs missing from the cache are decompressed in worker
+threads (zstd releases the GIL), one at a time per pack (PackReader is single-flight).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any, ParamSpec, TypeVar
+
+# The shim must be loaded, with its symbols global, before pyfuse3 binds fuse_session_new.
+_dlflags = sys.getdlopenflags()
+try:
+    sys.setdlopenflags(_dlflags | os.RTLD_GLOBAL)
+    from . import _fuseshim  # type: ignore[attr-defined]
+except ImportError:  # built without a compiler: mounts work, lseek reports no holes
+    _fuseshim = None
+finally:
+    sys.setdlopenflags(_dlflags)
+
+import pyfuse3  # noqa: E402
+import trio  # noqa: E402
+
+from . import _format as F  # noqa: E402
+from .errors import CorruptImage  # noqa: E402
+from .vfs import IndexTree, Refusal  # noqa: E402
+
+log = logging.getLogger("imagefs.mount")
+
+TIMEOUT = 30 * 86400.0  # seconds the kernel may trust an entry or attribute: forever here
+READ_AHEAD_KB = 1024
+T = TypeVar("T")
+P = ParamSpec("P")
+
+
+def boundary(handler: Callable[P, Coroutine[Any, Any, T]]
+             ) -> Callable[P, Coroutine[Any, Any, T]]:
+    """Map whatever a handler raises to an errno; log what is not an answer."""
+
+    @functools.wraps(handler)
+    async def wrapped(*all_args: P.args, **kwargs: P.kwargs) -> T:
+        self: ReadOnlyOperations = all_args[0]  # type: ignore[assignment]
+        args = all_args[1:]
+        try:
+            return await handler(*all_args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except Refusal as e:
+            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        except CorruptImage as e:
+            self.report_damage(int(args[0]) if args else 0, e)  # type: ignore[call-overload]
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except OSError as e:  # the image file itself failed to read
+            log.error("%s: %s failed: %s", self.label, handler.__name__, e)
+            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        except Exception:
+            log.exception("%s: unexpected error in %s%r; answered EIO", self.label,
+                          handler.__name__, args[:2])
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapped
+
+
+class ReadOnlyOperations(pyfuse3.Operations):
+    """Requests → IndexTree calls.  File and directory handles are inode numbers: an
+    immutable index needs no per-open state."""
+
+    def __init__(self, tree: IndexTree, label: str) -> None:
+        super().__init__()
+        self.tree = tree
+        self.packs = tree.view.packs
+        self.label = label
+        self.nursery: trio.Nursery | None = None
+        self._reported: set[tuple[int, str]] = set()
+        fault = os.environ.get("IMAGEFS_TEST_FAULT")
+        self._fault = os.fsencode(fault) if fault else None
+
+    # --- attributes --------------------------------------------------------------------
+
+    def attributes(self, ino: int, node: Any) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = ino
+        a.entry_timeout = TIMEOUT
+        a.attr_timeout = TIMEOUT
+        a.st_mode = node.mode
+        a.st_nlink = node.nlink
+        a.st_uid = node.uid
+        a.st_gid = node.gid
+        a.st_rdev = node.rdev
+        a.st_size = self.tree.size(node)
+        a.st_blksize = 4096
+        a.st_blocks = self.tree.blocks(node)
+        a.st_atime_ns = node.atime_ns
+        a.st_mtime_ns = node.mtime_ns
+        a.st_ctime_ns = node.ctime_ns
+        return a
+
+    @boundary
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None
+                     ) -> pyfuse3.EntryAttributes:
+        if self._fault is not None and name == self._fault:
+            raise RuntimeError("injected fault (IMAGEFS_TEST_FAULT)")
+        hit = self.tree.lookup(parent_inode, name)
+        if hit is None:
+            miss = pyfuse3.EntryAttributes()  # st_ino 0: the kernel caches the absence
+            miss.st_ino = 0
+            miss.entry_timeout = TIMEOUT
+            return miss
+        return self.attributes(*hit)
+
+    @boundary
+    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        return self.attributes(inode, self.tree.inode(inode))
+
+    @boundary
+    async def readlink(self, inode: int, ctx: Any = None) -> bytes:
+        return self.tree.readlink(inode)
+
+    @boundary
+    async def getxattr(self, inode: int, name: bytes, ctx: Any = None) -> bytes:
+        value = self.tree.xattr(inode, name)
+        if value is None:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return value
+
+    @boundary
+    async def listxattr(self, inode: int, ctx: Any = None) -> list[bytes]:
+        return self.tree.xattr_names(inode)
+
+    @boundary
+    async def statfs(self, ctx: Any = None) -> pyfuse3.StatvfsData:
+        usage = self.tree.usage()
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = usage.block_size
+        s.f_blocks = usage.blocks
+        s.f_bfree = s.f_bavail = 0
+        s.f_files = usage.files
+        s.f_ffree = s.f_favail = 0
+        s.f_namemax = usage.name_max
+        return s
+
+    # --- directories -------------------------------------------------------------------
+
+    @boundary
+    async def opendir(self, inode: int, ctx: Any = None) -> int:
+        if self.tree.inode(inode).kind != F.DIR:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    @boundary
+    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        # Every entry readdir_reply accepts counts as a lookup; numbers are record
+        # addresses, valid for as long as the mount, so forget has nothing to release.
+        for name, ino, node, next_id in self.tree.entries(fh, start_id):
+            if not pyfuse3.readdir_reply(token, name, self.attributes(ino, node), next_id):
+                break
+
+    # --- files -------------------------------------------------------------------------
+
+    @boundary
+    async def open(self, inode: int, flags: int, ctx: Any = None) -> pyfuse3.FileInfo:
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        if self.tree.inode(inode).kind == F.DIR:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+
+    @boundary
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        node = self.tree.inode(fh)
+        for pack in self.tree.packs_for(node, off, size):
+            if not self.packs.cached(pack):
+                await trio.to_thread.run_sync(self.packs.pack, pack)
+        return self.tree.read(node, off, size)
+
+    # --- lseek (through _fuseshim; synchronous, in the loop's thread) -------------------
+
+    def lseek(self, inode: int, offset: int, whence: int) -> int:
+        """SEEK_DATA/SEEK_HOLE: the offset, or -errno."""
+        try:
+            return self.tree.seek(inode, offset, whence)
+        except OSError as e:
+            return -(e.errno or errno.EIO)
+        except CorruptImage as e:
+            self.report_damage(inode, e)
+            return -errno.EIO
+        except Exception:
+            log.exception("%s: unexpected error in lseek(%d); answered EIO", self.label,
+                          inode)
+            return -errno.EIO
+
+    # --- damage ------------------------------------------------------------------------
+
+    def report_damage(self, inode: int, exc: CorruptImage) -> None:
+        """One log line per damaged inode and cause, with the inode's path found in the
+        background (a walk of the tree must not hold up other requests)."""
+        key = (inode, str(exc))
+        if key in self._reported:
+            return
+        if len(self._reported) > 10_000:
+            self._reported.clear()
+        self._reported.add(key)
+        if self.nursery is None:
+            log.error("%s: I/O error on inode %d: %s", self.label, inode, exc)
+        else:
+            self.nursery.start_soon(self._log_damage, inode, exc)
+
+    async def _log_damage(self, inode: int, exc: CorruptImage) -> None:
+        path = await trio.to_thread.run_sync(self.tree.path_of, inode)
+        shown = path.decode("utf-8", "backslashreplace") if path else f"<inode {inode}>"
+        log.error("%s path %s: I/O error (EIO): %s", self.label, shown, exc)
+
+
+def mount_options(image_path: str, extra: list[str]) -> set[str]:
+    """The FUSE options of a read-only mount.  Root mounts serve every user with the
+    kernel checking permissions, and keep setuid binaries and device nodes working so a
+    chroot or a container booted from the mount behaves like the real system."""
+    fsname = image_path.replace("\\", "\\\\").replace(",", "\\,")
+    opts = {"ro", "default_permissions", f"fsname={fsname}", "subtype=imagefs"}
+    if os.geteuid() == 0:
+        opts |= {"allow_other", "suid", "dev"}
+    opts.update(extra)
+    return opts
+
+
+def serve(ops: ReadOnlyOperations, mountpoint: str, options: set[str],
+          ready: Callable[[], None] | None = None) -> None:
+    """Mount, call ready(), serve until unmounted or signalled, then unmount."""
+    if _fuseshim is not None:
+        _fuseshim.configure(ops.lseek, True, True)
+    pyfuse3.init(ops, mountpoint, options)
+    try:
+        if _fuseshim is None or not _fuseshim.active():
+            log.warning("lseek shim not active: SEEK_HOLE will not report holes")
+        set_read_ahead(mountpoint)
+        if ready is not None:
+            ready()
+        trio.run(_serve, ops)
+    finally:
+        pyfuse3.close(unmount=True)
+        log.info("%s: unmounted from %s (%d pack decompressions)", ops.label, mountpoint,
+                 ops.packs.decompressions)
+
+
+async def _serve(ops: ReadOnlyOperations) -> None:
+    async with trio.open_nursery() as nursery:
+        ops.nursery = nursery
+        nursery.start_soon(_stop_on_signals, nursery)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+async def _stop_on_signals(nursery: trio.Nursery) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("%s: unmounting", signal.Signals(signum).name)
+            pyfuse3.terminate()
+            return
+
+
+def set_read_ahead(mountpoint: str, kb: int = READ_AHEAD_KB) -> None:
+    """1 MiB readahead: sequential reads then come as 1 MiB requests, not 128 KiB."""
+    from .mounts import find_mount
+
+    m = find_mount(mountpoint)
+    if m is None:
+        return
+    with contextlib.suppress(OSError), open(f"/sys/class/bdi/{m.device}/read_ahead_kb",
+                                            "w") as fh:
+        fh.write(str(kb))

@@ -1,0 +1,23 @@
+"""Build the one C helper (imagefs/_fuseshim.c: lseek and symlink caching beneath pyfuse3).
+
+Everything else is in pyproject.toml.  The extension is optional: without a compiler or
+the libfuse3 headers the install still succeeds and mounts work without SEEK_HOLE."""
+
+import shlex
+import subprocess
+
+from setuptools import Extension, setup
+
+
+def fuse3_cflags() -> list[str]:
+    try:
+        out = subprocess.run(["pkg-config", "--cflags", "fuse3"], capture_output=True,
+                             text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return ["-I/usr/include/fuse3"]
+    return shlex.split(out)
+
+
+setup(ext_modules=[Extension("imagefs._fuseshim", ["imagefs/_fuseshim.c"],
+                             extra_compile_args=fuse3_cflags() + ["-O2", "-Wall"],
+                             optional=True)])
