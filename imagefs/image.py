@@ -14,11 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import _format as F
-from .capture import TreeCapture
 from .container import Commit, ImageFile, IndexEntry
 from .errors import NoSuchIndex, UsageError
 from .view import IndexView
-from .writer import Transaction, add_index, history_entry
 
 DEFAULT_LEVEL = 9
 
@@ -106,6 +104,9 @@ def capture(image_path: str, src: str, name: str, description: str = "",
             on_wait: Callable[[], None] | None = None,
             wait: float | None = None) -> CaptureResult:
     """Capture the directory src as a new index of image_path (created if missing)."""
+    from .capture import TreeCapture
+    from .writer import Transaction, add_index, history_entry
+
     check_level(level)
     if not os.path.isdir(src):
         raise UsageError(f"{src}: the source must be an existing directory")
@@ -130,6 +131,8 @@ def capture(image_path: str, src: str, name: str, description: str = "",
 
 def delete(image_path: str, spec: str, wait: float | None = None) -> tuple[int, IndexEntry]:
     """Remove one index; later indices move down by one (as in WIM files)."""
+    from .writer import Transaction
+
     with ImageFile.open(image_path, writable=True) as f, Transaction(f, wait=wait) as tx:
         number, entry = select_index(tx.commit, spec, image_path)
         del tx.commit.indices[number - 1]

@@ -9,14 +9,18 @@ One run measures, on the fixture trees bookworm-minbase and bookworm-web:
   * verify time of the two-index file (imagefs verify vs wimverify);
   * export time (and size) of index 2 (imagefs export vs wimexport).
 With --quick only bookworm-minbase is used: no two-index rows, and apply/verify/export run on
-its one-index files (index 1).
+its one-index files (index 1).  Then the mount rows (scripts/bench_mount.py: imagefs mount
+beside squashfuse_ll, wimmount and the plain directory; --no-mount skips them): in those
+rows the wimlib column is wimmount and the squashfs column is squashfuse_ll.
 
 Each command is timed with time.perf_counter around subprocess.run (output captured, exit
 status checked); before each, the source trees are already in the page cache (read once up
 front) and os.sync() has flushed the previous step's writes, both outside the timing.
 Targets: size <= 1.0x wimlib LZX (each tree alone and both together), capture time <= 1.0x
-wimcapture (each tree alone), apply time <= 1.5x wimapply. A missed target is reported as
-FAIL and still exits 0; a failing command exits 1.
+wimcapture (each tree alone), apply time <= 1.5x wimapply; for mounts: tar pass 1 <= 1.3x
+squashfuse_ll and <= 0.3x wimmount, pass 2 <= 1.5x squashfuse_ll, find -ls fresh <= 1.0x
+squashfuse_ll, dd throughput >= 1.0x squashfuse_ll, mount time <= 0.2 s.  A missed target
+is reported as FAIL and still exits 0; a failing command exits 1.
 """
 from __future__ import annotations
 
@@ -35,6 +39,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench_mount import measure_mounts
+
 REPO = Path(__file__).resolve().parent.parent
 IMAGEFS = REPO / ".venv" / "bin" / "imagefs"
 TREES = [("bookworm-minbase", "minbase"), ("bookworm-web", "web")]
@@ -52,26 +58,53 @@ class Sample:
     cpu_seconds: float  # user + system time of the command and its children
 
 
+TOOLS = ("imagefs", "wimlib", "squashfs", "plain")
+
+
 @dataclass
 class Row:
     key: str
     label: str
-    unit: str  # "s" or "bytes"
+    unit: str  # "s", "bytes" or "MB/s"
     values: dict[str, float | None] = field(default_factory=dict)  # tool -> value
     samples: dict[str, list[dict]] = field(default_factory=dict)  # tool -> all timed runs
-    target: float | None = None  # max imagefs/wimlib ratio
+    # (peer, limit): imagefs/peer ratio at most limit (at least, if higher_is_better);
+    # peer "abs": imagefs's own value at most limit.
+    targets: list[tuple[str, float]] = field(default_factory=list)
+    higher_is_better: bool = False
     in_table: bool = True  # False: only in the JSON
 
-    @property
-    def ratio(self) -> float | None:
-        a, b = self.values.get("imagefs"), self.values.get("wimlib")
+    def ratio_to(self, peer: str) -> float | None:
+        a, b = self.values.get("imagefs"), self.values.get(peer)
         return a / b if a is not None and b else None
 
     @property
+    def ratio(self) -> float | None:
+        return self.ratio_to("wimlib")
+
+    @property
     def passed(self) -> bool | None:
-        if self.target is None or self.ratio is None:
+        results = []
+        for peer, limit in self.targets:
+            if peer == "abs":
+                v = self.values.get("imagefs")
+                results.append(None if v is None else v <= limit)
+                continue
+            r = self.ratio_to(peer)
+            results.append(None if r is None else
+                           (r >= limit if self.higher_is_better else r <= limit))
+        if not results or None in results:
             return None
-        return self.ratio <= self.target
+        return all(results)
+
+    def target_text(self) -> str:
+        parts = []
+        for peer, limit in self.targets:
+            if peer == "abs":
+                parts.append(f"<= {limit:g}")
+            else:
+                parts.append(f"{'>=' if self.higher_is_better else '<='} {limit:.1f}x {peer}")
+        return ", ".join(parts) or "-"
 
 
 class Bench:
@@ -113,8 +146,12 @@ class Bench:
         return Sample(seconds, cpu)
 
     def row(self, key: str, label: str, unit: str, target: float | None = None,
-            in_table: bool = True) -> Row:
-        r = Row(key, label, unit, target=target, in_table=in_table)
+            in_table: bool = True, targets: list[tuple[str, float]] | None = None,
+            higher_is_better: bool = False) -> Row:
+        if target is not None:
+            targets = [("wimlib", target), *(targets or [])]
+        r = Row(key, label, unit, targets=targets or [], higher_is_better=higher_is_better,
+                in_table=in_table)
         self.rows.append(r)
         return r
 
@@ -128,11 +165,15 @@ class Bench:
         return argv
 
 
-def timed(row: Row, tool: str, sample: Sample) -> None:
-    row.samples.setdefault(tool, []).append(
-        {"seconds": round(sample.seconds, 4), "cpu_seconds": round(sample.cpu_seconds, 4)})
-    best = min(s["seconds"] for s in row.samples[tool])
-    row.values[tool] = best
+def timed(row: Row, tool: str, sample: Sample | float) -> None:
+    """Record one run; the row keeps the best (least time, or most throughput)."""
+    if isinstance(sample, Sample):
+        row.samples.setdefault(tool, []).append(
+            {"seconds": round(sample.seconds, 4), "cpu_seconds": round(sample.cpu_seconds, 4)})
+    else:
+        row.samples.setdefault(tool, []).append({"seconds": round(sample, 4)})
+    pick = max if row.higher_is_better else min
+    row.values[tool] = pick(s["seconds"] for s in row.samples[tool])
 
 
 def fixture_tree(name: str) -> Path:
@@ -229,18 +270,19 @@ def fmt(row: Row, tool: str) -> str:
     v = row.values.get(tool)
     if v is None:
         return "-"
-    return f"{v / MIB:.2f}" if row.unit == "bytes" else f"{v:.2f}"
+    if row.unit == "bytes":
+        return f"{v / MIB:.2f}"
+    return f"{v:.0f}" if row.unit == "MB/s" else f"{v:.2f}"
 
 
 def table(rows: list[Row]) -> str:
-    head = ["measurement", "imagefs", "wimlib", "squashfs", "imagefs/wimlib", "target", "result"]
+    head = ["measurement", *TOOLS, "/wimlib", "/squashfs", "target", "result"]
     body = []
     for r in rows:
-        ratio = f"{r.ratio:.3f}" if r.ratio is not None else "-"
-        target = f"<= {r.target:.1f}x" if r.target is not None else "-"
+        ratios = [f"{x:.3f}" if x is not None else "-"
+                  for x in (r.ratio_to("wimlib"), r.ratio_to("squashfs"))]
         result = {True: "PASS", False: "FAIL", None: ""}[r.passed]
-        body.append([r.label, fmt(r, "imagefs"), fmt(r, "wimlib"), fmt(r, "squashfs"),
-                     ratio, target, result])
+        body.append([r.label, *(fmt(r, t) for t in TOOLS), *ratios, r.target_text(), result])
     widths = [max(len(line[i]) for line in [head, *body]) for i in range(len(head))]
     def line(cells: list[str]) -> str:
         return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
@@ -256,14 +298,16 @@ def main() -> int:
     ap.add_argument("--json", metavar="PATH",
                     help="write all numbers as JSON to PATH (a directory gets PATH/bench.json)")
     ap.add_argument("--level", type=int, help="zstd level for imagefs capture and export")
+    ap.add_argument("--no-mount", action="store_true", help="skip the mount rows")
     args = ap.parse_args()
     t_start = time.perf_counter()
     started = datetime.datetime.now(datetime.UTC)
 
-    for tool in ("wimcapture", "wimappend", "wimapply", "wimverify", "wimexport", "mksquashfs"):
+    for tool in ("wimcapture", "wimappend", "wimapply", "wimverify", "wimexport", "mksquashfs",
+                 "wimmount", "wimunmount", "squashfuse_ll", "fusermount3"):
         if not shutil.which(tool):
-            print(f"bench: {tool} not found (scripts/setup installs wimtools, squashfs-tools)",
-                  file=sys.stderr)
+            print(f"bench: {tool} not found (scripts/setup installs wimtools, squashfs-tools, "
+                  "squashfuse, fuse3)", file=sys.stderr)
             return 1
 
     tmp = Path(os.environ.get("TMPDIR") or "/tmp")
@@ -288,6 +332,8 @@ def main() -> int:
         for _n, _s, src in trees:
             warm_page_cache(src)
         measure(b, trees)
+        if not args.no_mount:
+            measure_mounts(b, trees, str(IMAGEFS), timed)
         load_end = os.getloadavg()
     except CommandFailed as e:
         print(f"bench: {e}", file=sys.stderr)
@@ -303,6 +349,8 @@ def main() -> int:
     print(f"imagefs benchmark{' (--quick)' if args.quick else ''}: {started:%Y-%m-%d %H:%M} UTC, "
           f"{os.cpu_count()} CPUs, load average {load_start[0]:.2f} at start, "
           f"{load_end[0]:.2f} at end")
+    print("mount rows: wimlib = wimmount, squashfs = squashfuse_ll, plain = the source "
+          "directory")
     print(f"times in seconds (wall clock), sizes in MiB; versions: {versions['imagefs']}; "
           f"{versions['wimlib']}; {versions['squashfs']}")
     print()
@@ -340,11 +388,13 @@ def main() -> int:
             "all_targets_met": not failed,
             "measurements": [
                 {"key": r.key, "label": r.label,
-                 "unit": "seconds" if r.unit == "s" else "bytes",
+                 "unit": {"s": "seconds", "bytes": "bytes"}.get(r.unit, r.unit),
                  "in_table": r.in_table,
-                 **{t: r.values.get(t) for t in ("imagefs", "wimlib", "squashfs")},
+                 **{t: r.values.get(t) for t in TOOLS},
                  "ratio_imagefs_wimlib": round(r.ratio, 4) if r.ratio is not None else None,
-                 "target_max_ratio": r.target, "pass": r.passed,
+                 "ratio_imagefs_squashfs": (round(x, 4) if (x := r.ratio_to("squashfs"))
+                                            is not None else None),
+                 "targets": r.target_text(), "pass": r.passed,
                  "samples": r.samples}
                 for r in b.rows],
         }
