@@ -249,6 +249,7 @@ def serve(ops: ReadOnlyOperations, mountpoint: str, options: set[str],
         if _fuseshim is None or not _fuseshim.active():
             log.warning("lseek shim not active: SEEK_HOLE will not report holes")
         set_read_ahead(mountpoint)
+        start_guardian(mountpoint)
         if ready is not None:
             ready()
         trio.run(_serve, ops)
@@ -272,6 +273,38 @@ async def _stop_on_signals(nursery: trio.Nursery) -> None:
             log.info("%s: unmounting", signal.Signals(signum).name)
             pyfuse3.terminate()
             return
+
+
+def start_guardian(mountpoint: str) -> None:
+    """Fork a small process that outlives this one only to detach the mount if this
+    process dies without unmounting (SIGKILL, a crash): it waits for the end of a pipe whose
+    other end only this process holds.  (libfuse's auto_unmount would do the same through
+    fusermount3, but forces nosuid,nodev, which a root mount of an OS image must not have.)
+    """
+    from .mounts import find_mount
+
+    m = find_mount(mountpoint)
+    if m is None:
+        return
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid != 0:
+        os.close(r)  # w stays open, unused, until this process ends
+        return
+    try:
+        for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+        os.closerange(3, r)  # above all the /dev/fuse fd: the connection must not outlive
+        os.closerange(r + 1, 1 << 16)  # the server because this process holds it
+        os.read(r, 1)
+        now = find_mount(mountpoint)
+        if now is not None and now.device == m.device:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.umount2(os.fsencode(mountpoint), 2)  # MNT_DETACH
+    finally:
+        os._exit(0)
 
 
 def set_read_ahead(mountpoint: str, kb: int = READ_AHEAD_KB) -> None:

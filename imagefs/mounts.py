@@ -11,7 +11,8 @@ dropped when mounts are listed.
 Unmounting is a plain umount(2) (fusermount3 -u when not root): when processes still use
 the mount it is refused and they are named, as `fuser -m` would.  The mount process then
 sees its session end, closes and exits; SIGTERM, SIGINT and SIGHUP make it unmount itself
-(lazily, so nothing is left mounted even if busy).
+(lazily, so nothing is left mounted even if busy), and a guardian it forks detaches the mount
+if it dies any other way (fuse.start_guardian).
 """
 
 from __future__ import annotations

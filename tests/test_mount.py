@@ -282,7 +282,7 @@ def test_memory_while_walking_500k_files(many_files_image: Path, tmp_path: Path)
 
 # --- lifecycle -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
 def test_signals_unmount(sig: int, every_type_tree: Path, tmp_path: Path) -> None:
     image = capture(every_type_tree, tmp_path / "t.imagefs")
     mnt = tmp_path / "mnt"
@@ -291,7 +291,8 @@ def test_signals_unmount(sig: int, every_type_tree: Path, tmp_path: Path) -> Non
         try:
             os.kill(rec["pid"], sig)
             assert wait_until(lambda: not pid_alive(rec["pid"]), 15)
-            assert not is_mounted(mnt)
+            # SIGKILL: the mount process's guardian detaches the mount after it died
+            assert wait_until(lambda: not is_mounted(mnt), 5)
         finally:
             holder.kill()
             holder.wait()
@@ -390,3 +391,39 @@ def test_bad_input_is_one_line_and_a_code(every_type_tree: Path, tmp_path: Path)
         r = run_imagefs("mount", image, "1", mnt, check=False)
         assert r.returncode == 7 and "already an imagefs mount" in r.stderr.decode()
     assert not is_mounted(mnt)
+
+
+def test_root_mount_serves_other_users_with_kernel_permission_checks(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root (allow_other for a root mount)")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "public.txt").write_text("for everyone\n")
+    (src / "secret.txt").write_text("root only\n")
+    os.chmod(src / "secret.txt", 0o600)
+    (src / "private").mkdir(mode=0o700)
+    (src / "private" / "inside.txt").write_text("x")
+    os.chmod(src, 0o755)
+    image = capture(src, tmp_path / "p.imagefs")
+    import tempfile
+    mnt = Path(tempfile.mkdtemp(prefix="imagefs-perm-"))  # /tmp/...: reachable by nobody
+    os.chmod(mnt, 0o755)
+    try:
+        with mounted(image, 1, mnt):
+            def as_nobody(*argv: str) -> subprocess.CompletedProcess[str]:
+                return subprocess.run(["setpriv", "--reuid=65534", "--regid=65534",
+                                       "--clear-groups", *argv], capture_output=True,
+                                      text=True)
+
+            ok = as_nobody("cat", f"{mnt}/public.txt")
+            assert ok.returncode == 0 and ok.stdout == "for everyone\n", ok.stderr
+            denied = as_nobody("cat", f"{mnt}/secret.txt")
+            assert denied.returncode != 0 and "Permission denied" in denied.stderr
+            denied = as_nobody("ls", f"{mnt}/private")
+            assert denied.returncode != 0 and "Permission denied" in denied.stderr
+            assert (mnt / "secret.txt").read_text() == "root only\n"  # root may
+            opts = next(line for line in open("/proc/self/mountinfo")
+                        if f" {mnt} " in line)
+            assert "nosuid" not in opts and "nodev" not in opts, opts
+    finally:
+        os.rmdir(mnt)
