@@ -200,7 +200,8 @@ class PackReader:
     """Chunks by address, through a byte-bounded LRU of decompressed packs.
 
     Each pack is decompressed once at a time (single-flight): concurrent readers of the same
-    pack wait for the first one's result instead of decompressing it again."""
+    pack wait for the first one's result instead of decompressing it again.  A chunk's xxh3
+    is checked the first time it is read from a cached pack, not on every read of it."""
 
     def __init__(self, image: ImageFile, cache_bytes: int = 256 << 20) -> None:
         self.image = image
@@ -209,10 +210,8 @@ class PackReader:
         self._cached = 0
         self._lock = threading.Lock()
         self._inflight: dict[int, threading.Event] = {}
+        self._verified: dict[int, set[int]] = {}  # pack -> chunk offsets checked
         self.decompressions = 0
-
-    def cached(self, pack: int) -> bool:
-        return pack in self._cache
 
     def pack(self, pack: int) -> bytes:
         while True:
@@ -233,8 +232,9 @@ class PackReader:
                 self._cache[pack] = raw
                 self._cached += len(raw)
                 while self._cached > self.cache_bytes and len(self._cache) > 1:
-                    _, old = self._cache.popitem(last=False)
+                    gone, old = self._cache.popitem(last=False)
                     self._cached -= len(old)
+                    self._verified.pop(gone, None)
             return raw
         finally:
             with self._lock:
@@ -242,11 +242,20 @@ class PackReader:
             ev.set()
 
     def read_chunk(self, pack: int, offset: int, length: int, xxh: bytes) -> bytes:
+        return bytes(self.chunk_view(pack, offset, length, xxh))
+
+    def chunk_view(self, pack: int, offset: int, length: int, xxh: bytes) -> memoryview:
+        """A chunk as a view into its decompressed pack (no copy), its xxh3 checked."""
         raw = self.pack(pack)
         if offset + length > len(raw):
             raise CorruptImage(self.image.path, f"chunk at {offset}+{length} lies past the "
                                                 f"end of pack {pack}")
-        data = raw[offset:offset + length]
-        if fast_hash(data) != xxh:
-            raise ChecksumMismatch(self.image.path, f"chunk at {offset} of pack {pack}")
-        return data
+        view = memoryview(raw)[offset:offset + length]
+        checked = self._verified.get(pack)
+        if checked is None or offset not in checked:
+            if fast_hash(view) != xxh:
+                raise ChecksumMismatch(self.image.path, f"chunk at {offset} of pack {pack}")
+            with self._lock:
+                if pack in self._cache:
+                    self._verified.setdefault(pack, set()).add(offset)
+        return view

@@ -151,41 +151,42 @@ class IndexTree:
 
     # --- data --------------------------------------------------------------------------
 
-    def packs_for(self, node: Inode, offset: int, size: int) -> list[int]:
-        """The packs holding bytes [offset, offset+size) of a file, in order, each once."""
-        out: list[int] = []
-        for ext in _overlapping(node, offset, size):
-            if not out or out[-1] != ext[1]:
-                out.append(ext[1])
-        return out
-
-    def read(self, node: Inode, offset: int, size: int) -> bytes:
+    def read(self, node: Inode, offset: int, size: int) -> bytes | memoryview:
         """Bytes [offset, offset+size) of a regular file; holes read as zeros.  Checks each
-        chunk's xxh3 (a mismatch raises ChecksumMismatch)."""
+        chunk's xxh3 (a mismatch raises ChecksumMismatch).  When the range lies in adjacent
+        chunks of one pack, as a file's chunks usually do, the answer is a view into the
+        cached pack: no copy."""
         end = min(node.size, offset + size)
         if offset >= end:
             return b""
         parts: list[bytes | memoryview] = []
         pos = offset
+        run_pack = run_start = run_end = -1  # the current run of adjacent chunks in a pack
         for foff, pack, poff, length, xxh in _overlapping(node, offset, end - offset):
             if foff > pos:
                 parts.append(bytes(foff - pos))
                 pos = foff
+                run_pack = -1
             try:
-                data = self.view.packs.read_chunk(pack, poff, length, xxh)
+                view = self.view.packs.chunk_view(pack, poff, length, xxh)
             except CorruptImage as e:
                 raise CorruptImage(self.view.image.path,
                                    f"index {self.view.number}: chunk {xxh.hex()} (pack at "
                                    f"{pack}, offset {poff}, {length} bytes): "
                                    f"{_cause(e)}") from e
-            a = pos - foff
-            b = min(end, foff + length) - foff
-            parts.append(memoryview(data)[a:b] if (a or b < length) else data)
-            pos = foff + b
+            a = poff + (pos - foff)
+            b = poff + min(end, foff + length) - foff
+            whole = memoryview(view.obj)  # type: ignore[arg-type]
+            if pack == run_pack and a == run_end:
+                run_end = b  # extends the run: widen the last part
+                parts[-1] = whole[run_start:run_end]
+            else:
+                run_pack, run_start, run_end = pack, a, b
+                parts.append(whole[a:b])
+            pos = b - poff + foff
         if pos < end:
             parts.append(bytes(end - pos))
-        return parts[0] if len(parts) == 1 and isinstance(parts[0], bytes) else \
-            b"".join(parts)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def seek(self, ino: int, offset: int, whence: int) -> int:
         """lseek's SEEK_DATA and SEEK_HOLE over the file's stored data regions."""
