@@ -46,6 +46,7 @@ log = logging.getLogger("imagefs.mount")
 
 TIMEOUT = 30 * 86400.0  # seconds the kernel may trust an entry or attribute: forever here
 READ_AHEAD_KB = 1024
+INIT_TIMEOUT = 10
 T = TypeVar("T")
 P = ParamSpec("P")
 
@@ -245,7 +246,9 @@ def mount_options(image_path: str, extra: list[str]) -> set[str]:
 
 def serve(ops: ReadOnlyOperations, mountpoint: str, options: set[str],
           ready: Callable[[], None] | None = None) -> None:
-    """Mount, call ready(), serve until unmounted or signalled, then unmount."""
+    """Mount, serve until unmounted or signalled, then unmount.  ready() is called once the
+    kernel's INIT is answered and readahead is raised: from then on the mount behaves as it
+    always will (a file opened before the readahead change would keep 128 KiB)."""
     if _fuseshim is not None:
         _fuseshim.configure(ops.lseek, True, True)
     pyfuse3.init(ops, mountpoint, options)
@@ -253,20 +256,19 @@ def serve(ops: ReadOnlyOperations, mountpoint: str, options: set[str],
         if _fuseshim is None or not _fuseshim.active():
             log.warning("lseek shim not active: SEEK_HOLE will not report holes")
         start_guardian(mountpoint)
-        if ready is not None:
-            ready()
-        trio.run(_serve, ops, mountpoint)
+        trio.run(_serve, ops, mountpoint, ready)
     finally:
         pyfuse3.close(unmount=True)
         log.info("%s: unmounted from %s (%d pack decompressions)", ops.label, mountpoint,
                  ops.packs.decompressions)
 
 
-async def _serve(ops: ReadOnlyOperations, mountpoint: str) -> None:
+async def _serve(ops: ReadOnlyOperations, mountpoint: str,
+                 ready: Callable[[], None] | None) -> None:
     async with trio.open_nursery() as nursery:
         ops.nursery = nursery
         nursery.start_soon(_stop_on_signals, nursery)
-        nursery.start_soon(_read_ahead_after_init, ops, mountpoint)
+        nursery.start_soon(_when_initialized, ops, mountpoint, ready)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 
@@ -311,12 +313,19 @@ def start_guardian(mountpoint: str) -> None:
         os._exit(0)
 
 
-async def _read_ahead_after_init(ops: ReadOnlyOperations, mountpoint: str) -> None:
+async def _when_initialized(ops: ReadOnlyOperations, mountpoint: str,
+                            ready: Callable[[], None] | None) -> None:
     # The kernel lowers readahead to what INIT negotiated when the reply arrives, so the
-    # larger value is written after it.
-    await ops.initialized.wait()
-    await trio.sleep(0)
+    # larger value is written after it, and only then is the mount announced.
+    with trio.move_on_after(INIT_TIMEOUT) as scope:
+        await ops.initialized.wait()
+    if scope.cancelled_caught:
+        log.error("the kernel sent no INIT within %d s; giving up", INIT_TIMEOUT)
+        pyfuse3.terminate()
+        return
     set_read_ahead(mountpoint)
+    if ready is not None:
+        ready()
 
 
 def set_read_ahead(mountpoint: str, kb: int = READ_AHEAD_KB) -> None:

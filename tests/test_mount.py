@@ -429,7 +429,7 @@ def test_root_mount_serves_other_users_with_kernel_permission_checks(tmp_path: P
             denied = as_nobody("ls", f"{mnt}/private")
             assert denied.returncode != 0 and "Permission denied" in denied.stderr
             assert (mnt / "secret.txt").read_text() == "root only\n"  # root may
-            opts = next(line for line in open("/proc/self/mountinfo")
+            opts = next(line for line in Path("/proc/self/mountinfo").read_text().splitlines()
                         if f" {mnt} " in line)
             assert "nosuid" not in opts and "nodev" not in opts, opts
     finally:
