@@ -68,6 +68,11 @@ def mount_pid(mnt: Path) -> int | None:
     return None
 
 
+def mounted(path: Path) -> bool:
+    with open("/proc/self/mountinfo") as fh:
+        return any(line.split(" ")[4] == str(path) for line in fh)
+
+
 def cpu_seconds(pid: int | None) -> float:
     if pid is None:
         return 0.0
@@ -110,9 +115,15 @@ class Mounter:
                 "wimlib": ["wimunmount", str(self.mnt)]}[self.tool]
         for _ in range(50):
             if subprocess.run(argv, capture_output=True).returncode == 0:
-                return
+                break
             time.sleep(0.1)
-        subprocess.run(["umount", "-l", str(self.mnt)], capture_output=True)
+        # wimunmount returns before its daemon has let go of the mount: wait until the
+        # kernel no longer lists it, so the next mount finds a plain directory.
+        deadline = time.monotonic() + 20
+        while mounted(self.mnt) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if mounted(self.mnt):
+            subprocess.run(["umount", "-l", str(self.mnt)], capture_output=True)
 
 
 def shell(b: Any, command: str) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import textwrap
 from typing import Any
 
 from ..mounts import MountRecord, start
@@ -12,24 +13,26 @@ from ._common import add_json, print_json
 def register(sub: Any) -> None:
     p = sub.add_parser(
         "mount", help="mount an index read-only as a folder (FUSE)",
-        description="Mount INDEX of IMAGE read-only at MOUNTPOINT, an existing directory. "
-                    "The command returns once the mount is ready; a background process "
-                    "serves it until `imagefs unmount`. The folder shows exactly what was "
-                    "captured: owners, modes, times, hardlinks, xattrs, ACLs, holes. As "
-                    "root the mount serves every user (allow_other, with the kernel "
-                    "checking permissions) and keeps setuid files and device nodes "
-                    "working (suid, dev), so `chroot MOUNTPOINT` behaves like the real "
-                    "system.",
-        epilog="Options (-o, comma-separated, may repeat): cache=SIZE bounds the cache of "
-               "decompressed chunks (default 256M); any other option goes to FUSE "
-               "(e.g. noatime, nosuid, nodev, noexec, allow_other). "
-               "examples: imagefs mount golden.imagefs 1 /mnt/golden; "
-               "imagefs mount golden.imagefs web /mnt/web -o cache=1G; "
-               "imagefs mount golden.imagefs 2 /mnt/x --foreground  (logs to stderr, "
-               "Ctrl-C unmounts; for debugging and systemd)")
-    p.add_argument("image", metavar="IMAGE")
-    p.add_argument("index", metavar="INDEX")
-    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+        description=textwrap.fill(
+            "Mount INDEX of IMAGE read-only at MOUNTPOINT. The command returns once the "
+            "mount is ready; a background process serves it until `imagefs unmount`. The "
+            "folder shows exactly what was captured: owners, modes, times, hardlinks, "
+            "xattrs, ACLs, holes. As root the mount serves every user (allow_other, with "
+            "the kernel checking permissions) and keeps setuid files and device nodes "
+            "working (suid, dev), so `chroot MOUNTPOINT` behaves like the real system.", 79),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""options for -o (comma-separated, -o may repeat):
+  cache=SIZE      bound the cache of decompressed chunks (default 256M)
+  anything else   passed to FUSE: noatime, nosuid, nodev, noexec, allow_other, ...
+
+examples:
+  imagefs mount golden.imagefs 1 /mnt/golden
+  imagefs mount golden.imagefs bookworm-web /mnt/web -o cache=1G
+  imagefs mount golden.imagefs 2 /mnt/x --foreground   # logs to stderr; Ctrl-C unmounts
+  imagefs mounts; imagefs unmount /mnt/golden""")
+    p.add_argument("image", metavar="IMAGE", help="the image file")
+    p.add_argument("index", metavar="INDEX", help="index number (from 1) or name")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing directory")
     p.add_argument("--foreground", action="store_true",
                    help="serve in this process until unmounted or interrupted")
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
