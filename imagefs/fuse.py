@@ -240,7 +240,9 @@ def mount_options(image_path: str, extra: list[str]) -> set[str]:
     opts = {"ro", "default_permissions", f"fsname={fsname}", "subtype=imagefs"}
     if os.geteuid() == 0:
         opts |= {"allow_other", "suid", "dev"}
-    opts.update(extra)
+    for opt in extra:  # the admin's choice wins over a default it contradicts
+        opts.discard(opt[2:] if opt.startswith("no") else "no" + opt)
+        opts.add(opt)
     return opts
 
 

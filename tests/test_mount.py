@@ -114,7 +114,12 @@ def test_fixture_slice_is_served_exactly(minbase_slice: Path, tmp_path: Path) ->
 def test_missing_names_and_kinds(every_type_tree: Path, tmp_path: Path) -> None:
     image = capture(every_type_tree, tmp_path / "t.imagefs")
     mnt = tmp_path / "mnt"
-    with mounted(image, 1, mnt):
+    with mounted(image, 1, mnt, "-o", "cache=8M,noatime", "-o", "nodev"):
+        line = next(x for x in Path("/proc/self/mountinfo").read_text().splitlines()
+                    if f" {mnt} " in x)
+        assert "nodev" in line.split()[5], line  # the admin's -o wins over the default
+        assert (mnt / os.fsdecode(EVERY_TYPE["random3m"])).read_bytes() == (
+            every_type_tree / os.fsdecode(EVERY_TYPE["random3m"])).read_bytes()
         for _ in range(2):  # the second answer comes from the kernel's negative cache
             assert not (mnt / "no-such-file").exists()
         with pytest.raises(NotADirectoryError):
@@ -265,7 +270,7 @@ def rss_mb(pid: int) -> float:
 
 def test_memory_while_walking_500k_files(many_files_image: Path, tmp_path: Path) -> None:
     mnt = tmp_path / "mnt"
-    with mounted(many_files_image, "many", mnt, "-o", "cache=64M") as rec:
+    with mounted(many_files_image, "many", mnt) as rec:
         pid = rec["pid"]
         peak = rss_mb(pid)
         find = subprocess.Popen(f"find {mnt} -ls | wc -l", shell=True,
