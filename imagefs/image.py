@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import _format as F
+from .capture import TreeCapture  # eager: imagefs.capture must stay the function
 from .container import Commit, ImageFile, IndexEntry
 from .errors import NoSuchIndex, UsageError
 from .view import IndexView
@@ -104,7 +105,6 @@ def capture(image_path: str, src: str, name: str, description: str = "",
             on_wait: Callable[[], None] | None = None,
             wait: float | None = None) -> CaptureResult:
     """Capture the directory src as a new index of image_path (created if missing)."""
-    from .capture import TreeCapture
     from .writer import Transaction, add_index, history_entry
 
     check_level(level)
