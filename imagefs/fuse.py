@@ -63,18 +63,8 @@ def boundary(handler: Callable[P, Coroutine[Any, Any, T]]
             return await handler(*all_args, **kwargs)
         except pyfuse3.FUSEError:
             raise
-        except Refusal as e:
-            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
-        except CorruptImage as e:
-            self.report_damage(int(args[0]) if args else 0, e)  # type: ignore[call-overload]
-            raise pyfuse3.FUSEError(errno.EIO) from None
-        except OSError as e:  # the image file itself failed to read
-            log.error("%s: %s failed: %s", self.label, handler.__name__, e)
-            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
-        except Exception:
-            log.exception("%s: unexpected error in %s%r; answered EIO", self.label,
-                          handler.__name__, args[:2])
-            raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception as e:
+            raise pyfuse3.FUSEError(self.errno_for(e, handler.__name__, args)) from None
 
     return wrapped
 
@@ -192,7 +182,7 @@ class ReadOnlyOperations(pyfuse3.Operations):
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:  # type: ignore[override]
         # Packs (<= ~1.25 MiB raw) are decompressed inline: ~0.3 ms each, where a hop to a
         # worker thread and back costs ~2 ms of latency on this loop (measured).
-        return self.tree.read(self.tree.inode(fh), off, size)
+        return self.tree.view.read(self.tree.inode(fh), off, size)
 
     # --- lseek (through _fuseshim; synchronous, in the loop's thread) -------------------
 
@@ -200,17 +190,24 @@ class ReadOnlyOperations(pyfuse3.Operations):
         """SEEK_DATA/SEEK_HOLE: the offset, or -errno."""
         try:
             return self.tree.seek(inode, offset, whence)
-        except OSError as e:
-            return -(e.errno or errno.EIO)
-        except CorruptImage as e:
-            self.report_damage(inode, e)
-            return -errno.EIO
-        except Exception:
-            log.exception("%s: unexpected error in lseek(%d); answered EIO", self.label,
-                          inode)
-            return -errno.EIO
+        except Exception as e:
+            return -self.errno_for(e, "lseek", (inode, offset))
 
-    # --- damage ------------------------------------------------------------------------
+    # --- the boundary --------------------------------------------------------------------
+
+    def errno_for(self, exc: Exception, handler: str, args: tuple[Any, ...]) -> int:
+        """The errno a request gets for what its handler raised; all but refusals logged."""
+        if isinstance(exc, Refusal):
+            return exc.errno or errno.EIO
+        if isinstance(exc, CorruptImage):
+            self.report_damage(int(args[0]) if args else 0, exc)
+            return errno.EIO
+        if isinstance(exc, OSError):  # the image file itself failed to read
+            log.error("%s: %s failed: %s", self.label, handler, exc)
+            return exc.errno or errno.EIO
+        log.error("%s: unexpected error in %s%r; answered EIO", self.label, handler,
+                  args[:2], exc_info=exc)
+        return errno.EIO
 
     def report_damage(self, inode: int, exc: CorruptImage) -> None:
         """One log line per damaged inode and cause, with the inode's path found in the

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
-from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -25,6 +24,7 @@ import xxhash
 from . import _format as F
 from .container import Commit, ImageFile, compressor
 from .errors import ChecksumMismatch, CorruptImage
+from .lru import WeightedLRU
 
 
 def fast_hash(data: bytes | memoryview) -> bytes:
@@ -205,9 +205,7 @@ class PackReader:
 
     def __init__(self, image: ImageFile, cache_bytes: int = 256 << 20) -> None:
         self.image = image
-        self.cache_bytes = cache_bytes
-        self._cache: OrderedDict[int, bytes] = OrderedDict()
-        self._cached = 0
+        self._cache: WeightedLRU[int, bytes] = WeightedLRU(cache_bytes, len)
         self._lock = threading.Lock()
         self._inflight: dict[int, threading.Event] = {}
         self._verified: dict[int, set[int]] = {}  # pack -> chunk offsets checked
@@ -218,7 +216,6 @@ class PackReader:
             with self._lock:
                 raw = self._cache.get(pack)
                 if raw is not None:
-                    self._cache.move_to_end(pack)
                     return raw
                 ev = self._inflight.get(pack)
                 if ev is None:
@@ -229,11 +226,7 @@ class PackReader:
             raw = self.image.read_frame(pack, F.KIND_PACK)
             self.decompressions += 1
             with self._lock:
-                self._cache[pack] = raw
-                self._cached += len(raw)
-                while self._cached > self.cache_bytes and len(self._cache) > 1:
-                    gone, old = self._cache.popitem(last=False)
-                    self._cached -= len(old)
+                for gone in self._cache.put(pack, raw):
                     self._verified.pop(gone, None)
             return raw
         finally:
@@ -242,20 +235,20 @@ class PackReader:
             ev.set()
 
     def read_chunk(self, pack: int, offset: int, length: int, xxh: bytes) -> bytes:
-        return bytes(self.chunk_view(pack, offset, length, xxh))
+        return self.checked(pack, offset, length, xxh)[offset:offset + length]
 
-    def chunk_view(self, pack: int, offset: int, length: int, xxh: bytes) -> memoryview:
-        """A chunk as a view into its decompressed pack (no copy), its xxh3 checked."""
+    def checked(self, pack: int, offset: int, length: int, xxh: bytes) -> bytes:
+        """The decompressed pack holding a chunk, that chunk's xxh3 checked: callers slice
+        it (or view it, without a copy)."""
         raw = self.pack(pack)
         if offset + length > len(raw):
             raise CorruptImage(self.image.path, f"chunk at {offset}+{length} lies past the "
                                                 f"end of pack {pack}")
-        view = memoryview(raw)[offset:offset + length]
-        checked = self._verified.get(pack)
-        if checked is None or offset not in checked:
-            if fast_hash(view) != xxh:
+        done = self._verified.get(pack)
+        if done is None or offset not in done:
+            if fast_hash(memoryview(raw)[offset:offset + length]) != xxh:
                 raise ChecksumMismatch(self.image.path, f"chunk at {offset} of pack {pack}")
             with self._lock:
                 if pack in self._cache:
                     self._verified.setdefault(pack, set()).add(offset)
-        return view
+        return raw

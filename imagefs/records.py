@@ -10,12 +10,12 @@ path asked for: `ls` of one directory reads its record and its children's.
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from . import _format as F
 from .container import ImageFile
 from .errors import CorruptImage
+from .lru import WeightedLRU
 
 Extent = tuple[int, int, int, int, bytes]  # file offset, pack, offset in pack, length, xxh3
 Dirent = tuple[bytes, int, int]  # name, kind, child ref
@@ -184,18 +184,15 @@ class MetaReader:
 
     def __init__(self, image: ImageFile, cache_bytes: int = 64 << 20) -> None:
         self.image = image
-        self._blocks: OrderedDict[int, tuple[bytes, list[int]]] = OrderedDict()
-        self._cache_bytes = cache_bytes
-        self._cached = 0
+        self._blocks: WeightedLRU[int, tuple[bytes, list[int]]] = WeightedLRU(
+            cache_bytes, lambda block: len(block[0]))
         self.decoded = 0  # blocks read and decompressed (tests count them)
         self._lock = threading.Lock()
 
     def block(self, offset: int) -> tuple[bytes, list[int]]:
-        with self._lock:
-            hit = self._blocks.get(offset)
-            if hit is not None:
-                self._blocks.move_to_end(offset)
-                return hit
+        hit = self._blocks.get(offset)
+        if hit is not None:
+            return hit
         raw = self.image.read_frame(offset, F.KIND_META)
         where = f"{self.image.path}: metadata block at offset {offset}"
         if len(raw) < 8:
@@ -211,12 +208,7 @@ class MetaReader:
         entry = (raw, offsets)
         with self._lock:
             self.decoded += 1
-            if offset not in self._blocks:
-                self._blocks[offset] = entry
-                self._cached += len(raw)
-            while self._cached > self._cache_bytes and len(self._blocks) > 1:
-                _, (old, _o) = self._blocks.popitem(last=False)
-                self._cached -= len(old)
+        self._blocks.put(offset, entry)
         return entry
 
     def get(self, ref: int) -> Inode:

@@ -7,8 +7,8 @@ forgetting costs nothing.  The root's record is shown as inode 1 (FUSE's root). 
 records are kept in a bounded LRU (weighed by their extents and entries), on top of the
 metadata block cache, so an open 1 GiB file is not decoded again for every read.
 
-The FUSE adapter (fuse.py) only translates requests into calls here; tests call this
-directly.
+The FUSE adapter (fuse.py) only translates requests into calls here (file bytes come from
+IndexView.read); tests call this directly.
 """
 
 from __future__ import annotations
@@ -16,13 +16,12 @@ from __future__ import annotations
 import bisect
 import errno
 import os
-import threading
-from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from . import _format as F
-from .errors import ChecksumMismatch, CorruptImage
+from .errors import CorruptImage
+from .lru import WeightedLRU
 from .records import Inode
 from .view import IndexView
 
@@ -51,10 +50,7 @@ class IndexTree:
     def __init__(self, view: IndexView, inode_cache_weight: int = 200_000) -> None:
         self.view = view
         self.root_ref = view.root().ref
-        self._cache: OrderedDict[int, Inode] = OrderedDict()
-        self._weight = 0
-        self._max_weight = inode_cache_weight
-        self._lock = threading.Lock()
+        self._cache: WeightedLRU[int, Inode] = WeightedLRU(inode_cache_weight, _weight)
 
     # --- numbering ---------------------------------------------------------------------
 
@@ -68,20 +64,10 @@ class IndexTree:
 
     def inode(self, ino: int) -> Inode:
         ref = self.ref_of(ino)
-        with self._lock:
-            hit = self._cache.get(ref)
-            if hit is not None:
-                self._cache.move_to_end(ref)
-                return hit
-        node = self.view.get(ref)
-        w = _weight(node)
-        with self._lock:
-            if ref not in self._cache:
-                self._cache[ref] = node
-                self._weight += w
-                while self._weight > self._max_weight and len(self._cache) > 1:
-                    _, old = self._cache.popitem(last=False)
-                    self._weight -= _weight(old)
+        node = self._cache.get(ref)
+        if node is None:
+            node = self.view.get(ref)
+            self._cache.put(ref, node)
         return node
 
     def lookup(self, parent: int, name: bytes) -> tuple[int, Inode] | None:
@@ -151,43 +137,6 @@ class IndexTree:
 
     # --- data --------------------------------------------------------------------------
 
-    def read(self, node: Inode, offset: int, size: int) -> bytes | memoryview:
-        """Bytes [offset, offset+size) of a regular file; holes read as zeros.  Checks each
-        chunk's xxh3 (a mismatch raises ChecksumMismatch).  When the range lies in adjacent
-        chunks of one pack, as a file's chunks usually do, the answer is a view into the
-        cached pack: no copy."""
-        end = min(node.size, offset + size)
-        if offset >= end:
-            return b""
-        parts: list[bytes | memoryview] = []
-        pos = offset
-        run_pack = run_start = run_end = -1  # the current run of adjacent chunks in a pack
-        for foff, pack, poff, length, xxh in _overlapping(node, offset, end - offset):
-            if foff > pos:
-                parts.append(bytes(foff - pos))
-                pos = foff
-                run_pack = -1
-            try:
-                view = self.view.packs.chunk_view(pack, poff, length, xxh)
-            except CorruptImage as e:
-                raise CorruptImage(self.view.image.path,
-                                   f"index {self.view.number}: chunk {xxh.hex()} (pack at "
-                                   f"{pack}, offset {poff}, {length} bytes): "
-                                   f"{_cause(e)}") from e
-            a = poff + (pos - foff)
-            b = poff + min(end, foff + length) - foff
-            whole = memoryview(view.obj)  # type: ignore[arg-type]
-            if pack == run_pack and a == run_end:
-                run_end = b  # extends the run: widen the last part
-                parts[-1] = whole[run_start:run_end]
-            else:
-                run_pack, run_start, run_end = pack, a, b
-                parts.append(whole[a:b])
-            pos = b - poff + foff
-        if pos < end:
-            parts.append(bytes(end - pos))
-        return parts[0] if len(parts) == 1 else b"".join(parts)
-
     def seek(self, ino: int, offset: int, whence: int) -> int:
         """lseek's SEEK_DATA and SEEK_HOLE over the file's stored data regions."""
         node = self.inode(ino)
@@ -236,21 +185,6 @@ def data_regions(node: Inode) -> Iterator[tuple[int, int]]:
         yield start, stop
 
 
-def _overlapping(node: Inode, offset: int, size: int) -> Iterator[tuple[int, int, int, int,
-                                                                         bytes]]:
-    extents = node.extents
-    end = offset + size
-    i = max(bisect.bisect_right(extents, (offset, 1 << 64)) - 1, 0)
-    for ext in extents[i:]:
-        if ext[0] >= end:
-            break
-        if ext[0] + ext[3] > offset:
-            yield ext
-
-
 def _weight(node: Inode) -> int:
     return 1 + len(node.extents) + len(node.entries) + len(node.xattrs)
 
-
-def _cause(e: CorruptImage) -> str:
-    return "checksum mismatch" if isinstance(e, ChecksumMismatch) else str(e.args[-1])

@@ -13,9 +13,9 @@ from collections.abc import Iterator
 
 from . import _format as F
 from .container import ImageFile, IndexEntry
-from .errors import CorruptImage, NoSuchPath, NotADirectory
+from .errors import ChecksumMismatch, CorruptImage, NoSuchPath, NotADirectory
 from .packs import PackReader
-from .records import Inode, MetaReader
+from .records import Extent, Inode, MetaReader
 
 MAX_SYMLINK_HOPS = 40
 MAX_DEPTH = 4096
@@ -79,25 +79,44 @@ class IndexView:
                 raise CorruptImage(self.image.path, "directory tree too deep")
         return stack[-1]
 
-    def read(self, ino: Inode, offset: int, size: int) -> bytes:
-        """Bytes [offset, offset+size) of a regular file; holes read as zeros."""
+    def read(self, ino: Inode, offset: int, size: int) -> bytes | memoryview:
+        """Bytes [offset, offset+size) of a regular file; holes read as zeros.  Each chunk's
+        xxh3 is checked.  When the range lies in adjacent chunks of one pack, as a file's
+        chunks usually do, the answer is a view into the cached pack: no copy."""
         end = min(ino.size, offset + size)
         if offset >= end:
             return b""
-        out = bytearray(end - offset)
-        extents = ino.extents
-        i = max(bisect.bisect_right(extents, (offset, 1 << 64)) - 1, 0)
-        for ext in extents[i:]:
-            foff, pack, poff, length, xxh = ext
-            if foff >= end:
-                break
-            if foff + length <= offset:
-                continue
-            data = self.packs.read_chunk(pack, poff, length, xxh)
-            a = max(offset, foff)
-            b = min(end, foff + length)
-            out[a - offset:b - offset] = data[a - foff:b - foff]
-        return bytes(out)
+        parts: list[bytes | memoryview] = []
+        pos = offset
+        run_pack = run_start = run_end = -1  # the last part, when it is a run in one pack
+        for foff, pack, poff, length, xxh in _overlapping(ino, offset, end):
+            if foff > pos:
+                parts.append(bytes(foff - pos))
+                pos = foff
+                run_pack = -1
+            raw = self._checked(pack, poff, length, xxh)
+            a = poff + pos - foff
+            b = poff + min(end, foff + length) - foff
+            if pack == run_pack and a == run_end:
+                run_end = b  # the next chunk in the pack: widen the last part
+                parts[-1] = memoryview(raw)[run_start:run_end]
+            else:
+                run_pack, run_start, run_end = pack, a, b
+                parts.append(memoryview(raw)[a:b])
+            pos = foff + b - poff
+        if pos < end:
+            parts.append(bytes(end - pos))
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _checked(self, pack: int, poff: int, length: int, xxh: bytes) -> bytes:
+        """PackReader.checked, its errors naming the index and the chunk."""
+        try:
+            return self.packs.checked(pack, poff, length, xxh)
+        except CorruptImage as e:
+            cause = "checksum mismatch" if isinstance(e, ChecksumMismatch) else e.args[-1]
+            raise CorruptImage(self.image.path,
+                               f"index {self.number}: chunk {xxh.hex()} (pack at {pack}, "
+                               f"offset {poff}, {length} bytes): {cause}") from e
 
     def iter_data(self, ino: Inode) -> Iterator[tuple[int, bytes]]:
         """(file offset, bytes) of each data extent, in order."""
@@ -128,6 +147,17 @@ class IndexView:
                     seen_dirs.add(ref)
                     subdirs.append((p, ino, depth + 1))
             stack.extend(reversed(subdirs))
+
+
+def _overlapping(ino: Inode, offset: int, end: int) -> Iterator[Extent]:
+    """The extents of a file that overlap bytes [offset, end)."""
+    extents = ino.extents
+    i = max(bisect.bisect_right(extents, (offset, 1 << 64)) - 1, 0)
+    for ext in extents[i:]:
+        if ext[0] >= end:
+            break
+        if ext[0] + ext[3] > offset:
+            yield ext
 
 
 def _show(path: bytes) -> str:

@@ -25,6 +25,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from imagefs.mounts import find_mount
+
 BIG_SIZE = 1 << 30
 RUNS = 2
 DD_RUNS = 3
@@ -69,8 +71,7 @@ def mount_pid(mnt: Path) -> int | None:
 
 
 def mounted(path: Path) -> bool:
-    with open("/proc/self/mountinfo") as fh:
-        return any(line.split(" ")[4] == str(path) for line in fh)
+    return find_mount(str(path)) is not None
 
 
 def cpu_seconds(pid: int | None) -> float:

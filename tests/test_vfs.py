@@ -89,7 +89,7 @@ def test_holes_and_blocks_of_the_big_sparse_file(tree: IndexTree) -> None:
         tree.seek(ino, BIG_SPARSE_SIZE, os.SEEK_HOLE)
     assert e.value.errno == errno.ENXIO
     # a read across a hole and into data
-    data = tree.read(node, second[0] - 10, 20)
+    data = tree.view.read(node, second[0] - 10, 20)
     assert data[:10] == bytes(10) and data[10:] != bytes(10)
 
 
@@ -99,9 +99,9 @@ def test_read_matches_the_file(tree: IndexTree, every_type_tree: Path) -> None:
         node = tree.inode(walk_to(tree, rel))
         with open(os.path.join(os.fsencode(every_type_tree), rel), "rb") as fh:
             want = fh.read()
-        got = b"".join(tree.read(node, off, 100_000) for off in range(0, node.size, 100_000))
+        got = b"".join(tree.view.read(node, off, 100_000) for off in range(0, node.size, 100_000))
         assert got == want, rel
-        assert tree.read(node, node.size, 10) == b""
+        assert tree.view.read(node, node.size, 10) == b""
     assert tree.inode(walk_to(tree, EVERY_TYPE["small_sparse"])).size == SMALL_SPARSE_SIZE
 
 

@@ -1,0 +1,49 @@
+"""A thread-safe LRU bounded by the total weight of what it holds.
+
+The readers keep three caches of this kind: decompressed packs and metadata blocks (weighed
+in bytes) and decoded inodes (weighed by their extents and entries).  The most recently
+added value is never evicted, so one value heavier than the bound still fits alone.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class WeightedLRU(Generic[K, V]):
+    def __init__(self, limit: int, weigh: Callable[[V], int]) -> None:
+        self.limit = limit
+        self._weigh = weigh
+        self._items: OrderedDict[K, V] = OrderedDict()
+        self._total = 0
+        self._lock = threading.Lock()
+
+    def __contains__(self, key: K) -> bool:
+        return key in self._items
+
+    def get(self, key: K) -> V | None:
+        with self._lock:
+            value = self._items.get(key)
+            if value is not None:
+                self._items.move_to_end(key)
+            return value
+
+    def put(self, key: K, value: V) -> list[K]:
+        """Add value (unless key is there already); return the keys evicted for it."""
+        evicted: list[K] = []
+        with self._lock:
+            if key in self._items:
+                return evicted
+            self._items[key] = value
+            self._total += self._weigh(value)
+            while self._total > self.limit and len(self._items) > 1:
+                old_key, old = self._items.popitem(last=False)
+                self._total -= self._weigh(old)
+                evicted.append(old_key)
+        return evicted
