@@ -51,6 +51,47 @@ def read_xattrs(path: str | bytes) -> list[tuple[bytes, bytes]]:
     return out
 
 
+def chunk_region(read: Callable[[int, int], bytes | memoryview], start: int, end: int,
+                 cdc: FastCDC, chunk_min: int,
+                 store: Callable[[bytes | memoryview], ChunkLoc],
+                 progressed: Callable[[int], None] | None = None) -> list[tuple[int, ChunkLoc]]:
+    """Cut bytes [start, end) (read(offset, n) gives them) into content-defined chunks and
+    store each; returns (file offset, location) per chunk.  Reads WINDOW bytes at a time,
+    carrying the unfinished last chunk over, so a region of any size takes bounded memory."""
+    locs: list[tuple[int, ChunkLoc]] = []
+    if end - start <= chunk_min:
+        data = read(start, end - start)
+        if data:
+            locs.append((start, store(data)))
+            if progressed:
+                progressed(len(data))
+        return locs
+    carry = b""
+    pos = start  # file offset of carry[0]
+    read_at = start
+    while read_at < end:
+        block = read(read_at, min(WINDOW, end - read_at))
+        if not block:
+            break  # the file shrank while we read it: keep what was there
+        read_at += len(block)
+        buf = carry + block if carry else block
+        last = read_at >= end
+        chunks = list(cdc.cut_buf(buf))
+        keep = chunks.pop() if not last and chunks else None
+        for c in chunks:
+            locs.append((pos + c.offset, store(c.data)))
+        consumed = keep.offset if keep is not None else len(buf)
+        if progressed:
+            progressed(consumed)
+        carry = bytes(buf[consumed:]) if keep is not None else b""
+        pos += consumed
+    if carry:
+        locs.append((pos, store(carry)))
+        if progressed:
+            progressed(len(carry))
+    return locs
+
+
 class TreeCapture:
     """Reads one source tree into a Node tree, feeding file content to a PackWriter."""
 
@@ -187,34 +228,9 @@ class TreeCapture:
         return regions
 
     def _read_region(self, fd: int, start: int, end: int, node: Node) -> None:
-        locs = node.locs
-        if end - start <= self.chunk_min:
-            data = os.pread(fd, end - start, start)
-            if data:
-                locs.append((start, self._store(data)))
-                self._progressed(len(data))
-            return
-        carry = b""
-        pos = start  # file offset of carry[0]
-        read_at = start
-        while read_at < end:
-            block = os.pread(fd, min(WINDOW, end - read_at), read_at)
-            if not block:
-                break  # the file shrank while we read it: keep what was there
-            read_at += len(block)
-            buf = carry + block if carry else block
-            last = read_at >= end
-            chunks = list(self.cdc.cut_buf(buf))
-            keep = chunks.pop() if not last and chunks else None
-            for c in chunks:
-                locs.append((pos + c.offset, self._store(c.data)))
-            consumed = keep.offset if keep is not None else len(buf)
-            self._progressed(consumed)
-            carry = bytes(buf[consumed:]) if keep is not None else b""
-            pos += consumed
-        if carry:
-            locs.append((pos, self._store(carry)))
-            self._progressed(len(carry))
+        node.locs.extend(chunk_region(lambda off, n: os.pread(fd, n, off), start, end,
+                                      self.cdc, self.chunk_min, self._store,
+                                      self._progressed))
 
     def _store(self, data: bytes | memoryview) -> ChunkLoc:
         return self.packs.add_chunk(data)

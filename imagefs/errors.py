@@ -128,6 +128,34 @@ class MountFailed(SystemFailure):
     """{}: mount failed: {}"""
 
 
+class NoSuchSession(NotFound):
+    """{}: no such session (see `imagefs mounts`)"""
+
+
+class IndexGone(NotFound):
+    """{}: index {!r} is no longer in the image; commit with --new-index NAME"""
+
+
+class BaseChanged(Error):
+    """{}: index {!r} was committed from elsewhere since this session opened; commit with --new-index NAME to keep both"""  # noqa: E501
+
+    exit_code = 6
+
+
+class SessionLive(Error):
+    """session {}: mounted by process {} at {}; unmount it first"""
+
+    exit_code = 6
+
+
+class SessionRefused(Error):
+    """{}"""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.exit_code = code  # type: ignore[misc]
+
+
 class Interrupted(Error):
     """interrupted; the image is unchanged"""
 

@@ -21,6 +21,7 @@ import functools
 import logging
 import os
 import signal
+import sqlite3
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar
@@ -40,6 +41,7 @@ import trio  # noqa: E402
 
 from . import _format as F  # noqa: E402
 from .errors import CorruptImage  # noqa: E402
+from .packs import PackReader  # noqa: E402
 from .vfs import IndexTree, Refusal  # noqa: E402
 
 log = logging.getLogger("imagefs.mount")
@@ -69,14 +71,13 @@ def boundary(handler: Callable[P, Coroutine[Any, Any, T]]
     return wrapped
 
 
-class ReadOnlyOperations(pyfuse3.Operations):
-    """Requests → IndexTree calls.  File and directory handles are inode numbers: an
-    immutable index needs no per-open state."""
+class BaseOperations(pyfuse3.Operations):
+    """What both kinds of mount share: the error boundary, INIT, attributes, lseek."""
 
-    def __init__(self, tree: IndexTree, label: str) -> None:
+    packs: PackReader
+
+    def __init__(self, label: str) -> None:
         super().__init__()
-        self.tree = tree
-        self.packs = tree.view.packs
         self.label = label
         self.nursery: trio.Nursery | None = None
         self.initialized = trio.Event()
@@ -88,7 +89,29 @@ class ReadOnlyOperations(pyfuse3.Operations):
         """Called by pyfuse3 inside the kernel's INIT request, before it is answered."""
         self.initialized.set()
 
+    def shim_handlers(self) -> tuple[Any, ...]:
+        """_fuseshim.configure's arguments."""
+        return (self.lseek, True, True)
+
+    async def background(self, nursery: trio.Nursery) -> None:
+        """Start tasks that live as long as the mount."""
+
+    def finished(self) -> None:
+        """The mount is gone: last words (flush state, close files)."""
+
     # --- attributes --------------------------------------------------------------------
+
+    def size_of(self, node: Any) -> int:
+        raise NotImplementedError
+
+    def blocks_of(self, node: Any) -> int:
+        raise NotImplementedError
+
+    def seek(self, inode: int, offset: int, whence: int) -> int:
+        raise NotImplementedError
+
+    def path_of(self, inode: int) -> bytes | None:
+        raise NotImplementedError
 
     def attributes(self, ino: int, node: Any) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
@@ -100,25 +123,100 @@ class ReadOnlyOperations(pyfuse3.Operations):
         a.st_uid = node.uid
         a.st_gid = node.gid
         a.st_rdev = node.rdev
-        a.st_size = self.tree.size(node)
+        a.st_size = self.size_of(node)
         a.st_blksize = 4096
-        a.st_blocks = self.tree.blocks(node)
+        a.st_blocks = self.blocks_of(node)
         a.st_atime_ns = node.atime_ns
         a.st_mtime_ns = node.mtime_ns
         a.st_ctime_ns = node.ctime_ns
         return a
 
+    def negative_entry(self) -> pyfuse3.EntryAttributes:
+        miss = pyfuse3.EntryAttributes()  # st_ino 0: the kernel caches the absence
+        miss.st_ino = 0
+        miss.entry_timeout = TIMEOUT
+        return miss
+
+    def check_fault(self, name: bytes) -> None:
+        if self._fault is not None and name == self._fault:
+            raise RuntimeError("injected fault (IMAGEFS_TEST_FAULT)")
+
+    # --- lseek (through _fuseshim; synchronous, in the loop's thread) -------------------
+
+    def lseek(self, inode: int, offset: int, whence: int) -> int:
+        """SEEK_DATA/SEEK_HOLE: the offset, or -errno."""
+        try:
+            return self.seek(inode, offset, whence)
+        except Exception as e:
+            return -self.errno_for(e, "lseek", (inode, offset))
+
+    # --- the boundary --------------------------------------------------------------------
+
+    def errno_for(self, exc: Exception, handler: str, args: tuple[Any, ...]) -> int:
+        """The errno a request gets for what its handler raised; all but refusals logged."""
+        if isinstance(exc, Refusal):
+            return exc.errno or errno.EIO
+        if isinstance(exc, CorruptImage):
+            self.report_damage(int(args[0]) if args else 0, exc)
+            return errno.EIO
+        if isinstance(exc, OSError):  # the image file or the staging failed
+            log.error("%s: %s failed: %s", self.label, handler, exc)
+            return exc.errno or errno.EIO
+        if isinstance(exc, sqlite3.Error):
+            log.error("%s: %s: staging database: %s", self.label, handler, exc)
+            return errno.ENOSPC if "full" in str(exc) else errno.EIO
+        log.error("%s: unexpected error in %s%r; answered EIO", self.label, handler,
+                  args[:2], exc_info=exc)
+        return errno.EIO
+
+    def report_damage(self, inode: int, exc: CorruptImage) -> None:
+        """One log line per damaged inode and cause, with the inode's path found in the
+        background (a walk of the tree must not hold up other requests)."""
+        key = (inode, str(exc))
+        if key in self._reported:
+            return
+        if len(self._reported) > 10_000:
+            self._reported.clear()
+        self._reported.add(key)
+        if self.nursery is None:
+            log.error("%s: I/O error on inode %d: %s", self.label, inode, exc)
+        else:
+            self.nursery.start_soon(self._log_damage, inode, exc)
+
+    async def _log_damage(self, inode: int, exc: CorruptImage) -> None:
+        path = await trio.to_thread.run_sync(self.path_of, inode)
+        shown = path.decode("utf-8", "backslashreplace") if path else f"<inode {inode}>"
+        log.error("%s path %s: I/O error (EIO): %s", self.label, shown, exc)
+
+
+class ReadOnlyOperations(BaseOperations):
+    """Requests → IndexTree calls.  File and directory handles are inode numbers: an
+    immutable index needs no per-open state."""
+
+    def __init__(self, tree: IndexTree, label: str) -> None:
+        super().__init__(label)
+        self.tree = tree
+        self.packs = tree.view.packs
+
+    def size_of(self, node: Any) -> int:
+        return self.tree.size(node)
+
+    def blocks_of(self, node: Any) -> int:
+        return self.tree.blocks(node)
+
+    def seek(self, inode: int, offset: int, whence: int) -> int:
+        return self.tree.seek(inode, offset, whence)
+
+    def path_of(self, inode: int) -> bytes | None:
+        return self.tree.path_of(inode)
+
     @boundary
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None
                      ) -> pyfuse3.EntryAttributes:
-        if self._fault is not None and name == self._fault:
-            raise RuntimeError("injected fault (IMAGEFS_TEST_FAULT)")
+        self.check_fault(name)
         hit = self.tree.lookup(parent_inode, name)
         if hit is None:
-            miss = pyfuse3.EntryAttributes()  # st_ino 0: the kernel caches the absence
-            miss.st_ino = 0
-            miss.entry_timeout = TIMEOUT
-            return miss
+            return self.negative_entry()
         return self.attributes(*hit)
 
     @boundary
@@ -184,57 +282,15 @@ class ReadOnlyOperations(pyfuse3.Operations):
         # worker thread and back costs ~2 ms of latency on this loop (measured).
         return self.tree.view.read(self.tree.inode(fh), off, size)
 
-    # --- lseek (through _fuseshim; synchronous, in the loop's thread) -------------------
 
-    def lseek(self, inode: int, offset: int, whence: int) -> int:
-        """SEEK_DATA/SEEK_HOLE: the offset, or -errno."""
-        try:
-            return self.tree.seek(inode, offset, whence)
-        except Exception as e:
-            return -self.errno_for(e, "lseek", (inode, offset))
-
-    # --- the boundary --------------------------------------------------------------------
-
-    def errno_for(self, exc: Exception, handler: str, args: tuple[Any, ...]) -> int:
-        """The errno a request gets for what its handler raised; all but refusals logged."""
-        if isinstance(exc, Refusal):
-            return exc.errno or errno.EIO
-        if isinstance(exc, CorruptImage):
-            self.report_damage(int(args[0]) if args else 0, exc)
-            return errno.EIO
-        if isinstance(exc, OSError):  # the image file itself failed to read
-            log.error("%s: %s failed: %s", self.label, handler, exc)
-            return exc.errno or errno.EIO
-        log.error("%s: unexpected error in %s%r; answered EIO", self.label, handler,
-                  args[:2], exc_info=exc)
-        return errno.EIO
-
-    def report_damage(self, inode: int, exc: CorruptImage) -> None:
-        """One log line per damaged inode and cause, with the inode's path found in the
-        background (a walk of the tree must not hold up other requests)."""
-        key = (inode, str(exc))
-        if key in self._reported:
-            return
-        if len(self._reported) > 10_000:
-            self._reported.clear()
-        self._reported.add(key)
-        if self.nursery is None:
-            log.error("%s: I/O error on inode %d: %s", self.label, inode, exc)
-        else:
-            self.nursery.start_soon(self._log_damage, inode, exc)
-
-    async def _log_damage(self, inode: int, exc: CorruptImage) -> None:
-        path = await trio.to_thread.run_sync(self.tree.path_of, inode)
-        shown = path.decode("utf-8", "backslashreplace") if path else f"<inode {inode}>"
-        log.error("%s path %s: I/O error (EIO): %s", self.label, shown, exc)
-
-
-def mount_options(image_path: str, extra: list[str]) -> set[str]:
-    """The FUSE options of a read-only mount.  Root mounts serve every user with the
-    kernel checking permissions, and keep setuid binaries and device nodes working so a
-    chroot or a container booted from the mount behaves like the real system."""
+def mount_options(image_path: str, extra: list[str], writable: bool = False) -> set[str]:
+    """The FUSE options of a mount.  Root mounts serve every user with the kernel checking
+    permissions, and keep setuid binaries and device nodes working so a chroot or a
+    container booted from the mount behaves like the real system."""
     fsname = image_path.replace("\\", "\\\\").replace(",", "\\,")
-    opts = {"ro", "default_permissions", f"fsname={fsname}", "subtype=imagefs"}
+    opts = {"default_permissions", f"fsname={fsname}", "subtype=imagefs"}
+    if not writable:
+        opts.add("ro")
     if os.geteuid() == 0:
         opts |= {"allow_other", "suid", "dev"}
     for opt in extra:  # the admin's choice wins over a default it contradicts
@@ -243,13 +299,13 @@ def mount_options(image_path: str, extra: list[str]) -> set[str]:
     return opts
 
 
-def serve(ops: ReadOnlyOperations, mountpoint: str, options: set[str],
+def serve(ops: BaseOperations, mountpoint: str, options: set[str],
           ready: Callable[[], None] | None = None) -> None:
     """Mount, serve until unmounted or signalled, then unmount.  ready() is called once the
     kernel's INIT is answered and readahead is raised: from then on the mount behaves as it
     always will (a file opened before the readahead change would keep 128 KiB)."""
     if _fuseshim is not None:
-        _fuseshim.configure(ops.lseek, True, True)
+        _fuseshim.configure(*ops.shim_handlers())
     pyfuse3.init(ops, mountpoint, options)
     try:
         if _fuseshim is None or not _fuseshim.active():
@@ -258,15 +314,17 @@ def serve(ops: ReadOnlyOperations, mountpoint: str, options: set[str],
         trio.run(_serve, ops, mountpoint, ready)
     finally:
         pyfuse3.close(unmount=True)
+        ops.finished()
         log.info("%s: unmounted from %s (%d pack decompressions)", ops.label, mountpoint,
                  ops.packs.decompressions)
 
 
-async def _serve(ops: ReadOnlyOperations, mountpoint: str,
+async def _serve(ops: BaseOperations, mountpoint: str,
                  ready: Callable[[], None] | None) -> None:
     async with trio.open_nursery() as nursery:
         ops.nursery = nursery
         nursery.start_soon(_stop_on_signals, nursery)
+        await ops.background(nursery)
         nursery.start_soon(_when_initialized, ops, mountpoint, ready)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
@@ -312,7 +370,7 @@ def start_guardian(mountpoint: str) -> None:
         os._exit(0)
 
 
-async def _when_initialized(ops: ReadOnlyOperations, mountpoint: str,
+async def _when_initialized(ops: BaseOperations, mountpoint: str,
                             ready: Callable[[], None] | None) -> None:
     # The kernel lowers readahead to what INIT negotiated when the reply arrives, so the
     # larger value is written after it, and only then is the mount announced.

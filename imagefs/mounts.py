@@ -39,9 +39,11 @@ from .errors import (
     MountFailed,
     MountPointBusy,
     NotAMountPoint,
+    SessionLive,
     SystemFailure,
     UsageError,
 )
+from .sessions import SessionInfo, discard
 
 FSTYPE = "fuse.imagefs"
 DEFAULT_CACHE = 256 << 20  # decompressed packs
@@ -139,7 +141,10 @@ class MountRecord:
     mode: str = "ro"
     started: str = ""
     log: str = ""
-    state: str = "mounted"  # mounted; dead (process gone, mount left); unregistered
+    state: str = "mounted"  # mounted; dead (process gone, mount left); unregistered;
+    # writable mounts: live, or stale (the process is gone; `imagefs remount` it)
+    session: str = ""
+    staged_bytes: int = 0
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
@@ -205,14 +210,33 @@ def list_mounts() -> list[MountRecord]:
     for m in mounted.values():
         out.append(MountRecord(image=m.source, index=0, name="", mountpoint=m.mountpoint,
                                pid=0, state="unregistered"))
-    return out
+    return out + _sessions(out)
+
+
+def _sessions(mounts: list[MountRecord]) -> list[MountRecord]:
+    """Writable mounts' states (live) and the sessions no process serves (stale)."""
+    from .sessions import list_sessions
+
+    by_session = {m.session: m for m in mounts if m.session}
+    stale = []
+    for info in list_sessions():
+        rec = by_session.get(info.id)
+        if rec is not None:  # still mounted: live, or its process died (stale)
+            rec.state = "live" if info.live() else "stale"
+            rec.staged_bytes = info.staged_bytes()
+            continue
+        stale.append(MountRecord(image=info.image, index=info.index, name=info.name,
+                                 mountpoint=info.mountpoint, pid=0, mode="rw",
+                                 started=info.created, state="stale", session=info.id,
+                                 staged_bytes=info.staged_bytes()))
+    return stale
 
 
 # --- mounting ----------------------------------------------------------------------------
 
-def parse_options(specs: list[str]) -> tuple[list[str], int]:
-    """-o values → (FUSE options, pack cache bytes).  cache=SIZE is ours; `rw` is refused
-    (writable mounts are sessions, `--rw`)."""
+def parse_options(specs: list[str], writable: bool = False) -> tuple[list[str], int]:
+    """-o values → (FUSE options, pack cache bytes).  cache=SIZE is ours; `rw` and `ro`
+    are --rw's business (writable mounts are sessions)."""
     fuse_opts: list[str] = []
     cache = DEFAULT_CACHE
     for spec in specs:
@@ -221,9 +245,11 @@ def parse_options(specs: list[str]) -> tuple[list[str], int]:
                 continue
             if opt.startswith("cache="):
                 cache = parse_size(opt[6:])
-            elif opt == "rw":
-                raise UsageError("-o rw: this mount is read-only")
-            elif opt == "ro":
+            elif opt == ("ro" if writable else "rw"):
+                raise UsageError(f"-o {opt}: this mount is "
+                                 f"{'writable (--rw)' if writable else 'read-only'}; "
+                                 f"{'drop --rw' if writable else 'use --rw for a session'}")
+            elif opt in ("ro", "rw"):
                 continue
             else:
                 fuse_opts.append(opt)
@@ -255,47 +281,49 @@ def check_mountpoint(mountpoint: str) -> str:
 
 def start(image_path: str, index_spec: str, mountpoint: str, option_specs: list[str],
           foreground: bool = False,
-          announce: Callable[[MountRecord], None] | None = None) -> MountRecord:
-    """Mount an index read-only at mountpoint.  In the background (the default) this
-    returns once the mount is ready; with foreground it returns after unmount."""
-    from .fuse import ReadOnlyOperations, mount_options
-    from .image import Image
-    from .packs import PackReader
-    from .records import MetaReader
-    from .vfs import IndexTree
-    from .view import IndexView
-
-    fuse_opts, cache = parse_options(option_specs)
+          announce: Callable[[MountRecord], None] | None = None,
+          writable: bool = False, session: SessionInfo | None = None) -> MountRecord:
+    """Mount an index at mountpoint: read-only, or writable as a session (a new one, or
+    `session` again after a crash).  In the background (the default) this returns once
+    the mount is ready; with foreground it returns after unmount."""
+    fuse_opts, cache = parse_options(option_specs, writable or session is not None)
     path = check_mountpoint(mountpoint)
-    img = Image.open(image_path)
-    number, entry = img.select(index_spec)
-    # The kernel caches what it was given (entries, attributes, pages), so the driver's own
-    # metadata caches can stay small: 500 000 files are walked in well under 150 MB.
-    view = IndexView(img.file, number, entry, meta=MetaReader(img.file, META_CACHE),
-                     packs=PackReader(img.file, cache_bytes=cache))
-    tree = IndexTree(view, inode_cache_weight=INODE_CACHE_WEIGHT)
-    image_abs = os.path.abspath(image_path)
-    label = f"image {image_abs} index {number} ({entry.name})"
-    ops = ReadOnlyOperations(tree, label)
-    opts = mount_options(image_abs, fuse_opts)
-    rec = MountRecord(image=image_abs, index=number, name=entry.name, mountpoint=path,
-                      pid=os.getpid(), started=now_iso())
+    if writable or session is not None:
+        mount = _writable(image_path, index_spec, path, cache, session)
+    else:
+        mount = _read_only(image_path, index_spec, cache)
+    from .fuse import mount_options
+
+    opts = mount_options(mount.rec.image, fuse_opts, writable=mount.rec.mode == "rw")
+    rec = mount.rec
+    rec.mountpoint = path
+    rec.pid = os.getpid()
+    rec.started = now_iso()
     rec.log = os.path.join(_records_dir(), _key(path) + ".log")
+    how = f"writable (session {rec.session})" if rec.session else "read-only"
+
+    def announce_ready() -> None:
+        rec.save()
+        mount.ready(rec)
+        log.info("%s mounted %s at %s", mount.label, how, path)
 
     if foreground:
         _log_to(sys.stderr)
 
         def ready_fg() -> None:
             rec.log = ""
-            rec.save()
-            log.info("%s mounted read-only at %s", label, path)
+            announce_ready()
             if announce:
                 announce(rec)
 
         try:
-            _serve_or_fail(ops, path, opts, ready_fg, None)
+            _serve_or_fail(mount.make_ops, path, opts, ready_fg, None)
+        except BaseException:
+            mount.failed()
+            raise
         finally:
             rec.remove()
+            mount.ended()
         return rec
 
     r, w = os.pipe()
@@ -308,16 +336,16 @@ def start(image_path: str, index_spec: str, mountpoint: str, option_specs: list[
             rec.pid = os.getpid()
 
             def ready_bg() -> None:
-                rec.save()
-                log.info("%s mounted read-only at %s", label, path)
+                announce_ready()
                 os.write(w, b"ok\n")
                 os.close(w)
 
-            _serve_or_fail(ops, path, opts, ready_bg, w)
+            _serve_or_fail(mount.make_ops, path, opts, ready_bg, w)
         except BaseException:
             code = 1
         finally:
             rec.remove()
+            mount.ended()
             logging.shutdown()
             os._exit(code)
     os.close(w)
@@ -325,12 +353,13 @@ def start(image_path: str, index_spec: str, mountpoint: str, option_specs: list[
     while chunk := os.read(r, 4096):
         reply += chunk
     os.close(r)
-    img.close()
+    mount.parent_done()
     if reply.startswith(b"ok"):
         rec.pid = pid
         return rec
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, 0)
+    mount.failed()
     if reply.startswith(b"err "):
         code_s, _, message = reply[4:].decode("utf-8", "replace").partition("\t")
         if code_s == str(UsageError.exit_code):
@@ -339,8 +368,88 @@ def start(image_path: str, index_spec: str, mountpoint: str, option_specs: list[
     raise MountFailed(path, f"the mount process died before it was ready; see {rec.log}")
 
 
-def _serve_or_fail(ops: object, path: str, opts: set[str], ready: Callable[[], None],
-                   fail_fd: int | None) -> None:
+@dataclass
+class _Mount:
+    """What start() needs of either kind of mount."""
+
+    rec: MountRecord
+    label: str
+    make_ops: Callable[[], object]
+    ready: Callable[[MountRecord], None] = lambda rec: None
+    ended: Callable[[], None] = lambda: None
+    failed: Callable[[], None] = lambda: None  # it never became ready
+    parent_done: Callable[[], None] = lambda: None
+
+
+def _read_only(image_path: str, index_spec: str, cache: int) -> _Mount:
+    from .fuse import ReadOnlyOperations
+    from .image import Image
+    from .packs import PackReader
+    from .records import MetaReader
+    from .vfs import IndexTree
+    from .view import IndexView
+
+    img = Image.open(image_path)
+    number, entry = img.select(index_spec)
+    # The kernel caches what it was given (entries, attributes, pages), so the driver's own
+    # metadata caches can stay small: 500 000 files are walked in well under 150 MB.
+    view = IndexView(img.file, number, entry, meta=MetaReader(img.file, META_CACHE),
+                     packs=PackReader(img.file, cache_bytes=cache))
+    tree = IndexTree(view, inode_cache_weight=INODE_CACHE_WEIGHT)
+    image_abs = os.path.abspath(image_path)
+    label = f"image {image_abs} index {number} ({entry.name})"
+    ops = ReadOnlyOperations(tree, label)
+    rec = MountRecord(image=image_abs, index=number, name=entry.name, mountpoint="", pid=0)
+    return _Mount(rec, label, lambda: ops, parent_done=img.close)
+
+
+def _writable(image_path: str, index_spec: str, mountpoint: str, cache: int,
+              session: SessionInfo | None) -> _Mount:
+    """A session's mount.  The parent checks everything it can (and creates a new
+    session's staging); the mount process opens the session again for itself (an SQLite
+    connection must not cross a fork)."""
+    from .sessions import Session
+
+    if session is not None:
+        if session.live():
+            raise SessionLive(session.id, session.pid, session.mountpoint)
+        Session.load(session, cache).close()
+        info, created = session, False
+    else:
+        new = Session.create(image_path, index_spec, mountpoint, cache)
+        new.close()
+        info, created = new.info, True
+    label = f"image {info.image} index {info.index} ({info.name}) session {info.id}"
+    rec = MountRecord(image=info.image, index=info.index, name=info.name, mountpoint="",
+                      pid=0, mode="rw", session=info.id)
+
+    def make_ops() -> object:
+        from .fuse_rw import WritableOperations
+
+        return WritableOperations(Session.load(info, cache), label)
+
+    def ready(rec: MountRecord) -> None:
+        info.pid = rec.pid
+        info.mountpoint = mountpoint
+        info.save()
+
+    def ended() -> None:
+        with contextlib.suppress(OSError):
+            fresh = SessionInfo.load(info.id)
+            if fresh.pid == os.getpid():
+                fresh.pid = 0
+                fresh.save()
+
+    def failed() -> None:
+        if created:
+            with contextlib.suppress(Exception):
+                discard(SessionInfo.load(info.id))
+
+    return _Mount(rec, label, make_ops, ready=ready, ended=ended, failed=failed)
+
+
+def _serve_or_fail(make_ops: Callable[[], object], path: str, opts: set[str],
+                   ready: Callable[[], None], fail_fd: int | None) -> None:
     from .fuse import serve
 
     ready_called = False
@@ -351,7 +460,7 @@ def _serve_or_fail(ops: object, path: str, opts: set[str], ready: Callable[[], N
         ready()
 
     try:
-        serve(ops, path, opts, ready_once)  # type: ignore[arg-type]
+        serve(make_ops(), path, opts, ready_once)  # type: ignore[arg-type]
     except BaseException as e:
         if ready_called:
             log.exception("mount process failed")
@@ -439,29 +548,84 @@ def holders(mountpoint: str) -> list[tuple[int, str, str]]:
     return found
 
 
-def unmount(mountpoint: str, wait: float = 30.0) -> MountRecord:
-    """Unmount an imagefs mount; refuse (naming the holders) while it is in use."""
+def unmount(mountpoint: str, wait: float = 30.0, commit: bool = False,
+            discard_changes: bool = False, new_index: str | None = None
+            ) -> tuple[MountRecord, dict[str, object] | None]:
+    """Unmount an imagefs mount; refuse (naming the holders) while it is in use.  A
+    writable mount must be told what becomes of its changes: commit them first (then the
+    session ends), or discard them with the session."""
     path = canonical(mountpoint)
     m = find_mount(path)
     if m is None or m.fstype != FSTYPE:
         raise NotAMountPoint(path)
     rec = record_for(path) or MountRecord(image=m.source, index=0, name="", mountpoint=path,
                                           pid=0, state="unregistered")
+    result = None
+    if commit and discard_changes:
+        raise UsageError("--commit and --discard contradict each other; choose one")
+    if rec.mode == "rw":
+        if not commit and not discard_changes:
+            raise UsageError(f"{path} is a writable mount (session {rec.session}): "
+                             "unmount --commit to publish its changes, or --discard to "
+                             "drop them")
+        if commit:
+            from .control import request
+
+            result = request(rec.session, {"op": "commit", "new_index": new_index})
+    elif commit or new_index:
+        raise UsageError(f"{path} is a read-only mount: there is nothing to commit")
     err = _umount(path)
     if err == errno.EBUSY:
+        done = "changes committed, but " if result else ""
         who = holders(path)
         if who:
             named = "; ".join(f"pid {p} ({c}: {h})" for p, c, h in who)
-            raise MountPointBusy(path, f"in use by {named}")
-        raise MountPointBusy(path, "in use (by a process in another namespace, or a mount "
-                                   "inside it)")
+            raise MountPointBusy(path, f"{done}in use by {named}")
+        raise MountPointBusy(path, f"{done}in use (by a process in another namespace, or a "
+                                   "mount inside it)")
     if err:
         raise SystemFailure(path, f"umount failed: {os.strerror(err)}")
     deadline = time.monotonic() + wait
     while rec.pid and pid_alive(rec.pid) and time.monotonic() < deadline:
         time.sleep(0.01)
     rec.remove()
-    return rec
+    if rec.session:  # committed or discarded: the session is over
+        discard(SessionInfo.load(rec.session))
+    return rec, result
+
+
+def commit(spec: str, new_index: str | None = None, wait: float | None = None
+           ) -> tuple[SessionInfo, dict[str, object]]:
+    """Commit a session's changes, by mountpoint or session id: through its mount process
+    when it is mounted, directly when the session is stale."""
+    from .sessions import Session, find_session
+
+    info = find_session(spec)
+    if info.live():
+        from .control import request
+
+        return info, request(info.id, {"op": "commit", "new_index": new_index, "wait": wait})
+    session = Session.load(info)
+    try:
+        return info, session.commit(new_index, wait=wait)
+    finally:
+        session.close()
+
+
+def cleanup(spec: str | None) -> list[SessionInfo]:
+    """Discard stale sessions (one, or all of them with spec None) and their staging."""
+    from .sessions import find_session, list_sessions
+
+    if spec is not None:
+        info = find_session(spec)
+        discard(info)
+        return [info]
+    gone = []
+    for info in list_sessions():
+        if not info.live():
+            discard(info)
+            gone.append(info)
+    return gone
 
 
 def _umount(path: str) -> int:

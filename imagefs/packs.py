@@ -106,6 +106,14 @@ class ChunkTable:
                 return loc
         return None
 
+    def at(self, pack: int, offset: int, xxh: bytes) -> ChunkLoc | None:
+        """The stored chunk at a location (an extent's), found through its xxh3."""
+        have = self.by_xxh.get(xxh)
+        for loc in () if have is None else have if isinstance(have, list) else (have,):
+            if loc.offset == offset and loc.pack == pack:
+                return loc
+        return None
+
     def add(self, loc: ChunkLoc) -> None:
         self._insert(loc)
         self.new.append(loc)

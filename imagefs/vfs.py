@@ -16,7 +16,7 @@ from __future__ import annotations
 import bisect
 import errno
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from . import _format as F
@@ -140,21 +140,7 @@ class IndexTree:
     def seek(self, ino: int, offset: int, whence: int) -> int:
         """lseek's SEEK_DATA and SEEK_HOLE over the file's stored data regions."""
         node = self.inode(ino)
-        if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
-            raise Refusal(errno.EINVAL, "whence")
-        if offset < 0:
-            raise Refusal(errno.EINVAL, "negative offset")
-        if offset >= node.size:
-            raise Refusal(errno.ENXIO, "past the end")
-        for start, stop in data_regions(node):
-            if stop <= offset:
-                continue
-            if whence == os.SEEK_DATA:
-                return max(start, offset)
-            return offset if start > offset else min(stop, node.size)
-        if whence == os.SEEK_DATA:
-            raise Refusal(errno.ENXIO, "no data past offset")
-        return offset
+        return seek_regions(data_regions(node), node.size, offset, whence)
 
     def path_of(self, ino: int, limit: int = 5_000_000) -> bytes | None:
         """The first path that names inode ino (for log lines; walks the tree)."""
@@ -170,6 +156,26 @@ class IndexTree:
         except CorruptImage:
             pass
         return None
+
+
+def seek_regions(regions: Iterable[tuple[int, int]], size: int, offset: int,
+                 whence: int) -> int:
+    """SEEK_DATA / SEEK_HOLE over a file's data regions ([start, stop), in order)."""
+    if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
+        raise Refusal(errno.EINVAL, "whence")
+    if offset < 0:
+        raise Refusal(errno.EINVAL, "negative offset")
+    if offset >= size:
+        raise Refusal(errno.ENXIO, "past the end")
+    for start, stop in regions:
+        if stop <= offset:
+            continue
+        if whence == os.SEEK_DATA:
+            return max(start, offset)
+        return offset if start > offset else min(stop, size)
+    if whence == os.SEEK_DATA:
+        raise Refusal(errno.ENXIO, "no data past offset")
+    return offset
 
 
 def data_regions(node: Inode) -> Iterator[tuple[int, int]]:

@@ -89,7 +89,7 @@ class IndexView:
         parts: list[bytes | memoryview] = []
         pos = offset
         run_pack = run_start = run_end = -1  # the last part, when it is a run in one pack
-        for foff, pack, poff, length, xxh in _overlapping(ino, offset, end):
+        for foff, pack, poff, length, xxh in overlapping(ino, offset, end):
             if foff > pos:
                 parts.append(bytes(foff - pos))
                 pos = foff
@@ -149,7 +149,7 @@ class IndexView:
             stack.extend(reversed(subdirs))
 
 
-def _overlapping(ino: Inode, offset: int, end: int) -> Iterator[Extent]:
+def overlapping(ino: Inode, offset: int, end: int) -> Iterator[Extent]:
     """The extents of a file that overlap bytes [offset, end)."""
     extents = ino.extents
     i = max(bisect.bisect_right(extents, (offset, 1 << 64)) - 1, 0)

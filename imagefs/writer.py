@@ -143,13 +143,17 @@ class Transaction:
                                     on_written=self._on_pack)
         return self.packs
 
-    def write_tree(self, root: Node) -> TreeStats:
-        """Finish the packs, then write root's records; returns what to put in the index."""
+    def finish_packs(self) -> None:
+        """Write every pending pack: from here on every new chunk has its pack id."""
         if self.packs is not None:
             self.packs.finish()
             self._stored += self.packs.stored_bytes
             self.packs = None
         crash_point("after-packs")
+
+    def write_tree(self, root: Node) -> TreeStats:
+        """Finish the packs, then write root's records; returns what to put in the index."""
+        self.finish_packs()
         meta = MetaWriter(self.image, self.level)
         stats = write_tree(meta, root)
         meta.flush()

@@ -13,10 +13,12 @@ and fixtures of the same names (for tests that prefer arguments):
 
 - mounted(image, index, mountpoint, *options, env=None): a context manager that mounts
   with `imagefs mount --json`, yields the mount's record (dict: pid, log, ...) and always
-  unmounts, also when the test fails (see unmount_hard).
+  unmounts, also when the test fails (see unmount_hard); mounted_rw does the same with
+  --rw (a session, discarded at the end unless committed).  kill_mount(rec) SIGKILLs one.
 
-Every test session gets its own IMAGEFS_RUN_DIR (mount records and logs); at its end any
-fuse.imagefs mount under the session's temp directories is unmounted and reported.
+Every test session gets its own IMAGEFS_RUN_DIR (mount records and logs) and
+IMAGEFS_STATE_DIR (sessions); at its end any fuse.imagefs mount under the session's temp
+directories is unmounted and reported.
 
 Session fixtures: minbase_slice (a copy of parts of bookworm-minbase), every_type_tree
 (tests/treegen.py), many_files_image (an image whose index 1 "many" holds 1000
@@ -183,8 +185,8 @@ def unmount_hard(mountpoint: StrPath, pid: int | None) -> None:
     """Unmount by every means there is: `imagefs unmount`, then SIGTERM to the mount
     process we started (it unmounts lazily), then a lazy umount; wait for the pid."""
     mnt = os.path.abspath(os.fsdecode(mountpoint))
-    if is_mounted(mnt):
-        run_imagefs("unmount", mnt, check=False, timeout=60)
+    if is_mounted(mnt):  # --discard: a writable mount's session goes with it
+        run_imagefs("unmount", mnt, "--discard", check=False, timeout=60)
     if pid and pid_alive(pid) and is_mounted(mnt):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
@@ -209,13 +211,32 @@ def mounted(image: StrPath, index: StrPath, mountpoint: StrPath, *options: str,
         unmount_hard(mountpoint, rec.get("pid"))
 
 
+@contextlib.contextmanager
+def mounted_rw(image: StrPath, index: StrPath, mountpoint: StrPath, *options: str,
+               env: dict[str, str] | None = None) -> Iterator[dict]:
+    """Mount an index writable (a session), yield its record (pid, session, ...); always
+    unmount, discarding what was not committed."""
+    with mounted(image, index, mountpoint, "--rw", *options, env=env) as rec:
+        yield rec
+
+
+def kill_mount(rec: dict) -> None:
+    """SIGKILL a mount process we started and wait until its mount is gone."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(rec["pid"], signal.SIGKILL)
+    assert wait_until(lambda: not pid_alive(rec["pid"]), 10)
+    assert wait_until(lambda: not is_mounted(rec["mountpoint"]), 10)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_run_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Mount records and logs of this session in a directory of its own; at the end no
     imagefs mount may be left under the session's temp directories."""
     run = tempfile.mkdtemp(prefix="imagefs-run-")
     old = os.environ.get("IMAGEFS_RUN_DIR")
+    old_state = os.environ.get("IMAGEFS_STATE_DIR")
     os.environ["IMAGEFS_RUN_DIR"] = run
+    os.environ["IMAGEFS_STATE_DIR"] = os.path.join(run, "state")  # sessions
     base = str(tmp_path_factory.getbasetemp())
     try:
         yield
@@ -223,10 +244,11 @@ def _isolated_run_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None
         left = [m for m in kernel_imagefs_mounts() if m.startswith((base, run))]
         for m in left:
             unmount_hard(m, None)
-        if old is None:
-            os.environ.pop("IMAGEFS_RUN_DIR", None)
-        else:
-            os.environ["IMAGEFS_RUN_DIR"] = old
+        for name, value in (("IMAGEFS_RUN_DIR", old), ("IMAGEFS_STATE_DIR", old_state)):
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
         assert not left, f"tests left imagefs mounts behind: {left}"
 
 

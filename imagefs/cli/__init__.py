@@ -18,6 +18,8 @@ from . import (
     apply_cmd,
     capture_cmd,
     cat_cmd,
+    cleanup_cmd,
+    commit_cmd,
     delete_cmd,
     diff_cmd,
     export_cmd,
@@ -26,12 +28,14 @@ from . import (
     ls_cmd,
     mount_cmd,
     mounts_cmd,
+    remount_cmd,
     unmount_cmd,
     verify_cmd,
 )
 
 VERBS = [capture_cmd, info_cmd, ls_cmd, cat_cmd, extract_cmd, apply_cmd, verify_cmd,
-         delete_cmd, export_cmd, diff_cmd, mount_cmd, unmount_cmd, mounts_cmd]
+         delete_cmd, export_cmd, diff_cmd, mount_cmd, unmount_cmd, mounts_cmd, commit_cmd,
+         remount_cmd, cleanup_cmd]
 
 INTERNAL_ERROR = 70
 

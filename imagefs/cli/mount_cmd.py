@@ -1,8 +1,9 @@
-"""imagefs mount IMAGE INDEX MOUNTPOINT: serve an index read-only as a folder."""
+"""imagefs mount [--rw] IMAGE INDEX MOUNTPOINT: serve an index as a folder."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 import textwrap
 from typing import Any
 
@@ -12,14 +13,20 @@ from ._common import add_json, print_json
 
 def register(sub: Any) -> None:
     p = sub.add_parser(
-        "mount", help="mount an index read-only as a folder (FUSE)",
+        "mount", help="mount an index as a folder (FUSE), read-only or writable (--rw)",
         description=textwrap.fill(
-            "Mount INDEX of IMAGE read-only at MOUNTPOINT. The command returns once the "
-            "mount is ready; a background process serves it until `imagefs unmount`. The "
-            "folder shows exactly what was captured: owners, modes, times, hardlinks, "
-            "xattrs, ACLs, holes. As root the mount serves every user (allow_other, with "
-            "the kernel checking permissions) and keeps setuid files and device nodes "
-            "working (suid, dev), so `chroot MOUNTPOINT` behaves like the real system.", 79),
+            "Mount INDEX of IMAGE at MOUNTPOINT, read-only unless --rw. The command returns "
+            "once the mount is ready; a background process serves it until `imagefs "
+            "unmount`. The folder shows exactly what was captured: owners, modes, times, "
+            "hardlinks, xattrs, ACLs, holes. As root the mount serves every user "
+            "(allow_other, with the kernel checking permissions) and keeps setuid files and "
+            "device nodes working (suid, dev), so `chroot MOUNTPOINT` behaves like the real "
+            "system.", 79) + "\n\n" + textwrap.fill(
+            "With --rw the mount is a session: changes are staged on local disk (copy-on-"
+            "write, per chunk) until `imagefs commit` publishes them into the index (or a "
+            "new one with --new-index) or `imagefs unmount --discard` drops them. A session "
+            "survives a crash of its mount process: `imagefs mounts` shows it stale, "
+            "`imagefs remount` brings it back, `imagefs cleanup` removes it.", 79),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="""options for -o (comma-separated, -o may repeat):
   cache=SIZE      bound the cache of decompressed chunks (default 256M)
@@ -29,10 +36,14 @@ examples:
   imagefs mount golden.imagefs 1 /mnt/golden
   imagefs mount golden.imagefs bookworm-web /mnt/web -o cache=1G
   imagefs mount golden.imagefs 2 /mnt/x --foreground   # logs to stderr; Ctrl-C unmounts
-  imagefs mounts; imagefs unmount /mnt/golden""")
+  imagefs mounts; imagefs unmount /mnt/golden
+  imagefs mount --rw golden.imagefs 1 /mnt/edit        # a writable session
+  dpkg --root=/mnt/edit -i hello.deb && imagefs unmount /mnt/edit --commit""")
     p.add_argument("image", metavar="IMAGE", help="the image file")
     p.add_argument("index", metavar="INDEX", help="index number (from 1) or name")
     p.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing directory")
+    p.add_argument("--rw", action="store_true",
+                   help="writable: open a session whose changes are committed or discarded")
     p.add_argument("--foreground", action="store_true",
                    help="serve in this process until unmounted or interrupted")
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
@@ -43,23 +54,26 @@ examples:
 
 def run(args: argparse.Namespace) -> int:
     def announce(rec: MountRecord) -> None:
-        _say(rec, args.json, foreground=True)
+        say_mounted(rec, args.json, foreground=True)
 
     rec = start(args.image, args.index, args.mountpoint, args.options,
-                foreground=args.foreground, announce=announce)
+                foreground=args.foreground, announce=announce, writable=args.rw)
     if not args.foreground:
-        _say(rec, args.json, foreground=False)
+        say_mounted(rec, args.json, foreground=False)
     return 0
 
 
-def _say(rec: MountRecord, as_json: bool, foreground: bool) -> None:
+def say_mounted(rec: MountRecord, as_json: bool, foreground: bool) -> None:
     if as_json:
         print_json(rec.to_json())
     else:
         where = "" if foreground else f"; log {rec.log}"
-        print(f"Mounted index {rec.index} ({rec.name}) of {rec.image} read-only at "
+        how = f"writable (session {rec.session})" if rec.session else "read-only"
+        print(f"Mounted index {rec.index} ({rec.name}) of {rec.image} {how} at "
               f"{rec.mountpoint} (pid {rec.pid}{where}).")
-        if not foreground:
+        if not foreground and rec.session:
+            print(f"Commit with: imagefs commit {rec.mountpoint}; end with: imagefs unmount "
+                  f"{rec.mountpoint} --commit (or --discard)")
+        elif not foreground:
             print(f"Unmount with: imagefs unmount {rec.mountpoint}")
-    import sys
     sys.stdout.flush()

@@ -6,16 +6,19 @@ import argparse
 from typing import Any
 
 from ..mounts import list_mounts
-from ._common import add_json, print_json
+from ._common import add_json, human, print_json
 
 
 def register(sub: Any) -> None:
     p = sub.add_parser(
         "mounts", help="list imagefs mounts",
-        description="List imagefs mounts: mount point, image, index, mode, serving process "
-                    "and state (mounted; dead = its process is gone and the folder answers "
-                    "'Transport endpoint is not connected': `imagefs unmount` clears it; "
-                    "unregistered = mounted by another user or run directory).",
+        description="List imagefs mounts and sessions: mount point, image, index, mode, "
+                    "serving process, state and, for writable mounts, the session and the "
+                    "bytes its staging takes. States: mounted (read-only); live (a "
+                    "writable mount being served); stale (a session whose process died: "
+                    "`imagefs remount` it, `imagefs commit` it, or `imagefs cleanup` it); "
+                    "dead (a read-only mount whose process is gone: `imagefs unmount` "
+                    "clears it); unregistered (mounted by another user or run directory).",
         epilog="example: imagefs mounts --json | jq -r '.[].mountpoint'")
     add_json(p)
     p.set_defaults(func=run)
@@ -29,10 +32,11 @@ def run(args: argparse.Namespace) -> int:
     if not found:
         print("No imagefs mounts.")
         return 0
-    rows = [("MOUNTPOINT", "IMAGE", "INDEX", "MODE", "PID", "STATE")]
+    rows = [("MOUNTPOINT", "IMAGE", "INDEX", "MODE", "PID", "STATE", "SESSION", "STAGED")]
     for m in found:
         index = f"{m.index} ({m.name})" if m.index else "?"
-        rows.append((m.mountpoint, m.image, index, m.mode, str(m.pid or "-"), m.state))
+        rows.append((m.mountpoint, m.image, index, m.mode, str(m.pid or "-"), m.state,
+                     m.session or "-", human(m.staged_bytes) if m.session else "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())

@@ -1,12 +1,14 @@
-"""imagefs unmount MOUNTPOINT: end a mount cleanly."""
+"""imagefs unmount MOUNTPOINT [--commit [--new-index NAME] | --discard]: end a mount."""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
+from ..errors import UsageError
 from ..mounts import unmount
 from ._common import add_json, print_json
+from .commit_cmd import say_committed
 
 
 def register(sub: Any) -> None:
@@ -14,19 +16,38 @@ def register(sub: Any) -> None:
         "unmount", help="unmount a mounted index",
         description="Unmount an imagefs mount and wait for its process to exit. A mount "
                     "still in use is left mounted, and the processes using it are named "
-                    "(exit code 6); leave the folder, close the files, and try again.",
-        epilog="example: imagefs unmount /mnt/golden")
+                    "(exit code 6); leave the folder, close the files, and try again. A "
+                    "writable mount needs --commit (publish its changes, then end the "
+                    "session) or --discard (drop them with the session), as DISM's "
+                    "/Unmount-Image does.",
+        epilog="""examples:
+  imagefs unmount /mnt/golden
+  imagefs unmount /mnt/edit --commit
+  imagefs unmount /mnt/edit --commit --new-index bookworm-patched
+  imagefs unmount /mnt/edit --discard""")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--commit", action="store_true",
+                      help="writable mounts: publish the changes, then unmount")
+    what.add_argument("--discard", action="store_true",
+                      help="writable mounts: unmount and drop the changes")
+    p.add_argument("--new-index", metavar="NAME",
+                   help="with --commit: publish as a new index NAME (the original stays)")
     add_json(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    rec = unmount(args.mountpoint)
+    if args.new_index is not None and not args.commit:
+        raise UsageError("--new-index goes with --commit")
+    rec, result = unmount(args.mountpoint, commit=args.commit, discard_changes=args.discard,
+                          new_index=args.new_index)
     if args.json:
-        print_json(rec.to_json())
-    elif rec.index:
-        print(f"Unmounted {rec.mountpoint} (index {rec.index} ({rec.name}) of {rec.image}).")
-    else:
-        print(f"Unmounted {rec.mountpoint}.")
+        print_json({**rec.to_json(), "commit": result})
+        return 0
+    if result is not None:
+        say_committed(result)
+    what = f" (index {rec.index} ({rec.name}) of {rec.image})" if rec.index else ""
+    dropped = "; its changes were discarded" if args.discard and rec.session else ""
+    print(f"Unmounted {rec.mountpoint}{what}{dropped}.")
     return 0

@@ -1,0 +1,191 @@
+"""Committing a session: the records its changes need, and nothing else, in one Transaction.
+
+Only dirty inodes are written: the changed ones and the directories above them (overlay.py
+keeps that invariant).  Every other entry of a rewritten directory keeps the ref it had, so
+unchanged subtrees are shared with the base by reference, and a file whose bytes changed
+keeps the base's chunks outside its staged ranges: only the staged bytes are cut into new
+chunks (deduplicated against everything the image holds).  The cost is the changed data
+and the changed directories, plus loading the chunk table (to deduplicate, and for the
+SHA-256s of kept chunks that the file's digest covers).
+
+Publication is writer.Transaction's: a crash before the root slot is written leaves the
+image as it was; after it, the new state.  Which one happened is known from the image
+(the index's root), so staging is told afterwards and a crash between the two is resolved
+when the session is loaded again (sessions.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pyfastcdc.cy import FastCDC
+
+from . import _format as F
+from .capture import chunk_region
+from .container import crash_point
+from .digest import node_digest
+from .errors import CorruptImage
+from .overlay import SessionTree
+from .packs import ChunkLoc, ChunkTable, PackWriter
+from .records import Inode, MetaWriter
+from .staging import Node, Ranges
+from .vfs import ROOT_INO
+from .writer import Transaction
+
+
+@dataclass
+class Written:
+    """What a commit wrote: the new root, and the record of each inode it rewrote."""
+
+    root: int
+    digest: bytes
+    refs: dict[int, int]
+    records: int = 0
+    new_bytes: int = 0
+    stored_bytes: int = 0
+
+
+class ChangeWriter:
+    """Writes the dirty part of a SessionTree into an open Transaction."""
+
+    def __init__(self, tree: SessionTree, tx: Transaction,
+                 progress: Callable[[int], None] | None = None) -> None:
+        self.tree = tree
+        self.tx = tx
+        self.progress = progress
+        header = tx.image.header
+        self.cdc = FastCDC(avg_size=header.chunk_avg, min_size=header.chunk_min,
+                           max_size=header.chunk_max)
+        self.chunk_min = header.chunk_min
+        self._packs: PackWriter | None = None
+
+    @property
+    def packs(self) -> PackWriter:
+        if self._packs is None:
+            self._packs = self.tx.pack_writer()
+        return self._packs
+
+    @property
+    def table(self) -> ChunkTable:
+        return self.packs.table
+
+    def write(self) -> Written:
+        tree = self.tree
+        root_node = tree.nodes.get(ROOT_INO)
+        if root_node is None or not root_node.dirty:
+            root = self._clean_ref(ROOT_INO)
+            return Written(root, tree.view.get(root).digest, {})
+        dirs, leaves = self._dirty_tree()
+        # File contents first (packs), then the records, children before parents.
+        locs = {node.ino: self._file_chunks(node) for node in leaves if node.kind == F.REG}
+        new_bytes = self._packs.new_bytes if self._packs else 0
+        self.tx.finish_packs()
+        meta = MetaWriter(self.tx.image, self.tx.level)
+        refs: dict[int, int] = {}
+        digests: dict[int, bytes] = {}
+        for node in leaves:
+            rec = self._inode_of(node)
+            file_locs = locs.get(node.ino, [])
+            rec.extents = [(off, loc.pack_id(), loc.offset, loc.length, loc.xxh)
+                           for off, loc in file_locs]
+            rec.digest = node_digest(rec, [loc.sha for _o, loc in file_locs], ())
+            refs[node.ino] = meta.add(rec.encode())
+            digests[node.ino] = rec.digest
+        for node in reversed(dirs):
+            rec = self._inode_of(node)
+            kids = []
+            child_digests = []
+            for name, child in tree.listing(node.ino):
+                if child in refs:
+                    ref, digest = refs[child], digests[child]
+                    kind = tree.attrs(child).kind
+                else:
+                    ref = self._clean_ref(child)
+                    clean = tree.view.get(ref)
+                    kind, digest = clean.kind, clean.digest
+                kids.append((name, kind, ref))
+                child_digests.append(digest)
+            rec.entries = kids
+            rec.size = len(kids)
+            rec.nlink = 2 + sum(1 for _n, kind, _r in kids if kind == F.DIR)
+            rec.digest = node_digest(rec, (), child_digests)
+            refs[node.ino] = meta.add(rec.encode())
+            digests[node.ino] = rec.digest
+        meta.flush()
+        crash_point("after-metadata")
+        return Written(refs[ROOT_INO], digests[ROOT_INO], refs, len(refs), new_bytes)
+
+    # --- which inodes -----------------------------------------------------------------
+
+    def _dirty_tree(self) -> tuple[list[Node], list[Node]]:
+        """Dirty directories in pre-order (root first) and the dirty non-directories in
+        them, each once."""
+        tree = self.tree
+        dirs: list[Node] = []
+        leaves: dict[int, Node] = {}
+        stack = [tree.nodes[ROOT_INO]]
+        while stack:
+            d = stack.pop()
+            dirs.append(d)
+            for _name, child in tree.listing(d.ino):
+                node = tree.nodes.get(child)
+                if node is None or not node.dirty:
+                    continue
+                if node.kind == F.DIR:
+                    stack.append(node)
+                else:
+                    leaves[child] = node
+        return dirs, list(leaves.values())
+
+    def _clean_ref(self, ino: int) -> int:
+        node = self.tree.nodes.get(ino)
+        if node is not None and node.committed:
+            return node.committed
+        if node is not None and node.base is not None:
+            return node.base
+        return self.tree.base.ref_of(ino)
+
+    # --- records ----------------------------------------------------------------------
+
+    def _inode_of(self, node: Node) -> Inode:
+        xattrs = node.xattrs if node.xattrs is not None else (
+            self.tree.base.inode(node.ino).xattrs if node.base is not None else [])
+        return Inode(node.kind, node.mode, node.uid, node.gid, node.nlink,
+                     node.size if node.kind in (F.REG, F.LNK) else 0,
+                     node.rdev if node.kind in (F.CHR, F.BLK) else 0, node.mtime_ns,
+                     node.atime_ns, node.ctime_ns, xattrs=list(xattrs),
+                     target=node.target if node.kind == F.LNK else b"")
+
+    def _file_chunks(self, node: Node) -> list[tuple[int, ChunkLoc]]:
+        """(file offset, ChunkLoc) of each extent of the file as it now reads: the base's
+        chunks it still shows, and new chunks for every other data region."""
+        tree = self.tree
+        kept: list[tuple[int, ChunkLoc]] = []
+        kept_ranges = Ranges()
+        if node.base is not None:
+            staged = node.staged or Ranges()
+            base = tree.base.inode(node.ino)
+            for foff, pack, poff, length, xxh in base.extents:
+                end = foff + length
+                if end > node.base_limit:
+                    break
+                if any(inside for _s, _e, inside in staged.pieces(foff, end)):
+                    continue
+                loc = self.table.at(pack, poff, xxh)
+                if loc is None:
+                    raise CorruptImage(tree.view.image.path,
+                                       f"chunk {xxh.hex()} of a file is not in the table")
+                kept.append((foff, loc))
+                kept_ranges.add(foff, end)
+        out = list(kept)
+
+        def read(offset: int, n: int) -> bytes | memoryview:
+            return tree.read(node.ino, offset, n)
+
+        for start, end in tree.data_regions(node):
+            for a, b in kept_ranges.gaps(start, end):
+                out.extend(chunk_region(read, a, b, self.cdc, self.chunk_min,
+                                        self.packs.add_chunk, self.progress))
+        out.sort(key=lambda item: item[0])
+        return out

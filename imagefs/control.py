@@ -1,0 +1,140 @@
+"""A writable mount's control socket: how `imagefs commit` reaches the mount process.
+
+The session's tree lives in its mount process, so a commit must run there.  Each mount
+process listens on an abstract Unix socket named after its session (no file to leave
+behind, no path length limit); a request is one JSON line, the answer one JSON line:
+
+    → {"op": "commit", "new_index": null}
+    ← {"ok": true, "result": {"changed": true, "index": 1, ...}}
+    ← {"ok": false, "error": "…", "code": 6}
+
+Only the session's owner and root are served (SO_PEERCRED).  A commit runs in the loop's
+thread, so FUSE requests wait for it and none sees the tree half-committed; while another
+writer holds the image's lock the loop keeps serving and the commit polls for the lock.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import time
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from .errors import Busy, Error, SessionRefused, SystemFailure
+
+if TYPE_CHECKING:
+    from .fuse_rw import WritableOperations
+
+MAX_REQUEST = 64 * 1024
+LOCK_POLL = 0.05
+
+
+def address(session_id: str) -> str:
+    return f"\0imagefs/session/{session_id}"
+
+
+async def serve_control(ops: WritableOperations,
+                        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await sock.bind(address(ops.session.info.id))
+    sock.listen(16)
+    listener = trio.SocketListener(sock)
+    task_status.started()
+    async with listener:
+        while True:
+            stream = await listener.accept()
+            assert ops.nursery is not None
+            ops.nursery.start_soon(_handle, ops, stream)
+
+
+async def _handle(ops: WritableOperations, stream: trio.SocketStream) -> None:
+    async with stream:
+        try:
+            creds = stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                             struct.calcsize("3i"))
+            _pid, uid, _gid = struct.unpack("3i", creds)
+            request = await _read_line(stream)
+            if uid not in (0, ops.session.info.uid):
+                reply: dict[str, Any] = {"ok": False, "code": 6, "error": "this session "
+                                         "belongs to another user"}
+            else:
+                reply = await _answer(ops, request)
+            await stream.send_all(json.dumps(reply).encode() + b"\n")
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+
+
+async def _read_line(stream: trio.SocketStream) -> dict[str, Any]:
+    buf = b""
+    with trio.move_on_after(30):
+        while b"\n" not in buf and len(buf) <= MAX_REQUEST:
+            data = await stream.receive_some(4096)
+            if not data:
+                break
+            buf += data
+    try:
+        doc = json.loads(buf.split(b"\n", 1)[0])
+    except ValueError:
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+async def _answer(ops: WritableOperations, request: dict[str, Any]) -> dict[str, Any]:
+    op = request.get("op")
+    if op == "commit":
+        new_index = request.get("new_index")
+        if new_index is not None and not isinstance(new_index, str):
+            return {"ok": False, "code": 2, "error": "new_index must be a string"}
+        wait = request.get("wait")
+        deadline = None if not isinstance(wait, (int, float)) else time.monotonic() + wait
+        async with ops.commit_lock:
+            while True:
+                try:
+                    return {"ok": True, "result": ops.session.commit(new_index, wait=0)}
+                except Busy as e:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        return {"ok": False, "code": e.exit_code, "error": e.message()}
+                except Error as e:
+                    return {"ok": False, "code": e.exit_code, "error": e.message()}
+                except Exception as e:  # noqa: BLE001 - answered, logged, mount stays up
+                    ops.errno_for(e, "commit", ())
+                    return {"ok": False, "code": 8, "error": f"commit failed: {e}"}
+                await trio.sleep(LOCK_POLL)
+    if op == "status":
+        info = ops.session.info
+        return {"ok": True, "result": {"session": info.id, "pid": info.pid}}
+    return {"ok": False, "code": 2, "error": f"unknown request {op!r}"}
+
+
+def request(session_id: str, doc: dict[str, Any], timeout: float | None = None
+            ) -> dict[str, Any]:
+    """Send one request to a session's mount process; its result, or its error raised."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.settimeout(timeout)
+        try:
+            s.connect(address(session_id))
+        except OSError as e:
+            raise SystemFailure(f"session {session_id}",
+                                f"its mount process does not answer ({e.strerror})") from None
+        s.sendall(json.dumps(doc).encode() + b"\n")
+        buf = b""
+        while b"\n" not in buf:
+            data = s.recv(65536)
+            if not data:
+                break
+            buf += data
+    finally:
+        s.close()
+    try:
+        reply = json.loads(buf.split(b"\n", 1)[0])
+    except ValueError:
+        raise SystemFailure(f"session {session_id}",
+                            "the mount process ended without an answer; see its log") from None
+    if not reply.get("ok"):
+        raise SessionRefused(str(reply.get("error")), int(reply.get("code") or 8))
+    result = reply.get("result")
+    return result if isinstance(result, dict) else {}

@@ -1,0 +1,304 @@
+"""The FUSE side of a writable mount: pyfuse3 Operations over overlay.SessionTree.
+
+A thin adapter like the read-only one (fuse.py), with the same error boundary.  Besides
+answering requests it keeps the kernel's lookup counts exact (every entry handed to the
+kernel counts; forget subtracts), so that a removed file lives while the kernel or an
+opener holds it, and it writes the staging to disk every SYNC_INTERVAL and on fsync.
+
+A commit arrives on the session's control socket (control.py) and runs in the loop's
+thread, between two requests: the tree it writes is the tree as it stands, and no request
+sees it half-committed.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import pyfuse3
+import trio
+
+from . import _format as F
+from .fuse import BaseOperations, boundary
+from .overlay import SessionTree
+from .sessions import Session
+from .staging import SYNC_INTERVAL
+from .vfs import Refusal
+
+log = logging.getLogger("imagefs.mount")
+
+
+class WritableOperations(BaseOperations):
+    enable_acl = True  # the kernel enforces ACLs; overlay/acl.py keep them
+
+    def __init__(self, session: Session, label: str) -> None:
+        super().__init__(label)
+        self.session = session
+        self.tree: SessionTree = session.tree
+        self.packs = self.tree.view.packs
+        self._dirs: dict[int, list[tuple[bytes, int]]] = {}
+        self._next_dir_handle = 1
+        self.commit_lock = trio.Lock()
+
+    def shim_handlers(self) -> tuple[Any, ...]:
+        return (self.lseek, True, False, self.fallocate_sync, self.setxattr_sync, True)
+
+    async def background(self, nursery: trio.Nursery) -> None:
+        from .control import serve_control
+
+        nursery.start_soon(self._sync_every_interval)
+        await nursery.start(serve_control, self)
+
+    def finished(self) -> None:
+        try:
+            self.session.staging.sync(durable=True)
+        except Exception as e:  # noqa: BLE001 - the last words must not hide the exit
+            log.error("%s: could not write the staging at exit: %s", self.label, e)
+
+    async def _sync_every_interval(self) -> None:
+        while True:
+            await trio.sleep(SYNC_INTERVAL)
+            try:
+                self.session.staging.sync()
+            except Exception as e:  # noqa: BLE001 - retried at the next interval
+                log.error("%s: writing the staging failed (retrying): %s", self.label, e)
+
+    # --- attributes ---------------------------------------------------------------------
+
+    def size_of(self, node: Any) -> int:
+        return self.tree.size(node)
+
+    def blocks_of(self, node: Any) -> int:
+        return self.tree.blocks(node)
+
+    def seek(self, inode: int, offset: int, whence: int) -> int:
+        return self.tree.seek(inode, offset, whence)
+
+    def path_of(self, inode: int) -> bytes | None:
+        return self.tree.base.path_of(inode)
+
+    def entry(self, ino: int, parent: int) -> pyfuse3.EntryAttributes:
+        """Attributes handed to the kernel with a new reference to ino."""
+        attrs = self.attributes(ino, self.tree.attrs(ino))
+        self.tree.remember(ino, parent)
+        return attrs
+
+    @boundary
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None
+                     ) -> pyfuse3.EntryAttributes:
+        self.check_fault(name)
+        ino = self.tree.lookup(parent_inode, name)
+        if ino is None:
+            return self.negative_entry()
+        return self.entry(ino, parent_inode)
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for ino, count in inode_list:
+            try:
+                self.tree.forget(ino, count)
+            except Exception as e:  # noqa: BLE001 - forget never fails (pyfuse3's contract)
+                log.error("%s: forget(%d): %s", self.label, ino, e)
+
+    @boundary
+    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        return self.attributes(inode, self.tree.attrs(inode))
+
+    @boundary
+    async def setattr(self, inode: int, attr: Any, fields: Any, fh: int | None,
+                      ctx: Any) -> pyfuse3.EntryAttributes:
+        node = self.tree.setattr(
+            inode,
+            mode=attr.st_mode if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            size=attr.st_size if fields.update_size else None,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+            ctime_ns=attr.st_ctime_ns if fields.update_ctime else None)
+        return self.attributes(inode, node)
+
+    @boundary
+    async def readlink(self, inode: int, ctx: Any = None) -> bytes:
+        return self.tree.readlink(inode)
+
+    @boundary
+    async def statfs(self, ctx: Any = None) -> pyfuse3.StatvfsData:
+        v = self.tree.statfs()
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = v.f_bsize
+        s.f_frsize = v.f_frsize
+        s.f_blocks = v.f_blocks
+        s.f_bfree = v.f_bfree
+        s.f_bavail = v.f_bavail
+        s.f_files = self.tree.files_count() + v.f_ffree
+        s.f_ffree = s.f_favail = v.f_ffree
+        s.f_namemax = 255
+        return s
+
+    # --- names ----------------------------------------------------------------------------
+
+    def _owner(self, parent: int, mode: int, ctx: Any) -> tuple[int, int, int]:
+        """uid, gid and mode of a new inode: a setgid directory passes on its group (and,
+        to new directories, the setgid bit), as on ext4."""
+        gid = ctx.gid
+        d = self.tree.attrs(parent)
+        if d.mode & 0o2000:
+            gid = d.gid
+            if mode & 0o170000 == 0o040000:
+                mode |= 0o2000
+        return ctx.uid, gid, mode
+
+    def _made(self, parent: int, name: bytes, mode: int, ctx: Any, rdev: int = 0,
+              target: bytes = b"") -> pyfuse3.EntryAttributes:
+        uid, gid, mode = self._owner(parent, mode, ctx)
+        node = self.tree.make(parent, name, mode, uid, gid, rdev, target,
+                              umask=getattr(ctx, "umask", 0o022))
+        return self.entry(node.ino, parent)
+
+    @boundary
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    ctx: Any) -> pyfuse3.EntryAttributes:
+        return self._made(parent_inode, name, mode, ctx, rdev=rdev)
+
+    @boundary
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
+                    ctx: Any) -> pyfuse3.EntryAttributes:
+        return self._made(parent_inode, name, (mode & 0o7777) | 0o040000, ctx)
+
+    @boundary
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
+                      ctx: Any) -> pyfuse3.EntryAttributes:
+        return self._made(parent_inode, name, 0o120777, ctx, target=target)
+
+    @boundary
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: Any) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        attrs = self._made(parent_inode, name, (mode & 0o7777) | 0o100000, ctx)
+        self.tree.opened_file(attrs.st_ino)
+        return pyfuse3.FileInfo(fh=attrs.st_ino), attrs
+
+    @boundary
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
+                   ctx: Any) -> pyfuse3.EntryAttributes:
+        self.tree.link(inode, new_parent_inode, new_name)
+        return self.entry(inode, new_parent_inode)
+
+    @boundary
+    async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        self.tree.unlink(parent_inode, name)
+
+    @boundary
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        self.tree.rmdir(parent_inode, name)
+
+    @boundary
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+                     name_new: bytes, flags: int, ctx: Any) -> None:
+        self.tree.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+
+    # --- xattrs ---------------------------------------------------------------------------
+
+    @boundary
+    async def getxattr(self, inode: int, name: bytes, ctx: Any = None) -> bytes:
+        try:
+            return self.tree.xattr(inode, name)
+        except Refusal:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
+
+    @boundary
+    async def listxattr(self, inode: int, ctx: Any = None) -> list[bytes]:
+        return [n for n, _v in self.tree.xattrs(inode)]
+
+    @boundary
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
+        self.tree.set_xattr(inode, name, value)
+
+    def setxattr_sync(self, inode: int, name: bytes, value: bytes, flags: int) -> int:
+        """setxattr with its flags (through _fuseshim): 0 or -errno."""
+        try:
+            self.tree.set_xattr(inode, name, value, flags)
+            return 0
+        except Exception as e:
+            return -self.errno_for(e, "setxattr", (inode, name))
+
+    @boundary
+    async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
+        try:
+            self.tree.remove_xattr(inode, name)
+        except Refusal:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
+
+    # --- directories ----------------------------------------------------------------------
+
+    @boundary
+    async def opendir(self, inode: int, ctx: Any = None) -> int:
+        fh = self._next_dir_handle
+        self._next_dir_handle += 1
+        self._dirs[fh] = [(b"", inode), *self.tree.listing(inode)]  # [0]: the directory
+        return fh
+
+    @boundary
+    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        listing = self._dirs[fh]
+        parent = listing[0][1]
+        for i in range(start_id + 1, len(listing)):
+            name, ino = listing[i]
+            try:
+                attrs = self.attributes(ino, self.tree.attrs(ino))
+            except Refusal:
+                continue
+            if not pyfuse3.readdir_reply(token, name, attrs, i):
+                break
+            self.tree.remember(ino, parent)
+
+    async def releasedir(self, fh: int) -> None:
+        self._dirs.pop(fh, None)
+
+    @boundary
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        self.tree.fsync()
+
+    # --- files ----------------------------------------------------------------------------
+
+    @boundary
+    async def open(self, inode: int, flags: int, ctx: Any = None) -> pyfuse3.FileInfo:
+        a = self.tree.attrs(inode)
+        if a.kind == F.DIR:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY:
+            self.tree.open_truncating(inode)
+        self.tree.opened_file(inode)
+        return pyfuse3.FileInfo(fh=inode)
+
+    @boundary
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:  # type: ignore[override]
+        return self.tree.read(fh, off, size)
+
+    @boundary
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        return self.tree.write(fh, off, buf)
+
+    @boundary
+    async def flush(self, fh: int) -> None:
+        pass
+
+    async def release(self, fh: int) -> None:
+        try:
+            self.tree.released_file(fh)
+        except Exception as e:  # noqa: BLE001 - release has nobody to answer to
+            log.error("%s: release(%d): %s", self.label, fh, e)
+
+    @boundary
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        self.tree.fsync()
+
+    def fallocate_sync(self, inode: int, mode: int, offset: int, length: int) -> int:
+        """fallocate (through _fuseshim): 0 or -errno."""
+        try:
+            self.tree.fallocate(inode, mode, offset, length)
+            return 0
+        except Exception as e:
+            return -self.errno_for(e, "fallocate", (inode, offset))

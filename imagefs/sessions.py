@@ -1,0 +1,301 @@
+"""Sessions: writable mounts of an index, their staging, and their commit or discard.
+
+A session lives in STATE_DIR/sessions/<id>/ (see staging.py for what is inside) and
+outlives its mount process: a mount process that dies leaves the session *stale*, and
+`imagefs remount` serves it again with every change its staging recorded.  `session.json`
+holds what listing needs (image, index, mountpoint, pid); the staging database holds the
+base and the changes.
+
+Which index a session belongs to is remembered by name and by the root the index had when
+the session last agreed with it (opened, or committed): a commit finds the index by name
+and refuses if its root moved on (another session or capture committed there), unless the
+changes go into a new index.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+
+from .container import ImageFile, IndexEntry, crash_point, now_iso
+from .errors import BaseChanged, IndexGone, NoSuchSession, SessionLive, UsageError
+from .image import Image, check_new_name
+from .overlay import Counts, SessionTree
+from .packs import PackReader
+from .records import MetaReader
+from .staging import NEW_INO_BASE, Staging, directory_bytes
+from .vfs import IndexTree
+from .view import IndexView
+
+META_CACHE = 24 << 20
+INODE_CACHE_WEIGHT = 32_768
+
+
+def state_dir() -> str:
+    """Where sessions live: on local disk, so that they survive a crash or a reboot."""
+    env = os.environ.get("IMAGEFS_STATE_DIR")
+    if env:
+        return env
+    if os.geteuid() == 0:
+        return "/var/lib/imagefs"
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return os.path.join(base, "imagefs")
+
+
+def sessions_dir() -> str:
+    d = os.path.join(state_dir(), "sessions")
+    os.makedirs(d, mode=0o700, exist_ok=True)
+    return d
+
+
+@dataclass
+class SessionInfo:
+    """session.json: who opened what, and where it is mounted."""
+
+    id: str
+    image: str
+    uuid: str
+    index: int
+    name: str
+    mountpoint: str
+    pid: int
+    created: str
+    uid: int
+
+    @property
+    def dir(self) -> str:
+        return os.path.join(sessions_dir(), self.id)
+
+    def save(self) -> None:
+        path = os.path.join(self.dir, "session.json")
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as fh:
+            json.dump(asdict(self), fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, session_id: str) -> SessionInfo:
+        if not session_id or "/" in session_id or session_id.startswith("."):
+            raise NoSuchSession(session_id)
+        try:
+            with open(os.path.join(sessions_dir(), session_id, "session.json")) as fh:
+                doc = json.load(fh)
+            return cls(**{k: doc[k] for k in cls.__dataclass_fields__})
+        except (OSError, ValueError, KeyError, TypeError):
+            raise NoSuchSession(session_id) from None
+
+    def live(self) -> bool:
+        from .mounts import pid_alive
+
+        return bool(self.pid) and pid_alive(self.pid)
+
+    def staged_bytes(self) -> int:
+        return directory_bytes(self.dir)
+
+
+def list_sessions() -> list[SessionInfo]:
+    out = []
+    d = sessions_dir()
+    for name in sorted(os.listdir(d)):
+        with contextlib.suppress(NoSuchSession):
+            out.append(SessionInfo.load(name))
+    return out
+
+
+def find_session(spec: str) -> SessionInfo:
+    """A session by id, or by the mountpoint it is (or was) mounted at."""
+    from .mounts import canonical
+
+    if os.sep not in spec and os.path.isdir(os.path.join(sessions_dir(), spec)):
+        return SessionInfo.load(spec)
+    path = canonical(spec)
+    for info in list_sessions():
+        if info.mountpoint == path:
+            return info
+    raise NoSuchSession(spec)
+
+
+def _uuid(image: ImageFile) -> str:
+    return image.header.uuid.hex()
+
+
+class Session:
+    """An open session: its staging, the base index it writes over, and its tree."""
+
+    def __init__(self, info: SessionInfo, image: Image, staging: Staging,
+                 tree: SessionTree) -> None:
+        self.info = info
+        self.image = image
+        self.staging = staging
+        self.tree = tree
+
+    # --- opening ----------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, image_path: str, index_spec: str, mountpoint: str,
+               cache: int = 256 << 20) -> Session:
+        img = Image.open(image_path)
+        try:
+            number, entry = img.select(index_spec)
+            info = SessionInfo(id=secrets.token_hex(4), image=os.path.abspath(image_path),
+                               uuid=_uuid(img.file), index=number, name=entry.name,
+                               mountpoint=mountpoint, pid=0, created=now_iso(),
+                               uid=os.getuid())
+            os.makedirs(info.dir, mode=0o700)
+            staging = Staging(info.dir)
+            staging.meta_set("base_root", entry.root)
+            staging.meta_set("commit_root", entry.root)
+            staging.meta_set("index_name", entry.name)
+            staging.meta_set("counts", {"files": entry.files, "dirs": entry.dirs,
+                                        "bytes": entry.bytes})
+            staging.meta_set("next_ino", NEW_INO_BASE)
+            staging.sync(durable=True)
+            info.save()
+        except BaseException:
+            img.close()
+            raise
+        return cls._assemble(info, img, staging, cache)
+
+    @classmethod
+    def load(cls, info: SessionInfo, cache: int = 256 << 20) -> Session:
+        img = Image.open(info.image)
+        try:
+            if _uuid(img.file) != info.uuid:
+                raise UsageError(f"{info.image}: not the image session {info.id} was opened "
+                                 "on (it was replaced); discard the session")
+            staging = Staging(info.dir)
+        except BaseException:
+            img.close()
+            raise
+        return cls._assemble(info, img, staging, cache)
+
+    @classmethod
+    def _assemble(cls, info: SessionInfo, img: Image, staging: Staging,
+                  cache: int) -> Session:
+        meta = staging.load_meta()
+        base_root = int(meta["base_root"])  # type: ignore[call-overload]
+        number, entry = _find_index(img.indices, str(meta["index_name"]))
+        base_entry = replace(entry, root=base_root) if entry is not None else IndexEntry(
+            info.name, "", "", "", 0, 0, 0, base_root, "")
+        view = IndexView(img.file, number or info.index, base_entry,
+                         meta=MetaReader(img.file, META_CACHE),
+                         packs=PackReader(img.file, cache_bytes=cache))
+        base = IndexTree(view, inode_cache_weight=INODE_CACHE_WEIGHT)
+        nodes = staging.load_nodes()
+        counts = Counts(**meta["counts"])  # type: ignore[arg-type]
+        tree = SessionTree(base, staging, nodes, counts,
+                           int(meta.get("next_ino", NEW_INO_BASE)))  # type: ignore[call-overload]
+        session = cls(info, img, staging, tree)
+        session._settle(meta)
+        return session
+
+    def _settle(self, meta: dict[str, object]) -> None:
+        """Finish what a crash interrupted: a commit that did or did not publish, and
+        inodes left without a name (open when the mount process died)."""
+        publishing = meta.get("publishing")
+        if publishing is not None:
+            assert isinstance(publishing, list)
+            name, root = str(publishing[0]), int(publishing[1])
+            _n, entry = _find_index(self.image.indices, name)
+            if entry is not None and entry.root == root:
+                self.staging.meta_set("commit_root", root)
+                self.staging.meta_set("index_name", name)
+            self.staging.meta_set("publishing", None)
+        for ino, node in list(self.tree.nodes.items()):
+            if node.nlink == 0:
+                del self.tree.nodes[ino]
+                self.staging.node_gone(ino)
+        self.staging.sync(durable=True)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.staging.sync()
+        self.staging.close()
+        self.image.close()
+
+    # --- commit -----------------------------------------------------------------------
+
+    def commit(self, new_index: str | None = None, description: str = "",
+               wait: float | None = None, level: int = 9,
+               progress: Callable[[int], None] | None = None) -> dict[str, object]:
+        """Publish the session's changes into its index (or as a new one); the session goes
+        on from the published state."""
+        from .commit import ChangeWriter
+        from .writer import Transaction, TreeStats, add_index, history_entry
+
+        self.staging.sync()
+        meta = self.staging.load_meta()
+        index_name = str(meta["index_name"])
+        commit_root = int(meta["commit_root"])  # type: ignore[call-overload]
+        with ImageFile.open(self.info.image, writable=True) as f, \
+                Transaction(f, level, wait=wait) as tx:
+            if _uuid(f) != self.info.uuid:
+                raise UsageError(f"{self.info.image}: not the image this session was "
+                                 "opened on")
+            number, entry = _find_index(tx.commit.indices, index_name)
+            if new_index is not None:
+                check_new_name(tx.commit, new_index)
+            elif entry is None:
+                raise IndexGone(self.info.image, index_name)
+            elif entry.root != commit_root:
+                raise BaseChanged(self.info.image, index_name)
+            written = ChangeWriter(self.tree, tx, progress).write()
+            if new_index is None and entry is not None and written.root == entry.root:
+                return {"changed": False, "index": number, "name": index_name,
+                        "records": 0, "new_bytes": 0}
+            counts = self.tree.counts
+            stats = TreeStats(written.root, written.digest, counts.files, counts.dirs,
+                              counts.bytes)
+            history = history_entry("commit", session=self.info.id,
+                                    source_index=index_name)
+            if new_index is not None:
+                number = add_index(tx.commit, new_index, description or (
+                    entry.description if entry else ""), stats, history)
+                name = new_index
+            else:
+                assert entry is not None
+                entry.root, entry.digest = written.root, written.digest.hex()
+                entry.files, entry.dirs, entry.bytes = counts.files, counts.dirs, counts.bytes
+                entry.modified = now_iso()
+                entry.history = [*entry.history, history]
+                name = index_name
+            self.staging.meta_set("publishing", [name, written.root])
+            self.staging.sync(durable=True)
+            tx.publish()
+        crash_point("after-publish")
+        for ino, ref in written.refs.items():
+            node = self.tree.nodes[ino]
+            node.dirty = False
+            node.committed = ref
+            self.staging.node_changed(node)
+        self.staging.meta_set("commit_root", written.root)
+        self.staging.meta_set("index_name", name)
+        self.staging.meta_set("publishing", None)
+        self.staging.sync(durable=True)
+        if name != self.info.name or number != self.info.index:
+            self.info.name, self.info.index = name, number
+            self.info.save()
+        return {"changed": True, "index": number, "name": name, "records": written.records,
+                "new_bytes": written.new_bytes, "digest": written.digest.hex()}
+
+
+def discard(info: SessionInfo) -> None:
+    """Remove a session and its staging (its mount must be gone)."""
+    if info.live():
+        raise SessionLive(info.id, info.pid, info.mountpoint)
+    shutil.rmtree(info.dir, ignore_errors=True)
+
+
+def _find_index(indices: list[IndexEntry], name: str) -> tuple[int, IndexEntry | None]:
+    """The index named name, by number (0 and None when there is none)."""
+    for i, e in enumerate(indices, 1):
+        if e.name == name:
+            return i, e
+    return 0, None

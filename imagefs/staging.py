@@ -1,0 +1,351 @@
+"""The staging area of a writable session: what changed since the base index, on local disk.
+
+Layout of a session directory (see sessions.py for where it lives):
+
+    session.json    who, what and where (image, index, mountpoint, pid): for listing
+    staging.db      SQLite (WAL): the changed inodes, the changed directories' entries, and
+                    the session's counters and base
+    data/<ino>      one sparse file per regular file whose bytes changed
+
+What is written in which order, and why a crash at any moment is safe:
+
+- File bytes go straight into `data/<ino>` with pwrite.  Which byte ranges of that file
+  are the truth (`staged` ranges; the rest still comes from the base index) is metadata.
+- Metadata changes are kept in memory and written to SQLite in one transaction per
+  `sync()`: at fsync/fsyncdir (then with SQLite's FULL durability, after fsyncing the data
+  files), at release of a written file, before a commit, and every SYNC_INTERVAL seconds.
+  One transaction holds everything changed since the last, so the database always holds
+  the tree as it was at some moment: never an entry naming an inode it lacks.
+- After a SIGKILL or a crash of the mount process, what the last transaction recorded is
+  the session (`imagefs remount`).  Bytes written after it may sit in a data file but lie
+  outside its recorded ranges or size, so they are not shown: the file reads as it was
+  then, as on a filesystem that had not yet written its metadata.  Every change that was
+  fsynced is in a transaction that was made durable before fsync returned.
+- Copy-on-write is per chunk: a write into a base file first copies only the chunks it
+  touches into the data file (staged ranges grow by whole chunks), so 4 KiB written into
+  a 1 GiB file stages one chunk, never the file.
+
+Space is reclaimed when a session is discarded or its mount unmounted after commit (the
+directory is removed), and a data file as soon as its inode has no name and no opener.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import json
+import os
+import sqlite3
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from . import _format as F
+
+SYNC_INTERVAL = 0.5
+NEW_INO_BASE = 1 << 62  # numbers of inodes created in a session; record refs stay below
+_PAIR = struct.Struct("<QQ")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS inodes(
+    ino INTEGER PRIMARY KEY,   -- the number the mount serves
+    base INTEGER,              -- the record it was copied from, NULL if created here
+    kind INTEGER NOT NULL, mode INTEGER NOT NULL, uid INTEGER NOT NULL,
+    gid INTEGER NOT NULL, nlink INTEGER NOT NULL, size INTEGER NOT NULL,
+    rdev INTEGER NOT NULL, mtime INTEGER NOT NULL, atime INTEGER NOT NULL,
+    ctime INTEGER NOT NULL,
+    target BLOB,               -- symlink target
+    xattrs BLOB,               -- NULL: the base's; else JSON [[name hex, value hex]...]
+    staged BLOB,               -- files: packed (start, end) u64 pairs; NULL: none
+    base_limit INTEGER NOT NULL, -- files: base bytes show below this offset only
+    listed INTEGER NOT NULL,   -- directories: 1 when `entries` holds its listing
+    parent INTEGER NOT NULL,   -- the directory it was reached through (0: unknown)
+    dirty INTEGER NOT NULL,    -- changed since the last commit
+    committed INTEGER NOT NULL -- the record the last commit wrote for it (0: none)
+);
+CREATE TABLE IF NOT EXISTS entries(
+    dir INTEGER NOT NULL, name BLOB NOT NULL, child INTEGER NOT NULL,
+    PRIMARY KEY(dir, name)) WITHOUT ROWID;
+"""
+
+
+class Ranges:
+    """Sorted, disjoint, non-adjacent [start, end) byte ranges."""
+
+    __slots__ = ("starts", "ends")
+
+    def __init__(self, pairs: list[tuple[int, int]] | None = None) -> None:
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+        for a, b in pairs or []:
+            self.add(a, b)
+
+    def __bool__(self) -> bool:
+        return bool(self.starts)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return zip(self.starts, self.ends, strict=True)
+
+    def add(self, a: int, b: int) -> None:
+        if b <= a:
+            return
+        i = bisect.bisect_left(self.ends, a)  # first range that ends at or after a
+        j = bisect.bisect_right(self.starts, b)  # ranges before j start at or before b
+        if i < j:
+            a = min(a, self.starts[i])
+            b = max(b, self.ends[j - 1])
+        self.starts[i:j] = [a]
+        self.ends[i:j] = [b]
+
+    def cut(self, limit: int) -> None:
+        """Forget everything at or past limit."""
+        i = bisect.bisect_left(self.ends, limit + 1)
+        del self.starts[i + 1:], self.ends[i + 1:]
+        if i < len(self.starts):
+            if self.starts[i] >= limit:
+                del self.starts[i], self.ends[i]
+            else:
+                self.ends[i] = limit
+
+    def pieces(self, a: int, b: int) -> Iterator[tuple[int, int, bool]]:
+        """[start, end, inside] pieces that tile [a, b)."""
+        i = bisect.bisect_right(self.ends, a)
+        pos = a
+        while pos < b:
+            if i < len(self.starts) and self.starts[i] <= pos:
+                end = min(b, self.ends[i])
+                yield pos, end, True
+                i += 1
+            else:
+                end = min(b, self.starts[i]) if i < len(self.starts) else b
+                yield pos, end, False
+            pos = end
+
+    def gaps(self, a: int, b: int) -> Iterator[tuple[int, int]]:
+        for s, e, inside in self.pieces(a, b):
+            if not inside:
+                yield s, e
+
+    def covers(self, a: int, b: int) -> bool:
+        i = bisect.bisect_right(self.starts, a) - 1
+        return i >= 0 and self.ends[i] >= b
+
+    def encode(self) -> bytes:
+        return b"".join(_PAIR.pack(a, b) for a, b in self)
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Ranges:
+        r = cls()
+        for a, b in _PAIR.iter_unpack(raw):
+            r.starts.append(a)
+            r.ends.append(b)
+        return r
+
+
+@dataclass(slots=True, eq=False)
+class Node:
+    """A changed or created inode: attributes, and what replaces the base's content."""
+
+    ino: int
+    base: int | None
+    kind: int
+    mode: int
+    uid: int
+    gid: int
+    nlink: int
+    size: int
+    rdev: int
+    mtime_ns: int
+    atime_ns: int
+    ctime_ns: int
+    target: bytes = b""
+    xattrs: list[tuple[bytes, bytes]] | None = None
+    staged: Ranges | None = None  # files: ranges whose bytes are the data file's
+    base_limit: int = 0
+    entries: dict[bytes, int] | None = None  # directories: name -> ino, once listed here
+    parent: int = 0
+    dirty: bool = True
+    committed: int = 0
+
+    @property
+    def is_new(self) -> bool:
+        return self.base is None
+
+
+def _encode_xattrs(xattrs: list[tuple[bytes, bytes]] | None) -> str | None:
+    if xattrs is None:
+        return None
+    return json.dumps([[n.hex(), v.hex()] for n, v in xattrs])
+
+
+def _decode_xattrs(text: str | None) -> list[tuple[bytes, bytes]] | None:
+    if text is None:
+        return None
+    return [(bytes.fromhex(n), bytes.fromhex(v)) for n, v in json.loads(text)]
+
+
+class Staging:
+    """The session's durable store: SQLite rows and data files, written as sync() says."""
+
+    def __init__(self, directory: str) -> None:
+        self.dir = directory
+        self.data_dir = os.path.join(directory, "data")
+        os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
+        self.db = sqlite3.connect(os.path.join(directory, "staging.db"),
+                                  isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(SCHEMA)
+        self._nodes: dict[int, Node] = {}  # changed since the last sync
+        self._gone: set[int] = set()
+        self._entries: dict[tuple[int, bytes], int | None] = {}
+        self._meta: dict[str, str] = {}
+        self._fds: dict[int, int] = {}
+        self._written: set[int] = set()  # data files written since the last durable sync
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fds.clear()
+        self.db.close()
+
+    # --- what changed: remembered here, written by sync() -------------------------------
+
+    def node_changed(self, node: Node) -> None:
+        self._nodes[node.ino] = node
+        self._gone.discard(node.ino)
+
+    def node_gone(self, ino: int) -> None:
+        self._nodes.pop(ino, None)
+        self._gone.add(ino)
+        self.drop_data(ino)
+
+    def entry_set(self, directory: int, name: bytes, child: int | None) -> None:
+        self._entries[(directory, name)] = child
+
+    def meta_set(self, key: str, value: object) -> None:
+        self._meta[key] = json.dumps(value)
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._nodes or self._gone or self._entries or self._meta)
+
+    def sync(self, durable: bool = False) -> None:
+        """Write every pending change in one transaction; durable: fsync data files first
+        and make the transaction itself survive power loss."""
+        if durable:
+            for ino in list(self._written):
+                fd = self._fds.get(ino)
+                if fd is not None:
+                    os.fsync(fd)
+            self._written.clear()
+        if not self.pending and not durable:
+            return
+        db = self.db
+        if durable:
+            db.execute("PRAGMA synchronous=FULL")
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany("DELETE FROM inodes WHERE ino=?", [(i,) for i in self._gone])
+                db.executemany("DELETE FROM entries WHERE dir=?", [(i,) for i in self._gone])
+                db.executemany(
+                    "INSERT OR REPLACE INTO inodes VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,"
+                    "?,?)", [_row(n) for n in self._nodes.values()])
+                db.executemany("DELETE FROM entries WHERE dir=? AND name=?",
+                               [k for k, v in self._entries.items() if v is None])
+                db.executemany("INSERT OR REPLACE INTO entries VALUES (?,?,?)",
+                               [(d, n, c) for (d, n), c in self._entries.items()
+                                if c is not None])
+                db.executemany("INSERT OR REPLACE INTO meta VALUES (?,?)",
+                               list(self._meta.items()))
+                if durable:  # a transaction that writes, so the WAL is fsynced now
+                    db.execute("INSERT OR REPLACE INTO meta VALUES ('synced', 'true')")
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        finally:
+            if durable:
+                db.execute("PRAGMA synchronous=NORMAL")
+        self._nodes.clear()
+        self._gone.clear()
+        self._entries.clear()
+        self._meta.clear()
+
+    # --- reading it back (remount, offline commit) ---------------------------------------
+
+    def load_meta(self) -> dict[str, object]:
+        return {k: json.loads(v) for k, v in self.db.execute("SELECT key, value FROM meta")}
+
+    def load_nodes(self) -> dict[int, Node]:
+        nodes: dict[int, Node] = {}
+        for row in self.db.execute("SELECT * FROM inodes"):
+            (ino, base, kind, mode, uid, gid, nlink, size, rdev, mtime, atime, ctime, target,
+             xattrs, staged, base_limit, listed, parent, dirty, committed) = row
+            nodes[ino] = Node(ino, base, kind, mode, uid, gid, nlink, size, rdev, mtime,
+                              atime, ctime, target or b"", _decode_xattrs(xattrs),
+                              Ranges.decode(staged) if staged is not None else None,
+                              base_limit, {} if listed else None, parent, bool(dirty),
+                              committed)
+        for d, name, child in self.db.execute("SELECT dir, name, child FROM entries"):
+            node = nodes.get(d)
+            if node is not None and node.entries is not None:
+                node.entries[bytes(name)] = child
+        return nodes
+
+    # --- data files ----------------------------------------------------------------------
+
+    def data_path(self, ino: int) -> str:
+        return os.path.join(self.data_dir, f"{ino:x}")
+
+    def data_fd(self, ino: int) -> int:
+        fd = self._fds.get(ino)
+        if fd is None:
+            fd = os.open(self.data_path(ino), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._fds[ino] = fd
+        return fd
+
+    def has_data(self, ino: int) -> bool:
+        return ino in self._fds or os.path.exists(self.data_path(ino))
+
+    def wrote(self, ino: int) -> None:
+        self._written.add(ino)
+
+    def release_fd(self, ino: int) -> None:
+        """Close a data file no opener uses (it is opened again on demand)."""
+        if ino in self._written:
+            return  # kept open until a durable sync has fsynced it
+        fd = self._fds.pop(ino, None)
+        if fd is not None:
+            os.close(fd)
+
+    def drop_data(self, ino: int) -> None:
+        fd = self._fds.pop(ino, None)
+        self._written.discard(ino)
+        if fd is not None:
+            os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.data_path(ino))
+
+    def staged_bytes(self) -> int:
+        return directory_bytes(self.dir)
+
+
+def directory_bytes(path: str) -> int:
+    """Bytes a directory's files take on disk (allocated blocks, so holes are free)."""
+    total = 0
+    for top, _dirs, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(top, name)).st_blocks * 512
+    return total
+
+
+def _row(n: Node) -> tuple[object, ...]:
+    return (n.ino, n.base, n.kind, n.mode, n.uid, n.gid, n.nlink, n.size, n.rdev,
+            n.mtime_ns, n.atime_ns, n.ctime_ns, n.target if n.kind == F.LNK else None,
+            _encode_xattrs(n.xattrs), n.staged.encode() if n.staged is not None else None,
+            n.base_limit, int(n.entries is not None), n.parent, int(n.dirty), n.committed)
