@@ -128,12 +128,21 @@ def _check_index(view: IndexView, chunks: dict[tuple[int, int], ChunkLoc],
     damaged_paths: list[str] = []
     digests: dict[int, bytes] = {}
     order = []
+    names: dict[int, int] = {}  # non-directory ref -> names of it in the index
+    files = dirs = nbytes = 0
     try:
         for path, ino in view.walk():
             report.records += 1
             shown = path.decode("utf-8", "backslashreplace")
+            if ino.kind == F.DIR:
+                dirs += 1
+            else:
+                files += 1
+                names[ino.ref] = names.get(ino.ref, 0) + 1
             if ino.ref in digests:
                 continue
+            if ino.kind == F.REG:
+                nbytes += ino.size
             digests[ino.ref] = b""
             order.append((shown, ino))
             if ino.kind != F.REG:
@@ -156,6 +165,20 @@ def _check_index(view: IndexView, chunks: dict[tuple[int, int], ChunkLoc],
         report.problems.append(Problem(
             f"index {number}: {len(damaged_paths)} file(s) use damaged chunks",
             [number], damaged_paths[:MAX_PATHS]))
+    entry = view.entry
+    if (files, dirs, nbytes) != (entry.files, entry.dirs, entry.bytes):
+        report.problems.append(Problem(
+            f"index {number}: the commit record says {entry.files} files, {entry.dirs} "
+            f"directories, {entry.bytes} bytes; the tree holds {files}, {dirs}, {nbytes}",
+            [number]))
+    wrong_links = [shown for shown, ino in order
+                   if (ino.kind == F.DIR and ino.nlink != 2 + sum(
+                       1 for _n, k, _r in ino.entries if k == F.DIR))
+                   or (ino.kind != F.DIR and ino.nlink != names.get(ino.ref, 0))]
+    if wrong_links:
+        report.problems.append(Problem(
+            f"index {number}: {len(wrong_links)} inode(s) with a link count other than "
+            "their names in the index", [number], wrong_links[:MAX_PATHS]))
     # Digests bottom-up: non-directories first (a hardlink's first name may be walked
     # before a later directory holding it), then directories, children before parents.
     for shown, ino in sorted(reversed(order), key=lambda o: o[1].kind == F.DIR):
