@@ -4,7 +4,7 @@ The session's tree lives in its mount process, so a commit must run there.  Each
 process listens on an abstract Unix socket named after its session (no file to leave
 behind, no path length limit); a request is one JSON line, the answer one JSON line:
 
-    → {"op": "commit", "new_index": null}
+    → {"op": "commit", "new_index": null}      (or "discard", "status")
     ← {"ok": true, "result": {"changed": true, "index": 1, ...}}
     ← {"ok": false, "error": "…", "code": 6}
 
@@ -103,6 +103,9 @@ async def _answer(ops: WritableOperations, request: dict[str, Any]) -> dict[str,
                     ops.errno_for(e, "commit", ())
                     return {"ok": False, "code": 8, "error": f"commit failed: {e}"}
                 await trio.sleep(LOCK_POLL)
+    if op == "discard":  # the session is about to be dropped: no need to save it at exit
+        ops.discarding = True
+        return {"ok": True, "result": {}}
     if op == "status":
         info = ops.session.info
         return {"ok": True, "result": {"session": info.id, "pid": info.pid}}

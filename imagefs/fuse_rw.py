@@ -42,6 +42,7 @@ class WritableOperations(BaseOperations):
         self._dirs: dict[int, list[tuple[bytes, int]]] = {}
         self._next_dir_handle = 1
         self.commit_lock = trio.Lock()
+        self.discarding = False
 
     def shim_handlers(self) -> tuple[Any, ...]:
         return (self.lseek, True, False, self.fallocate_sync, self.setxattr_sync, True)
@@ -53,6 +54,8 @@ class WritableOperations(BaseOperations):
         await nursery.start(serve_control, self)
 
     def finished(self) -> None:
+        if self.discarding:
+            return
         try:
             self.session.staging.sync(durable=True)
         except Exception as e:  # noqa: BLE001 - the last words must not hide the exit

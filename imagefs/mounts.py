@@ -568,10 +568,13 @@ def unmount(mountpoint: str, wait: float = 30.0, commit: bool = False,
             raise UsageError(f"{path} is a writable mount (session {rec.session}): "
                              "unmount --commit to publish its changes, or --discard to "
                              "drop them")
-        if commit:
-            from .control import request
+        from .control import request
 
+        if commit:
             result = request(rec.session, {"op": "commit", "new_index": new_index})
+        else:
+            with contextlib.suppress(Error):  # a mount that does not answer still goes
+                request(rec.session, {"op": "discard"}, timeout=5)
     elif commit or new_index:
         raise UsageError(f"{path} is a read-only mount: there is nothing to commit")
     err = _umount(path)

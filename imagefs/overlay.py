@@ -42,6 +42,8 @@ FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
 MAX_FILE_SIZE = 1 << 62
+INLINE_MAX = 64 * 1024  # a new file this small keeps its bytes in its staging row
+INLINE_TOTAL = 64 << 20  # ... while all such bytes stay under this
 
 Attrs = Node | Inode
 
@@ -81,6 +83,7 @@ class SessionTree:
         self.lookups: dict[int, int] = {}
         self.parents: dict[int, int] = {}
         self.opened: dict[int, int] = {}
+        self.inline_bytes = sum(len(n.inline) for n in nodes.values() if n.inline is not None)
 
     # --- reading ---------------------------------------------------------------------
 
@@ -131,6 +134,8 @@ class SessionTree:
             return DIR_SIZE // 512
         if a.kind != F.REG:
             return 0
+        if a.inline is not None:
+            return -(-len(a.inline) // BLOCK) * (BLOCK // 512)
         total = 0
         if self.st.has_data(a.ino):
             total += os.fstat(self.st.data_fd(a.ino)).st_blocks
@@ -155,6 +160,8 @@ class SessionTree:
         end = min(node.size, offset + size)
         if offset >= end:
             return b""
+        if node.inline is not None:
+            return bytes(node.inline[offset:end])
         if node.is_new:
             return self._read_data(ino, offset, end)
         if node.staged is None and node.base_limit >= end:
@@ -187,6 +194,8 @@ class SessionTree:
 
     def data_regions(self, node: Node) -> list[tuple[int, int]]:
         """[start, end) of the file's data (not holes), in order, merged."""
+        if node.inline is not None:
+            return [(0, node.size)] if node.size else []
         regions = Ranges()
         if node.base is not None:
             for s, e in self._kept_base(node):
@@ -246,6 +255,8 @@ class SessionTree:
         node = self.nodes.get(ino)
         if node is not None and node.nlink == 0 and ino not in self.opened \
                 and ino not in self.lookups:
+            if node.inline is not None:
+                self.inline_bytes -= len(node.inline)
             del self.nodes[ino]
             self.st.node_gone(ino)
 
@@ -392,7 +403,7 @@ class SessionTree:
                     len(target) if kind == F.LNK else 0,
                     rdev if kind in (F.CHR, F.BLK) else 0, now, now, now, target=target,
                     xattrs=sorted(xattrs), entries={} if kind == F.DIR else None,
-                    parent=parent)
+                    parent=parent, inline=bytearray() if kind == F.REG else None)
         self.nodes[ino] = node
         self._changed(node)
         self._set_entry(d, name, ino)
@@ -643,10 +654,16 @@ class SessionTree:
             raise Refusal(errno.EFBIG, "file too large")
         node = self.file_for_change(ino)
         end = offset + len(data)
-        self._copy_up(node, offset, end)
-        fd = self.st.data_fd(ino)
-        _pwrite_all(fd, data, offset)
-        self.st.wrote(ino)
+        if node.inline is not None and not self._fits_inline(node, max(end, node.size)):
+            self._spill(node)
+        if node.inline is not None:
+            self._resize_inline(node, max(end, len(node.inline)))
+            node.inline[offset:end] = data
+        else:
+            self._copy_up(node, offset, end)
+            fd = self.st.data_fd(ino)
+            _pwrite_all(fd, data, offset)
+            self.st.wrote(ino)
         if not node.is_new:
             assert node.staged is not None or offset >= node.base_limit
             if node.staged is None:
@@ -659,9 +676,37 @@ class SessionTree:
         self._changed(node)
         return len(data)
 
+    def _fits_inline(self, node: Node, size: int) -> bool:
+        assert node.inline is not None
+        return size <= INLINE_MAX and self.inline_bytes + size - len(node.inline) \
+            <= INLINE_TOTAL
+
+    def _resize_inline(self, node: Node, size: int) -> None:
+        assert node.inline is not None
+        self.inline_bytes += size - len(node.inline)
+        if size > len(node.inline):
+            node.inline.extend(bytes(size - len(node.inline)))
+        else:
+            del node.inline[size:]
+
+    def _spill(self, node: Node) -> None:
+        """A new file outgrew its inline bytes: they move into a data file."""
+        assert node.inline is not None
+        fd = self.st.data_fd(node.ino)
+        os.ftruncate(fd, 0)
+        _pwrite_all(fd, node.inline, 0)
+        self.st.wrote(node.ino)
+        self.inline_bytes -= len(node.inline)
+        node.inline = None
+
     def truncate(self, node: Node, size: int) -> None:
         if size < 0 or size > MAX_FILE_SIZE:
             raise Refusal(errno.EINVAL if size < 0 else errno.EFBIG, "size")
+        if node.inline is not None:
+            if self._fits_inline(node, size):
+                self._resize_inline(node, size)
+            else:
+                self._spill(node)
         old = node.size
         if size < old:
             if self.st.has_data(node.ino):
@@ -686,9 +731,15 @@ class SessionTree:
         end = offset + length
         if end > MAX_FILE_SIZE:
             raise Refusal(errno.EFBIG, "file too large")
+        if node.inline is not None and not (mode & FALLOC_FL_KEEP_SIZE) \
+                and not self._fits_inline(node, max(end, node.size)):
+            self._spill(node)
         if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
             zero_end = min(end, node.size)
-            if offset < zero_end:
+            if node.inline is not None:
+                if offset < zero_end:
+                    node.inline[offset:zero_end] = bytes(zero_end - offset)
+            elif offset < zero_end:
                 self._copy_up(node, offset, zero_end)
                 fd = self.st.data_fd(ino)
                 _punch(fd, offset, zero_end - offset)
@@ -700,6 +751,8 @@ class SessionTree:
             node.mtime_ns = node.ctime_ns = time.time_ns()
         if not mode & FALLOC_FL_KEEP_SIZE and end > node.size:
             old = node.size
+            if node.inline is not None:
+                self._resize_inline(node, end)
             node.size = end
             node.ctime_ns = time.time_ns()
             self._count_size(node, old)
@@ -739,7 +792,7 @@ def _file_data(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
         pos = e_
 
 
-def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
     view = memoryview(data)
     while view:
         n = os.pwrite(fd, view, offset)

@@ -9,8 +9,11 @@ Layout of a session directory (see sessions.py for where it lives):
 
 What is written in which order, and why a crash at any moment is safe:
 
-- File bytes go straight into `data/<ino>` with pwrite.  Which byte ranges of that file
-  are the truth (`staged` ranges; the rest still comes from the base index) is metadata.
+- File bytes go straight into `data/<ino>` with pwrite, but for a new file while it is
+  small (overlay.INLINE_MAX; INLINE_TOTAL for all of them): its bytes are kept in memory
+  and written with its row, so untarring 10 000 small files makes no 10 000 data files.
+  Which byte ranges of a data file are the truth (`staged` ranges; the rest still comes
+  from the base index) is metadata.
 - Metadata changes are kept in memory and written to SQLite in one transaction per
   `sync()`: at fsync/fsyncdir (then with SQLite's FULL durability, after fsyncing the data
   files), at release of a written file, before a commit, and every SYNC_INTERVAL seconds.
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import ctypes
 import json
 import os
 import sqlite3
@@ -43,6 +47,9 @@ from dataclasses import dataclass
 from . import _format as F
 
 SYNC_INTERVAL = 0.5
+MAX_FDS = 256  # data files kept open
+SYNCFS_ABOVE = 64  # data files to make durable at once: above this, syncfs instead
+_libc = ctypes.CDLL(None, use_errno=True)
 NEW_INO_BASE = 1 << 62  # numbers of inodes created in a session; record refs stay below
 _PAIR = struct.Struct("<QQ")
 
@@ -62,7 +69,8 @@ CREATE TABLE IF NOT EXISTS inodes(
     listed INTEGER NOT NULL,   -- directories: 1 when `entries` holds its listing
     parent INTEGER NOT NULL,   -- the directory it was reached through (0: unknown)
     dirty INTEGER NOT NULL,    -- changed since the last commit
-    committed INTEGER NOT NULL -- the record the last commit wrote for it (0: none)
+    committed INTEGER NOT NULL, -- the record the last commit wrote for it (0: none)
+    inline BLOB                -- a small new file's bytes, kept here instead of data/<ino>
 );
 CREATE TABLE IF NOT EXISTS entries(
     dir INTEGER NOT NULL, name BLOB NOT NULL, child INTEGER NOT NULL,
@@ -167,6 +175,7 @@ class Node:
     parent: int = 0
     dirty: bool = True
     committed: int = 0
+    inline: bytearray | None = None  # a small new file's bytes (len == size)
 
     @property
     def is_new(self) -> bool:
@@ -236,11 +245,7 @@ class Staging:
         """Write every pending change in one transaction; durable: fsync data files first
         and make the transaction itself survive power loss."""
         if durable:
-            for ino in list(self._written):
-                fd = self._fds.get(ino)
-                if fd is not None:
-                    os.fsync(fd)
-            self._written.clear()
+            self._flush_data()
         if not self.pending and not durable:
             return
         db = self.db
@@ -253,7 +258,7 @@ class Staging:
                 db.executemany("DELETE FROM entries WHERE dir=?", [(i,) for i in self._gone])
                 db.executemany(
                     "INSERT OR REPLACE INTO inodes VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,"
-                    "?,?)", [_row(n) for n in self._nodes.values()])
+                    "?,?,?)", [_row(n) for n in self._nodes.values()])
                 db.executemany("DELETE FROM entries WHERE dir=? AND name=?",
                                [k for k, v in self._entries.items() if v is None])
                 db.executemany("INSERT OR REPLACE INTO entries VALUES (?,?,?)",
@@ -275,6 +280,31 @@ class Staging:
         self._entries.clear()
         self._meta.clear()
 
+    def _flush_data(self) -> None:
+        """Make every data file written since the last durable sync durable: one fsync
+        each when they are few, one syncfs of the staging's filesystem when many."""
+        if len(self._written) > SYNCFS_ABOVE:
+            fd = os.open(self.data_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                if _libc.syncfs(fd) != 0:
+                    e = ctypes.get_errno()
+                    raise OSError(e, os.strerror(e))
+            finally:
+                os.close(fd)
+        else:
+            for ino in list(self._written):
+                open_fd = self._fds.get(ino)
+                if open_fd is not None:
+                    os.fsync(open_fd)
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    fd = os.open(self.data_path(ino), os.O_RDONLY | os.O_CLOEXEC)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+        self._written.clear()
+
     # --- reading it back (remount, offline commit) ---------------------------------------
 
     def load_meta(self) -> dict[str, object]:
@@ -284,12 +314,12 @@ class Staging:
         nodes: dict[int, Node] = {}
         for row in self.db.execute("SELECT * FROM inodes"):
             (ino, base, kind, mode, uid, gid, nlink, size, rdev, mtime, atime, ctime, target,
-             xattrs, staged, base_limit, listed, parent, dirty, committed) = row
+             xattrs, staged, base_limit, listed, parent, dirty, committed, inline) = row
             nodes[ino] = Node(ino, base, kind, mode, uid, gid, nlink, size, rdev, mtime,
                               atime, ctime, target or b"", _decode_xattrs(xattrs),
                               Ranges.decode(staged) if staged is not None else None,
                               base_limit, {} if listed else None, parent, bool(dirty),
-                              committed)
+                              committed, bytearray(inline) if inline is not None else None)
         for d, name, child in self.db.execute("SELECT dir, name, child FROM entries"):
             node = nodes.get(d)
             if node is not None and node.entries is not None:
@@ -302,10 +332,14 @@ class Staging:
         return os.path.join(self.data_dir, f"{ino:x}")
 
     def data_fd(self, ino: int) -> int:
-        fd = self._fds.get(ino)
+        """An open descriptor of ino's data file (created if missing).  At most MAX_FDS
+        stay open: the least recently used is closed (and reopened when needed)."""
+        fd = self._fds.pop(ino, None)
         if fd is None:
             fd = os.open(self.data_path(ino), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            self._fds[ino] = fd
+            while len(self._fds) >= MAX_FDS:
+                os.close(self._fds.pop(next(iter(self._fds))))
+        self._fds[ino] = fd  # (re)inserted last: the dict's order is the LRU order
         return fd
 
     def has_data(self, ino: int) -> bool:
@@ -315,9 +349,8 @@ class Staging:
         self._written.add(ino)
 
     def release_fd(self, ino: int) -> None:
-        """Close a data file no opener uses (it is opened again on demand)."""
-        if ino in self._written:
-            return  # kept open until a durable sync has fsynced it
+        """Close a data file no opener uses (it is opened again on demand, and fsynced
+        by name if a durable sync needs it)."""
         fd = self._fds.pop(ino, None)
         if fd is not None:
             os.close(fd)
@@ -348,4 +381,5 @@ def _row(n: Node) -> tuple[object, ...]:
     return (n.ino, n.base, n.kind, n.mode, n.uid, n.gid, n.nlink, n.size, n.rdev,
             n.mtime_ns, n.atime_ns, n.ctime_ns, n.target if n.kind == F.LNK else None,
             _encode_xattrs(n.xattrs), n.staged.encode() if n.staged is not None else None,
-            n.base_limit, int(n.entries is not None), n.parent, int(n.dirty), n.committed)
+            n.base_limit, int(n.entries is not None), n.parent, int(n.dirty), n.committed,
+            bytes(n.inline) if n.inline is not None else None)
