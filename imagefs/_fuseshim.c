@@ -31,6 +31,8 @@
 #include <fuse_lowlevel.h>
 #include <dlfcn.h>
 #include <errno.h>
+#include <poll.h>
+#include <stdlib.h>
 #include <string.h>
 
 typedef struct fuse_session *(*session_new_fn)(struct fuse_args *,
@@ -42,6 +44,26 @@ typedef int (*reply_err_fn)(fuse_req_t, int);
 static PyObject *lseek_handler;   /* callable(ino, offset, whence) -> offset or -errno */
 static PyObject *fallocate_handler; /* callable(ino, mode, offset, length) -> 0 or -errno */
 static PyObject *setxattr_handler;  /* callable(ino, name, value, flags) -> 0 or -errno */
+
+/* Fast paths: requests answered synchronously by a Python callable, without pyfuse3's
+ * per-request coroutine (most of a request's cost in the driver).  Only for handlers that
+ * never block.  Each returns its answer or a negative errno (an int). */
+enum { FAST_LOOKUP, FAST_GETATTR, FAST_READLINK, FAST_GETXATTR, FAST_LISTXATTR, FAST_READ,
+       FAST_WRITE, FAST_RELEASE, FAST_FORGET, FAST_FLUSH, FAST_COUNT };
+static const char *fast_names[FAST_COUNT] = {
+    "lookup", "getattr", "readlink", "getxattr", "listxattr", "read", "write", "release",
+    "forget", "flush"};
+static PyObject *fast[FAST_COUNT];
+
+/* Draining: after a fast request is answered, the requests already waiting on /dev/fuse
+ * are received and processed right here, without returning to pyfuse3's trio loop (which
+ * spends more on epoll and task switches per request than the handlers do).  Only while
+ * they are fast ones: the first request that goes to a pyfuse3 coroutine ends the drain,
+ * and pyfuse3's loop awaits that coroutine as soon as control returns to it. */
+#define DRAIN_MAX 64
+static struct fuse_session *the_session;
+static int draining;
+static int handled_fast;          /* set by every request this module answers itself */
 static int cache_symlinks;
 static int dont_mask;             /* the kernel leaves the umask to us (ACL inheritance) */
 static int handles_are_inodes;    /* no open/opendir: reads get fh = inode */
@@ -50,6 +72,13 @@ static read_fn pyfuse3_read, pyfuse3_readdirplus;
 static int installed;             /* set once fuse_session_new() went through here */
 static reply_lseek_fn reply_lseek;
 static reply_err_fn reply_err;
+static int (*reply_entry)(fuse_req_t, const struct fuse_entry_param *);
+static int (*reply_attr)(fuse_req_t, const struct stat *, double);
+static int (*reply_readlink)(fuse_req_t, const char *);
+static int (*reply_buf)(fuse_req_t, const char *, size_t);
+static int (*reply_write)(fuse_req_t, size_t);
+static int (*reply_xattr)(fuse_req_t, size_t);
+static void (*reply_none)(fuse_req_t);
 static void (*pyfuse3_init)(void *, struct fuse_conn_info *);
 
 static void shim_lseek(fuse_req_t req, fuse_ino_t ino, off_t off, int whence,
@@ -57,6 +86,7 @@ static void shim_lseek(fuse_req_t req, fuse_ino_t ino, off_t off, int whence,
 {
     long long result = -EIO;
     (void)fi;
+    handled_fast = 1;
     PyGILState_STATE gil = PyGILState_Ensure();
     if (lseek_handler != NULL) {
         PyObject *r = PyObject_CallFunction(lseek_handler, "KLi", (unsigned long long)ino,
@@ -81,6 +111,7 @@ static void shim_lseek(fuse_req_t req, fuse_ino_t ino, off_t off, int whence,
 static void answer_errno(fuse_req_t req, PyObject *handler, PyObject *args)
 {
     long long result = -EIO;
+    handled_fast = 1;
     if (args != NULL) {
         PyObject *r = PyObject_CallObject(handler, args);
         Py_DECREF(args);
@@ -117,10 +148,318 @@ static void shim_setxattr(fuse_req_t req, fuse_ino_t ino, const char *name,
     PyGILState_Release(gil);
 }
 
+
+/* --- fast paths ------------------------------------------------------------------------ */
+
+static int (*session_fd)(struct fuse_session *);
+static int (*receive_buf)(struct fuse_session *, struct fuse_buf *);
+static void (*process_buf)(struct fuse_session *, const struct fuse_buf *);
+
+/* Called with the GIL held, at the end of a fast request. */
+static void drain(void)
+{
+    if (draining || the_session == NULL || receive_buf == NULL)
+        return;
+    draining = 1;
+    struct fuse_buf buf;
+    memset(&buf, 0, sizeof buf);
+    struct pollfd p = {.fd = session_fd(the_session), .events = POLLIN};
+    for (int i = 0; i < DRAIN_MAX; i++) {
+        p.revents = 0;
+        if (poll(&p, 1, 0) != 1 || !(p.revents & POLLIN))
+            break;
+        if (receive_buf(the_session, &buf) <= 0)
+            break;
+        handled_fast = 0;
+        process_buf(the_session, &buf);
+        if (!handled_fast)
+            break;  /* a pyfuse3 coroutine is pending: its loop must await it now */
+    }
+    free(buf.mem);
+    draining = 0;
+}
+
+/* An error answer (an int <= 0, or an exception: EIO) → reply and return 1; else 0. */
+static int replied_error(fuse_req_t req, PyObject *r, PyObject *handler)
+{
+    if (r == NULL) {
+        PyErr_WriteUnraisable(handler);
+        reply_err(req, EIO);
+        return 1;
+    }
+    if (PyLong_Check(r)) {
+        long long v = PyLong_AsLongLong(r);
+        if (PyErr_Occurred()) {
+            PyErr_WriteUnraisable(handler);
+            v = -EIO;
+        }
+        Py_DECREF(r);
+        reply_err(req, v < 0 ? (int)-v : 0);
+        return 1;
+    }
+    return 0;
+}
+
+/* (ino, mode, nlink, uid, gid, rdev, size, blocks, atime_ns, mtime_ns, ctime_ns, timeout) */
+static int to_stat(PyObject *t, struct stat *st, double *timeout)
+{
+    unsigned long long ino, nlink, rdev, size, blocks;
+    unsigned int mode, uid, gid;
+    long long at, mt, ct;
+    if (!PyArg_ParseTuple(t, "KIKIIKKKLLLd", &ino, &mode, &nlink, &uid, &gid, &rdev, &size,
+                          &blocks, &at, &mt, &ct, timeout))
+        return -1;
+    memset(st, 0, sizeof *st);
+    st->st_ino = ino;
+    st->st_mode = mode;
+    st->st_nlink = nlink;
+    st->st_uid = uid;
+    st->st_gid = gid;
+    st->st_rdev = rdev;
+    st->st_size = (off_t)size;
+    st->st_blksize = 4096;
+    st->st_blocks = (blkcnt_t)blocks;
+    st->st_atim.tv_sec = at / 1000000000LL;
+    st->st_atim.tv_nsec = at % 1000000000LL;
+    st->st_mtim.tv_sec = mt / 1000000000LL;
+    st->st_mtim.tv_nsec = mt % 1000000000LL;
+    st->st_ctim.tv_sec = ct / 1000000000LL;
+    st->st_ctim.tv_nsec = ct % 1000000000LL;
+    if (at < 0 && st->st_atim.tv_nsec) { st->st_atim.tv_sec--; st->st_atim.tv_nsec += 1000000000LL; }
+    if (mt < 0 && st->st_mtim.tv_nsec) { st->st_mtim.tv_sec--; st->st_mtim.tv_nsec += 1000000000LL; }
+    if (ct < 0 && st->st_ctim.tv_nsec) { st->st_ctim.tv_sec--; st->st_ctim.tv_nsec += 1000000000LL; }
+    return 0;
+}
+
+static void fast_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
+{
+    PyGILState_STATE gil = PyGILState_Ensure();
+    handled_fast = 1;
+    PyObject *h = fast[FAST_LOOKUP];
+    PyObject *r = PyObject_CallFunction(h, "Ky#", (unsigned long long)parent, name,
+                                        (Py_ssize_t)strlen(name));
+    if (!replied_error(req, r, h)) {
+        struct fuse_entry_param e;
+        double timeout;
+        memset(&e, 0, sizeof e);
+        if (to_stat(r, &e.attr, &timeout) < 0) {
+            PyErr_WriteUnraisable(h);
+            reply_err(req, EIO);
+        } else {
+            e.ino = e.attr.st_ino;
+            e.attr_timeout = timeout;
+            e.entry_timeout = timeout;
+            reply_entry(req, &e);
+        }
+        Py_DECREF(r);
+    }
+    drain();
+    PyGILState_Release(gil);
+}
+
+static void fast_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+    (void)fi;
+    PyGILState_STATE gil = PyGILState_Ensure();
+    handled_fast = 1;
+    PyObject *h = fast[FAST_GETATTR];
+    PyObject *r = PyObject_CallFunction(h, "K", (unsigned long long)ino);
+    if (!replied_error(req, r, h)) {
+        struct stat st;
+        double timeout;
+        if (to_stat(r, &st, &timeout) < 0) {
+            PyErr_WriteUnraisable(h);
+            reply_err(req, EIO);
+        } else {
+            reply_attr(req, &st, timeout);
+        }
+        Py_DECREF(r);
+    }
+    drain();
+    PyGILState_Release(gil);
+}
+
+/* Reply with the bytes of r (any buffer), or as an xattr answer when size_limit >= 0. */
+static void reply_bytes(fuse_req_t req, PyObject *r, PyObject *h, long long size_limit)
+{
+    Py_buffer view;
+    if (PyObject_GetBuffer(r, &view, PyBUF_SIMPLE) < 0) {
+        PyErr_WriteUnraisable(h);
+        reply_err(req, EIO);
+        return;
+    }
+    if (size_limit == 0)
+        reply_xattr(req, (size_t)view.len);
+    else if (size_limit > 0 && view.len > size_limit)
+        reply_err(req, ERANGE);
+    else
+        reply_buf(req, view.buf, (size_t)view.len);
+    PyBuffer_Release(&view);
+}
+
+static void fast_readlink(fuse_req_t req, fuse_ino_t ino)
+{
+    PyGILState_STATE gil = PyGILState_Ensure();
+    handled_fast = 1;
+    PyObject *h = fast[FAST_READLINK];
+    PyObject *r = PyObject_CallFunction(h, "K", (unsigned long long)ino);
+    if (!replied_error(req, r, h)) {
+        const char *target = PyBytes_Check(r) ? PyBytes_AsString(r) : NULL;
+        if (target == NULL) {
+            PyErr_Clear();
+            reply_err(req, EIO);
+        } else {
+            reply_readlink(req, target);
+        }
+        Py_DECREF(r);
+    }
+    drain();
+    PyGILState_Release(gil);
+}
+
+static void fast_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t size)
+{
+    PyGILState_STATE gil = PyGILState_Ensure();
+    handled_fast = 1;
+    PyObject *h = fast[FAST_GETXATTR];
+    PyObject *r = PyObject_CallFunction(h, "Ky#", (unsigned long long)ino, name,
+                                        (Py_ssize_t)strlen(name));
+    if (!replied_error(req, r, h)) {
+        reply_bytes(req, r, h, (long long)size);
+        Py_DECREF(r);
+    }
+    drain();
+    PyGILState_Release(gil);
+}
+
+static void fast_listxattr(fuse_req_t req, fuse_ino_t ino, size_t size)
+{
+    PyGILState_STATE gil = PyGILState_Ensure();
+    handled_fast = 1;
+    PyObject *h = fast[FAST_LISTXATTR];
+    PyObject *r = PyObject_CallFunction(h, "K", (unsigned long long)ino);
+    if (!replied_error(req, r, h)) {
+        reply_bytes(req, r, h, (long long)size);
+        Py_DECREF(r);
+    }
+    drain();
+    PyGILState_Release(gil);
+}
+
+static void fast_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
+                      struct fuse_file_info *fi)
+{
+    PyGILState_STATE gil = PyGILState_Ensure();
+    handled_fast = 1;
+    PyObject *h = fast[FAST_READ];
+    unsigned long long fh = (fi != NULL && fi->fh != 0) ? fi->fh : ino;
+    PyObject *r = PyObject_CallFunction(h, "KLn", fh, (long long)off, (Py_ssize_t)size);
+    if (!replied_error(req, r, h)) {
+        reply_bytes(req, r, h, -1);
+        Py_DECREF(r);
+    }
+    drain();
+    PyGILState_Release(gil);
+}
+
+static void fast_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size,
+                       off_t off, struct fuse_file_info *fi)
+{
+    PyGILState_STATE gil = PyGILState_Ensure();
+    handled_fast = 1;
+    PyObject *h = fast[FAST_WRITE];
+    unsigned long long fh = (fi != NULL && fi->fh != 0) ? fi->fh : ino;
+    PyObject *mv = PyMemoryView_FromMemory((char *)buf, (Py_ssize_t)size, PyBUF_READ);
+    PyObject *r = mv == NULL ? NULL : PyObject_CallFunction(h, "KLO", fh, (long long)off, mv);
+    if (mv != NULL) {
+        /* The handler must not keep the view: release it now, so a kept one fails. */
+        PyObject *rel = PyObject_CallMethod(mv, "release", NULL);
+        Py_XDECREF(rel);
+        if (rel == NULL)
+            PyErr_Clear();
+        Py_DECREF(mv);
+    }
+    if (r == NULL) {
+        PyErr_WriteUnraisable(h);
+        reply_err(req, EIO);
+    } else {
+        long long v = PyLong_AsLongLong(r);
+        if (PyErr_Occurred()) {
+            PyErr_WriteUnraisable(h);
+            v = -EIO;
+        }
+        Py_DECREF(r);
+        if (v < 0)
+            reply_err(req, (int)-v);
+        else
+            reply_write(req, (size_t)v);
+    }
+    drain();
+    PyGILState_Release(gil);
+}
+
+static void fast_flush(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+    (void)ino;
+    (void)fi;
+    handled_fast = 1;
+    reply_err(req, 0);
+    PyGILState_STATE gil = PyGILState_Ensure();
+    drain();
+    PyGILState_Release(gil);
+}
+
+static void fast_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+    PyGILState_STATE gil = PyGILState_Ensure();
+    handled_fast = 1;
+    PyObject *h = fast[FAST_RELEASE];
+    PyObject *r = PyObject_CallFunction(h, "K", (unsigned long long)(fi ? fi->fh : ino));
+    if (r == NULL)
+        PyErr_WriteUnraisable(h);
+    Py_XDECREF(r);
+    reply_err(req, 0);
+    drain();
+    PyGILState_Release(gil);
+}
+
+static void fast_forget(fuse_req_t req, fuse_ino_t ino, uint64_t nlookup)
+{
+    PyGILState_STATE gil = PyGILState_Ensure();
+    handled_fast = 1;
+    PyObject *h = fast[FAST_FORGET];
+    PyObject *r = PyObject_CallFunction(h, "KK", (unsigned long long)ino,
+                                        (unsigned long long)nlookup);
+    if (r == NULL)
+        PyErr_WriteUnraisable(h);
+    Py_XDECREF(r);
+    drain();
+    PyGILState_Release(gil);
+    reply_none(req);
+}
+
+static void fast_forget_multi(fuse_req_t req, size_t count, struct fuse_forget_data *list)
+{
+    PyGILState_STATE gil = PyGILState_Ensure();
+    handled_fast = 1;
+    PyObject *h = fast[FAST_FORGET];
+    for (size_t i = 0; i < count; i++) {
+        PyObject *r = PyObject_CallFunction(h, "KK", (unsigned long long)list[i].ino,
+                                            (unsigned long long)list[i].nlookup);
+        if (r == NULL)
+            PyErr_WriteUnraisable(h);
+        Py_XDECREF(r);
+    }
+    drain();
+    PyGILState_Release(gil);
+    reply_none(req);
+}
+
 static void shim_no_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
     (void)ino;
     (void)fi;
+    handled_fast = 1;
     reply_err(req, ENOSYS);
 }
 
@@ -129,7 +468,10 @@ static void shim_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
 {
     if (fi->fh == 0)
         fi->fh = ino;
-    pyfuse3_read(req, ino, size, off, fi);
+    if (fast[FAST_READ] != NULL)
+        fast_read(req, ino, size, off, fi);
+    else
+        pyfuse3_read(req, ino, size, off, fi);
 }
 
 static void shim_readdirplus(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
@@ -162,6 +504,18 @@ struct fuse_session *fuse_session_new(struct fuse_args *args,
     session_new_fn real = (session_new_fn)dlsym(lib, "fuse_session_new");
     reply_lseek = (reply_lseek_fn)dlsym(lib, "fuse_reply_lseek");
     reply_err = (reply_err_fn)dlsym(lib, "fuse_reply_err");
+    reply_entry = dlsym(lib, "fuse_reply_entry");
+    reply_attr = dlsym(lib, "fuse_reply_attr");
+    reply_readlink = dlsym(lib, "fuse_reply_readlink");
+    reply_buf = dlsym(lib, "fuse_reply_buf");
+    reply_write = dlsym(lib, "fuse_reply_write");
+    reply_xattr = dlsym(lib, "fuse_reply_xattr");
+    reply_none = dlsym(lib, "fuse_reply_none");
+    session_fd = dlsym(lib, "fuse_session_fd");
+    receive_buf = dlsym(lib, "fuse_session_receive_buf");
+    process_buf = dlsym(lib, "fuse_session_process_buf");
+    if (session_fd == NULL || process_buf == NULL)
+        receive_buf = NULL;
     if (real == NULL)
         return NULL;
     struct fuse_lowlevel_ops ops;
@@ -171,6 +525,26 @@ struct fuse_session *fuse_session_new(struct fuse_args *args,
         ops.lseek = shim_lseek;
     if (fallocate_handler != NULL && reply_err != NULL)
         ops.fallocate = shim_fallocate;
+    if (reply_err != NULL && reply_entry != NULL && reply_attr != NULL && reply_readlink != NULL
+            && reply_buf != NULL && reply_write != NULL && reply_xattr != NULL
+            && reply_none != NULL) {
+        if (fast[FAST_LOOKUP] != NULL) ops.lookup = fast_lookup;
+        if (fast[FAST_GETATTR] != NULL) ops.getattr = fast_getattr;
+        if (fast[FAST_READLINK] != NULL) ops.readlink = fast_readlink;
+        if (fast[FAST_GETXATTR] != NULL) ops.getxattr = fast_getxattr;
+        if (fast[FAST_LISTXATTR] != NULL) ops.listxattr = fast_listxattr;
+        if (fast[FAST_READ] != NULL) ops.read = fast_read;
+        if (fast[FAST_WRITE] != NULL) {
+            ops.write = fast_write;
+            ops.write_buf = NULL;
+        }
+        if (fast[FAST_FLUSH] != NULL) ops.flush = fast_flush;
+        if (fast[FAST_RELEASE] != NULL) ops.release = fast_release;
+        if (fast[FAST_FORGET] != NULL) {
+            ops.forget = fast_forget;
+            ops.forget_multi = fast_forget_multi;
+        }
+    }
     if (setxattr_handler != NULL && reply_err != NULL)
         ops.setxattr = shim_setxattr;
     if (handles_are_inodes && reply_err != NULL && ops.read != NULL
@@ -186,7 +560,8 @@ struct fuse_session *fuse_session_new(struct fuse_args *args,
     pyfuse3_init = ops.init;
     ops.init = shim_init;
     installed = 1;
-    return real(args, &ops, sizeof ops, userdata);
+    the_session = real(args, &ops, sizeof ops, userdata);
+    return the_session;
 }
 
 static int set_handler(PyObject **slot, PyObject *handler)
@@ -206,12 +581,22 @@ static int set_handler(PyObject **slot, PyObject *handler)
 
 static PyObject *configure(PyObject *self, PyObject *args)
 {
-    PyObject *handler, *fallocate = Py_None, *setxattr = Py_None;
+    PyObject *handler, *fallocate = Py_None, *setxattr = Py_None, *fast_handlers = Py_None;
     int symlinks, inodes, nomask = 0;
     (void)self;
-    if (!PyArg_ParseTuple(args, "Opp|OOp", &handler, &symlinks, &inodes, &fallocate,
-                          &setxattr, &nomask))
+    if (!PyArg_ParseTuple(args, "Opp|OOpO", &handler, &symlinks, &inodes, &fallocate,
+                          &setxattr, &nomask, &fast_handlers))
         return NULL;
+    if (fast_handlers != Py_None && !PyDict_Check(fast_handlers)) {
+        PyErr_SetString(PyExc_TypeError, "fast handlers must be a dict or None");
+        return NULL;
+    }
+    for (int i = 0; i < FAST_COUNT; i++) {
+        PyObject *f = fast_handlers == Py_None ? NULL
+                      : PyDict_GetItemString(fast_handlers, fast_names[i]);
+        if (set_handler(&fast[i], f == NULL ? Py_None : f) < 0)
+            return NULL;
+    }
     dont_mask = nomask;
     if (set_handler(&lseek_handler, handler) < 0
             || set_handler(&fallocate_handler, fallocate) < 0
@@ -232,7 +617,7 @@ static PyObject *active(PyObject *self, PyObject *unused)
 static PyMethodDef methods[] = {
     {"configure", configure, METH_VARARGS,
      "configure(lseek, cache_symlinks, handles_are_inodes[, fallocate[, setxattr[, "
-     "dont_mask]]]): before pyfuse3.init()"},
+     "dont_mask[, fast]]]]): before pyfuse3.init(); fast: {request name: callable}"},
     {"active", active, METH_NOARGS,
      "True once pyfuse3's fuse_session_new() call went through this module"},
     {NULL, NULL, 0, NULL},

@@ -15,7 +15,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pyfuse3
@@ -45,7 +45,39 @@ class WritableOperations(BaseOperations):
         self.discarding = False
 
     def shim_handlers(self) -> tuple[Any, ...]:
-        return (self.lseek, True, False, self.fallocate_sync, self.setxattr_sync, True)
+        return (self.lseek, True, False, self.fallocate_sync, self.setxattr_sync, True,
+                self.fast_handlers())
+
+    def fast_functions(self) -> dict[str, Callable[..., Any]]:
+        tree = self.tree
+
+        def lookup(parent: int, name: bytes) -> tuple[Any, ...]:
+            self.check_fault(name)
+            ino = tree.lookup(parent, name)
+            if ino is None:
+                return self.NEGATIVE
+            attrs = self.attr_tuple(ino, tree.attrs(ino))
+            tree.remember(ino, parent)
+            return attrs
+
+        def getxattr(ino: int, name: bytes) -> bytes | int:
+            try:
+                return tree.xattr(ino, name)
+            except Refusal:
+                return -pyfuse3.ENOATTR
+
+        return {
+            "lookup": lookup,
+            "getattr": lambda ino: self.attr_tuple(ino, tree.attrs(ino)),
+            "readlink": tree.readlink,
+            "getxattr": getxattr,
+            "listxattr": lambda ino: b"".join(n + b"\0" for n, _v in tree.xattrs(ino)),
+            "read": tree.read,
+            "write": tree.write,
+            "flush": lambda fh: 0,
+            "release": tree.released_file,
+            "forget": tree.forget,
+        }
 
     async def background(self, nursery: trio.Nursery) -> None:
         from .control import serve_control
