@@ -94,8 +94,9 @@ async def _answer(ops: WritableOperations, request: dict[str, Any]) -> dict[str,
             while True:
                 try:
                     return {"ok": True, "result": ops.session.commit(new_index, wait=0)}
-                except Busy as e:
-                    if deadline is not None and time.monotonic() >= deadline:
+                except Busy as e:  # the writer lock (not a refusal that is a kind of Busy)
+                    if type(e) is not Busy or (deadline is not None
+                                               and time.monotonic() >= deadline):
                         return {"ok": False, "code": e.exit_code, "error": e.message()}
                 except Error as e:
                     return {"ok": False, "code": e.exit_code, "error": e.message()}

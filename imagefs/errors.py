@@ -136,22 +136,20 @@ class IndexGone(NotFound):
     """{}: index {!r} is no longer in the image; commit with --new-index NAME"""
 
 
-class BaseChanged(Error):
+class BaseChanged(Busy):
     """{}: index {!r} was committed from elsewhere since this session opened; commit with --new-index NAME to keep both"""  # noqa: E501
 
-    exit_code = 6
 
-
-class SessionLive(Error):
+class SessionLive(Busy):
     """session {}: mounted by process {} at {}; unmount it first"""
 
-    exit_code = 6
 
-
-class SessionRefused(Error):
+class SessionRefused(SystemFailure):
     """{}"""
 
-    def __init__(self, message: str, code: int) -> None:
+    # exit_code: the code of the mount process's refusal (8 when it gives none)
+
+    def __init__(self, message: str, code: int = 8) -> None:
         super().__init__(message)
         self.exit_code = code  # type: ignore[misc]
 

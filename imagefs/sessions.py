@@ -21,16 +21,15 @@ import secrets
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING
 
 from .container import ImageFile, IndexEntry, crash_point, now_iso
 from .errors import BaseChanged, IndexGone, NoSuchSession, SessionLive, UsageError
-from .image import Image, check_new_name
-from .overlay import Counts, SessionTree
-from .packs import PackReader
-from .records import MetaReader
-from .staging import NEW_INO_BASE, Staging, directory_bytes
-from .vfs import IndexTree
-from .view import IndexView
+
+if TYPE_CHECKING:  # the session machinery loads when a session is opened, not listed
+    from .image import Image
+    from .overlay import SessionTree
+    from .staging import Staging
 
 META_CACHE = 24 << 20
 INODE_CACHE_WEIGHT = 32_768
@@ -97,6 +96,8 @@ class SessionInfo:
         return bool(self.pid) and pid_alive(self.pid)
 
     def staged_bytes(self) -> int:
+        from .staging import directory_bytes
+
         return directory_bytes(self.dir)
 
 
@@ -141,6 +142,9 @@ class Session:
     @classmethod
     def create(cls, image_path: str, index_spec: str, mountpoint: str,
                cache: int = 256 << 20) -> Session:
+        from .image import Image
+        from .staging import NEW_INO_BASE, Staging
+
         img = Image.open(image_path)
         try:
             number, entry = img.select(index_spec)
@@ -165,6 +169,9 @@ class Session:
 
     @classmethod
     def load(cls, info: SessionInfo, cache: int = 256 << 20) -> Session:
+        from .image import Image
+        from .staging import Staging
+
         img = Image.open(info.image)
         try:
             if _uuid(img.file) != info.uuid:
@@ -179,6 +186,13 @@ class Session:
     @classmethod
     def _assemble(cls, info: SessionInfo, img: Image, staging: Staging,
                   cache: int) -> Session:
+        from .overlay import Counts, SessionTree
+        from .packs import PackReader
+        from .records import MetaReader
+        from .staging import NEW_INO_BASE
+        from .vfs import IndexTree
+        from .view import IndexView
+
         meta = staging.load_meta()
         base_root = int(meta["base_root"])  # type: ignore[call-overload]
         number, entry = _find_index(img.indices, str(meta["index_name"]))
@@ -228,6 +242,7 @@ class Session:
         """Publish the session's changes into its index (or as a new one); the session goes
         on from the published state."""
         from .commit import ChangeWriter
+        from .image import check_new_name
         from .writer import Transaction, TreeStats, add_index, history_entry
 
         self.staging.sync()
