@@ -1,4 +1,4 @@
-"""Build the one C helper (imagefs/_fuseshim.c: lseek and symlink caching beneath pyfuse3).
+"""Build the one C helper (imagefs/_fuseshim.c: what pyfuse3 lacks, and fast paths beneath it).
 
 Everything else is in pyproject.toml.  The extension is optional: without a compiler or
 the libfuse3 headers the install still succeeds and mounts work without SEEK_HOLE."""

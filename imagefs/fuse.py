@@ -1,5 +1,11 @@
-"""The FUSE side of a read-only mount: pyfuse3 Operations as a thin adapter over
-vfs.IndexTree, and the loop that serves them.
+"""The FUSE side of a mount: what read-only and writable mounts share (BaseOperations:
+the error boundary, attributes, fast paths, the serving loop), and the read-only
+adapter over vfs.IndexTree.  The writable one is fuse_rw.py.
+
+Requests that never wait (lookup, getattr, xattrs, readlink, read, write, flush, release,
+forget) are answered by plain functions called from _fuseshim, which then drains the
+requests already waiting without going back to the trio loop; the rest go through
+pyfuse3's coroutines.  IMAGEFS_NO_FAST_PATHS=1 turns the fast paths off (to compare).
 
 Every handler passes through one boundary: an answer the filesystem gives on purpose
 (ENOENT, ENOTDIR, ENXIO...) goes back as its errno; damage in the image becomes EIO and one
