@@ -21,6 +21,8 @@ wimcapture (each tree alone), apply time <= 1.5x wimapply; for mounts: tar pass 
 squashfuse_ll and <= 0.3x wimmount, pass 2 <= 1.5x squashfuse_ll, find -ls fresh <= 1.0x
 squashfuse_ll, dd throughput >= 1.0x squashfuse_ll, mount time <= 0.2 s.  A missed target
 is reported as FAIL and still exits 0; a failing command exits 1.
+Last the writable-mount rows (scripts/bench_rw.py; --no-rw skips them): imagefs mount --rw
+beside fuse-overlayfs and the plain directory, and imagefs commit beside wimunmount --commit.
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench_mount import measure_mounts
+from bench_rw import measure_rw
 
 REPO = Path(__file__).resolve().parent.parent
 IMAGEFS = REPO / ".venv" / "bin" / "imagefs"
@@ -58,7 +61,8 @@ class Sample:
     cpu_seconds: float  # user + system time of the command and its children
 
 
-TOOLS = ("imagefs", "wimlib", "squashfs", "plain")
+TOOLS = ("imagefs", "wimlib", "squashfs", "fuse-overlayfs", "plain")
+PEERS = ("wimlib", "squashfs", "fuse-overlayfs")  # the ratio columns
 
 
 @dataclass
@@ -276,11 +280,11 @@ def fmt(row: Row, tool: str) -> str:
 
 
 def table(rows: list[Row]) -> str:
-    head = ["measurement", *TOOLS, "/wimlib", "/squashfs", "target", "result"]
+    head = ["measurement", *TOOLS, *(f"/{p}" for p in PEERS), "target", "result"]
     body = []
     for r in rows:
         ratios = [f"{x:.3f}" if x is not None else "-"
-                  for x in (r.ratio_to("wimlib"), r.ratio_to("squashfs"))]
+                  for x in (r.ratio_to(p) for p in PEERS)]
         result = {True: "PASS", False: "FAIL", None: ""}[r.passed]
         body.append([r.label, *(fmt(r, t) for t in TOOLS), *ratios, r.target_text(), result])
     widths = [max(len(line[i]) for line in [head, *body]) for i in range(len(head))]
@@ -299,15 +303,17 @@ def main() -> int:
                     help="write all numbers as JSON to PATH (a directory gets PATH/bench.json)")
     ap.add_argument("--level", type=int, help="zstd level for imagefs capture and export")
     ap.add_argument("--no-mount", action="store_true", help="skip the mount rows")
+    ap.add_argument("--no-rw", action="store_true", help="skip the writable-mount rows")
     args = ap.parse_args()
     t_start = time.perf_counter()
     started = datetime.datetime.now(datetime.UTC)
 
     for tool in ("wimcapture", "wimappend", "wimapply", "wimverify", "wimexport", "mksquashfs",
-                 "wimmount", "wimunmount", "squashfuse_ll", "fusermount3"):
+                 "wimmount", "wimunmount", "squashfuse_ll", "fusermount3", "wimmountrw",
+                 "fuse-overlayfs"):
         if not shutil.which(tool):
             print(f"bench: {tool} not found (scripts/setup installs wimtools, squashfs-tools, "
-                  "squashfuse, fuse3)", file=sys.stderr)
+                  "squashfuse, fuse3, fuse-overlayfs)", file=sys.stderr)
             return 1
 
     tmp = Path(os.environ.get("TMPDIR") or "/tmp")
@@ -334,6 +340,8 @@ def main() -> int:
         measure(b, trees)
         if not args.no_mount:
             measure_mounts(b, trees, str(IMAGEFS), timed)
+        if not args.no_rw:
+            measure_rw(b, trees, str(IMAGEFS), timed)
         load_end = os.getloadavg()
     except CommandFailed as e:
         print(f"bench: {e}", file=sys.stderr)
@@ -351,6 +359,8 @@ def main() -> int:
           f"{load_end[0]:.2f} at end")
     print("mount rows: wimlib = wimmount, squashfs = squashfuse_ll, plain = the source "
           "directory")
+    print("rw rows: wimlib = wimmountrw + wimunmount --commit, plain = an empty directory on "
+          "the work dir's disk")
     print(f"times in seconds (wall clock), sizes in MiB; versions: {versions['imagefs']}; "
           f"{versions['wimlib']}; {versions['squashfs']}")
     print()
@@ -394,6 +404,8 @@ def main() -> int:
                  "ratio_imagefs_wimlib": round(r.ratio, 4) if r.ratio is not None else None,
                  "ratio_imagefs_squashfs": (round(x, 4) if (x := r.ratio_to("squashfs"))
                                             is not None else None),
+                 "ratio_imagefs_fuse_overlayfs": (round(x, 4) if (x := r.ratio_to(
+                     "fuse-overlayfs")) is not None else None),
                  "targets": r.target_text(), "pass": r.passed,
                  "samples": r.samples}
                 for r in b.rows],

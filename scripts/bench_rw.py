@@ -1,0 +1,329 @@
+"""Writable-mount benchmarks for scripts/bench: `imagefs mount --rw` beside fuse-overlayfs and
+the plain directory, and imagefs commit beside wimlib's (wimmountrw, wimunmount --commit).
+
+On the bookworm-minbase tree, each on a fresh writable mount (imagefs: a session on index 1
+of the captured image, dropped with `unmount --discard` after the run; fuse-overlayfs:
+lowerdir = the extracted fixture tree, upperdir and workdir new empty dirs; plain: a new
+empty directory beside them on the work dir's disk):
+  * `dd if=SRC of=MNT/big bs=1M conv=fsync` of 1 GiB, SRC /dev/zero and a pre-made 1 GiB
+    semi-compressible file (scripts/bench_mount.py's) -> MB/s;
+  * create-write-close of 10 000 files of 100 bytes into MNT/small/ by one Python process
+    (open, write, close each; no fsync) -> s;
+  * `tar -xf minbase.tar` (the tree, tarred once, uncompressed) into an empty MNT/tarx;
+  * `git init && git add -A && git commit` in MNT/repo after usr/share/doc of the tree was
+    copied in (`cp -a`, timed apart: JSON only).
+Then commit: imagefs on a fresh copy of the image, `mount --rw`, append a line to
+etc/hostname, time `imagefs commit MNT`; then create 10 000 files of 100 bytes and time
+`imagefs commit MNT` again.  wimlib on a fresh copy of the LZX WIM: `wimmountrw --unix-data`,
+the same change, time `wimunmount MNT --commit`; mount again, the 10 000 files, time the
+commit.  Only the commit step is timed (mounting and making the change are not).
+
+Each measurement is the best of RUNS, every run on its own fresh mount, the tools
+interleaved.  Targets: write throughput >= 0.5x fuse-overlayfs, small files and tar -x
+<= 2x fuse-overlayfs, commit of 1 changed file <= 0.5 s and <= wimlib.  Sessions and mount
+records go to IMAGEFS_STATE_DIR / IMAGEFS_RUN_DIR under the work dir, never /var/lib/imagefs
+or /run/imagefs.  Every mount is undone in a finally block; a mount left under the work dir
+at the end is detached (umount -l) and reported.
+
+Run inside scripts/bench (--no-rw skips these rows) or alone:
+  .venv/bin/python scripts/bench_rw.py [--level L] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench_mount import BIG_SIZE, RUNS, make_big_tree, mounted, shell
+
+# Column keys of bench.py's table: "fuse-overlayfs" for rows 1-4, "wimlib" = wimmountrw +
+# wimunmount --commit for the commit rows, "plain" = an empty directory on the work disk.
+OVERLAY = "fuse-overlayfs"
+IO_PEERS = ("imagefs", OVERLAY, "plain")
+COMMIT_PEERS = ("imagefs", "wimlib")
+SMALL_FILES = 10_000
+GIT_SUBTREE = "usr/share/doc"
+WIM_OPTS = ["--unix-data", "--compress=LZX"]
+# One process doing open, write, close per file (so the filesystem is measured, not fork()).
+WRITE_SMALL = ("import os, sys; d = sys.argv[1]; os.mkdir(d); "
+               "[os.write(fd := os.open(f'{d}/f{i}', os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), "
+               "b'%099d\\n' % i) and os.close(fd) for i in range(int(sys.argv[2]))]")
+# The environment of the measurement: sessions and mount records under the work dir; git
+# with no user or system config.
+ENV = {"IMAGEFS_STATE_DIR": "rw-state", "IMAGEFS_RUN_DIR": "rw-run",
+       "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": "/dev/null",
+       "GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@example.invalid",
+       "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@example.invalid"}
+
+
+class RwMount:
+    """One writable mount at work/rwmnt (or a plain directory), undone by close().  open()
+    returns the path relative to the work dir, where b.run runs its commands."""
+
+    def __init__(self, b: Any, tool: str, imagefs: str, lower: Path) -> None:
+        self.b = b
+        self.tool = tool
+        self.imagefs = imagefs
+        self.lower = lower
+        self.mnt = b.work / "rwmnt"
+        self.ovl = b.work / "ovl"  # fuse-overlayfs upperdir and workdir
+        self.plain = b.work / "plainrw"
+        self.is_mounted = False
+
+    def open(self, image: str = "") -> Path:
+        if self.tool == "plain":
+            shutil.rmtree(self.plain, ignore_errors=True)
+            self.plain.mkdir()
+            return Path(self.plain.name)
+        self.mnt.mkdir(exist_ok=True)
+        if mounted(self.mnt):
+            raise RuntimeError(f"{self.mnt} is still mounted from an earlier step")
+        if self.tool == "imagefs":
+            argv = [self.imagefs, "mount", "--rw", image, "1", self.mnt.name]
+        elif self.tool == OVERLAY:
+            shutil.rmtree(self.ovl, ignore_errors=True)
+            (self.ovl / "upper").mkdir(parents=True)
+            (self.ovl / "work").mkdir()
+            ovl = self.ovl.name
+            argv = ["fuse-overlayfs", "-o", f"lowerdir={self.lower},upperdir={ovl}/upper,"
+                    f"workdir={ovl}/work", self.mnt.name]
+        else:  # wimlib
+            argv = ["wimmountrw", image, "1", self.mnt.name, "--unix-data"]
+        self.is_mounted = True  # from here on close() must try, even if the command failed
+        self.b.run(argv)
+        deadline = time.monotonic() + 20
+        while not mounted(self.mnt):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.tool}: {self.mnt} did not appear as a mount")
+            time.sleep(0.01)
+        return Path(self.mnt.name)
+
+    def commit(self) -> float:
+        """Time the commit step: `imagefs commit` (the mount stays) or `wimunmount --commit`
+        (the mount ends)."""
+        if self.tool == "imagefs":
+            return self.b.run([self.imagefs, "commit", self.mnt.name]).seconds
+        seconds = self.b.run(["wimunmount", self.mnt.name, "--commit"]).seconds
+        self.wait_gone()
+        self.is_mounted = False
+        return seconds
+
+    def close(self) -> None:
+        """Unmount, dropping uncommitted changes; never raises."""
+        if self.tool == "plain":
+            shutil.rmtree(self.plain, ignore_errors=True)
+            return
+        if not self.is_mounted:
+            return
+        argv = {"imagefs": [self.imagefs, "unmount", str(self.mnt), "--discard"],
+                OVERLAY: ["fusermount3", "-u", str(self.mnt)],
+                "wimlib": ["wimunmount", str(self.mnt)]}[self.tool]
+        for _ in range(50):
+            if not mounted(self.mnt):
+                break
+            if subprocess.run(argv, capture_output=True).returncode == 0:
+                break
+            time.sleep(0.1)
+        self.wait_gone()
+        self.is_mounted = False
+        if self.tool == OVERLAY:
+            shutil.rmtree(self.ovl, ignore_errors=True)
+
+    def wait_gone(self) -> None:
+        # wimunmount (and a FUSE daemon generally) may return before the kernel lets go.
+        deadline = time.monotonic() + 20
+        while mounted(self.mnt) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if mounted(self.mnt):
+            print(f"bench_rw: {self.tool}: {self.mnt} still mounted; umount -l",
+                  file=sys.stderr)
+            subprocess.run(["umount", "-l", str(self.mnt)], capture_output=True)
+
+
+def leftover_mounts(root: Path) -> list[str]:
+    """Mount points at or under root, from /proc/self/mountinfo."""
+    prefix = str(root).rstrip("/") + "/"
+    found = []
+    with open("/proc/self/mountinfo") as fh:
+        for line in fh:
+            mp = line.split()[4].replace("\\040", " ")
+            if mp == str(root) or mp.startswith(prefix):
+                found.append(mp)
+    return found
+
+
+def write_small(mnt: Path, name: str = "small") -> list[str]:
+    return [sys.executable, "-c", WRITE_SMALL, str(mnt / name), str(SMALL_FILES)]
+
+
+def measure_rw(b: Any, trees: list[tuple[str, str, Path]], imagefs: str,
+               timed: Callable[..., None]) -> None:
+    name, short, src = next((t for t in trees if t[0] == "bookworm-minbase"), trees[0])
+    saved = {k: os.environ.get(k) for k in ENV}
+    os.environ.update(ENV)
+    os.environ["IMAGEFS_STATE_DIR"] = str(b.work / ENV["IMAGEFS_STATE_DIR"])
+    os.environ["IMAGEFS_RUN_DIR"] = str(b.work / ENV["IMAGEFS_RUN_DIR"])
+    try:
+        _measure(b, name, short, src, imagefs, timed)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        left = leftover_mounts(b.work)
+        for mp in reversed(left):
+            subprocess.run(["umount", "-l", mp], capture_output=True)
+        if left:
+            print(f"bench_rw: detached mounts left behind: {', '.join(left)}", file=sys.stderr)
+        for d in ("rwbig", "ovl", "plainrw", "rw-state", "rw-run"):
+            shutil.rmtree(b.work / d, ignore_errors=True)
+        for f in ("rw-tree.tar", "rw-commit.imagefs", "rw-commit.wim"):
+            (b.work / f).unlink(missing_ok=True)
+
+
+def _measure(b: Any, name: str, short: str, src: Path, imagefs: str,
+             timed: Callable[..., None]) -> None:
+    # The image and WIM of the tree: bench.py's, or made here when run alone.
+    image, wim = f"{short}.imagefs", f"{short}.wim"
+    if not (b.work / image).exists():
+        b.run([imagefs, "capture", str(src), image, "--name", name]
+              + (["--level", str(b.level)] if b.level is not None else []))
+    if not (b.work / wim).exists():
+        b.run(["wimcapture", str(src), wim, name, *WIM_OPTS])
+    make_big_tree(b.work / "rwbig")
+    big = "rwbig/big.bin"
+    b.run(["tar", "-cf", "rw-tree.tar", "--xattrs", "--xattrs-include=*", "--numeric-owner",
+           "-C", str(src), "."])
+    b.names.setdefault(str(src), short)
+
+    def each_run(row_fn: Callable[[str, Path], None]) -> None:
+        for _run, tool in ((r, t) for r in range(RUNS) for t in IO_PEERS):
+            m = RwMount(b, tool, imagefs, src)
+            try:
+                row_fn(tool, m.open(image))
+            finally:
+                m.close()
+
+    vs = [(OVERLAY, 0.5)]
+    for source, label in (("/dev/zero", "/dev/zero"), (big, "semi-compressible file")):
+        key = "zero" if source == "/dev/zero" else "file"
+        row = b.row(f"rw.dd.{key}", f"rw: dd 1 GiB from {label}, conv=fsync (MB/s)", "MB/s",
+                    targets=vs, higher_is_better=True)
+
+        def dd(tool: str, mnt: Path, row: Any = row, source: str = source) -> None:
+            seconds = shell(b, f"dd if={source} of={mnt}/big bs=1M count={BIG_SIZE >> 20} "
+                               "conv=fsync status=none")
+            timed(row, tool, BIG_SIZE / 1e6 / seconds)
+        each_run(dd)
+
+    small = b.row("rw.small", f"rw: create-write-close {SMALL_FILES} files of 100 B (s)", "s",
+                  targets=[(OVERLAY, 2.0)])
+    each_run(lambda tool, mnt: timed(small, tool, b.run(write_small(mnt))))
+
+    tar = b.row(f"rw.tarx.{name}", f"rw: tar -x of {name} into an empty dir (s)", "s",
+                targets=[(OVERLAY, 2.0)])
+
+    def untar(tool: str, mnt: Path) -> None:
+        (b.work / mnt / "tarx").mkdir()
+        timed(tar, tool, b.run(["tar", "-xf", "rw-tree.tar", "--xattrs", "--xattrs-include=*",
+                                "--numeric-owner", "-C", str(mnt / "tarx")]))
+    each_run(untar)
+
+    copy = b.row("rw.git.copy", f"rw: cp -a {GIT_SUBTREE} of {name} into the mount (s)", "s",
+                 in_table=False)
+    git = b.row("rw.git", f"rw: git init, add -A, commit of {GIT_SUBTREE} (s)", "s")
+
+    def git_commit(tool: str, mnt: Path) -> None:
+        repo = shlex.quote(str(mnt / "repo"))
+        timed(copy, tool, shell(b, f"mkdir {repo} && cp -a {src}/{GIT_SUBTREE}/. {repo}/"))
+        timed(git, tool, shell(b, f"cd {repo} && git init -q && git add -A && "
+                                  "git commit -qm x"))
+    each_run(git_commit)
+
+    # Commit: one changed file, then SMALL_FILES new files, on fresh copies of the images.
+    one = b.row("rw.commit.1", "rw: commit 1 changed file (s)", "s",
+                targets=[("abs", 0.5), ("wimlib", 1.0)])
+    many = b.row("rw.commit.many", f"rw: commit {SMALL_FILES} new files (s)", "s")
+    for _run, tool in ((r, t) for r in range(RUNS) for t in COMMIT_PEERS):
+        copy_of = "rw-commit.imagefs" if tool == "imagefs" else "rw-commit.wim"
+        shutil.copyfile(b.work / (image if tool == "imagefs" else wim), b.work / copy_of)
+        m = RwMount(b, tool, imagefs, src)
+        try:
+            mnt = m.open(copy_of)
+            shell(b, f"echo bench >>{mnt}/etc/hostname")
+            timed(one, tool, m.commit())
+            if tool == "wimlib":
+                mnt = m.open(copy_of)
+            b.run(write_small(mnt))
+            timed(many, tool, m.commit())
+        finally:
+            m.close()
+
+
+def main() -> int:
+    """Run the rw rows alone on bookworm-minbase, with bench.py's table."""
+    import argparse
+    import fcntl
+    import json
+
+    import bench  # not at the top: bench.py imports this module
+
+    ap = argparse.ArgumentParser(prog="scripts/bench_rw.py", description=__doc__.split("\n")[0])
+    ap.add_argument("--level", type=int, help="zstd level for imagefs capture")
+    ap.add_argument("--json", metavar="PATH", help="also write the rows as JSON to PATH")
+    args = ap.parse_args()
+    for tool in ("fuse-overlayfs", "fusermount3", "wimcapture", "wimmountrw", "wimunmount",
+                 "git", "tar"):
+        if not shutil.which(tool):
+            print(f"bench_rw: {tool} not found (see scripts/setup)", file=sys.stderr)
+            return 1
+    tmp = Path(os.environ.get("TMPDIR") or "/tmp")
+    work = tmp / "imagefs-bench-rw"
+    lock = os.open(tmp / "imagefs-bench-rw.lock", os.O_WRONLY | os.O_CREAT, 0o644)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    start = time.perf_counter()
+    try:
+        name = "bookworm-minbase"
+        src = bench.fixture_tree(name)
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        b = bench.Bench(work, {str(src): "minbase"}, args.level)
+        bench.warm_page_cache(src)
+        measure_rw(b, [(name, "minbase", src)], str(bench.IMAGEFS), bench.timed)
+    except bench.CommandFailed as e:
+        print(f"bench_rw: {e}", file=sys.stderr)
+        return 1
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print()
+    print(f"imagefs rw benchmark, {os.cpu_count()} CPUs; wimlib = wimmountrw + wimunmount "
+          f"--commit, plain = an empty directory on the work dir's disk")
+    print()
+    print(bench.table([r for r in b.rows if r.in_table]))
+    print()
+    print(f"commands (run in work={shlex.quote(str(work))}, "
+          f"minbase={shlex.quote(str(src))}):")
+    for c in b.commands:
+        print(f"  {c}")
+    failed = [r.label for r in b.rows if r.passed is False]
+    print()
+    print(f"targets: {'all met' if not failed else 'FAILED: ' + '; '.join(failed)}")
+    print(f"took {time.perf_counter() - start:.0f} s")
+    if args.json:
+        rows = [{"key": r.key, "label": r.label, "unit": r.unit, "values": r.values,
+                 "targets": r.target_text(), "pass": r.passed, "samples": r.samples}
+                for r in b.rows]
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
