@@ -21,11 +21,11 @@ import struct
 import time
 from typing import TYPE_CHECKING, Any
 
-import trio
-
 from .errors import Busy, Error, SessionRefused, SystemFailure
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # trio is the server's: `imagefs commit`, a client, starts without it
+    import trio
+
     from .fuse_rw import WritableOperations
 
 MAX_REQUEST = 64 * 1024
@@ -36,8 +36,9 @@ def address(session_id: str) -> str:
     return f"\0imagefs/session/{session_id}"
 
 
-async def serve_control(ops: WritableOperations,
-                        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+async def serve_control(ops: WritableOperations, *, task_status: Any) -> None:
+    import trio
+
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     await sock.bind(address(ops.session.info.id))
     sock.listen(16)
@@ -51,6 +52,8 @@ async def serve_control(ops: WritableOperations,
 
 
 async def _handle(ops: WritableOperations, stream: trio.SocketStream) -> None:
+    import trio
+
     async with stream:
         try:
             creds = stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
@@ -68,6 +71,8 @@ async def _handle(ops: WritableOperations, stream: trio.SocketStream) -> None:
 
 
 async def _read_line(stream: trio.SocketStream) -> dict[str, Any]:
+    import trio
+
     buf = b""
     with trio.move_on_after(30):
         while b"\n" not in buf and len(buf) <= MAX_REQUEST:
@@ -83,6 +88,8 @@ async def _read_line(stream: trio.SocketStream) -> dict[str, Any]:
 
 
 async def _answer(ops: WritableOperations, request: dict[str, Any]) -> dict[str, Any]:
+    import trio
+
     op = request.get("op")
     if op == "commit":
         new_index = request.get("new_index")
