@@ -48,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
     if result is not None:
         say_committed(result)
     what = f" (index {rec.index} ({rec.name}) of {rec.image})" if rec.index else ""
-    dropped = "; its changes were discarded" if args.discard and rec.session else ""
-    print(f"Unmounted {rec.mountpoint}{what}{dropped}.")
+    ended = ""
+    if rec.session:  # what was not committed is gone with the session
+        ended = f"; session {rec.session} " + ("discarded" if args.discard else "ended")
+    print(f"Unmounted {rec.mountpoint}{what}{ended}.")
     return 0
