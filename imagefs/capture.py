@@ -12,7 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from pyfastcdc.cy import FastCDC
 
@@ -90,6 +90,25 @@ def chunk_region(read: Callable[[int, int], bytes | memoryview], start: int, end
         if progressed:
             progressed(len(carry))
     return locs
+
+
+def file_data(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
+    """[start, end) of each data region (not hole) of an open file within [start, end),
+    by SEEK_DATA/SEEK_HOLE."""
+    pos = start
+    while pos < end:
+        try:
+            s = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:
+                return
+            raise
+        if s >= end:
+            return
+        stop = min(os.lseek(fd, s, os.SEEK_HOLE), end)
+        if stop > s:
+            yield s, stop
+        pos = stop
 
 
 class TreeCapture:
@@ -212,20 +231,7 @@ class TreeCapture:
             return []
         if not sparse:
             return [(0, size)]
-        regions = []
-        pos = 0
-        while pos < size:
-            try:
-                start = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError as e:
-                if e.errno == errno.ENXIO:
-                    break
-                raise
-            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
-            if end > start:
-                regions.append((start, end))
-            pos = end
-        return regions
+        return list(file_data(fd, 0, size))
 
     def _read_region(self, fd: int, start: int, end: int, node: Node) -> None:
         node.locs.extend(chunk_region(lambda off, n: os.pread(fd, n, off), start, end,

@@ -81,6 +81,7 @@ class BaseOperations(pyfuse3.Operations):
     """What both kinds of mount share: the error boundary, INIT, attributes, lseek."""
 
     packs: PackReader
+    tree: Any  # the inode layer: vfs.IndexTree, or overlay.SessionTree
 
     def __init__(self, label: str) -> None:
         super().__init__()
@@ -144,13 +145,13 @@ class BaseOperations(pyfuse3.Operations):
     # --- attributes --------------------------------------------------------------------
 
     def size_of(self, node: Any) -> int:
-        raise NotImplementedError
+        return int(self.tree.size(node))
 
     def blocks_of(self, node: Any) -> int:
-        raise NotImplementedError
+        return int(self.tree.blocks(node))
 
     def seek(self, inode: int, offset: int, whence: int) -> int:
-        raise NotImplementedError
+        return int(self.tree.seek(inode, offset, whence))
 
     def path_of(self, inode: int) -> bytes | None:
         raise NotImplementedError
@@ -239,15 +240,6 @@ class ReadOnlyOperations(BaseOperations):
         super().__init__(label)
         self.tree = tree
         self.packs = tree.view.packs
-
-    def size_of(self, node: Any) -> int:
-        return self.tree.size(node)
-
-    def blocks_of(self, node: Any) -> int:
-        return self.tree.blocks(node)
-
-    def seek(self, inode: int, offset: int, whence: int) -> int:
-        return self.tree.seek(inode, offset, whence)
 
     def path_of(self, inode: int) -> bytes | None:
         return self.tree.path_of(inode)

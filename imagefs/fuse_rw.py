@@ -103,15 +103,6 @@ class WritableOperations(BaseOperations):
 
     # --- attributes ---------------------------------------------------------------------
 
-    def size_of(self, node: Any) -> int:
-        return self.tree.size(node)
-
-    def blocks_of(self, node: Any) -> int:
-        return self.tree.blocks(node)
-
-    def seek(self, inode: int, offset: int, whence: int) -> int:
-        return self.tree.seek(inode, offset, whence)
-
     def path_of(self, inode: int) -> bytes | None:
         return self.tree.base.path_of(inode)
 

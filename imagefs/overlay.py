@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 from . import _format as F
 from . import acl
+from .capture import file_data
 from .records import Inode
 from .staging import NEW_INO_BASE, Node, Ranges, Staging
 from .vfs import BLOCK, DIR_SIZE, ROOT_INO, IndexTree, Refusal, data_regions, seek_regions
@@ -204,7 +205,7 @@ class SessionTree:
             fd = self.st.data_fd(node.ino)
             spans = [(0, node.size)] if node.is_new else list(node.staged or Ranges())
             for a, b in spans:
-                for s, e in _file_data(fd, a, min(b, node.size)):
+                for s, e in file_data(fd, a, min(b, node.size)):
                     regions.add(s, e)
         return list(regions)
 
@@ -773,23 +774,6 @@ class SessionTree:
 
     def files_count(self) -> int:
         return self.counts.files + self.counts.dirs
-
-
-def _file_data(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
-    """The data regions of a sparse file within [start, end)."""
-    pos = start
-    while pos < end:
-        try:
-            s = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError as e:
-            if e.errno == errno.ENXIO:
-                return
-            raise
-        if s >= end:
-            return
-        e_ = min(os.lseek(fd, s, os.SEEK_HOLE), end)
-        yield s, e_
-        pos = e_
 
 
 def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:

@@ -209,7 +209,7 @@ class Staging:
         self._nodes: dict[int, Node] = {}  # changed since the last sync
         self._gone: set[int] = set()
         self._entries: dict[tuple[int, bytes], int | None] = {}
-        self._meta: dict[str, str] = {}
+        self._meta: dict[str, object] = {}  # serialized at sync: the latest values win
         self._fds: dict[int, int] = {}
         self._written: set[int] = set()  # data files written since the last durable sync
 
@@ -235,7 +235,7 @@ class Staging:
         self._entries[(directory, name)] = child
 
     def meta_set(self, key: str, value: object) -> None:
-        self._meta[key] = json.dumps(value)
+        self._meta[key] = value
 
     @property
     def pending(self) -> bool:
@@ -265,7 +265,7 @@ class Staging:
                                [(d, n, c) for (d, n), c in self._entries.items()
                                 if c is not None])
                 db.executemany("INSERT OR REPLACE INTO meta VALUES (?,?)",
-                               list(self._meta.items()))
+                               [(k, json.dumps(v)) for k, v in self._meta.items()])
                 if durable:  # a transaction that writes, so the WAL is fsynced now
                     db.execute("INSERT OR REPLACE INTO meta VALUES ('synced', 'true')")
                 db.execute("COMMIT")
