@@ -64,6 +64,8 @@ async def _handle(ops: WritableOperations, stream: trio.SocketStream) -> None:
                 reply: dict[str, Any] = {"ok": False, "code": 6, "error": "this session "
                                          "belongs to another user"}
             else:
+                if uid != 0:  # only root (the daemon) speaks for another caller
+                    request.pop("who", None)
                 reply = await _answer(ops, request)
             await stream.send_all(json.dumps(reply).encode() + b"\n")
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
@@ -95,12 +97,16 @@ async def _answer(ops: WritableOperations, request: dict[str, Any]) -> dict[str,
         new_index = request.get("new_index")
         if new_index is not None and not isinstance(new_index, str):
             return {"ok": False, "code": 2, "error": "new_index must be a string"}
+        who = request.get("who")
+        if who is not None and not isinstance(who, dict):
+            return {"ok": False, "code": 2, "error": "who must be an object"}
         wait = request.get("wait")
         deadline = None if not isinstance(wait, (int, float)) else time.monotonic() + wait
         async with ops.commit_lock:
             while True:
                 try:
-                    return {"ok": True, "result": ops.session.commit(new_index, wait=0)}
+                    return {"ok": True, "result": ops.session.commit(new_index, wait=0,
+                                                                         who=who)}
                 except Busy as e:  # the writer lock (not a refusal that is a kind of Busy)
                     if type(e) is not Busy or (deadline is not None
                                                and time.monotonic() >= deadline):

@@ -154,6 +154,16 @@ class SessionRefused(SystemFailure):
         self.exit_code = code  # type: ignore[misc]
 
 
+class DaemonRefused(SystemFailure):
+    """{}"""
+
+    # exit_code: the code the daemon's answer carries (8 when it gives none)
+
+    def __init__(self, message: str, code: int = 8) -> None:
+        super().__init__(message)
+        self.exit_code = code  # type: ignore[misc]
+
+
 class Interrupted(Error):
     """interrupted; the image is unchanged"""
 

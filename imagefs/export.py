@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import os
 from collections.abc import Callable
+from typing import Any
 
 from . import _format as F
 from .container import ImageFile
@@ -63,7 +64,8 @@ def parse_selection(image: Image, selection: str) -> list[int]:
 
 def export(src: str, selection: str, dest: str, level: int = 9,
            progress: Callable[[int], None] | None = None,
-           on_total: Callable[[int], None] | None = None) -> list[int]:
+           on_total: Callable[[int], None] | None = None,
+           who: dict[str, Any] | None = None) -> list[int]:
     """Export the selected indices of src into dest; the new index numbers in dest."""
     check_level(level)
     with Image.open(src) as image:
@@ -78,10 +80,10 @@ def export(src: str, selection: str, dest: str, level: int = 9,
             if not is_image_file(dest):
                 raise DestinationError(dest, "exists and is not an imagefs image")
             with ImageFile.open(dest, writable=True) as out:
-                return _export_into(image, numbers, out, level, progress)
+                return _export_into(image, numbers, out, level, progress, who)
         out = _new_unnamed(dest)
         try:
-            result = _export_into(image, numbers, out, level, progress)
+            result = _export_into(image, numbers, out, level, progress, who)
             try:
                 _link_unnamed(out.fd, dest)
             except FileExistsError:
@@ -93,7 +95,8 @@ def export(src: str, selection: str, dest: str, level: int = 9,
 
 
 def _export_into(image: Image, numbers: list[int], out: ImageFile, level: int,
-                 progress: Callable[[int], None] | None) -> list[int]:
+                 progress: Callable[[int], None] | None,
+                 who: dict[str, Any] | None = None) -> list[int]:
     new = []
     with Transaction(out, level) as tx:
         for n in numbers:
@@ -106,7 +109,7 @@ def _export_into(image: Image, numbers: list[int], out: ImageFile, level: int,
                 raise CorruptImage(image.path, f"index {n} does not match its digest; "
                                                "run `imagefs verify`")
             new.append(add_index(tx.commit, entry.name, entry.description, stats,
-                                 history_entry("export", source=os.path.abspath(image.path),
+                                 history_entry("export", who, source=os.path.abspath(image.path),
                                                source_index=n, level=level),
                                  created=entry.created, old_history=entry.history))
         tx.publish()

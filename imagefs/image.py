@@ -11,7 +11,8 @@ import contextlib
 import os
 import stat
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 from . import _format as F
 from .capture import TreeCapture  # eager: imagefs.capture must stay the function
@@ -64,6 +65,32 @@ class Image:
         """An index by number (from 1) or by name."""
         return select_index(self.commit, spec, self.path)
 
+    def describe(self, spec: str | int | None = None, history: bool = False
+                 ) -> dict[str, Any]:
+        """What `imagefs info --json` prints (and the daemon's images.info answers): the
+        file's figures and its indices (or one), from the commit record alone."""
+        c = self.commit
+        chosen = [self.select(spec)] if spec is not None else list(enumerate(self.indices, 1))
+        logical = sum(e.bytes for e in c.indices)
+        return {
+            "image": self.path,
+            "format_version": self.file.header.version,
+            "generation": c.generation,
+            "size_on_disk": os.fstat(self.file.fd).st_size,
+            "unique_bytes": c.unique_bytes,
+            "stored_bytes": c.stored_bytes,
+            "chunks": c.chunks,
+            "logical_bytes": logical,
+            "dedup_ratio": round(logical / c.unique_bytes, 3) if c.unique_bytes else None,
+            "compression_ratio": (round(c.unique_bytes / c.stored_bytes, 3)
+                                  if c.stored_bytes else None),
+            "indices": [
+                {"index": n, **{k: v for k, v in asdict(e).items()
+                                if k != "history" or history}}
+                for n, e in chosen
+            ],
+        }
+
     def view(self, spec: str | int) -> IndexView:
         number, entry = self.select(spec)
         return IndexView(self.file, number, entry)
@@ -103,7 +130,7 @@ def capture(image_path: str, src: str, name: str, description: str = "",
             level: int = DEFAULT_LEVEL, progress: Callable[[int], None] | None = None,
             on_total: Callable[[int], None] | None = None,
             on_wait: Callable[[], None] | None = None,
-            wait: float | None = None) -> CaptureResult:
+            wait: float | None = None, who: dict[str, Any] | None = None) -> CaptureResult:
     """Capture the directory src as a new index of image_path (created if missing)."""
     from .writer import Transaction, add_index, history_entry
 
@@ -122,11 +149,13 @@ def capture(image_path: str, src: str, name: str, description: str = "",
             on_total(total)
         cap.read_contents(root)
         stats = tx.write_tree(root)
-        number = add_index(tx.commit, name, description, stats,
-                           history_entry("capture", source=os.path.abspath(src), level=level))
+        result = CaptureResult(len(tx.commit.indices) + 1, name, stats.files, stats.bytes,
+                               packs.new_bytes, packs.stored_bytes)
+        add_index(tx.commit, name, description, stats,
+                  history_entry("capture", who, source=os.path.abspath(src), level=level,
+                                result=asdict(result)))
         tx.publish()
-        return CaptureResult(number, name, stats.files, stats.bytes, packs.new_bytes,
-                             packs.stored_bytes)
+        return result
 
 
 def delete(image_path: str, spec: str, wait: float | None = None) -> tuple[int, IndexEntry]:

@@ -597,8 +597,8 @@ def unmount(mountpoint: str, wait: float = 30.0, commit: bool = False,
     return rec, result
 
 
-def commit(spec: str, new_index: str | None = None, wait: float | None = None
-           ) -> tuple[SessionInfo, dict[str, object]]:
+def commit(spec: str, new_index: str | None = None, wait: float | None = None,
+           who: dict[str, object] | None = None) -> tuple[SessionInfo, dict[str, object]]:
     """Commit a session's changes, by mountpoint or session id: through its mount process
     when it is mounted, directly when the session is stale."""
     from .sessions import Session, find_session
@@ -607,10 +607,11 @@ def commit(spec: str, new_index: str | None = None, wait: float | None = None
     if info.live():
         from .control import request
 
-        return info, request(info.id, {"op": "commit", "new_index": new_index, "wait": wait})
+        return info, request(info.id, {"op": "commit", "new_index": new_index, "wait": wait,
+                                       "who": who})
     session = Session.load(info)
     try:
-        return info, session.commit(new_index, wait=wait)
+        return info, session.commit(new_index, wait=wait, who=who)
     finally:
         session.close()
 

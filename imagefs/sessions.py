@@ -21,7 +21,7 @@ import secrets
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .container import ImageFile, IndexEntry, crash_point, now_iso
 from .errors import BaseChanged, IndexGone, NoSuchSession, SessionLive, UsageError
@@ -123,6 +123,13 @@ def find_session(spec: str) -> SessionInfo:
     raise NoSuchSession(spec)
 
 
+def _owner() -> int:
+    """The session's owner: the caller, or for root the uid in IMAGEFS_SESSION_OWNER (the
+    daemon opens sessions for its clients)."""
+    env = os.environ.get("IMAGEFS_SESSION_OWNER", "")
+    return int(env) if env.isdigit() and os.geteuid() == 0 else os.getuid()
+
+
 def _uuid(image: ImageFile) -> str:
     return image.header.uuid.hex()
 
@@ -151,7 +158,7 @@ class Session:
             info = SessionInfo(id=secrets.token_hex(4), image=os.path.abspath(image_path),
                                uuid=_uuid(img.file), index=number, name=entry.name,
                                mountpoint=mountpoint, pid=0, created=now_iso(),
-                               uid=os.getuid())
+                               uid=_owner())
             os.makedirs(info.dir, mode=0o700)
             staging = Staging(info.dir)
             staging.meta_set("base_root", entry.root)
@@ -238,7 +245,8 @@ class Session:
 
     def commit(self, new_index: str | None = None, description: str = "",
                wait: float | None = None, level: int = 9,
-               progress: Callable[[int], None] | None = None) -> dict[str, object]:
+               progress: Callable[[int], None] | None = None,
+               who: dict[str, Any] | None = None) -> dict[str, object]:
         """Publish the session's changes into its index (or as a new one); the session goes
         on from the published state."""
         from .commit import ChangeWriter
@@ -268,8 +276,10 @@ class Session:
             counts = self.tree.counts
             stats = TreeStats(written.root, written.digest, counts.files, counts.dirs,
                               counts.bytes)
-            history = history_entry("commit", session=self.info.id,
-                                    source_index=index_name)
+            history = history_entry("commit", who, session=self.info.id,
+                                    source_index=index_name,
+                                    result={"records": written.records,
+                                            "new_bytes": written.new_bytes})
             if new_index is not None:
                 number = add_index(tx.commit, new_index, description or (
                     entry.description if entry else ""), stats, history)

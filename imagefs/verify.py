@@ -45,6 +45,13 @@ class Report:
     def ok(self) -> bool:
         return not self.problems
 
+    def as_json(self) -> dict[str, object]:
+        return {"ok": self.ok, "frames": self.frames, "chunks": self.chunks,
+                "records": self.records, "indices": self.indices,
+                "checked_bytes": self.checked_bytes,
+                "problems": [{"what": p.what, "indices": p.indices, "paths": p.paths}
+                             for p in self.problems]}
+
 
 def verify(path: str, progress: Callable[[int], None] | None = None) -> Report:
     report = Report()

@@ -96,12 +96,16 @@ def _write_leaf(meta: MetaWriter, node: Node) -> int:
     return size
 
 
-def history_entry(action: str, **details: Any) -> dict[str, Any]:
+def history_entry(action: str, who: dict[str, Any] | None = None,
+                  **details: Any) -> dict[str, Any]:
+    """One line of an index's history.  `who` names the caller when the process is not
+    (the daemon acting for a client: its uid and user, the method and its params)."""
     try:
         user = getpass.getuser()
     except (KeyError, OSError):
         user = ""
-    return {"when": now_iso(), "uid": os.getuid(), "user": user, "action": action, **details}
+    return {"when": now_iso(), "uid": os.getuid(), "user": user, "action": action, **details,
+            **(who or {})}
 
 
 class Transaction:

@@ -41,6 +41,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench_daemon import measure_daemon
 from bench_mount import measure_mounts
 from bench_rw import measure_rw
 
@@ -304,6 +305,7 @@ def main() -> int:
     ap.add_argument("--level", type=int, help="zstd level for imagefs capture and export")
     ap.add_argument("--no-mount", action="store_true", help="skip the mount rows")
     ap.add_argument("--no-rw", action="store_true", help="skip the writable-mount rows")
+    ap.add_argument("--no-daemon", action="store_true", help="skip the daemon rows")
     args = ap.parse_args()
     t_start = time.perf_counter()
     started = datetime.datetime.now(datetime.UTC)
@@ -342,6 +344,8 @@ def main() -> int:
             measure_mounts(b, trees, str(IMAGEFS), timed)
         if not args.no_rw:
             measure_rw(b, trees, str(IMAGEFS), timed)
+        if not args.no_daemon:
+            measure_daemon(b, trees, str(IMAGEFS), timed)
         load_end = os.getloadavg()
     except CommandFailed as e:
         print(f"bench: {e}", file=sys.stderr)

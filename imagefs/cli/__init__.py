@@ -19,7 +19,7 @@ from ..errors import Error, Interrupted, SystemFailure
 # Verb modules in the order `--help` lists them; only the verb asked for is imported (the
 # others' imports would cost every command a tenth of a second).
 VERBS = ["capture", "info", "ls", "cat", "extract", "apply", "verify", "delete", "export",
-         "diff", "mount", "unmount", "mounts", "commit", "remount", "cleanup"]
+         "diff", "mount", "unmount", "mounts", "commit", "remount", "cleanup", "daemon"]
 
 INTERNAL_ERROR = 70
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import asdict
 from typing import Any
 
-from ..image import DEFAULT_LEVEL, capture
+from ..image import DEFAULT_LEVEL, CaptureResult, capture
 from ._common import add_json, human, print_json, progress, waiting_note
+from ._daemon import absolute, add_daemon_options, call, daemon_client, run_job
 
 
 def register(sub: Any) -> None:
@@ -28,17 +30,23 @@ def register(sub: Any) -> None:
     p.add_argument("--wait", type=float, default=None, metavar="SECONDS",
                    help="wait at most this long for another writer (default: wait)")
     add_json(p)
+    add_daemon_options(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    with progress("capturing", not args.json) as bar:
-        r = capture(args.image, args.src, args.name, args.description, args.level,
-                    progress=bar.advance, on_total=bar.total, on_wait=waiting_note(args.image),
-                    wait=args.wait)
+    with progress("capturing", not args.json) as bar, daemon_client(args) as c:
+        if c is not None:
+            job = call(c, "images.capture", image=absolute(args.image),
+                       source=absolute(args.src), name=args.name,
+                       description=args.description, level=args.level, subscribe=True)
+            r = CaptureResult(**run_job(c, job, bar))
+        else:
+            r = capture(args.image, args.src, args.name, args.description, args.level,
+                        progress=bar.advance, on_total=bar.total,
+                        on_wait=waiting_note(args.image), wait=args.wait)
     if args.json:
-        print_json({"index": r.index, "name": r.name, "files": r.files, "bytes": r.bytes,
-                    "new_bytes": r.new_bytes, "stored_bytes": r.stored_bytes})
+        print_json(asdict(r))
     else:
         print(r.index)
         import sys

@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..errors import UsageError
+from ..errors import NoSuchSession, SessionLive, UsageError
 from ..mounts import cleanup
+from ..sessions import SessionInfo
 from ._common import add_json, print_json
+from ._daemon import absolute, add_daemon_options, call, daemon_client
 
 
 def register(sub: Any) -> None:
@@ -23,13 +25,16 @@ def register(sub: Any) -> None:
                    help="a session id or its mount point")
     p.add_argument("--all", action="store_true", help="every stale session")
     add_json(p)
+    add_daemon_options(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.all == (args.target is not None):
         raise UsageError("cleanup needs --all or one SESSION (not both)")
-    gone = cleanup(None if args.all else args.target)
+    with daemon_client(args) as c:
+        gone = cleanup(None if args.all else args.target) if c is None else \
+            cleanup_through(c, args.target)
     if args.json:
         print_json([{"session": i.id, "image": i.image, "index": i.index,
                      "mountpoint": i.mountpoint} for i in gone])
@@ -40,3 +45,24 @@ def run(args: argparse.Namespace) -> int:
             print(f"Discarded session {i.id} (index {i.index} ({i.name}) of {i.image}, "
                   f"was at {i.mountpoint}).")
     return 0
+
+
+def cleanup_through(c: Any, target: str | None) -> list[SessionInfo]:
+    """cleanup by the daemon: the stale sessions (one, or all the caller's), discarded."""
+    if target is not None and "/" in target:
+        target = absolute(target)
+    chosen = [s for s in call(c, "sessions.list")
+              if target is None or target in (s["session"], s["mountpoint"])]
+    if target is not None and not chosen:
+        raise NoSuchSession(target)
+    gone = []
+    for s in chosen:
+        if s["state"] == "live":
+            if target is not None:
+                raise SessionLive(s["session"], s["pid"], s["mountpoint"])
+            continue
+        call(c, "sessions.discard", session=s["session"])
+        gone.append(SessionInfo(id=s["session"], image=s["image"], uuid="", index=s["index"],
+                                name=s["name"], mountpoint=s["mountpoint"], pid=0,
+                                created=s["created"], uid=s["owner"]))
+    return gone

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
 from ..mounts import commit
 from ._common import add_json, human, print_json
+from ._daemon import absolute, add_daemon_options, call, daemon_client, run_job
 
 
 def register(sub: Any) -> None:
@@ -28,13 +30,24 @@ def register(sub: Any) -> None:
     p.add_argument("--wait", type=float, metavar="SECONDS",
                    help="wait up to SECONDS for another writer's lock (default: forever)")
     add_json(p)
+    add_daemon_options(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    info, result = commit(args.target, args.new_index, args.wait)
+    with daemon_client(args) as c:
+        if c is not None:
+            target = args.target if os.sep not in args.target else absolute(args.target)
+            job = call(c, "sessions.commit", session=target, new_index=args.new_index)
+            result = run_job(c, job)
+            sid = str(result.pop("session"))
+            mountpoint = next((s["mountpoint"] for s in call(c, "sessions.list")
+                               if s["session"] == sid), "")
+        else:
+            info, result = commit(args.target, args.new_index, args.wait)
+            sid, mountpoint = info.id, info.mountpoint
     if args.json:
-        print_json({"session": info.id, "mountpoint": info.mountpoint, **result})
+        print_json({"session": sid, "mountpoint": mountpoint, **result})
     else:
         say_committed(result)
     return 0

@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 from ..image import delete
+from ._daemon import absolute, add_daemon_options, call, daemon_client
 
 
 def register(sub: Any) -> None:
@@ -20,10 +21,17 @@ def register(sub: Any) -> None:
     p.add_argument("index", metavar="INDEX")
     p.add_argument("--wait", type=float, default=None, metavar="SECONDS",
                    help="wait at most this long for another writer (default: wait)")
+    add_daemon_options(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    number, entry = delete(args.image, args.index, wait=args.wait)
-    print(f"deleted index {number} ({entry.name})", file=sys.stderr)
+    with daemon_client(args) as c:
+        if c is not None:
+            r = call(c, "images.delete", image=absolute(args.image), index=args.index)
+            number, name = r["index"], r["name"]
+        else:
+            number, entry = delete(args.image, args.index, wait=args.wait)
+            name = entry.name
+    print(f"deleted index {number} ({name})", file=sys.stderr)
     return 0

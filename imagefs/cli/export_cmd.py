@@ -9,6 +9,7 @@ from typing import Any
 from ..export import export
 from ..image import DEFAULT_LEVEL
 from ._common import add_json, print_json, progress
+from ._daemon import absolute, add_daemon_options, call, daemon_client, run_job
 
 
 def register(sub: Any) -> None:
@@ -27,13 +28,19 @@ def register(sub: Any) -> None:
     p.add_argument("--level", type=int, default=DEFAULT_LEVEL,
                    help=f"zstd level 1-22 (default {DEFAULT_LEVEL})")
     add_json(p)
+    add_daemon_options(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    with progress("exporting", not args.json) as bar:
-        numbers = export(args.image, args.selection, args.dest, args.level,
-                         progress=bar.advance, on_total=bar.total)
+    with progress("exporting", not args.json) as bar, daemon_client(args) as c:
+        if c is not None:
+            job = call(c, "images.export", image=absolute(args.image), index=args.selection,
+                       dest=absolute(args.dest), level=args.level, subscribe=True)
+            numbers = run_job(c, job, bar)["indices"]
+        else:
+            numbers = export(args.image, args.selection, args.dest, args.level,
+                             progress=bar.advance, on_total=bar.total)
     if args.json:
         print_json({"dest": args.dest, "indices": numbers})
     else:

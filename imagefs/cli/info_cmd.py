@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
-from dataclasses import asdict
 from typing import Any
 
 from ..image import Image
@@ -30,26 +28,9 @@ def run(args: argparse.Namespace) -> int:
     with Image.open(args.image) as img:
         c = img.commit
         chosen = [img.select(args.index)] if args.index else list(enumerate(img.indices, 1))
-        size = os.fstat(img.file.fd).st_size
-        logical = sum(e.bytes for e in c.indices)
-        doc = {
-            "image": args.image,
-            "format_version": img.file.header.version,
-            "generation": c.generation,
-            "size_on_disk": size,
-            "unique_bytes": c.unique_bytes,
-            "stored_bytes": c.stored_bytes,
-            "chunks": c.chunks,
-            "logical_bytes": logical,
-            "dedup_ratio": round(logical / c.unique_bytes, 3) if c.unique_bytes else None,
-            "compression_ratio": (round(c.unique_bytes / c.stored_bytes, 3)
-                                  if c.stored_bytes else None),
-            "indices": [
-                {"index": n, **{k: v for k, v in asdict(e).items()
-                                if k != "history" or args.history}}
-                for n, e in chosen
-            ],
-        }
+        doc = img.describe(args.index, args.history)
+        doc["image"] = args.image
+        size, logical = doc["size_on_disk"], doc["logical_bytes"]
     if args.json:
         print_json(doc)
         return 0

@@ -9,6 +9,7 @@ from typing import Any
 
 from ..mounts import MountRecord, start
 from ._common import add_json, print_json
+from ._daemon import absolute, add_daemon_options, call, daemon_client, refuse_with
 
 
 def register(sub: Any) -> None:
@@ -49,6 +50,7 @@ examples:
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
                    help="mount options, comma-separated (see below)")
     add_json(p)
+    add_daemon_options(p)
     p.set_defaults(func=run)
 
 
@@ -56,11 +58,30 @@ def run(args: argparse.Namespace) -> int:
     def announce(rec: MountRecord) -> None:
         say_mounted(rec, args.json, foreground=True)
 
+    if args.rw and not args.foreground and not args.options:
+        with daemon_client(args) as c:
+            if c is not None:
+                s = call(c, "sessions.open", image=absolute(args.image), index=args.index,
+                         mountpoint=absolute(args.mountpoint))
+                say_mounted(session_record(s), args.json, foreground=False)
+                return 0
+    elif args.daemon:
+        refuse_with(args, "a read-only mount, --foreground or -o (the daemon opens "
+                          "writable sessions with default options)")
+
     rec = start(args.image, args.index, args.mountpoint, args.options,
                 foreground=args.foreground, announce=announce, writable=args.rw)
     if not args.foreground:
         say_mounted(rec, args.json, foreground=False)
     return 0
+
+
+def session_record(s: dict[str, Any]) -> MountRecord:
+    """A session the daemon opened, as a mount record (what `mount --json` prints)."""
+    return MountRecord(image=s["image"], index=s["index"], name=s["name"],
+                       mountpoint=s["mountpoint"], pid=s["pid"], mode="rw",
+                       started=s["created"], log="(the daemon's)", state=s["state"],
+                       session=s["session"], staged_bytes=s["staged_bytes"])
 
 
 def say_mounted(rec: MountRecord, as_json: bool, foreground: bool) -> None:

@@ -9,7 +9,8 @@ from ..errors import SessionLive
 from ..mounts import MountRecord, start
 from ..sessions import find_session
 from ._common import add_json
-from .mount_cmd import say_mounted
+from ._daemon import absolute, add_daemon_options, call, daemon_client, refuse_with
+from .mount_cmd import say_mounted, session_record
 
 
 def register(sub: Any) -> None:
@@ -26,10 +27,20 @@ def register(sub: Any) -> None:
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS",
                    help="mount options, as for mount")
     add_json(p)
+    add_daemon_options(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if not args.foreground and not args.options:
+        with daemon_client(args) as c:
+            if c is not None:
+                target = args.target if "/" not in args.target else absolute(args.target)
+                s = call(c, "sessions.remount", session=target)
+                say_mounted(session_record(s), args.json, foreground=False)
+                return 0
+    else:
+        refuse_with(args, "--foreground or -o")
     info = find_session(args.target)
     if info.live():
         raise SessionLive(info.id, info.pid, info.mountpoint)

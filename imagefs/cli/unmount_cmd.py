@@ -6,8 +6,9 @@ import argparse
 from typing import Any
 
 from ..errors import UsageError
-from ..mounts import unmount
+from ..mounts import record_for, unmount
 from ._common import add_json, print_json
+from ._daemon import add_daemon_options, call, daemon_client, run_job
 from .commit_cmd import say_committed
 
 
@@ -34,14 +35,27 @@ def register(sub: Any) -> None:
     p.add_argument("--new-index", metavar="NAME",
                    help="with --commit: publish as a new index NAME (the original stays)")
     add_json(p)
+    add_daemon_options(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.new_index is not None and not args.commit:
         raise UsageError("--new-index goes with --commit")
-    rec, result = unmount(args.mountpoint, commit=args.commit, discard_changes=args.discard,
-                          new_index=args.new_index)
+    rec, result = None, None
+    mine = record_for(args.mountpoint)
+    if mine is not None and mine.mode == "rw" and (args.commit or args.discard):
+        with daemon_client(args) as c:
+            if c is not None:  # a session: the daemon commits and ends it
+                rec, result = mine, None
+                if args.commit:
+                    result = run_job(c, call(c, "sessions.commit", session=mine.session,
+                                             new_index=args.new_index))
+                    result.pop("session", None)
+                call(c, "sessions.discard", session=mine.session)
+    if rec is None:
+        rec, result = unmount(args.mountpoint, commit=args.commit,
+                              discard_changes=args.discard, new_index=args.new_index)
     if args.json:
         print_json({**rec.to_json(), "commit": result})
         return 0

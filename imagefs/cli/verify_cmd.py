@@ -29,13 +29,7 @@ def run(args: argparse.Namespace) -> int:
         bar.total(os.path.getsize(args.image) if os.path.exists(args.image) else 0)
         report = verify(args.image, progress=bar.advance)
     if args.json:
-        print_json({
-            "ok": report.ok, "frames": report.frames, "chunks": report.chunks,
-            "records": report.records, "indices": report.indices,
-            "checked_bytes": report.checked_bytes,
-            "problems": [{"what": p.what, "indices": p.indices, "paths": p.paths}
-                         for p in report.problems],
-        })
+        print_json(report.as_json())
     else:
         for p in report.problems:
             print(f"BROKEN: {p.what}")

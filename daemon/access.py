@@ -1,0 +1,210 @@
+"""Who is calling, and what they may touch.
+
+The daemon runs as root, so the file work it does for a caller must be the caller's: else a
+member of the daemon's group could have root capture /root or export over /etc/shadow.
+Two layers:
+
+- `acting_as(peer)` makes the worker thread that does the work take the caller's
+  filesystem identity (fsuid, fsgid and supplementary groups, per thread, with the raw
+  system calls: glibc's setgroups() would change every thread of the daemon).  The kernel
+  then checks every open, every directory read and every create as the caller's — ACLs
+  included — and what the work creates belongs to the caller.  This is how NFS and SMB
+  servers act for their clients.
+- `checked_path()` refuses, before any work starts, what the caller cannot name: relative
+  paths (the daemon's working directory is not the caller's), `..`, and paths whose
+  resolved target the caller's uid and groups cannot reach through the mode bits, with an
+  error that says which.  It never reveals whether something exists where the caller
+  cannot look.
+
+The kernel tells us the peer's uid, gid and groups (SO_PEERCRED, SO_PEERGROUPS) when it
+connects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import grp
+import os
+import platform
+import pwd
+import socket
+import stat
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from .protocol import INVALID_PARAMS, PERMISSION_DENIED, RpcError
+
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
+MAX_GROUPS = 256  # getsockopt's buffer is at most 1024 bytes in Python
+
+
+@dataclass(frozen=True)
+class Peer:
+    pid: int
+    uid: int
+    gid: int
+    groups: frozenset[int]
+
+    @property
+    def is_root(self) -> bool:
+        return self.uid == 0
+
+    @property
+    def user(self) -> str:
+        try:
+            return pwd.getpwuid(self.uid).pw_name
+        except KeyError:
+            return str(self.uid)
+
+    def who(self) -> dict[str, object]:
+        """The fields a history entry records about the caller."""
+        return {"uid": self.uid, "user": self.user}
+
+
+def peer_of(sock: socket.socket) -> Peer:
+    """The credentials the kernel recorded when the peer connected."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    groups: set[int] = {gid}
+    try:
+        graw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * MAX_GROUPS)
+        groups.update(struct.unpack(f"{len(graw) // 4}I", graw[:len(graw) // 4 * 4]))
+    except OSError:
+        pass  # an old kernel: the primary group only
+    return Peer(pid, uid, gid, frozenset(groups))
+
+
+def group_id(name: str | None) -> int | None:
+    """The gid of the daemon's group; None when no group is configured."""
+    if name is None:
+        return None
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        if name.isdigit():
+            return int(name)
+        raise ValueError(f"--group {name}: no such group") from None
+
+
+def admitted(peer: Peer, group: int | None) -> bool:
+    """Root, the daemon's own user, and members of its group are served."""
+    return peer.is_root or peer.uid == os.geteuid() or (group is not None
+                                                        and group in peer.groups)
+
+
+# --- paths --------------------------------------------------------------------------------
+
+READ, WRITE, CREATE = "read", "write", "create"
+
+
+def checked_path(name: str, value: object, peer: Peer, want: str) -> str:
+    """The real path (symlinks resolved) of a path parameter, if peer may use it as wanted:
+    READ an existing file or directory, WRITE an existing one, CREATE a new entry (the
+    parent must be writable; an existing one must be writable too).  RpcError otherwise."""
+    if not isinstance(value, str) or not value:
+        raise RpcError(INVALID_PARAMS, f"`{name}` must be a non-empty string (a path)")
+    if "\0" in value:
+        raise RpcError(INVALID_PARAMS, f"`{name}`: a path cannot contain NUL")
+    if not value.startswith("/"):
+        raise RpcError(INVALID_PARAMS, f"`{name}`: {value!r} is relative; the daemon needs "
+                       "an absolute path (its working directory is not yours)")
+    if ".." in value.split("/"):
+        raise RpcError(INVALID_PARAMS, f"`{name}`: {value!r} contains `..`; give the path "
+                       "without it")
+    real = os.path.realpath(value)
+    parent = os.path.dirname(real) or "/"
+    if not peer.is_root:  # first: whether a thing exists is only told to who may look
+        _searchable(name, value, parent, peer)
+    exists = os.path.lexists(real)
+    if want != CREATE and not exists:
+        raise RpcError(-32003, f"{value}: no such file or directory",
+                       {"type": "NotFound", "exit_code": 3})
+    if peer.is_root:
+        return real
+    if want == READ:
+        _allowed(name, value, real, peer, os.R_OK)
+    elif want == WRITE or exists:
+        _allowed(name, value, real, peer, os.W_OK | os.R_OK)
+    if want == CREATE:
+        _allowed(name, value, parent, peer, os.W_OK | os.X_OK)
+    return real
+
+
+def _searchable(name: str, value: str, directory: str, peer: Peer) -> None:
+    """Every directory from / down to directory must be searchable (x) by peer."""
+    path = "/"
+    for part in [p for p in directory.split("/") if p]:
+        _allowed(name, value, path, peer, os.X_OK)
+        path = os.path.join(path, part)
+    _allowed(name, value, path, peer, os.X_OK)
+
+
+def _allowed(name: str, value: str, path: str, peer: Peer, mode: int) -> None:
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise RpcError(PERMISSION_DENIED, f"`{name}`: {value}: {e.strerror}") from None
+    if not may(st, peer, mode):
+        raise RpcError(PERMISSION_DENIED, f"`{name}`: {value}: permission denied for uid "
+                       f"{peer.uid}")
+
+
+def may(st: os.stat_result, peer: Peer, mode: int) -> bool:
+    """The kernel's mode-bit check (owner, else group, else other) for peer."""
+    if peer.is_root:
+        return True
+    bits = stat.S_IMODE(st.st_mode)
+    if st.st_uid == peer.uid:
+        have = (bits >> 6) & 7
+    elif st.st_gid in peer.groups:
+        have = (bits >> 3) & 7
+    else:
+        have = bits & 7
+    need = ((4 if mode & os.R_OK else 0) | (2 if mode & os.W_OK else 0)
+            | (1 if mode & os.X_OK else 0))
+    return have & need == need
+
+
+# --- acting as the caller -----------------------------------------------------------------
+
+# setfsuid, setfsgid, setgroups: the raw system calls (per thread), by machine.
+_SYSCALLS = {"x86_64": (122, 123, 116), "aarch64": (151, 152, 159)}
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _syscall(number: int, *args: object) -> int:
+    return int(_libc.syscall(ctypes.c_long(number), *args))
+
+
+def _set_groups(nr: int, groups: list[int]) -> None:
+    arr = (ctypes.c_uint * max(1, len(groups)))(*groups)
+    if _syscall(nr, ctypes.c_long(len(groups)), arr) != 0:
+        raise OSError(ctypes.get_errno(), "setgroups")
+
+
+@contextlib.contextmanager
+def acting_as(peer: Peer) -> Iterator[None]:
+    """In the current thread, open and create files as peer (fsuid, fsgid, groups); the
+    thread is itself again afterwards.  Root callers need no change."""
+    if peer.is_root or os.geteuid() != 0:
+        yield
+        return
+    calls = _SYSCALLS.get(platform.machine())
+    if calls is None:
+        raise RpcError(PERMISSION_DENIED, f"acting for uid {peer.uid} is not supported on "
+                       f"{platform.machine()}; only root may use this daemon here")
+    setfsuid, setfsgid, setgroups = calls
+    saved, uid, gid = os.getgroups(), os.geteuid(), os.getegid()
+    _set_groups(setgroups, sorted(peer.groups))
+    _syscall(setfsgid, ctypes.c_uint(peer.gid))
+    _syscall(setfsuid, ctypes.c_uint(peer.uid))
+    try:
+        if _syscall(setfsuid, ctypes.c_uint(0xFFFFFFFF)) != peer.uid:  # -1 reads it back
+            raise RpcError(PERMISSION_DENIED, f"could not act as uid {peer.uid}")
+        yield
+    finally:
+        _syscall(setfsuid, ctypes.c_uint(uid))
+        _syscall(setfsgid, ctypes.c_uint(gid))
+        _set_groups(setgroups, saved)

@@ -1,0 +1,174 @@
+"""images.*: what the CLI does to image files, for socket clients.
+
+Quick reads (info, diff) and delete answer directly (the work runs in a thread); capture,
+export and verify start a job.  Every path is checked as the caller, and the work runs with
+the caller's filesystem identity (daemon.access).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+
+from imagefs.errors import UsageError
+from imagefs.image import DEFAULT_LEVEL, Image, capture, check_level, delete
+
+from .access import CREATE, READ, WRITE, Peer, acting_as, checked_path
+from .jobs import JobContext, JobManager
+from .rpc import Call, method, optional, required
+
+
+def history_who(call: Call, name: str, params: dict[str, Any]) -> dict[str, Any]:
+    """What an index's history records of a change made through the daemon."""
+    return {**call.peer.who(), "via": "daemon", "method": name, "params": params}
+
+
+def job_answer(call: Call, job_id: str, subscribe: bool) -> dict[str, Any]:
+    jobs: JobManager = call.daemon.jobs
+    job = jobs.jobs[job_id]
+    if subscribe:
+        job.subscribers.append(call.connection.notify)
+    return job.to_json()
+
+
+async def in_thread(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    return await trio.to_thread.run_sync(lambda: fn(*args, **kwargs))
+
+
+async def in_thread_as(peer: Peer, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """fn in a worker thread that opens and creates files as peer."""
+
+    def run() -> Any:
+        with acting_as(peer):
+            return fn(*args, **kwargs)
+
+    return await trio.to_thread.run_sync(run)
+
+
+INDEX = (int, str)
+
+
+@method("images.info", image=required(str), index=optional(*INDEX),
+        history=optional(bool, default=False))
+async def info(call: Call, image: str, index: int | str | None, history: bool) -> Any:
+    """The image's figures and its indices (or one index), as `imagefs info --json`."""
+    path = checked_path("image", image, call.peer, READ)
+
+    def describe() -> dict[str, Any]:
+        with Image.open(path) as img:
+            doc = img.describe(index, history)
+        doc["image"] = image
+        return doc
+
+    return await in_thread_as(call.peer, describe)
+
+
+@method("images.diff", image=required(str), index=required(*INDEX), other=required(*INDEX),
+        summary=optional(bool, default=False))
+async def diff(call: Call, image: str, index: int | str, other: int | str,
+               summary: bool) -> Any:
+    """What changed from `index` to `other` (paths added, removed, changed), as
+    `imagefs diff --json`."""
+    from imagefs.diff import diff as compare
+
+    path = checked_path("image", image, call.peer, READ)
+
+    def run() -> dict[str, Any]:
+        with Image.open(path) as img:
+            doc = compare(img.view(index), img.view(other)).as_json()
+        return {"summary": doc["summary"]} if summary else doc
+
+    return await in_thread_as(call.peer, run)
+
+
+@method("images.delete", image=required(str), index=required(*INDEX))
+async def delete_index(call: Call, image: str, index: int | str) -> Any:
+    """Remove one index; later indices move down by one."""
+    call.daemon.check_accepting()
+    path = checked_path("image", image, call.peer, WRITE)
+    number, entry = await in_thread_as(call.peer, delete, path, str(index), 30.0)
+    return {"index": number, "name": entry.name}
+
+
+@method("images.capture", image=required(str), source=required(str), name=required(str),
+        description=optional(str, default=""), level=optional(int, default=DEFAULT_LEVEL),
+        subscribe=optional(bool, default=False))
+async def capture_tree(call: Call, image: str, source: str, name: str, description: str,
+                       level: int, subscribe: bool) -> Any:
+    """Job: capture the directory `source` as a new index `name` of `image` (created if
+    missing).  Cancelled, it leaves the image as it was."""
+    call.daemon.check_accepting()
+    check_level(level)
+    if not name.strip():
+        raise UsageError("`name` must not be empty")
+    path = checked_path("image", image, call.peer, CREATE)
+    src = checked_path("source", source, call.peer, READ)
+    params = {"image": image, "source": source, "name": name, "description": description,
+              "level": level}
+    who = history_who(call, "images.capture", params)
+
+    def work(ctx: JobContext) -> dict[str, Any]:
+        with acting_as(call.peer):
+            r = capture(path, src, name, description, level, progress=ctx.advance,
+                        on_total=ctx.set_total, wait=None, who=who)
+        return {"index": r.index, "name": r.name, "files": r.files, "bytes": r.bytes,
+                "new_bytes": r.new_bytes, "stored_bytes": r.stored_bytes}
+
+    job = call.daemon.jobs.submit("images.capture", params, call.peer.uid, work,
+                                  lock_key=path)
+    return job_answer(call, job.id, subscribe)
+
+
+@method("images.export", image=required(str), index=required(int, str, list),
+        dest=required(str), level=optional(int, default=DEFAULT_LEVEL),
+        subscribe=optional(bool, default=False))
+async def export_indices(call: Call, image: str, index: int | str | list[Any], dest: str,
+                         level: int, subscribe: bool) -> Any:
+    """Job: copy indices (a number, a name, a list of them, or "all") of `image` into the
+    compacted file `dest` (new, or an image to add them to).  Cancelled, a new `dest`
+    never appears."""
+    from imagefs.export import export
+
+    call.daemon.check_accepting()
+    check_level(level)
+    if isinstance(index, list):
+        if not index or not all(isinstance(i, (int, str)) and not isinstance(i, bool)
+                                for i in index):
+            raise UsageError("`index`: a list must hold index numbers or names")
+        selection = ",".join(str(i) for i in index)
+    else:
+        selection = str(index)
+    src = checked_path("image", image, call.peer, READ)
+    out = checked_path("dest", dest, call.peer, CREATE)
+    params = {"image": image, "index": index, "dest": dest, "level": level}
+    who = history_who(call, "images.export", params)
+
+    def work(ctx: JobContext) -> dict[str, Any]:
+        with acting_as(call.peer):
+            numbers = export(src, selection, out, level, progress=ctx.advance,
+                             on_total=ctx.set_total, who=who)
+        return {"dest": dest, "indices": numbers}
+
+    job = call.daemon.jobs.submit("images.export", params, call.peer.uid, work, lock_key=out)
+    return job_answer(call, job.id, subscribe)
+
+
+@method("images.verify", image=required(str), subscribe=optional(bool, default=False))
+async def verify_image(call: Call, image: str, subscribe: bool) -> Any:
+    """Job: read and check every byte of `image`; the result is the report (`ok`, and
+    each problem with the indices and paths it affects)."""
+    import os
+
+    from imagefs.verify import verify
+
+    call.daemon.check_accepting()
+    path = checked_path("image", image, call.peer, READ)
+
+    def work(ctx: JobContext) -> dict[str, Any]:
+        with acting_as(call.peer):
+            ctx.set_total(os.path.getsize(path))
+            return verify(path, progress=ctx.advance).as_json()
+
+    job = call.daemon.jobs.submit("images.verify", {"image": image}, call.peer.uid, work)
+    return job_answer(call, job.id, subscribe)
