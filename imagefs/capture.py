@@ -142,6 +142,8 @@ class TreeCapture:
                     entries = sorted((e.name, e) for e in it)
             except OSError as e:
                 raise SourceError(os.fsdecode(path), e.strerror) from None
+            if self.progress:  # no bytes yet, but a chance to stop (a cancelled job)
+                self.progress(0)
             children = []
             for name, entry in entries:
                 child_path = entry.path

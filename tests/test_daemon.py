@@ -299,6 +299,7 @@ async def test_session_open_commit_remount_discard(tmp_path: Path, state: Path,
     mnt.mkdir()
     try:
         async with daemon_in_process(sock), client(sock) as c:
+            before = await c.call("images.info", image=str(small_image))
             s = await c.call("sessions.open", image=str(small_image), index="base",
                              mountpoint=str(mnt))
             assert s["state"] == "live" and is_mounted(mnt)
@@ -306,6 +307,9 @@ async def test_session_open_commit_remount_discard(tmp_path: Path, state: Path,
             job = await c.call("sessions.commit", session=s["session"], new_index="edited")
             done = await c.call("jobs.wait", job=job["job"], timeout=60)
             assert done["state"] == "done" and done["result"]["name"] == "edited", done
+            after = await c.call("images.info", image=str(small_image))  # not a stale answer
+            assert [i["name"] for i in after["indices"]] == [
+                *(i["name"] for i in before["indices"]), "edited"]
             info = await c.call("images.info", image=str(small_image), index="edited",
                                 history=True)
             h = info["indices"][0]["history"][-1]
