@@ -27,8 +27,16 @@ from .rpc import Call, method, optional, required
 
 STOP_WAIT = 15.0  # seconds a session's mount process gets to save and unmount on shutdown
 
-# Sessions this daemon mounted (opened or remounted): stopped when it shuts down.
+# Sessions this daemon mounts (opened, remounted, or adopted): stopped when it shuts down.
 started_here: set[str] = set()
+
+
+def adopt() -> list[str]:
+    """At start: the sessions still mounted from before (a daemon that died leaves its
+    mount processes running) become this daemon's, to commit, discard and stop."""
+    live = [i.id for i in list_sessions() if i.live()]
+    started_here.update(live)
+    return live
 
 
 def session_doc(info: SessionInfo) -> dict[str, Any]:

@@ -299,6 +299,10 @@ async def serve(config: Config, *, task_status: Any = trio.TASK_STATUS_IGNORED) 
     try:
         async with trio.open_nursery() as jobs_nursery:
             daemon = Daemon(config, gid, JobManager(jobs_nursery, config.threads))
+            adopted = await trio.to_thread.run_sync(api_sessions.adopt)
+            if adopted:
+                log.info("adopted %d live session(s) from before: %s", len(adopted),
+                         " ".join(adopted))
             async with trio.open_nursery() as conn_nursery:
                 conn_nursery.start_soon(_on_signals, daemon, conn_nursery.cancel_scope)
                 log.info("listening on %s (group %s, state %s)", config.socket_path,

@@ -616,3 +616,29 @@ def test_cli_verbs_go_through_a_listening_daemon(tmp_path: Path, small_image: Pa
         run_imagefs("verify", out)
     finally:
         end_sessions(state, tmp_path)
+
+
+def test_mounts_outlive_a_killed_daemon_and_are_adopted(tmp_path: Path,
+                                                        small_image: Path) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    state = tmp_path / "state"
+    try:
+        with daemon_process(tmp_path) as d, Client(str(d.sock), timeout=60) as c:
+            s = c.call("sessions.open", image=str(small_image), index=1, mountpoint=str(mnt))
+            (mnt / "during").write_text("written while the daemon was down\n")
+            d.kill(signal.SIGKILL)
+        assert is_mounted(mnt) and pid_alive(s["pid"])
+        (mnt / "after").write_text("still served\n")
+        with daemon_process(tmp_path) as d:
+            with Client(str(d.sock), timeout=60) as c:
+                assert [(x["session"], x["state"]) for x in c.call("sessions.list")] == [
+                    (s["session"], "live")]
+                job = c.call("sessions.commit", session=s["session"])
+                assert c.wait_job(job["job"])["state"] == "done"
+            assert d.kill(signal.SIGTERM) == 0  # stops the adopted mount too
+        assert not is_mounted(mnt) and not pid_alive(s["pid"])
+        info = json.loads(run_imagefs("info", small_image, "--json").stdout)
+        assert info["indices"][0]["files"] == 4
+    finally:
+        end_sessions(state, tmp_path)
