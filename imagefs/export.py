@@ -110,7 +110,10 @@ def _export_into(image: Image, numbers: list[int], out: ImageFile, level: int,
                                                "run `imagefs verify`")
             new.append(add_index(tx.commit, entry.name, entry.description, stats,
                                  history_entry("export", who, source=os.path.abspath(image.path),
-                                               source_index=n, level=level),
+                                               source_index=n, level=level,
+                                               result={"index": len(tx.commit.indices) + 1,
+                                                       "files": stats.files,
+                                                       "bytes": stats.bytes}),
                                  created=entry.created, old_history=entry.history))
         tx.publish()
     return new
