@@ -4,6 +4,8 @@ A thin adapter like the read-only one (fuse.py), with the same error boundary.  
 answering requests it keeps the kernel's lookup counts exact (every entry handed to the
 kernel counts; forget subtracts), so that a removed file lives while the kernel or an
 opener holds it, and it writes the staging to disk every SYNC_INTERVAL and on fsync.
+Large writes are answered before their bytes reach the data file (write-behind in
+_fuseshim; see there), which every other request and every staging sync waits for.
 
 A commit arrives on the session's control socket (control.py) and runs in the loop's
 thread, between two requests: the tree it writes is the tree as it stands, and no request

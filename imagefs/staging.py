@@ -9,12 +9,12 @@ Layout of a session directory (see sessions.py for where it lives):
 
 What is written in which order, and why a crash at any moment is safe:
 
-- File bytes go straight into `data/<ino>` with pwrite (a large write may be answered
-  first and written right after by _fuseshim's worker thread: `settle` waits for it, and
-  sync() calls it first, so no transaction records bytes still in flight), but for a new
-  file while it is
+- File bytes go straight into `data/<ino>` with pwrite, but for a new file while it is
   small (overlay.INLINE_MAX; INLINE_TOTAL for all of them): its bytes are kept in memory
   and written with its row, so untarring 10 000 small files makes no 10 000 data files.
+  A large write may be answered first and written right after by _fuseshim's worker
+  thread (write-behind): `settle` waits for it, and sync() calls it first, so no
+  transaction records bytes still in flight.
   Which byte ranges of a data file are the truth (`staged` ranges; the rest still comes
   from the base index) is metadata.
 - Metadata changes are kept in memory and written to SQLite in one transaction per
@@ -221,7 +221,7 @@ class Staging:
         self.settle: Callable[[], None] = _nothing  # waits for a write in flight (fuse_rw)
         self._room = 0  # free bytes on the staging disk, as last seen, minus writes since
         self._room_seen = -ROOM_RECHECK
-        # tests force write-behind onto a full disk with IMAGEFS_TEST_BEHIND_ROOM=-1099511627776
+        # IMAGEFS_TEST_BEHIND_ROOM (bytes; negative: always) forces write-behind in tests
         self._room_min = int(os.environ.get("IMAGEFS_TEST_BEHIND_ROOM", BEHIND_ROOM))
 
     def close(self) -> None:
