@@ -4,6 +4,8 @@ A thin adapter like the read-only one (fuse.py), with the same error boundary.  
 answering requests it keeps the kernel's lookup counts exact (every entry handed to the
 kernel counts; forget subtracts), so that a removed file lives while the kernel or an
 opener holds it, and it writes the staging to disk every SYNC_INTERVAL and on fsync.
+Large writes are answered before their bytes reach the data file (write-behind in
+_fuseshim; see there), which every other request and every staging sync waits for.
 
 A commit arrives on the session's control socket (control.py) and runs in the loop's
 thread, between two requests: the tree it writes is the tree as it stands, and no request
@@ -22,7 +24,7 @@ import pyfuse3
 import trio
 
 from . import _format as F
-from .fuse import BaseOperations, boundary
+from .fuse import BaseOperations, _fuseshim, boundary
 from .overlay import SessionTree
 from .sessions import Session
 from .staging import SYNC_INTERVAL
@@ -43,6 +45,8 @@ class WritableOperations(BaseOperations):
         self._next_dir_handle = 1
         self.commit_lock = trio.Lock()
         self.discarding = False
+        if _fuseshim is not None:  # every staging sync first waits for a write in flight
+            session.staging.settle = _fuseshim.settle
 
     def shim_handlers(self) -> tuple[Any, ...]:
         return (self.lseek, True, False, self.fallocate_sync, self.setxattr_sync, True,
@@ -74,7 +78,9 @@ class WritableOperations(BaseOperations):
             "listxattr": lambda ino: b"".join(n + b"\0" for n, _v in tree.xattrs(ino)),
             "read": tree.read,
             "write": tree.write,
-            "flush": lambda fh: 0,
+            "write_to": tree.write_target,
+            "write_failed": self.write_failed,
+            "flush": tree.flush,
             "release": tree.released_file,
             "forget": tree.forget,
         }
@@ -307,9 +313,16 @@ class WritableOperations(BaseOperations):
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         return self.tree.write(fh, off, buf)
 
+    def write_failed(self, fh: int, offset: int, size: int, err: int) -> None:
+        """A write answered before it was written (write-behind) failed."""
+        log.error("%s: writing %d bytes at %d of inode %d failed after the write was "
+                  "answered: %s; reported at the file's next write, flush or fsync",
+                  self.label, size, offset, fh, os.strerror(err))
+        self.tree.write_failed(fh, err)
+
     @boundary
     async def flush(self, fh: int) -> None:
-        pass
+        self.tree.flush(fh)
 
     async def release(self, fh: int) -> None:
         try:
@@ -319,7 +332,7 @@ class WritableOperations(BaseOperations):
 
     @boundary
     async def fsync(self, fh: int, datasync: bool) -> None:
-        self.tree.fsync()
+        self.tree.fsync(fh)
 
     def fallocate_sync(self, inode: int, mode: int, offset: int, length: int) -> int:
         """fallocate (through _fuseshim): 0 or -errno."""

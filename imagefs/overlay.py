@@ -84,6 +84,7 @@ class SessionTree:
         self.lookups: dict[int, int] = {}
         self.parents: dict[int, int] = {}
         self.opened: dict[int, int] = {}
+        self.write_errors: dict[int, int] = {}  # ino -> errno of a failed write-behind
         self.inline_bytes = sum(len(n.inline) for n in nodes.values() if n.inline is not None)
 
     # --- reading ---------------------------------------------------------------------
@@ -258,6 +259,7 @@ class SessionTree:
                 and ino not in self.lookups:
             if node.inline is not None:
                 self.inline_bytes -= len(node.inline)
+            self.write_errors.pop(ino, None)
             del self.nodes[ino]
             self.st.node_gone(ino)
 
@@ -651,6 +653,7 @@ class SessionTree:
         self.st.wrote(node.ino)
 
     def write(self, ino: int, offset: int, data: bytes) -> int:
+        self._check_write_error(ino)
         if offset + len(data) > MAX_FILE_SIZE:
             raise Refusal(errno.EFBIG, "file too large")
         node = self.file_for_change(ino)
@@ -662,9 +665,47 @@ class SessionTree:
             node.inline[offset:end] = data
         else:
             self._copy_up(node, offset, end)
-            fd = self.st.data_fd(ino)
-            _pwrite_all(fd, data, offset)
-            self.st.wrote(ino)
+            _pwrite_all(self.st.data_fd(ino), data, offset)
+        self._wrote(node, offset, end)
+        return len(data)
+
+    def write_target(self, ino: int, offset: int, size: int) -> tuple[int, int] | None:
+        """For a caller that writes a write's bytes itself, after answering it (write-behind,
+        _fuseshim): (data file descriptor, offset), the bookkeeping done as if they were
+        written.  None: write() must do it, before the answer (inline bytes, or a staging
+        disk nearly full, where ENOSPC must reach this very write)."""
+        self._check_write_error(ino)
+        if offset + size > MAX_FILE_SIZE:
+            raise Refusal(errno.EFBIG, "file too large")
+        node = self.file_for_change(ino)
+        if node.inline is not None or not self.st.room_for(size):
+            return None
+        self._copy_up(node, offset, offset + size)
+        fd = self.st.data_fd(ino)
+        self._wrote(node, offset, offset + size)
+        return fd, offset
+
+    def write_failed(self, ino: int, err: int) -> None:
+        """A write answered before its bytes were written failed (write-behind): the file's
+        next write, flush or fsync reports it, as a local filesystem reports a failed
+        writeback."""
+        if ino in self.nodes:
+            self.write_errors[ino] = err
+
+    def _check_write_error(self, ino: int) -> None:
+        err = self.write_errors.pop(ino, None) if self.write_errors else None
+        if err is not None:
+            raise Refusal(err, "an earlier write failed")
+
+    def flush(self, ino: int) -> int:
+        """A close: 0, or the error of a write that failed after it was answered."""
+        self._check_write_error(ino)
+        return 0
+
+    def _wrote(self, node: Node, offset: int, end: int) -> None:
+        """Bookkeeping of bytes written at [offset, end)."""
+        if node.inline is None:
+            self.st.wrote(node.ino)
         if not node.is_new:
             assert node.staged is not None or offset >= node.base_limit
             if node.staged is None:
@@ -675,7 +716,6 @@ class SessionTree:
         node.mtime_ns = node.ctime_ns = time.time_ns()
         self._count_size(node, old)
         self._changed(node)
-        return len(data)
 
     def _fits_inline(self, node: Node, size: int) -> bool:
         assert node.inline is not None
@@ -764,8 +804,10 @@ class SessionTree:
         if node.size:
             self.truncate(node, 0)
 
-    def fsync(self) -> None:
+    def fsync(self, ino: int | None = None) -> None:
         self.st.sync(durable=True)
+        if ino is not None:
+            self._check_write_error(ino)
 
     # --- filesystem -------------------------------------------------------------------
 

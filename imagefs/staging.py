@@ -12,6 +12,9 @@ What is written in which order, and why a crash at any moment is safe:
 - File bytes go straight into `data/<ino>` with pwrite, but for a new file while it is
   small (overlay.INLINE_MAX; INLINE_TOTAL for all of them): its bytes are kept in memory
   and written with its row, so untarring 10 000 small files makes no 10 000 data files.
+  A large write may be answered first and written right after by _fuseshim's worker
+  thread (write-behind): `settle` waits for it, and sync() calls it first, so no
+  transaction records bytes still in flight.
   Which byte ranges of a data file are the truth (`staged` ranges; the rest still comes
   from the base index) is metadata.
 - Metadata changes are kept in memory and written to SQLite in one transaction per
@@ -41,7 +44,8 @@ import json
 import os
 import sqlite3
 import struct
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from . import _format as F
@@ -49,6 +53,8 @@ from . import _format as F
 SYNC_INTERVAL = 0.5
 MAX_FDS = 256  # data files kept open
 SYNCFS_ABOVE = 64  # data files to make durable at once: above this, syncfs instead
+BEHIND_ROOM = 256 << 20  # write-behind only while the staging disk has this much free
+ROOM_RECHECK = 1.0  # seconds a free-space figure is trusted (others may fill the disk)
 _libc = ctypes.CDLL(None, use_errno=True)
 NEW_INO_BASE = 1 << 62  # numbers of inodes created in a session; record refs stay below
 _PAIR = struct.Struct("<QQ")
@@ -212,6 +218,11 @@ class Staging:
         self._meta: dict[str, object] = {}  # serialized at sync: the latest values win
         self._fds: dict[int, int] = {}
         self._written: set[int] = set()  # data files written since the last durable sync
+        self.settle: Callable[[], None] = _nothing  # waits for a write in flight (fuse_rw)
+        self._room = 0  # free bytes on the staging disk, as last seen, minus writes since
+        self._room_seen = -ROOM_RECHECK
+        # IMAGEFS_TEST_BEHIND_ROOM (bytes; negative: always) forces write-behind in tests
+        self._room_min = int(os.environ.get("IMAGEFS_TEST_BEHIND_ROOM", BEHIND_ROOM))
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -244,6 +255,7 @@ class Staging:
     def sync(self, durable: bool = False) -> None:
         """Write every pending change in one transaction; durable: fsync data files first
         and make the transaction itself survive power loss."""
+        self.settle()
         if durable:
             self._flush_data()
         if not self.pending and not durable:
@@ -270,7 +282,8 @@ class Staging:
                     db.execute("INSERT OR REPLACE INTO meta VALUES ('synced', 'true')")
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                if db.in_transaction:  # SQLite ends it itself on some errors (a full disk)
+                    db.execute("ROLLBACK")
                 raise
         finally:
             if durable:
@@ -342,6 +355,17 @@ class Staging:
         self._fds[ino] = fd  # (re)inserted last: the dict's order is the LRU order
         return fd
 
+    def room_for(self, size: int) -> bool:
+        """Whether a write of size bytes may be answered before it is written: only with
+        plenty of free space (statvfs, rechecked when low or stale), so that a nearly full
+        disk gives ENOSPC to the write itself."""
+        self._room -= size
+        now = time.monotonic()
+        if self._room < self._room_min or now - self._room_seen > ROOM_RECHECK:
+            v = os.statvfs(self.data_dir)
+            self._room, self._room_seen = v.f_bavail * v.f_frsize - size, now
+        return self._room >= self._room_min
+
     def has_data(self, ino: int) -> bool:
         return ino in self._fds or os.path.exists(self.data_path(ino))
 
@@ -365,6 +389,10 @@ class Staging:
 
     def staged_bytes(self) -> int:
         return directory_bytes(self.dir)
+
+
+def _nothing() -> None:
+    pass
 
 
 def directory_bytes(path: str) -> int:

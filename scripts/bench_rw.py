@@ -26,7 +26,8 @@ or /run/imagefs.  Every mount is undone in a finally block; a mount left under t
 at the end is detached (umount -l) and reported.
 
 Run inside scripts/bench (--no-rw skips these rows) or alone:
-  .venv/bin/python scripts/bench_rw.py [--level L] [--json PATH]
+  .venv/bin/python scripts/bench_rw.py [--level L] [--json PATH] [--only dd,small,tarx,git,commit]
+(--only: just those groups of rows, e.g. `--only dd` for the two dd rows).
 """
 
 from __future__ import annotations
@@ -163,15 +164,19 @@ def write_small(mnt: Path, name: str = "small") -> list[str]:
     return [sys.executable, "-c", WRITE_SMALL, str(mnt / name), str(SMALL_FILES)]
 
 
+GROUPS = ("dd", "small", "tarx", "git", "commit")
+
+
 def measure_rw(b: Any, trees: list[tuple[str, str, Path]], imagefs: str,
-               timed: Callable[..., None]) -> None:
+               timed: Callable[..., None], only: frozenset[str] = frozenset(GROUPS)) -> None:
+    """The rw rows, or only the groups named in `only` (see GROUPS)."""
     name, short, src = next((t for t in trees if t[0] == "bookworm-minbase"), trees[0])
     saved = {k: os.environ.get(k) for k in ENV}
     os.environ.update(ENV)
     os.environ["IMAGEFS_STATE_DIR"] = str(b.work / ENV["IMAGEFS_STATE_DIR"])
     os.environ["IMAGEFS_RUN_DIR"] = str(b.work / ENV["IMAGEFS_RUN_DIR"])
     try:
-        _measure(b, name, short, src, imagefs, timed)
+        _measure(b, name, short, src, imagefs, timed, only)
     finally:
         for k, v in saved.items():
             if v is None:
@@ -190,18 +195,20 @@ def measure_rw(b: Any, trees: list[tuple[str, str, Path]], imagefs: str,
 
 
 def _measure(b: Any, name: str, short: str, src: Path, imagefs: str,
-             timed: Callable[..., None]) -> None:
+             timed: Callable[..., None], only: frozenset[str]) -> None:
     # The image and WIM of the tree: bench.py's, or made here when run alone.
     image, wim = f"{short}.imagefs", f"{short}.wim"
     if not (b.work / image).exists():
         b.run([imagefs, "capture", str(src), image, "--name", name]
               + (["--level", str(b.level)] if b.level is not None else []))
-    if not (b.work / wim).exists():
+    if not (b.work / wim).exists() and "commit" in only:
         b.run(["wimcapture", str(src), wim, name, *WIM_OPTS])
-    make_big_tree(b.work / "rwbig")
     big = "rwbig/big.bin"
-    b.run(["tar", "-cf", "rw-tree.tar", "--xattrs", "--xattrs-include=*", "--numeric-owner",
-           "-C", str(src), "."])
+    if "dd" in only:
+        make_big_tree(b.work / "rwbig")
+    if "tarx" in only:
+        b.run(["tar", "-cf", "rw-tree.tar", "--xattrs", "--xattrs-include=*",
+               "--numeric-owner", "-C", str(src), "."])
     b.names.setdefault(str(src), short)
 
     def each_run(row_fn: Callable[[str, Path], None]) -> None:
@@ -214,6 +221,8 @@ def _measure(b: Any, name: str, short: str, src: Path, imagefs: str,
 
     vs = [(OVERLAY, 0.5)]
     for source, label in (("/dev/zero", "/dev/zero"), (big, "semi-compressible file")):
+        if "dd" not in only:
+            break
         key = "zero" if source == "/dev/zero" else "file"
         row = b.row(f"rw.dd.{key}", f"rw: dd 1 GiB from {label}, conv=fsync (MB/s)", "MB/s",
                     targets=vs, higher_is_better=True)
@@ -224,10 +233,24 @@ def _measure(b: Any, name: str, short: str, src: Path, imagefs: str,
             timed(row, tool, BIG_SIZE / 1e6 / seconds)
         each_run(dd)
 
+    if "small" in only:
+        _measure_small(b, each_run, timed)
+    if "tarx" in only:
+        _measure_tarx(b, name, each_run, timed)
+    if "git" in only:
+        _measure_git(b, name, src, each_run, timed)
+    if "commit" in only:
+        _measure_commit(b, src, image, wim, imagefs, timed)
+
+
+def _measure_small(b: Any, each_run: Callable[..., None], timed: Callable[..., None]) -> None:
     small = b.row("rw.small", f"rw: create-write-close {SMALL_FILES} files of 100 B (s)", "s",
                   targets=[(OVERLAY, 2.0)])
     each_run(lambda tool, mnt: timed(small, tool, b.run(write_small(mnt))))
 
+
+def _measure_tarx(b: Any, name: str, each_run: Callable[..., None],
+                  timed: Callable[..., None]) -> None:
     tar = b.row(f"rw.tarx.{name}", f"rw: tar -x of {name} into an empty dir (s)", "s",
                 targets=[(OVERLAY, 2.0)])
 
@@ -237,6 +260,9 @@ def _measure(b: Any, name: str, short: str, src: Path, imagefs: str,
                                 "--numeric-owner", "-C", str(mnt / "tarx")]))
     each_run(untar)
 
+
+def _measure_git(b: Any, name: str, src: Path, each_run: Callable[..., None],
+                 timed: Callable[..., None]) -> None:
     copy = b.row("rw.git.copy", f"rw: cp -a {GIT_SUBTREE} of {name} into the mount (s)", "s",
                  in_table=False)
     git = b.row("rw.git", f"rw: git init, add -A, commit of {GIT_SUBTREE} (s)", "s")
@@ -248,6 +274,9 @@ def _measure(b: Any, name: str, short: str, src: Path, imagefs: str,
                                   "git commit -qm x"))
     each_run(git_commit)
 
+
+def _measure_commit(b: Any, src: Path, image: str, wim: str, imagefs: str,
+                    timed: Callable[..., None]) -> None:
     # Commit: one changed file, then SMALL_FILES new files, on fresh copies of the images.
     one = b.row("rw.commit.1", "rw: commit 1 changed file (s)", "s",
                 targets=[("abs", 0.5), ("wimlib", 1.0)])
@@ -279,7 +308,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(prog="scripts/bench_rw.py", description=__doc__.split("\n")[0])
     ap.add_argument("--level", type=int, help="zstd level for imagefs capture")
     ap.add_argument("--json", metavar="PATH", help="also write the rows as JSON to PATH")
+    ap.add_argument("--only", metavar="GROUPS", default=",".join(GROUPS),
+                    help=f"comma-separated groups of rows to run (of {','.join(GROUPS)})")
     args = ap.parse_args()
+    only = frozenset(g for g in args.only.split(",") if g)
+    if not only or only - set(GROUPS):
+        ap.error(f"--only: groups are {', '.join(GROUPS)}")
     for tool in ("fuse-overlayfs", "fusermount3", "wimcapture", "wimmountrw", "wimunmount",
                  "git", "tar"):
         if not shutil.which(tool):
@@ -297,7 +331,7 @@ def main() -> int:
         work.mkdir(parents=True)
         b = bench.Bench(work, {str(src): "minbase"}, args.level)
         bench.warm_page_cache(src)
-        measure_rw(b, [(name, "minbase", src)], str(bench.IMAGEFS), bench.timed)
+        measure_rw(b, [(name, "minbase", src)], str(bench.IMAGEFS), bench.timed, only)
     except bench.CommandFailed as e:
         print(f"bench_rw: {e}", file=sys.stderr)
         return 1

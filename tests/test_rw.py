@@ -444,6 +444,55 @@ def test_writing_4k_into_a_1g_file_copies_one_chunk(tmp_path: Path) -> None:
     assert run_imagefs("verify", image).returncode == 0
 
 
+def test_large_writes_written_behind_read_back_exactly(base_image: tuple[Path, Path],
+                                                       tmp_path: Path) -> None:
+    """Writes of 64 KiB and more are answered before a worker thread writes them (O_DIRECT
+    when aligned): every later request sees them, and so do commit and a fresh mount."""
+    image, plain = base_image
+    mnt = tmp_path / "mnt"
+    bash = bytearray((plain / "usr/bin/bash").read_bytes())
+    big = bytearray()
+
+    def put(buf: bytearray, data: bytes, at: int) -> None:
+        if len(buf) < at + len(data):
+            buf.extend(bytes(at + len(data) - len(buf)))
+        buf[at:at + len(data)] = data
+
+    with mounted_rw(image, 1, mnt):
+        fd = os.open(mnt / "big", os.O_RDWR | os.O_CREAT, 0o644)
+        for i in range(8):  # aligned: O_DIRECT
+            block = os.urandom(1 << 20)
+            assert os.write(fd, block) == len(block)
+            put(big, block, i << 20)
+        for data, at in ((os.urandom(200_000), 3_000_001), (os.urandom(1 << 20), 10 << 20),
+                         (os.urandom(65_536), 4096), (os.urandom(70_000), 12 << 20)):
+            assert os.pwrite(fd, data, at) == len(data)
+            put(big, data, at)
+            assert os.pread(fd, len(data) + 10, at) == bytes(big[at:at + len(data) + 10])
+        assert os.fstat(fd).st_size == len(big)
+        os.ftruncate(fd, 5_000_000)
+        del big[5_000_000:]
+        block = os.urandom(256 << 10)
+        os.pwrite(fd, block, 6 << 20)  # behind, past a hole
+        put(big, block, 6 << 20)
+        os.close(fd)
+        with open(mnt / "usr/bin/bash", "r+b") as fh:  # a base file: copy-up, then behind
+            for data, at in ((os.urandom(128 << 10), 3 << 12), (os.urandom(100_000), 555_555)):
+                fh.seek(at)
+                fh.write(data)
+                fh.flush()
+                put(bash, data, at)
+        assert (mnt / "big").read_bytes() == big
+        with open(mnt / "big", "rb") as fh, mmap.mmap(fh.fileno(), 0, prot=mmap.PROT_READ) as m:
+            assert m[:] == big
+        assert (mnt / "usr/bin/bash").read_bytes() == bash
+        run_imagefs("unmount", mnt, "--commit")
+    with mounted(image, 1, mnt):
+        assert (mnt / "big").read_bytes() == big
+        assert (mnt / "usr/bin/bash").read_bytes() == bash
+    assert run_imagefs("verify", image).returncode == 0
+
+
 def _du(path: Path) -> int:
     return sum(os.lstat(os.path.join(t, f)).st_blocks * 512
                for t, _d, fs in os.walk(path) for f in fs)
@@ -685,6 +734,37 @@ def test_full_staging_gives_enospc_and_loses_nothing(tmp_path: Path, small_tmpfs
         os.environ.clear()
         os.environ.update(saved)
     assert run_imagefs("cat", image, "1", "/after").stdout == b"after\n"
+    assert run_imagefs("verify", image).returncode == 0
+
+
+def test_write_behind_onto_a_full_disk_fails_the_writer(tmp_path: Path, small_tmpfs: Path,
+                                                       minbase_slice: Path) -> None:
+    """With write-behind forced onto a full disk (it is normally used only with plenty of
+    room), the ENOSPC a write meets after it was answered fails the file's next write or
+    fsync, once, and the mount goes on."""
+    image = capture(minbase_slice, tmp_path / "s.imagefs")
+    mnt = tmp_path / "mnt"
+    saved = dict(os.environ)
+    os.environ["IMAGEFS_STATE_DIR"] = str(small_tmpfs / "state")
+    try:
+        with mounted_rw(image, 1, mnt, env={"IMAGEFS_TEST_BEHIND_ROOM": str(-(1 << 40))}
+                        ) as rec:  # every large write goes behind
+            (mnt / "small").write_bytes(b"kept\n")
+            dd = subprocess.run(["dd", "if=/dev/urandom", f"of={mnt}/huge", "bs=1M",
+                                 "count=64", "conv=fsync"], capture_output=True, text=True)
+            assert dd.returncode != 0 and "No space left" in dd.stderr, dd.stderr
+            assert "after the write was answered" in Path(rec["log"]).read_text()
+            os.unlink(mnt / "huge")
+            fd = os.open(mnt / "after", os.O_WRONLY | os.O_CREAT, 0o644)
+            os.write(fd, b"after\n" * 20_000)
+            os.fsync(fd)
+            os.close(fd)
+            assert (mnt / "small").read_bytes() == b"kept\n"
+            run_imagefs("unmount", mnt, "--commit")
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    assert run_imagefs("cat", image, "1", "/after").stdout == b"after\n" * 20_000
     assert run_imagefs("verify", image).returncode == 0
 
 
