@@ -17,7 +17,7 @@ from imagefs.image import DEFAULT_LEVEL, Image, capture, check_level, delete
 from imagefs.lru import WeightedLRU
 
 from .access import CREATE, READ, WRITE, Peer, acting_as, checked_path
-from .jobs import JobContext, JobManager
+from .jobs import Job, JobContext
 from .rpc import Call, method, optional, required
 
 
@@ -26,9 +26,9 @@ def history_who(call: Call, name: str, params: dict[str, Any]) -> dict[str, Any]
     return {**call.peer.who(), "via": "daemon", "method": name, "params": params}
 
 
-def job_answer(call: Call, job_id: str, subscribe: bool) -> dict[str, Any]:
-    jobs: JobManager = call.daemon.jobs
-    job = jobs.jobs[job_id]
+def job_answer(call: Call, job: Job, subscribe: bool) -> dict[str, Any]:
+    """The answer of a method that started a job: the job, followed by this connection
+    if it asked to be."""
     if subscribe:
         job.subscribers.append(call.connection.notify)
     return job.to_json()
@@ -136,7 +136,7 @@ async def capture_tree(call: Call, image: str, source: str, name: str, descripti
 
     job = call.daemon.jobs.submit("images.capture", params, call.peer.uid, work,
                                   lock_key=path)
-    return job_answer(call, job.id, subscribe)
+    return job_answer(call, job, subscribe)
 
 
 @method("images.export", image=required(str), index=required(int, str, list),
@@ -170,7 +170,7 @@ async def export_indices(call: Call, image: str, index: int | str | list[Any], d
         return {"dest": dest, "indices": numbers}
 
     job = call.daemon.jobs.submit("images.export", params, call.peer.uid, work, lock_key=out)
-    return job_answer(call, job.id, subscribe)
+    return job_answer(call, job, subscribe)
 
 
 @method("images.verify", image=required(str), subscribe=optional(bool, default=False))
@@ -188,4 +188,4 @@ async def verify_image(call: Call, image: str, subscribe: bool) -> Any:
             return verify(path, progress=ctx.advance).as_json()
 
     job = call.daemon.jobs.submit("images.verify", {"image": image}, call.peer.uid, work)
-    return job_answer(call, job.id, subscribe)
+    return job_answer(call, job, subscribe)

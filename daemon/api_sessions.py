@@ -116,7 +116,7 @@ async def commit_session(call: Call, session: str, new_index: str | None,
 
     job = call.daemon.jobs.submit("sessions.commit", params, call.peer.uid, work,
                                   lock_key=os.path.realpath(info.image))
-    return job_answer(call, job.id, subscribe)
+    return job_answer(call, job, subscribe)
 
 
 @method("sessions.discard", session=required(str))

@@ -200,9 +200,8 @@ class JobManager:
                 job.state = CANCELLED
             job.ended = time.time()
             job.cancellable = False
-            if lock is not None and not lock.locked() and lock_key is not None \
-                    and lock.statistics().tasks_waiting == 0:
-                self._locks.pop(lock_key, None)
+            if lock is not None and not lock.locked() and not lock.statistics().tasks_waiting:
+                self._locks.pop(lock_key or "", None)  # nobody queued on this image
             job.finished.set()
             log.info("job %s %s: %s", job.id, job.method, job.state)
             self.notify(job, "job.done")

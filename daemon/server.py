@@ -350,7 +350,6 @@ async def _serve_client(daemon: Daemon, stream: trio.SocketStream, max_conn: int
             pass
         finally:
             daemon.connections -= 1
-            conn.closed = True
             for job in daemon.jobs.jobs.values():
                 with contextlib.suppress(ValueError):
                     job.subscribers.remove(conn.notify)

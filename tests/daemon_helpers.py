@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -93,16 +92,19 @@ def as_user(uid: int, groups: list[int], fn: Callable[[], Any]) -> Any:
     return json.loads(data) if data else {"died": True}
 
 
-async def as_user_async(uid: int, groups: list[int], fn: Callable[[], Any]) -> Any:
-    return await trio.to_thread.run_sync(as_user, uid, groups, fn)
-
-
 def call_as(sock: Path, uid: int, groups: list[int], method: str, **params: Any) -> Any:
     def go() -> Any:
         with Client(str(sock), timeout=30) as c:
             return c.call(method, **params)
 
     return as_user(uid, groups, go)
+
+
+async def call_as_async(sock: Path, uid: int, groups: list[int], method: str,
+                        **params: Any) -> Any:
+    """call_as from a trio test: the forked child is waited for in a thread, so the
+    in-process daemon goes on serving it."""
+    return await trio.to_thread.run_sync(lambda: call_as(sock, uid, groups, method, **params))
 
 
 class DaemonProcess:
@@ -169,9 +171,8 @@ def end_sessions(state: Path, under: Path) -> None:
     for m in kernel_imagefs_mounts():
         if m.startswith(str(under)):
             subprocess.run(["umount", "-l", m], capture_output=True)
-    time.sleep(0)
 
 
-__all__ = ["NOBODY", "OTHER_GID", "TEST_GID", "DaemonProcess", "as_user", "as_user_async",
+__all__ = ["NOBODY", "OTHER_GID", "TEST_GID", "DaemonProcess", "as_user", "call_as_async",
            "call_as", "client", "daemon_in_process", "daemon_process", "end_sessions",
            "is_mounted", "public_dir"]

@@ -18,7 +18,7 @@ from daemon_helpers import (
     NOBODY,
     OTHER_GID,
     TEST_GID,
-    call_as,
+    call_as_async,
     client,
     daemon_in_process,
     daemon_process,
@@ -178,17 +178,14 @@ async def test_only_root_and_the_group_are_served(state: Path) -> None:
     async with daemon_in_process(sock):
         st = os.stat(sock)
         assert oct(st.st_mode & 0o777) == "0o660" and st.st_gid == TEST_GID
-        member = await trio.to_thread.run_sync(
-            lambda: call_as(sock, NOBODY, [TEST_GID], "daemon.status"))
+        member = await call_as_async(sock, NOBODY, [TEST_GID], "daemon.status")
         assert member["result"]["peer"]["uid"] == NOBODY
         # Not in the group: the socket's mode already keeps it out...
-        outsider = await trio.to_thread.run_sync(
-            lambda: call_as(sock, NOBODY, [OTHER_GID], "daemon.status"))
+        outsider = await call_as_async(sock, NOBODY, [OTHER_GID], "daemon.status")
         assert outsider.get("oserror") == 13, outsider
         # ...and with the socket opened up, SO_PEERCRED still does.
         os.chmod(sock, 0o666)
-        outsider = await trio.to_thread.run_sync(
-            lambda: call_as(sock, NOBODY, [OTHER_GID], "daemon.status"))
+        outsider = await call_as_async(sock, NOBODY, [OTHER_GID], "daemon.status")
         assert outsider["error"]["code"] == PERMISSION_DENIED, outsider
         await still_serves(sock)
 
@@ -209,8 +206,7 @@ async def test_paths_are_checked_as_the_caller(state: Path, small_image: Path) -
     os.chown(ok_image, NOBODY, NOBODY)
 
     async def as_member(method: str, **params: object) -> dict:
-        return await trio.to_thread.run_sync(
-            lambda: call_as(sock, NOBODY, [TEST_GID], method, **params))
+        return await call_as_async(sock, NOBODY, [TEST_GID], method, **params)
 
     async with daemon_in_process(sock):
         ok = await as_member("images.info", image=str(ok_image))
@@ -238,16 +234,14 @@ async def test_paths_are_checked_as_the_caller(state: Path, small_image: Path) -
         os.chmod(tree / "shadow", 0o600)
         new = mine / "new.imagefs"
         r = await as_member("images.capture", image=str(new), source=str(tree), name="t")
-        done = await trio.to_thread.run_sync(lambda: call_as(
-            sock, NOBODY, [TEST_GID], "jobs.wait", job=r["result"]["job"]))
+        done = await as_member("jobs.wait", job=r["result"]["job"])
         assert done["result"]["state"] == "failed", done
         assert "shadow" in done["result"]["error"]["message"], done
         assert not new.exists() or json.loads(run_imagefs("info", new, "--json").stdout)[
             "indices"] == []
         os.chmod(tree / "shadow", 0o644)
         r = await as_member("images.capture", image=str(new), source=str(tree), name="t")
-        done = await trio.to_thread.run_sync(lambda: call_as(
-            sock, NOBODY, [TEST_GID], "jobs.wait", job=r["result"]["job"]))
+        done = await as_member("jobs.wait", job=r["result"]["job"])
         assert done["result"]["state"] == "done", done
         assert os.stat(new).st_uid == NOBODY  # made by the caller, as the caller
         await still_serves(sock)
@@ -266,23 +260,19 @@ async def test_a_session_belongs_to_its_owner(state: Path, small_image: Path) ->
     other_uid = NOBODY - 1
     try:
         async with daemon_in_process(sock):
-            opened = await trio.to_thread.run_sync(lambda: call_as(
-                sock, NOBODY, [TEST_GID], "sessions.open", image=str(image), index=1,
-                mountpoint=str(mnt)))
+            opened = await call_as_async(sock, NOBODY, [TEST_GID], "sessions.open",
+                                         image=str(image), index=1, mountpoint=str(mnt))
             assert "result" in opened, opened
             sid = opened["result"]["session"]
             assert opened["result"]["owner"] == NOBODY and is_mounted(mnt)
             for method in ("sessions.commit", "sessions.discard", "sessions.remount"):
-                r = await trio.to_thread.run_sync(lambda m=method: call_as(
-                    sock, other_uid, [TEST_GID], m, session=sid))
+                r = await call_as_async(sock, other_uid, [TEST_GID], method, session=sid)
                 assert r["error"]["code"] == -32003, (method, r)  # no such session
-            listed = await trio.to_thread.run_sync(lambda: call_as(
-                sock, other_uid, [TEST_GID], "sessions.list"))
+            listed = await call_as_async(sock, other_uid, [TEST_GID], "sessions.list")
             assert listed["result"] == []
             async with client(sock) as root:
                 assert [s["session"] for s in await root.call("sessions.list")] == [sid]
-            r = await trio.to_thread.run_sync(lambda: call_as(
-                sock, NOBODY, [TEST_GID], "sessions.discard", session=sid))
+            r = await call_as_async(sock, NOBODY, [TEST_GID], "sessions.discard", session=sid)
             assert r["result"]["discarded"] is True, r
             assert not is_mounted(mnt)
     finally:

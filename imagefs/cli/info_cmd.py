@@ -26,40 +26,38 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     with Image.open(args.image) as img:
-        c = img.commit
-        chosen = [img.select(args.index)] if args.index else list(enumerate(img.indices, 1))
         doc = img.describe(args.index, args.history)
-        doc["image"] = args.image
-        size, logical = doc["size_on_disk"], doc["logical_bytes"]
+        count = len(img.indices)
+    doc["image"] = args.image
     if args.json:
         print_json(doc)
         return 0
+    size, logical = doc["size_on_disk"], doc["logical_bytes"]
     print(f"Image:           {args.image} (format {doc['format_version']}, "
-          f"generation {c.generation})")
-    print(f"Indices:         {len(c.indices)}")
+          f"generation {doc['generation']})")
+    print(f"Indices:         {count}")
     print(f"Size on disk:    {human(size)} ({size} bytes)")
     print(f"Logical bytes:   {human(logical)} in all indices")
-    print(f"Unique content:  {human(c.unique_bytes)} in {c.chunks} chunks"
+    print(f"Unique content:  {human(doc['unique_bytes'])} in {doc['chunks']} chunks"
           + (f"  (dedup {doc['dedup_ratio']}x)" if doc["dedup_ratio"] else ""))
-    print(f"Stored (zstd):   {human(c.stored_bytes)}"
+    print(f"Stored (zstd):   {human(doc['stored_bytes'])}"
           + (f"  (compression {doc['compression_ratio']}x)" if doc["compression_ratio"]
              else ""))
     if logical and size:
         print(f"Savings:         {100 * (1 - size / logical):.1f}% of the logical bytes")
-    for n, e in chosen:
+    for e in doc["indices"]:
         print()
-        print(f"Index:           {n}")
-        print(f"Name:            {e.name}")
-        print(f"Description:     {e.description}")
-        print(f"Created:         {e.created}")
-        print(f"Modified:        {e.modified}")
-        print(f"Files:           {e.files} (and {e.dirs} directories)")
-        print(f"Bytes:           {human(e.bytes)} ({e.bytes} bytes)")
-        print(f"Digest:          sha256:{e.digest}")
-        if args.history:
-            for h in e.history:
-                extra = ", ".join(f"{k}={v}" for k, v in h.items()
-                                  if k not in ("when", "uid", "user", "action"))
-                print(f"  {h.get('when', '?')}  uid {h.get('uid', '?')}  "
-                      f"{h.get('action', '?')}  {extra}")
+        print(f"Index:           {e['index']}")
+        print(f"Name:            {e['name']}")
+        print(f"Description:     {e['description']}")
+        print(f"Created:         {e['created']}")
+        print(f"Modified:        {e['modified']}")
+        print(f"Files:           {e['files']} (and {e['dirs']} directories)")
+        print(f"Bytes:           {human(e['bytes'])} ({e['bytes']} bytes)")
+        print(f"Digest:          sha256:{e['digest']}")
+        for h in e.get("history", []):
+            extra = ", ".join(f"{k}={v}" for k, v in h.items()
+                              if k not in ("when", "uid", "user", "action"))
+            print(f"  {h.get('when', '?')}  uid {h.get('uid', '?')}  "
+                  f"{h.get('action', '?')}  {extra}")
     return 0
