@@ -99,10 +99,9 @@ def admitted(peer: Peer, group: int | None) -> bool:
 READ, WRITE, CREATE = "read", "write", "create"
 
 
-def checked_path(name: str, value: object, peer: Peer, want: str) -> str:
-    """The real path (symlinks resolved) of a path parameter, if peer may use it as wanted:
-    READ an existing file or directory, WRITE an existing one, CREATE a new entry (the
-    parent must be writable; an existing one must be writable too).  RpcError otherwise."""
+def absolute_path(name: str, value: object) -> str:
+    """value, if it is an absolute path (the daemon's working directory is not the
+    caller's); RpcError otherwise."""
     if not isinstance(value, str) or not value:
         raise RpcError(INVALID_PARAMS, f"`{name}` must be a non-empty string (a path)")
     if "\0" in value:
@@ -110,6 +109,15 @@ def checked_path(name: str, value: object, peer: Peer, want: str) -> str:
     if not value.startswith("/"):
         raise RpcError(INVALID_PARAMS, f"`{name}`: {value!r} is relative; the daemon needs "
                        "an absolute path (its working directory is not yours)")
+    return value
+
+
+def checked_path(name: str, value: object, peer: Peer, want: str) -> str:
+    """The real path (symlinks resolved) of a path parameter, if peer may use it as wanted:
+    READ an existing file or directory, WRITE an existing one, CREATE a new entry (the
+    parent must be writable; an existing one must be writable too).  RpcError otherwise."""
+    absolute_path(name, value)
+    assert isinstance(value, str)
     if ".." in value.split("/"):
         raise RpcError(INVALID_PARAMS, f"`{name}`: {value!r} contains `..`; give the path "
                        "without it")

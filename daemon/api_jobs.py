@@ -8,7 +8,7 @@ from typing import Any
 
 import trio
 
-from imagefs.sessions import state_dir
+from imagefs.places import state_dir
 
 from .jobs import Job
 from .protocol import INVALID_PARAMS, NO_SUCH_JOB, NOT_CANCELLABLE, RpcError

@@ -17,7 +17,7 @@ from typing import Any
 import trio
 
 from imagefs import mounts
-from imagefs.errors import Error, NoSuchSession, SessionRefused
+from imagefs.errors import Error, MountRefused, NoSuchSession
 from imagefs.sessions import SessionInfo, find_session, list_sessions
 
 from .access import READ, WRITE, checked_path
@@ -61,13 +61,16 @@ async def run_cli(call: Call, *words: str) -> str:
     """Run an imagefs verb as a child (a mount must outlive the call and the daemon); its
     one-line error becomes the same error here."""
     env = {**os.environ, "IMAGEFS_SESSION_OWNER": str(call.peer.uid)}
-    argv = [sys.executable, "-m", "imagefs.cli", *words, "--no-daemon"]
+    # The mount is root's; a member's image must not bring setuid programs or device
+    # nodes that work with it (a crafted image could hold a setuid-root shell).
+    confined = () if call.peer.is_root else ("-o", "nosuid,nodev")
+    argv = [sys.executable, "-m", "imagefs.cli", *words, *confined, "--no-daemon"]
     proc = await trio.run_process(argv, env=env,
                                   capture_stdout=True, capture_stderr=True, check=False)
     if proc.returncode != 0:
         message = proc.stderr.decode("utf-8", "replace").strip().splitlines()
         text = message[-1] if message else f"exit code {proc.returncode}"
-        raise SessionRefused(text.removeprefix("imagefs: "), proc.returncode)
+        raise MountRefused(text.removeprefix("imagefs: "), proc.returncode)
     return proc.stdout.decode("utf-8", "replace")
 
 

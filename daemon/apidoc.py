@@ -13,7 +13,7 @@ import json
 
 from imagefs.errors import error_classes
 
-from . import api_images, api_jobs, api_sessions, protocol  # noqa: F401  (they register)
+from . import protocol, server  # noqa: F401  (server imports every api_* module)
 from .rpc import METHODS, Param
 
 _JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean",

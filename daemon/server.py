@@ -39,7 +39,8 @@ import trio
 
 from imagefs.errors import Error
 
-from . import api_images, api_jobs, api_sessions  # noqa: F401  (they register methods)
+# The api_* modules register their methods as they are imported.
+from . import api_images, api_jobs, api_mounts, api_sessions  # noqa: F401
 from .access import Peer, admitted, group_id, peer_of
 from .client import DEFAULT_SOCKET
 from .jobs import JobManager
@@ -299,6 +300,7 @@ async def serve(config: Config, *, task_status: Any = trio.TASK_STATUS_IGNORED) 
     try:
         async with trio.open_nursery() as jobs_nursery:
             daemon = Daemon(config, gid, JobManager(jobs_nursery, config.threads))
+            await trio.to_thread.run_sync(api_mounts.fork_server.start)
             adopted = await trio.to_thread.run_sync(api_sessions.adopt)
             if adopted:
                 log.info("adopted %d live session(s) from before: %s", len(adopted),
@@ -312,6 +314,7 @@ async def serve(config: Config, *, task_status: Any = trio.TASK_STATUS_IGNORED) 
     finally:
         with trio.CancelScope(shield=True):
             await listener.aclose()
+            await trio.to_thread.run_sync(api_mounts.fork_server.close)
         if bound:
             with contextlib.suppress(OSError):
                 os.unlink(config.socket_path)

@@ -21,7 +21,7 @@ import struct
 import time
 from typing import TYPE_CHECKING, Any
 
-from .errors import Busy, Error, SessionRefused, SystemFailure
+from .errors import Busy, Error, MountRefused, SystemFailure
 
 if TYPE_CHECKING:  # trio is the server's: `imagefs commit`, a client, starts without it
     import trio
@@ -152,6 +152,6 @@ def request(session_id: str, doc: dict[str, Any], timeout: float | None = None
         raise SystemFailure(f"session {session_id}",
                             "the mount process ended without an answer; see its log") from None
     if not reply.get("ok"):
-        raise SessionRefused(str(reply.get("error")), int(reply.get("code") or 8))
+        raise MountRefused(str(reply.get("error")), int(reply.get("code") or 8))
     result = reply.get("result")
     return result if isinstance(result, dict) else {}

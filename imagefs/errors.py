@@ -144,10 +144,11 @@ class SessionLive(Busy):
     """session {}: mounted by process {} at {}; unmount it first"""
 
 
-class SessionRefused(SystemFailure):
+class MountRefused(SystemFailure):
     """{}"""
 
-    # exit_code: the code of the mount process's refusal (8 when it gives none)
+    # exit_code: the code of the refusal by a mount process, or by the process that
+    # started it (8 when it gives none)
 
     def __init__(self, message: str, code: int = 8) -> None:
         super().__init__(message)

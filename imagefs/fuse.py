@@ -406,6 +406,9 @@ def start_guardian(mountpoint: str) -> None:
         os.close(r)  # w stays open, unused, until this process ends
         return
     try:
+        from setproctitle import setproctitle
+
+        setproctitle(f"imagefs mount guardian {mountpoint}")
         for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)
         os.closerange(3, r)  # above all the /dev/fuse fd: the connection must not outlive

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from . import _format as F
-from .capture import TreeCapture  # eager: imagefs.capture must stay the function
+from .capture import TreeCapture
 from .container import Commit, ImageFile, IndexEntry
 from .errors import NoSuchIndex, UsageError
 from .view import IndexView

@@ -43,6 +43,7 @@ from .errors import (
     SystemFailure,
     UsageError,
 )
+from .places import run_dir
 from .sessions import SessionInfo, discard
 
 FSTYPE = "fuse.imagefs"
@@ -110,16 +111,6 @@ def find_mount(path: str) -> KernelMount | None:
 
 
 # --- records -----------------------------------------------------------------------------
-
-def run_dir() -> str:
-    env = os.environ.get("IMAGEFS_RUN_DIR")
-    if env:
-        return env
-    if os.geteuid() == 0:
-        return "/run/imagefs"
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    return os.path.join(xdg, "imagefs") if xdg else f"/tmp/imagefs-{os.geteuid()}"
-
 
 def _records_dir() -> str:
     d = os.path.join(run_dir(), "mounts")
@@ -282,10 +273,12 @@ def check_mountpoint(mountpoint: str) -> str:
 def start(image_path: str, index_spec: str, mountpoint: str, option_specs: list[str],
           foreground: bool = False,
           announce: Callable[[MountRecord], None] | None = None,
-          writable: bool = False, session: SessionInfo | None = None) -> MountRecord:
+          writable: bool = False, session: SessionInfo | None = None,
+          not_inherited: tuple[int, ...] = ()) -> MountRecord:
     """Mount an index at mountpoint: read-only, or writable as a session (a new one, or
     `session` again after a crash).  In the background (the default) this returns once
-    the mount is ready; with foreground it returns after unmount."""
+    the mount is ready; with foreground it returns after unmount.  The mount process
+    closes the descriptors in not_inherited (the caller's, not the mount's to hold)."""
     fuse_opts, cache = parse_options(option_specs, writable or session is not None)
     path = check_mountpoint(mountpoint)
     if writable or session is not None:
@@ -330,9 +323,12 @@ def start(image_path: str, index_spec: str, mountpoint: str, option_specs: list[
     pid = os.fork()
     if pid == 0:  # the mount process
         os.close(r)
+        for fd in not_inherited:
+            os.close(fd)
         code = 0
         try:
             _become_daemon(rec.log)
+            _set_title(f"imagefs mount {rec.image} {rec.index} {path}")
             rec.pid = os.getpid()
 
             def ready_bg() -> None:
@@ -495,6 +491,13 @@ def _log_to(stream: TextIO) -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
     logging.getLogger("pyfuse3").setLevel(logging.WARNING)
+
+
+def _set_title(title: str) -> None:
+    """What ps and fuser show for a mount process (else whatever command forked it)."""
+    from setproctitle import setproctitle
+
+    setproctitle(title)
 
 
 def _become_daemon(log_path: str) -> None:

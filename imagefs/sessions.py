@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from .container import ImageFile, IndexEntry, crash_point, now_iso
 from .errors import BaseChanged, IndexGone, NoSuchSession, SessionLive, UsageError
+from .places import state_dir
 
 if TYPE_CHECKING:  # the session machinery loads when a session is opened, not listed
     from .image import Image
@@ -33,17 +34,6 @@ if TYPE_CHECKING:  # the session machinery loads when a session is opened, not l
 
 META_CACHE = 24 << 20
 INODE_CACHE_WEIGHT = 32_768
-
-
-def state_dir() -> str:
-    """Where sessions live: on local disk, so that they survive a crash or a reboot."""
-    env = os.environ.get("IMAGEFS_STATE_DIR")
-    if env:
-        return env
-    if os.geteuid() == 0:
-        return "/var/lib/imagefs"
-    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
-    return os.path.join(base, "imagefs")
 
 
 def sessions_dir() -> str:

@@ -19,6 +19,7 @@ Run inside scripts/bench (--no-daemon skips these rows) or alone:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -27,7 +28,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +81,34 @@ def committer(sock: str, session: str, mnt: Path, stop: threading.Event,
             done[0] += 1
 
 
+@contextlib.contextmanager
+def daemon_child(imagefs: str, work: Path, env: dict[str, str]) -> Iterator[Path]:
+    """`imagefs daemon` as a child of the bench, listening on work/daemon.sock once this
+    yields; stopped by its pid (SIGTERM) at the end.  Sessions it mounted are stopped with
+    it; read-only mounts it made are not (they are their own processes)."""
+    sock = work / "daemon.sock"
+    with open(work / "daemon.log", "ab") as log:
+        proc = subprocess.Popen([imagefs, "daemon", "--socket", str(sock)], env=env,
+                                stdout=log, stderr=log, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                with Client(str(sock), timeout=2) as c:
+                    c.call("daemon.status")
+                break
+            except OSError:
+                time.sleep(0.05)
+        yield sock
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def measure_daemon(b: Any, trees: list[tuple[str, str, Path]], imagefs: str,
                    timed: Callable[..., None]) -> None:
     name, short, src = next((t for t in trees if t[0] == "bookworm-minbase"), trees[0])
@@ -89,18 +118,12 @@ def measure_daemon(b: Any, trees: list[tuple[str, str, Path]], imagefs: str,
         b.run([imagefs, "capture", str(src), str(image), "--name", name])
     copy = work / "daemon.imagefs"
     shutil.copyfile(image, copy)
-    sock, state, mnt = work / "daemon.sock", work / "daemon-state", work / "daemon-mnt"
+    state, mnt = work / "daemon-state", work / "daemon-mnt"
     mnt.mkdir(exist_ok=True)
     env = {**os.environ, "IMAGEFS_STATE_DIR": str(state), "IMAGEFS_RUN_DIR": str(work / "drun")}
-    log = open(work / "daemon.log", "wb")  # noqa: SIM115 - closed in finally
-    proc = subprocess.Popen([imagefs, "daemon", "--socket", str(sock)], env=env, stdout=log,
-                            stderr=log, start_new_session=True)
     session = None
     try:
-        deadline = time.monotonic() + 15
-        while not sock.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        with Client(str(sock)) as c:
+        with daemon_child(imagefs, work, env) as sock, Client(str(sock)) as c:
             session = c.call("sessions.open", image=str(copy), index=1,
                              mountpoint=str(mnt))["session"]
             stop, commits = threading.Event(), [0]
@@ -142,13 +165,6 @@ def measure_daemon(b: Any, trees: list[tuple[str, str, Path]], imagefs: str,
         if session is not None:
             subprocess.run([imagefs, "unmount", str(mnt), "--discard", "--no-daemon"],
                            env=env, capture_output=True)
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
         with open("/proc/self/mountinfo") as fh:
             left = [line.split()[4] for line in fh if str(mnt) in line.split()[4]]
         for m in left:

@@ -237,6 +237,8 @@ def _isolated_run_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None
     old_state = os.environ.get("IMAGEFS_STATE_DIR")
     os.environ["IMAGEFS_RUN_DIR"] = run
     os.environ["IMAGEFS_STATE_DIR"] = os.path.join(run, "state")  # sessions
+    old_socket = os.environ.get("IMAGEFS_SOCKET")  # a daemon of the machine's is not asked
+    os.environ["IMAGEFS_SOCKET"] = os.path.join(run, "no-daemon.sock")
     base = str(tmp_path_factory.getbasetemp())
     try:
         yield
@@ -244,7 +246,8 @@ def _isolated_run_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None
         left = [m for m in kernel_imagefs_mounts() if m.startswith((base, run))]
         for m in left:
             unmount_hard(m, None)
-        for name, value in (("IMAGEFS_RUN_DIR", old), ("IMAGEFS_STATE_DIR", old_state)):
+        for name, value in (("IMAGEFS_RUN_DIR", old), ("IMAGEFS_STATE_DIR", old_state),
+                            ("IMAGEFS_SOCKET", old_socket)):
             if value is None:
                 os.environ.pop(name, None)
             else:

@@ -265,6 +265,8 @@ async def test_a_session_belongs_to_its_owner(state: Path, small_image: Path) ->
             assert "result" in opened, opened
             sid = opened["result"]["session"]
             assert opened["result"]["owner"] == NOBODY and is_mounted(mnt)
+            # Root's mount for a member: no setuid programs or device nodes that work.
+            assert {"nosuid", "nodev"} <= mount_options(mnt), mount_options(mnt)
             for method in ("sessions.commit", "sessions.discard", "sessions.remount"):
                 r = await call_as_async(sock, other_uid, [TEST_GID], method, session=sid)
                 assert r["error"]["code"] == -32003, (method, r)  # no such session
@@ -277,6 +279,16 @@ async def test_a_session_belongs_to_its_owner(state: Path, small_image: Path) ->
             assert not is_mounted(mnt)
     finally:
         end_sessions(state, pub)
+
+
+def mount_options(mnt: Path) -> set[str]:
+    """The per-mount options /proc/self/mountinfo shows for mnt."""
+    with open("/proc/self/mountinfo") as fh:
+        for line in fh:
+            parts = line.split(" ")
+            if parts[4] == str(mnt):
+                return set(parts[5].split(","))
+    return set()
 
 
 # --- sessions ---------------------------------------------------------------------------------

@@ -46,10 +46,10 @@ def run(args: argparse.Namespace) -> int:
         raise SessionLive(info.id, info.pid, info.mountpoint)
 
     def announce(rec: MountRecord) -> None:
-        say_mounted(rec, args.json, foreground=True)
+        say_mounted(rec.to_json(), args.json, foreground=True)
 
     rec = start(info.image, str(info.index), info.mountpoint, args.options,
                 foreground=args.foreground, announce=announce, session=info)
     if not args.foreground:
-        say_mounted(rec, args.json, foreground=False)
+        say_mounted(rec.to_json(), args.json, foreground=False)
     return 0

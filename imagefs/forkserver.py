@@ -1,0 +1,224 @@
+"""A warm process that mounts: pyfuse3, trio and imagefs are imported once, and each
+mount is a fork of it.
+
+`imagefs mount` spends most of its time importing: the mount process needs pyfuse3, which
+needs trio, and those imports alone take longer than a C driver takes to mount.  The daemon
+therefore keeps one of these (`python -m imagefs.forkserver FD`, started by
+MountForkServer): single-threaded, never serving a mount itself (pyfuse3 allows one session
+per process), it waits on a SOCK_SEQPACKET socket for requests.  Each request is one JSON
+message with one file descriptor attached, the end of a socket to answer on.  The server
+forks a child per request and goes back to waiting; the child takes the caller's
+credentials (uid, gid, groups, as the daemon learned them from SO_PEERCRED), so the kernel
+checks every path as it would for the caller's own `imagefs mount`, then runs
+mounts.start(), which forks the mount process and returns once it is ready; the child
+answers with the mount's record, or the error and its exit code, and exits.  The mount
+process belongs to nobody but itself (setsid): the daemon and this server may stop or
+restart without taking mounts with them.
+
+The server ends when the daemon closes its end of the socket.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import Error, MountRefused, SystemFailure
+
+log = logging.getLogger("imagefs.forkserver")
+MAX_REQUEST = 64 << 10
+ANSWER_TIMEOUT = 60.0  # a mount that is not ready by then has failed (the kernel's INIT
+# alone may take up to fuse.INIT_TIMEOUT, 10 s)
+
+
+@dataclass
+class MountRequest:
+    """What to mount, and as whom."""
+
+    image: str  # absolute paths: the server's working directory is not the caller's
+    index: str
+    mountpoint: str
+    options: list[str] = field(default_factory=list)  # -o values
+    uid: int = 0
+    gid: int = 0
+    groups: list[int] = field(default_factory=list)
+    run_dir: str | None = None  # where the caller's `imagefs mounts` looks for records
+
+
+class MountForkServer:
+    """The daemon's side: starts the server (again, should it die) and asks it for mounts.
+    Blocking and thread-safe: call mount() from a worker thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._sock: socket.socket | None = None
+
+    def start(self) -> None:
+        with self._lock:
+            self._start()
+
+    def _start(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "imagefs.forkserver", str(theirs.fileno())],
+                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, cwd="/")
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self._sock = ours
+
+    def _send(self, message: bytes, fd: int) -> None:
+        with self._lock:
+            for attempt in (1, 2):  # a server that died is started again, once
+                if self._sock is None or self._proc is None or self._proc.poll() is not None:
+                    self._stop()
+                    self._start()
+                assert self._sock is not None
+                try:
+                    socket.send_fds(self._sock, [message], [fd])
+                    return
+                except OSError:
+                    if attempt == 2:
+                        raise
+                    self._stop()
+
+    def mount(self, request: MountRequest, timeout: float = ANSWER_TIMEOUT) -> dict[str, Any]:
+        """Mount as request says; the mount's record (MountRecord.to_json()) once it is
+        ready, or the mount's error raised with its exit code."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        with ours:
+            try:
+                self._send(json.dumps(asdict(request)).encode(), theirs.fileno())
+            finally:
+                theirs.close()
+            ours.settimeout(timeout)
+            data = b""
+            try:
+                while chunk := ours.recv(65536):
+                    data += chunk
+            except TimeoutError:
+                raise MountRefused(f"{request.mountpoint}: the mount was not ready within "
+                                   f"{timeout:.0f} s") from None
+        try:
+            answer = json.loads(data)
+        except ValueError:
+            raise MountRefused(f"{request.mountpoint}: the mount's starter died before "
+                               "it answered") from None
+        if "error" in answer:
+            raise MountRefused(str(answer["error"]), int(answer.get("exit_code") or 8))
+        return dict(answer["record"])
+
+    def close(self) -> None:
+        """Stop the server (mounts it made go on)."""
+        with self._lock:
+            self._stop()
+
+    def _stop(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        if self._proc is not None:
+            try:
+                self._proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+            self._proc = None
+
+
+# --- the server process ------------------------------------------------------------------
+
+def serve(sock: socket.socket) -> None:
+    """Fork a mount per request until the other end closes."""
+    # Everything a mount process needs, imported once, here.
+    from setproctitle import setproctitle
+
+    from . import fuse, image, mounts, packs, records, vfs, view  # noqa: F401
+
+    setproctitle(f"imagefs forkserver (of the daemon, pid {os.getppid()})")
+
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon's Ctrl-C is the daemon's
+    while True:
+        try:
+            message, fds, _, _ = socket.recv_fds(sock, MAX_REQUEST, 1)
+        except InterruptedError:
+            continue
+        if not message:
+            return
+        for fd in fds[1:]:
+            os.close(fd)
+        if not fds:
+            continue
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                sock.close()
+                _answer(fds[0], _mount(message, fds[0]))
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(fds[0])
+
+
+def _mount(message: bytes, answer_fd: int) -> dict[str, Any]:
+    """In the child: become the caller, mount, and say how it went."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # libfuse waits for fusermount3
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    try:
+        req = MountRequest(**json.loads(message))
+        if req.uid != 0:
+            os.setgroups(req.groups)
+            os.setgid(req.gid)
+            os.setuid(req.uid)
+        if req.run_dir:
+            os.environ["IMAGEFS_RUN_DIR"] = req.run_dir
+        from .mounts import start
+
+        rec = start(req.image, req.index, req.mountpoint, req.options,
+                    not_inherited=(answer_fd,))
+        return {"record": rec.to_json()}
+    except Error as e:
+        return {"error": e.message(), "exit_code": e.exit_code}
+    except OSError as e:
+        return {"error": SystemFailure(e.filename or "mount", e.strerror).message(),
+                "exit_code": SystemFailure.exit_code}
+    except Exception as e:  # the answer must come, whatever happened
+        log.exception("mount request failed")
+        return {"error": f"internal error: {type(e).__name__}: {e}", "exit_code": 70}
+
+
+def _answer(fd: int, doc: dict[str, Any]) -> None:
+    with contextlib.suppress(OSError), socket.socket(fileno=fd) as s:
+        s.sendall(json.dumps(doc).encode())
+
+
+def main(argv: list[str]) -> int:
+    logging.basicConfig(format="imagefs-forkserver[%(process)d]: %(message)s")
+    try:
+        fd = int(argv[0])
+    except (IndexError, ValueError):
+        print("usage: python -m imagefs.forkserver FD (started by the imagefs daemon)",
+              file=sys.stderr)
+        return 2
+    with socket.socket(fileno=fd) as sock:
+        serve(sock)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
