@@ -11,15 +11,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from imagefs.forkserver import MountForkServer, MountRequest
+from imagefs.forkserver import MountRequest
 
 from .access import absolute_path
 from .api_images import in_thread
 from .protocol import INVALID_PARAMS, RpcError
 from .rpc import Call, method, optional, required
-
-# The daemon's one fork server: started with the daemon, closed when it stops.
-fork_server = MountForkServer()
 
 
 @method("mounts.open", image=required(str), index=required(int, str),
@@ -43,4 +40,4 @@ async def open_mount(call: Call, image: str, index: int | str, mountpoint: str,
     request = MountRequest(image=image, index=str(index), mountpoint=mountpoint,
                            options=list(options), uid=peer.uid, gid=peer.gid,
                            groups=sorted(peer.groups), run_dir=run_dir)
-    return await in_thread(fork_server.mount, request)
+    return await in_thread(call.daemon.fork_server.mount, request)

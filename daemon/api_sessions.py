@@ -1,8 +1,9 @@
 """sessions.*: writable mounts opened for clients, committed or discarded through the daemon.
 
-A session's mount runs in its own process (`imagefs mount --rw`, started here with the
-caller's uid recorded as the owner), so a daemon that dies or restarts does not take the
-mounted trees with it; its staging is on disk either way.  A session belongs to the uid that
+A session's mount runs in its own process (forked from the daemon's fork server, as
+`imagefs mount --rw` would start it, with the caller's uid recorded as the owner), so a
+daemon that dies or restarts does not take the mounted trees with it; its staging is on
+disk either way.  A session belongs to the uid that
 opened it: nobody else but root may see its details, commit, discard or remount it.
 """
 
@@ -11,13 +12,13 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import sys
 from typing import Any
 
 import trio
 
 from imagefs import mounts
-from imagefs.errors import Error, MountRefused, NoSuchSession
+from imagefs.errors import Error, NoSuchSession
+from imagefs.forkserver import MountRequest
 from imagefs.sessions import SessionInfo, find_session, list_sessions
 
 from .access import READ, WRITE, checked_path
@@ -57,21 +58,18 @@ def own_session(call: Call, spec: str) -> SessionInfo:
     return info
 
 
-async def run_cli(call: Call, *words: str) -> str:
-    """Run an imagefs verb as a child (a mount must outlive the call and the daemon); its
-    one-line error becomes the same error here."""
-    env = {**os.environ, "IMAGEFS_SESSION_OWNER": str(call.peer.uid)}
-    # The mount is root's; a member's image must not bring setuid programs or device
-    # nodes that work with it (a crafted image could hold a setuid-root shell).
-    confined = () if call.peer.is_root else ("-o", "nosuid,nodev")
-    argv = [sys.executable, "-m", "imagefs.cli", *words, *confined, "--no-daemon"]
-    proc = await trio.run_process(argv, env=env,
-                                  capture_stdout=True, capture_stderr=True, check=False)
-    if proc.returncode != 0:
-        message = proc.stderr.decode("utf-8", "replace").strip().splitlines()
-        text = message[-1] if message else f"exit code {proc.returncode}"
-        raise MountRefused(text.removeprefix("imagefs: "), proc.returncode)
-    return proc.stdout.decode("utf-8", "replace")
+async def mount_session(call: Call, image: str, index: int | str, mountpoint: str,
+                        stale: str | None = None) -> None:
+    """Mount a new session of the caller's (or the stale session `stale` again), forked
+    from the daemon's fork server: root's mount, for the caller, ready when this returns
+    (the mount process outlives the call and the daemon)."""
+    # A member's image must not bring setuid programs or device nodes that work with it
+    # (a crafted image could hold a setuid-root shell).
+    confined = [] if call.peer.is_root else ["nosuid,nodev"]
+    request = MountRequest(image=image, index=str(index), mountpoint=mountpoint,
+                           options=confined, writable=True, session=stale,
+                           owner=call.peer.uid)
+    await in_thread(call.daemon.fork_server.mount, request)
 
 
 @method("sessions.open", image=required(str), index=required(int, str),
@@ -82,7 +80,7 @@ async def open_session(call: Call, image: str, index: int | str, mountpoint: str
     call.daemon.check_accepting()
     path = checked_path("image", image, call.peer, WRITE)
     where = checked_path("mountpoint", mountpoint, call.peer, WRITE)
-    await run_cli(call, "mount", "--rw", path, str(index), where)
+    await mount_session(call, path, index, where)
     info = await in_thread(find_session, where)
     started_here.add(info.id)
     return session_doc(info)
@@ -151,7 +149,7 @@ async def remount_session(call: Call, session: str, mountpoint: str | None) -> A
             await in_thread(info.save)
     else:
         checked_path("mountpoint", info.mountpoint, call.peer, WRITE)
-    await run_cli(call, "remount", info.id)
+    await mount_session(call, info.image, info.index, info.mountpoint, stale=info.id)
     fresh = await in_thread(SessionInfo.load, info.id)
     started_here.add(fresh.id)
     return session_doc(fresh)

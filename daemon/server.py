@@ -38,6 +38,7 @@ from typing import Any
 import trio
 
 from imagefs.errors import Error
+from imagefs.forkserver import MountForkServer
 
 # The api_* modules register their methods as they are imported.
 from . import api_images, api_jobs, api_mounts, api_sessions  # noqa: F401
@@ -89,6 +90,7 @@ class Daemon:
     config: Config
     group_gid: int | None
     jobs: JobManager
+    fork_server: MountForkServer
     started: float = field(default_factory=time.time)
     connections: int = 0
     stopping: bool = False
@@ -297,10 +299,12 @@ async def serve(config: Config, *, task_status: Any = trio.TASK_STATUS_IGNORED) 
     else:  # what systemd gave us is the truth about where we listen
         config.socket_path = str(sock.getsockname()) or config.socket_path
     listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+    fork_server = MountForkServer()
     try:
         async with trio.open_nursery() as jobs_nursery:
-            daemon = Daemon(config, gid, JobManager(jobs_nursery, config.threads))
-            await trio.to_thread.run_sync(api_mounts.fork_server.start)
+            daemon = Daemon(config, gid, JobManager(jobs_nursery, config.threads),
+                            fork_server)
+            await trio.to_thread.run_sync(fork_server.start)
             adopted = await trio.to_thread.run_sync(api_sessions.adopt)
             if adopted:
                 log.info("adopted %d live session(s) from before: %s", len(adopted),
@@ -314,7 +318,7 @@ async def serve(config: Config, *, task_status: Any = trio.TASK_STATUS_IGNORED) 
     finally:
         with trio.CancelScope(shield=True):
             await listener.aclose()
-            await trio.to_thread.run_sync(api_mounts.fork_server.close)
+            await trio.to_thread.run_sync(fork_server.close)
         if bound:
             with contextlib.suppress(OSError):
                 os.unlink(config.socket_path)

@@ -11,7 +11,9 @@ forks a child per request and goes back to waiting; the child takes the caller's
 credentials (uid, gid, groups, as the daemon learned them from SO_PEERCRED), so the kernel
 checks every path as it would for the caller's own `imagefs mount`, then runs
 mounts.start(), which forks the mount process and returns once it is ready; the child
-answers with the mount's record, or the error and its exit code, and exits.  The mount
+answers with the mount's record, or the error and its exit code, and exits.  (A session's
+writable mount is root's, made for the session's owner, as `imagefs mount --rw` run by
+root for them would be; the daemon has checked its paths as the caller.)  The mount
 process belongs to nobody but itself (setsid): the daemon and this server may stop or
 restart without taking mounts with them.
 
@@ -52,6 +54,9 @@ class MountRequest:
     gid: int = 0
     groups: list[int] = field(default_factory=list)
     run_dir: str | None = None  # where the caller's `imagefs mounts` looks for records
+    writable: bool = False  # a session's mount: root's (uid 0), for `owner`
+    session: str | None = None  # with writable: serve this stale session again
+    owner: int | None = None  # with writable: whose session it is
 
 
 class MountForkServer:
@@ -102,6 +107,9 @@ class MountForkServer:
         with ours:
             try:
                 self._send(json.dumps(asdict(request)).encode(), theirs.fileno())
+            except OSError as e:
+                raise MountRefused(f"{request.mountpoint}: the daemon's fork server does "
+                                   f"not answer ({e.strerror or e})") from None
             finally:
                 theirs.close()
             ours.settimeout(timeout)
@@ -146,7 +154,7 @@ def serve(sock: socket.socket) -> None:
     # Everything a mount process needs, imported once, here.
     from setproctitle import setproctitle
 
-    from . import fuse, image, mounts, packs, records, vfs, view  # noqa: F401
+    from . import fuse, fuse_rw, image, mounts, packs, records, sessions, vfs, view  # noqa: F401
 
     setproctitle(f"imagefs forkserver (of the daemon, pid {os.getppid()})")
 
@@ -181,16 +189,23 @@ def _mount(message: bytes, answer_fd: int) -> dict[str, Any]:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     try:
         req = MountRequest(**json.loads(message))
-        if req.uid != 0:
+        if req.uid != os.geteuid():
+            if os.geteuid() != 0:
+                raise MountRefused(f"{req.mountpoint}: this daemon runs as uid "
+                                   f"{os.geteuid()} and cannot mount as uid {req.uid}")
             os.setgroups(req.groups)
             os.setgid(req.gid)
             os.setuid(req.uid)
         if req.run_dir:
             os.environ["IMAGEFS_RUN_DIR"] = req.run_dir
+        if req.owner is not None:
+            os.environ["IMAGEFS_SESSION_OWNER"] = str(req.owner)
         from .mounts import start
+        from .sessions import SessionInfo
 
+        stale = SessionInfo.load(req.session) if req.session else None
         rec = start(req.image, req.index, req.mountpoint, req.options,
-                    not_inherited=(answer_fd,))
+                    writable=req.writable, session=stale, not_inherited=(answer_fd,))
         return {"record": rec.to_json()}
     except Error as e:
         return {"error": e.message(), "exit_code": e.exit_code}

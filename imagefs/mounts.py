@@ -263,6 +263,10 @@ def parse_size(text: str) -> int:
 def check_mountpoint(mountpoint: str) -> str:
     path = canonical(mountpoint)
     existing = find_mount(path)
+    if existing is not None and existing.fstype == FSTYPE and _dead(path):
+        # Its process died; its guardian detaches it, but perhaps not yet: do it now.
+        _umount(path, lazy=True)
+        existing = find_mount(path)
     if existing is not None and existing.fstype == FSTYPE:
         raise AlreadyMounted(path, existing.source)
     if not os.path.isdir(path):
@@ -635,13 +639,23 @@ def cleanup(spec: str | None) -> list[SessionInfo]:
     return gone
 
 
-def _umount(path: str) -> int:
+def _dead(path: str) -> bool:
+    """A FUSE mount whose server is gone answers ENOTCONN."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        return e.errno == errno.ENOTCONN
+    return False
+
+
+def _umount(path: str, lazy: bool = False) -> int:
     if os.geteuid() == 0:
         libc = ctypes.CDLL(None, use_errno=True)
-        if libc.umount2(os.fsencode(path), 0) != 0:
+        if libc.umount2(os.fsencode(path), 2 if lazy else 0) != 0:  # 2: MNT_DETACH
             return ctypes.get_errno()
         return 0
-    proc = subprocess.run(["fusermount3", "-u", path], capture_output=True, text=True)
+    argv = ["fusermount3", "-u", *(["-z"] if lazy else []), path]
+    proc = subprocess.run(argv, capture_output=True, text=True)
     if proc.returncode == 0:
         return 0
     return errno.EBUSY if "busy" in proc.stderr.lower() else errno.EPERM

@@ -94,8 +94,6 @@ def test_imagefs_mount_through_the_daemon(tmp_path: Path, small_image: Path) -> 
 
 @pytest.mark.trio
 async def test_a_mount_is_made_as_the_caller(tmp_path: Path, small_image: Path) -> None:
-    from daemon import api_mounts
-
     pub = public_dir("imagefs-d-")
     sock = pub / "d.sock"
     mnt = pub / "mnt"
@@ -104,7 +102,7 @@ async def test_a_mount_is_made_as_the_caller(tmp_path: Path, small_image: Path) 
     secret = pub / "secret.imagefs"
     secret.write_bytes(small_image.read_bytes())
     secret.chmod(0o600)  # root's: the daemon could read it, the caller may not
-    async with daemon_in_process(sock):
+    async with daemon_in_process(sock) as d:
         r = await call_as_async(sock, NOBODY, [TEST_GID], "mounts.open", image=str(secret),
                                 index="base", mountpoint=str(mnt))
         assert r["error"]["code"] == -32008, r
@@ -114,7 +112,7 @@ async def test_a_mount_is_made_as_the_caller(tmp_path: Path, small_image: Path) 
                                 image="small.imagefs", index=1, mountpoint=str(mnt))
         assert r["error"]["code"] == INVALID_PARAMS, r
         # A server that died is started again for the next mount.
-        proc = api_mounts.fork_server._proc
+        proc = d.fork_server._proc
         assert proc is not None
         proc.kill()
         proc.wait()

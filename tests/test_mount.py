@@ -304,6 +304,29 @@ def test_signals_unmount(sig: int, every_type_tree: Path, tmp_path: Path) -> Non
         assert listed_mounts(tmp_path) == []
 
 
+def test_a_dead_mount_is_replaced(every_type_tree: Path, tmp_path: Path) -> None:
+    """With its process and its guardian both killed, a mount is left dead (ENOTCONN); a
+    new mount at that place detaches it first instead of refusing."""
+    image = capture(every_type_tree, tmp_path / "t.imagefs")
+    mnt = tmp_path / "mnt"
+    with mounted(image, 1, mnt) as rec:
+        guardians = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()
+                     and (p / "stat").exists() and int((p / "stat").read_bytes().rsplit(
+                         b")", 1)[1].split()[1]) == rec["pid"]]
+        assert len(guardians) == 1, guardians
+        for pid in (guardians[0], rec["pid"]):
+            os.kill(pid, signal.SIGKILL)
+            assert wait_until(lambda pid=pid: not pid_alive(pid), 10)
+        with pytest.raises(OSError) as dead:
+            os.stat(mnt)
+        assert dead.value.errno == errno.ENOTCONN and is_mounted(mnt)
+        again = json.loads(run_imagefs("mount", image, "1", mnt, "--json").stdout)
+        try:
+            assert sorted(os.listdir(mnt)) == sorted(os.listdir(every_type_tree))
+        finally:
+            unmount_hard(mnt, again["pid"])
+
+
 def listed_mounts(under: Path) -> list[dict]:
     """`imagefs mounts --json`, only the mounts under this test's directory (a mount made
     outside the test run shows there as "unregistered")."""
