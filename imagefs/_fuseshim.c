@@ -24,7 +24,8 @@
  *
  * Fast paths: pyfuse3 answers every request with a coroutine on its trio loop, which costs
  * more than the handlers themselves.  Requests whose handlers never wait (lookup, getattr,
- * getxattr, listxattr, readlink, read, write, flush, release, forget) can instead be
+ * getxattr, listxattr, readlink, read, readdirplus of an immutable index, write, flush,
+ * release, forget) can instead be
  * answered here by plain Python callables, and the requests already waiting are then
  * drained in the same call (see drain()).  The rest still go through pyfuse3.
  *
@@ -51,6 +52,7 @@
  * slowly); holes then read as zeros but are not reported by lseek, fallocate fails with
  * EOPNOTSUPP, and setxattr ignores its flags.
  */
+#define _GNU_SOURCE  /* ppoll */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #define FUSE_USE_VERSION 35
@@ -64,6 +66,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 typedef struct fuse_session *(*session_new_fn)(struct fuse_args *,
@@ -81,10 +84,10 @@ static PyObject *setxattr_handler;  /* callable(ino, name, value, flags) -> 0 or
  * never block.  Each returns its answer or a negative errno (an int). */
 enum { FAST_LOOKUP, FAST_GETATTR, FAST_READLINK, FAST_GETXATTR, FAST_LISTXATTR, FAST_READ,
        FAST_WRITE, FAST_RELEASE, FAST_FORGET, FAST_FLUSH, FAST_WRITE_TO, FAST_WRITE_FAILED,
-       FAST_COUNT };
+       FAST_READDIR, FAST_COUNT };
 static const char *fast_names[FAST_COUNT] = {
     "lookup", "getattr", "readlink", "getxattr", "listxattr", "read", "write", "release",
-    "forget", "flush", "write_to", "write_failed"};
+    "forget", "flush", "write_to", "write_failed", "readdir"};
 static PyObject *fast[FAST_COUNT];
 
 /* Draining: after a fast request is answered, the requests already waiting on /dev/fuse
@@ -95,6 +98,12 @@ static PyObject *fast[FAST_COUNT];
 #define DRAIN_MAX 64
 static struct fuse_session *the_session;
 static int draining;
+/* How long a drain waits for the next request (set_drain_wait; 0: only those waiting).  A
+ * reader like tar sends its next request a few microseconds after its answer: waiting
+ * for it here, with the GIL released, costs nothing, where going back to the trio loop
+ * costs an epoll round and task switches per request.  The loop's other tasks then wait
+ * at most DRAIN_MAX requests' time. */
+static long drain_wait_us;
 static int handled_fast;          /* set by every request this module answers itself */
 static int cache_symlinks;
 static int dont_mask;             /* the kernel leaves the umask to us (ACL inheritance) */
@@ -111,6 +120,8 @@ static int (*reply_buf)(fuse_req_t, const char *, size_t);
 static int (*reply_write)(fuse_req_t, size_t);
 static int (*reply_xattr)(fuse_req_t, size_t);
 static void (*reply_none)(fuse_req_t);
+static size_t (*add_direntry_plus)(fuse_req_t, char *, size_t, const char *,
+                                   const struct fuse_entry_param *, off_t);
 static void (*pyfuse3_init)(void *, struct fuse_conn_info *);
 
 static void shim_lseek(fuse_req_t req, fuse_ino_t ino, off_t off, int whence,
@@ -388,9 +399,19 @@ static void drain(void)
     struct fuse_buf buf;
     memset(&buf, 0, sizeof buf);
     struct pollfd p = {.fd = session_fd(the_session), .events = POLLIN};
+    struct timespec wait = {.tv_sec = drain_wait_us / 1000000,
+                            .tv_nsec = (drain_wait_us % 1000000) * 1000};
     for (int i = 0; i < DRAIN_MAX; i++) {
         p.revents = 0;
-        if (poll(&p, 1, 0) != 1 || !(p.revents & POLLIN))
+        int n;
+        if (drain_wait_us > 0) {
+            Py_BEGIN_ALLOW_THREADS
+            n = ppoll(&p, 1, &wait, NULL);
+            Py_END_ALLOW_THREADS
+        } else {
+            n = poll(&p, 1, 0);
+        }
+        if (n != 1 || !(p.revents & POLLIN))
             break;
         if (receive_buf(the_session, &buf) <= 0)
             break;
@@ -744,12 +765,69 @@ static void shim_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
         pyfuse3_read(req, ino, size, off, fi);
 }
 
+/* READDIRPLUS answered by readdir(fh, offset, size) -> [(name, attributes, next offset)]
+ * (or -errno): the entries from offset on, at least as many as fit in size bytes; those
+ * that fit are sent.  Each counts as a lookup in the kernel, as with pyfuse3's
+ * readdir_reply; only for mounts whose forget has nothing to release (read-only). */
+static void fast_readdirplus(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
+                             struct fuse_file_info *fi)
+{
+    PyGILState_STATE gil = PyGILState_Ensure();
+    handled_fast = 1;
+    PyObject *h = fast[FAST_READDIR];
+    unsigned long long fh = (fi != NULL && fi->fh != 0) ? fi->fh : ino;
+    PyObject *r = PyObject_CallFunction(h, "KLn", fh, (long long)off, (Py_ssize_t)size);
+    if (!replied_error(req, r, h)) {
+        char *buf = malloc(size ? size : 1);
+        PyObject *seq = PySequence_Fast(r, "readdir must return a list");
+        size_t used = 0;
+        int failed = buf == NULL || seq == NULL;
+        for (Py_ssize_t i = 0; !failed && i < PySequence_Fast_GET_SIZE(seq); i++) {
+            PyObject *item = PySequence_Fast_GET_ITEM(seq, i), *attrs;
+            const char *name;
+            Py_ssize_t name_len;
+            long long next;
+            struct fuse_entry_param e;
+            double timeout;
+            memset(&e, 0, sizeof e);
+            if (!PyArg_ParseTuple(item, "y#OL", &name, &name_len, &attrs, &next)
+                    || to_stat(attrs, &e.attr, &timeout) < 0
+                    || (Py_ssize_t)strlen(name) != name_len) {
+                failed = 1;
+                break;
+            }
+            e.ino = e.attr.st_ino;
+            e.attr_timeout = timeout;
+            e.entry_timeout = timeout;
+            size_t need = add_direntry_plus(req, buf + used, size - used, name, &e, next);
+            if (need > size - used)
+                break;
+            used += need;
+        }
+        if (failed) {
+            if (PyErr_Occurred())
+                PyErr_WriteUnraisable(h);
+            reply_err(req, EIO);
+        } else {
+            reply_buf(req, buf, used);
+        }
+        Py_XDECREF(seq);
+        free(buf);
+        Py_DECREF(r);
+    }
+    drain();
+    PyGILState_Release(gil);
+}
+
 static void shim_readdirplus(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
                              struct fuse_file_info *fi)
 {
     if (fi->fh == 0)
         fi->fh = ino;
-    pyfuse3_readdirplus(req, ino, size, off, fi);
+    if (fast[FAST_READDIR] != NULL && add_direntry_plus != NULL)
+        fast_readdirplus(req, ino, size, off, fi);
+    else
+        pyfuse3_readdirplus(req, ino, size, off, fi);
 }
 
 static void shim_init(void *userdata, struct fuse_conn_info *conn)
@@ -781,6 +859,7 @@ struct fuse_session *fuse_session_new(struct fuse_args *args,
     reply_write = dlsym(lib, "fuse_reply_write");
     reply_xattr = dlsym(lib, "fuse_reply_xattr");
     reply_none = dlsym(lib, "fuse_reply_none");
+    add_direntry_plus = dlsym(lib, "fuse_add_direntry_plus");
     session_fd = dlsym(lib, "fuse_session_fd");
     receive_buf = dlsym(lib, "fuse_session_receive_buf");
     process_buf = dlsym(lib, "fuse_session_process_buf");
@@ -877,6 +956,20 @@ static PyObject *configure(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+static PyObject *set_drain_wait(PyObject *self, PyObject *args)
+{
+    long us;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "l", &us))
+        return NULL;
+    if (us < 0 || us > 100000) {
+        PyErr_SetString(PyExc_ValueError, "the drain wait is 0 to 100000 microseconds");
+        return NULL;
+    }
+    drain_wait_us = us;
+    Py_RETURN_NONE;
+}
+
 static PyObject *active(PyObject *self, PyObject *unused)
 {
     (void)self;
@@ -890,6 +983,8 @@ static PyMethodDef methods[] = {
      "dont_mask[, fast]]]]): before pyfuse3.init(); fast: {request name: callable}"},
     {"settle", settle_py, METH_NOARGS,
      "wait until the write in flight (write-behind) is on disk, or its failure reported"},
+    {"set_drain_wait", set_drain_wait, METH_VARARGS,
+     "set_drain_wait(microseconds): how long a drain waits for the next request"},
     {"active", active, METH_NOARGS,
      "True once pyfuse3's fuse_session_new() call went through this module"},
     {NULL, NULL, 0, NULL},

@@ -192,17 +192,22 @@ class TreeCapture:
         return node
 
     def read_contents(self, root: Node) -> None:
-        """Chunk and store the content of every regular file under root (each inode once)."""
+        """Chunk and store the content of every regular file under root (each inode once),
+        in the order tar, cp -a and find walk a tree (depth first, names in order): a
+        mount's reader of the whole tree then goes through the packs front to back, and
+        the mount reads the next pack ahead of it (packs.PackReader)."""
         seen: set[int] = set()
-        stack = [root]
+        stack = [iter(root.children or [])]
         while stack:
-            node = stack.pop()
-            for _name, child in reversed(node.children or []):
+            for _name, child in stack[-1]:
                 if child.ino.kind == F.DIR:
-                    stack.append(child)
-                elif child.ino.kind == F.REG and id(child) not in seen:
+                    stack.append(iter(child.children or []))
+                    break
+                if child.ino.kind == F.REG and id(child) not in seen:
                     seen.add(id(child))
                     self._read_file(child)
+            else:
+                stack.pop()
 
     def _read_file(self, node: Node) -> None:
         path = node.source

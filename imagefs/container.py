@@ -372,9 +372,14 @@ class ImageFile:
 
     def read_frame(self, offset: int, kind: bytes | None = None) -> bytes:
         """The checked, decompressed payload of the frame at offset (bounded allocation)."""
+        return self.read_frame_info(offset, kind)[1]
+
+    def read_frame_info(self, offset: int, kind: bytes | None = None
+                        ) -> tuple[FrameInfo, bytes]:
+        """read_frame, with the frame's header (whose end is where the next frame is)."""
         info = self.frame_info(offset, kind)
         payload = os.pread(self.fd, info.stored, offset + F.FRAME_HEADER)
-        return self.decode_payload(info, payload)
+        return info, self.decode_payload(info, payload)
 
     def _decompressor(self) -> zstandard.ZstdDecompressor:
         dctx = getattr(self._local, "dctx", None)

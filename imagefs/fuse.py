@@ -55,6 +55,11 @@ log = logging.getLogger("imagefs.mount")
 TIMEOUT = 30 * 86400.0  # seconds the kernel may trust an entry or attribute: forever here
 READ_AHEAD_KB = 1024
 INIT_TIMEOUT = 10
+DIRENTPLUS_MIN = 160  # bytes of one READDIRPLUS entry: fuse_entry_out, fuse_dirent, a name
+# Read-only mounts wait this long in the shim for a reader's next request before going
+# back to the trio loop: a third less driver CPU for `tar` of a whole tree (measured).
+DRAIN_WAIT_US = 1000
+
 T = TypeVar("T")
 P = ParamSpec("P")
 
@@ -82,6 +87,7 @@ class BaseOperations(pyfuse3.Operations):
 
     packs: PackReader
     tree: Any  # the inode layer: vfs.IndexTree, or overlay.SessionTree
+    drain_wait_us = 0  # see _fuseshim's drain(): how long to wait there for a request
 
     def __init__(self, label: str) -> None:
         super().__init__()
@@ -240,9 +246,13 @@ class ReadOnlyOperations(BaseOperations):
         super().__init__(label)
         self.tree = tree
         self.packs = tree.view.packs
+        self.drain_wait_us = DRAIN_WAIT_US
 
     def path_of(self, inode: int) -> bytes | None:
         return self.tree.path_of(inode)
+
+    def finished(self) -> None:
+        self.packs.close()  # its read-ahead thread
 
     def fast_functions(self) -> dict[str, Callable[..., Any]]:
         tree = self.tree
@@ -252,6 +262,16 @@ class ReadOnlyOperations(BaseOperations):
             hit = tree.lookup(parent, name)
             return self.NEGATIVE if hit is None else self.attr_tuple(*hit)
 
+        def readdir(fh: int, start_id: int, size: int) -> list[tuple[Any, ...]]:
+            # As readdir below, for the shim: enough entries to fill size bytes (each
+            # takes at least DIRENTPLUS_MIN); the shim sends those that fit.
+            out = []
+            for name, ino, node, next_id in tree.entries(fh, start_id):
+                out.append((name, self.attr_tuple(ino, node), next_id))
+                if len(out) * DIRENTPLUS_MIN >= size:
+                    break
+            return out
+
         return {
             "lookup": lookup,
             "getattr": lambda ino: self.attr_tuple(ino, tree.inode(ino)),
@@ -259,6 +279,7 @@ class ReadOnlyOperations(BaseOperations):
             "getxattr": lambda ino, name: self.xattr_or_missing(tree.xattr(ino, name)),
             "listxattr": lambda ino: b"".join(n + b"\0" for n in tree.xattr_names(ino)),
             "read": lambda fh, off, size: tree.view.read(tree.inode(fh), off, size),
+            "readdir": readdir,
         }
 
     @boundary
@@ -357,6 +378,8 @@ def serve(ops: BaseOperations, mountpoint: str, options: set[str],
     always will (a file opened before the readahead change would keep 128 KiB)."""
     if _fuseshim is not None:
         _fuseshim.configure(*ops.shim_handlers())
+        if hasattr(_fuseshim, "set_drain_wait"):
+            _fuseshim.set_drain_wait(ops.drain_wait_us)
     pyfuse3.init(ops, mountpoint, options)
     try:
         if _fuseshim is None or not _fuseshim.active():

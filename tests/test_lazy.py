@@ -2,7 +2,7 @@
 files read only what they need.
 
 What is asserted cannot fail by the machine being slow: the number of metadata blocks and
-packs each command decodes (counted in-process, by wrapping ImageFile.read_frame) and the
+packs each command decodes (counted in-process, by wrapping ImageFile.read_frame_info) and the
 peak RSS of the command run as a process.  Wall times are printed, not asserted.
 """
 
@@ -20,6 +20,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import MANY_DIRS, MANY_FILES_PER_DIR
@@ -51,17 +52,17 @@ def count_frames() -> Iterator[collections.Counter]:
     """Count the frames read and decoded, by kind (b"M" metadata, b"P" pack, b"T" chunk
     table, b"C" commit), while the block runs."""
     counts: collections.Counter = collections.Counter()
-    orig = ImageFile.read_frame
+    orig = ImageFile.read_frame_info  # read_frame's too
 
-    def counting(self: ImageFile, offset: int, kind: bytes | None = None) -> bytes:
+    def counting(self: ImageFile, offset: int, kind: bytes | None = None) -> Any:
         counts[kind] += 1
         return orig(self, offset, kind)
 
-    ImageFile.read_frame = counting  # type: ignore[method-assign]
+    ImageFile.read_frame_info = counting  # type: ignore[method-assign]
     try:
         yield counts
     finally:
-        ImageFile.read_frame = orig  # type: ignore[method-assign]
+        ImageFile.read_frame_info = orig  # type: ignore[method-assign]
 
 
 def cli_in_process(*args: str) -> tuple[int, bytes, collections.Counter]:
