@@ -229,7 +229,7 @@ class PackReader:
         self._ahead: ThreadPoolExecutor | None = (
             ThreadPoolExecutor(1, thread_name_prefix="imagefs-readahead")
             if read_ahead else None)
-        self._last_end = -1  # where the frame after the last pack decompressed on demand is
+        self._last_end = -1  # where the frame after the last pack first used is
         self._end: dict[int, int] = {}  # cached pack -> where the frame after it is
         self._prefetched: set[int] = set()  # decompressed ahead, not asked for yet
 
@@ -241,6 +241,7 @@ class PackReader:
                     if pack in self._prefetched:  # the stream goes on: keep ahead of it
                         self._prefetched.discard(pack)
                         self._read_ahead(pack)
+                        self._last_end = self._end.get(pack, -1)
                     return raw
                 ev = self._inflight.get(pack)
                 if ev is None:
@@ -299,6 +300,11 @@ class PackReader:
             self.decompressed_ahead += 1
             if pack in self._cache:
                 self._prefetched.add(pack)
+
+    def wait_ahead(self) -> None:
+        """Return once what was queued for read-ahead is done."""
+        if self._ahead is not None:
+            self._ahead.submit(lambda: None).result()
 
     def close(self) -> None:
         """Stop reading ahead (the mount is over)."""
