@@ -194,8 +194,7 @@ class TreeCapture:
     def read_contents(self, root: Node) -> None:
         """Chunk and store the content of every regular file under root (each inode once),
         in the order tar, cp -a and find walk a tree (depth first, names in order): a
-        mount's reader of the whole tree then goes through the packs front to back, and
-        the mount reads the next pack ahead of it (packs.PackReader)."""
+        reader of the whole mounted tree then goes through the packs front to back."""
         seen: set[int] = set()
         stack = [iter(root.children or [])]
         while stack:

@@ -251,9 +251,6 @@ class ReadOnlyOperations(BaseOperations):
     def path_of(self, inode: int) -> bytes | None:
         return self.tree.path_of(inode)
 
-    def finished(self) -> None:
-        self.packs.close()  # its read-ahead thread
-
     def fast_functions(self) -> dict[str, Callable[..., Any]]:
         tree = self.tree
 

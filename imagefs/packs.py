@@ -209,107 +209,38 @@ class PackReader:
 
     Each pack is decompressed once at a time (single-flight): concurrent readers of the same
     pack wait for the first one's result instead of decompressing it again.  A chunk's xxh3
-    is checked the first time it is read from a cached pack, not on every read of it.
+    is checked the first time it is read from a cached pack, not on every read of it."""
 
-    With read_ahead (mounts), a reader that goes through packs in file order (tar, cp -a,
-    grep -r: capture wrote the files' chunks in the order they are walked) finds the next
-    pack already decompressed: once two packs in a row were asked for, the frame after
-    each one asked for is decompressed by a worker thread (zstd lets go of the GIL) while
-    the reader is served.  Random reads trigger nothing."""
-
-    def __init__(self, image: ImageFile, cache_bytes: int = 256 << 20,
-                 read_ahead: bool = False) -> None:
+    def __init__(self, image: ImageFile, cache_bytes: int = 256 << 20) -> None:
         self.image = image
         self._cache: WeightedLRU[int, bytes] = WeightedLRU(cache_bytes, len)
         self._lock = threading.Lock()
         self._inflight: dict[int, threading.Event] = {}
         self._verified: dict[int, set[int]] = {}  # pack -> chunk offsets checked
         self.decompressions = 0
-        self.decompressed_ahead = 0  # of those, by read-ahead
-        self._ahead: ThreadPoolExecutor | None = (
-            ThreadPoolExecutor(1, thread_name_prefix="imagefs-readahead")
-            if read_ahead else None)
-        self._last_end = -1  # where the frame after the last pack first used is
-        self._end: dict[int, int] = {}  # cached pack -> where the frame after it is
-        self._prefetched: set[int] = set()  # decompressed ahead, not asked for yet
 
     def pack(self, pack: int) -> bytes:
         while True:
             with self._lock:
                 raw = self._cache.get(pack)
                 if raw is not None:
-                    if pack in self._prefetched:  # the stream goes on: keep ahead of it
-                        self._prefetched.discard(pack)
-                        self._read_ahead(pack)
-                        self._last_end = self._end.get(pack, -1)
                     return raw
                 ev = self._inflight.get(pack)
                 if ev is None:
                     ev = self._inflight[pack] = threading.Event()
                     break
             ev.wait()
-        raw = self._load(pack, ev)
-        if self._ahead is not None:
-            with self._lock:
-                if pack == self._last_end:  # two in a row: a stream
-                    self._read_ahead(pack)
-                self._last_end = self._end.get(pack, -1)
-        return raw
-
-    def _load(self, pack: int, ev: threading.Event) -> bytes:
-        """Decompress a pack this thread claimed (ev is its in-flight event) into the
-        cache."""
         try:
-            info, raw = self.image.read_frame_info(pack, F.KIND_PACK)
+            raw = self.image.read_frame(pack, F.KIND_PACK)
             self.decompressions += 1
             with self._lock:
-                self._end[pack] = info.end
                 for gone in self._cache.put(pack, raw):
                     self._verified.pop(gone, None)
-                    self._prefetched.discard(gone)
-                    self._end.pop(gone, None)
             return raw
         finally:
             with self._lock:
                 del self._inflight[pack]
             ev.set()
-
-    def _read_ahead(self, pack: int) -> None:
-        """Queue the frame after pack for decompression (called with the lock held)."""
-        nxt = self._end.get(pack)
-        if self._ahead is not None and nxt is not None and nxt not in self._cache \
-                and nxt not in self._inflight:
-            self._ahead.submit(self._prefetch, nxt)
-
-    def _prefetch(self, pack: int) -> None:
-        """In the read-ahead thread: decompress the frame at pack if it is a pack."""
-        try:
-            if self.image.frame_info(pack).kind != F.KIND_PACK:
-                return
-        except Exception:  # noqa: BLE001 - a guess ahead never fails a read
-            return
-        with self._lock:
-            if pack in self._cache or pack in self._inflight:
-                return
-            ev = self._inflight[pack] = threading.Event()
-        try:
-            self._load(pack, ev)
-        except Exception:  # noqa: BLE001 - a reader meets (and logs) it on demand
-            return
-        with self._lock:
-            self.decompressed_ahead += 1
-            if pack in self._cache:
-                self._prefetched.add(pack)
-
-    def wait_ahead(self) -> None:
-        """Return once what was queued for read-ahead is done."""
-        if self._ahead is not None:
-            self._ahead.submit(lambda: None).result()
-
-    def close(self) -> None:
-        """Stop reading ahead (the mount is over)."""
-        if self._ahead is not None:
-            self._ahead.shutdown(wait=True, cancel_futures=True)
 
     def read_chunk(self, pack: int, offset: int, length: int, xxh: bytes) -> bytes:
         return self.checked(pack, offset, length, xxh)[offset:offset + length]

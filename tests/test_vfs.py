@@ -13,9 +13,7 @@ from treegen import BIG_SPARSE_DATA, BIG_SPARSE_SIZE, EVERY_TYPE, SMALL_SPARSE_S
 
 from imagefs import Image
 from imagefs import _format as F
-from imagefs.packs import PackReader
 from imagefs.vfs import ROOT_INO, IndexTree, Refusal, data_regions
-from imagefs.view import IndexView
 
 
 @pytest.fixture(scope="module")
@@ -117,27 +115,3 @@ def test_xattrs_and_path_of(tree: IndexTree) -> None:
     u = tree.usage()
     assert u.files > 0 and u.blocks > 0
 
-
-def test_packs_are_read_ahead_for_a_sequential_reader(tmp_path: Path) -> None:
-    """Reading files in capture order, every pack after the first two was decompressed
-    ahead of the reader, each pack once; reading them backwards triggers nothing.  (The
-    reader waits for the read-ahead after each file: in-process it would outrun it.)"""
-    src = tmp_path / "src"
-    src.mkdir()
-    for i in range(24):
-        (src / f"f{i:02d}").write_bytes(os.urandom(400 << 10))  # ~8 packs
-    image = tmp_path / "r.imagefs"
-    run_imagefs("capture", src, image, "--name", "r")
-    with Image.open(str(image)) as img:
-        for order, ahead in ((1, True), (-1, False)):
-            packs = PackReader(img.file, read_ahead=True)
-            view = IndexView(img.file, 1, img.select("1")[1], packs=packs)
-            files = [(p, ino) for p, ino in view.walk() if ino.kind == F.REG][::order]
-            used = {e[1] for _p, ino in files for e in ino.extents}
-            for path, ino in files:
-                want = (src / os.fsdecode(path).lstrip("/")).read_bytes()
-                assert view.read(ino, 0, ino.size) == want
-                packs.wait_ahead()
-            packs.close()
-            assert len(used) >= 6 and packs.decompressions == len(used)
-            assert packs.decompressed_ahead == (len(used) - 2 if ahead else 0)
