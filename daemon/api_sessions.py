@@ -3,8 +3,8 @@
 A session's mount runs in its own process (forked from the daemon's fork server, as
 `imagefs mount --rw` would start it, with the caller's uid recorded as the owner), so a
 daemon that dies or restarts does not take the mounted trees with it; its staging is on
-disk either way.  A session belongs to the uid that
-opened it: nobody else but root may see its details, commit, discard or remount it.
+disk either way.  A session belongs to the uid that opened it: nobody else but root may
+see its details, commit, discard or remount it.
 """
 
 from __future__ import annotations

@@ -591,14 +591,21 @@ static void fast_listxattr(fuse_req_t req, fuse_ino_t ino, size_t size)
     PyGILState_Release(gil);
 }
 
+/* A handler of (fh, offset, size): read and readdir.  Called with the GIL held. */
+static PyObject *call_ranged(PyObject *h, fuse_ino_t ino, off_t off, size_t size,
+                             struct fuse_file_info *fi)
+{
+    unsigned long long fh = (fi != NULL && fi->fh != 0) ? fi->fh : ino;
+    return PyObject_CallFunction(h, "KLn", fh, (long long)off, (Py_ssize_t)size);
+}
+
 static void fast_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
                       struct fuse_file_info *fi)
 {
     PyGILState_STATE gil = PyGILState_Ensure();
     handled_fast = 1;
     PyObject *h = fast[FAST_READ];
-    unsigned long long fh = (fi != NULL && fi->fh != 0) ? fi->fh : ino;
-    PyObject *r = PyObject_CallFunction(h, "KLn", fh, (long long)off, (Py_ssize_t)size);
+    PyObject *r = call_ranged(h, ino, off, size, fi);
     if (!replied_error(req, r, h)) {
         reply_bytes(req, r, h, -1);
         Py_DECREF(r);
@@ -765,6 +772,36 @@ static void shim_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
         pyfuse3_read(req, ino, size, off, fi);
 }
 
+/* The entries of a readdir answer, (name, attributes, next offset) each, packed into buf
+ * as READDIRPLUS wants them, as many as fit in size bytes: the bytes used, or -1 for an
+ * entry that is not such a tuple. */
+static Py_ssize_t pack_direntries(fuse_req_t req, PyObject *seq, char *buf, size_t size)
+{
+    size_t used = 0;
+    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq); i++) {
+        PyObject *attrs;
+        const char *name;
+        Py_ssize_t name_len;
+        long long next;
+        struct fuse_entry_param e;
+        double timeout;
+        memset(&e, 0, sizeof e);
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "y#OL", &name, &name_len,
+                              &attrs, &next)
+                || to_stat(attrs, &e.attr, &timeout) < 0
+                || (Py_ssize_t)strlen(name) != name_len)
+            return -1;
+        e.ino = e.attr.st_ino;
+        e.attr_timeout = timeout;
+        e.entry_timeout = timeout;
+        size_t need = add_direntry_plus(req, buf + used, size - used, name, &e, next);
+        if (need > size - used)
+            break;
+        used += need;
+    }
+    return (Py_ssize_t)used;
+}
+
 /* READDIRPLUS answered by readdir(fh, offset, size) -> [(name, attributes, next offset)]
  * (or -errno): the entries from offset on, at least as many as fit in size bytes; those
  * that fit are sent.  Each counts as a lookup in the kernel, as with pyfuse3's
@@ -775,41 +812,19 @@ static void fast_readdirplus(fuse_req_t req, fuse_ino_t ino, size_t size, off_t 
     PyGILState_STATE gil = PyGILState_Ensure();
     handled_fast = 1;
     PyObject *h = fast[FAST_READDIR];
-    unsigned long long fh = (fi != NULL && fi->fh != 0) ? fi->fh : ino;
-    PyObject *r = PyObject_CallFunction(h, "KLn", fh, (long long)off, (Py_ssize_t)size);
+    PyObject *r = call_ranged(h, ino, off, size, fi);
     if (!replied_error(req, r, h)) {
         char *buf = malloc(size ? size : 1);
         PyObject *seq = PySequence_Fast(r, "readdir must return a list");
-        size_t used = 0;
-        int failed = buf == NULL || seq == NULL;
-        for (Py_ssize_t i = 0; !failed && i < PySequence_Fast_GET_SIZE(seq); i++) {
-            PyObject *item = PySequence_Fast_GET_ITEM(seq, i), *attrs;
-            const char *name;
-            Py_ssize_t name_len;
-            long long next;
-            struct fuse_entry_param e;
-            double timeout;
-            memset(&e, 0, sizeof e);
-            if (!PyArg_ParseTuple(item, "y#OL", &name, &name_len, &attrs, &next)
-                    || to_stat(attrs, &e.attr, &timeout) < 0
-                    || (Py_ssize_t)strlen(name) != name_len) {
-                failed = 1;
-                break;
-            }
-            e.ino = e.attr.st_ino;
-            e.attr_timeout = timeout;
-            e.entry_timeout = timeout;
-            size_t need = add_direntry_plus(req, buf + used, size - used, name, &e, next);
-            if (need > size - used)
-                break;
-            used += need;
-        }
-        if (failed) {
+        Py_ssize_t used = -1;
+        if (buf != NULL && seq != NULL)
+            used = pack_direntries(req, seq, buf, size);
+        if (used < 0) {
             if (PyErr_Occurred())
                 PyErr_WriteUnraisable(h);
             reply_err(req, EIO);
         } else {
-            reply_buf(req, buf, used);
+            reply_buf(req, buf, (size_t)used);
         }
         Py_XDECREF(seq);
         free(buf);

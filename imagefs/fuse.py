@@ -242,11 +242,12 @@ class ReadOnlyOperations(BaseOperations):
     """Requests → IndexTree calls.  File and directory handles are inode numbers: an
     immutable index needs no per-open state."""
 
+    drain_wait_us = DRAIN_WAIT_US
+
     def __init__(self, tree: IndexTree, label: str) -> None:
         super().__init__(label)
         self.tree = tree
         self.packs = tree.view.packs
-        self.drain_wait_us = DRAIN_WAIT_US
 
     def path_of(self, inode: int) -> bytes | None:
         return self.tree.path_of(inode)
@@ -375,8 +376,7 @@ def serve(ops: BaseOperations, mountpoint: str, options: set[str],
     always will (a file opened before the readahead change would keep 128 KiB)."""
     if _fuseshim is not None:
         _fuseshim.configure(*ops.shim_handlers())
-        if hasattr(_fuseshim, "set_drain_wait"):
-            _fuseshim.set_drain_wait(ops.drain_wait_us)
+        _fuseshim.set_drain_wait(ops.drain_wait_us)
     pyfuse3.init(ops, mountpoint, options)
     try:
         if _fuseshim is None or not _fuseshim.active():
