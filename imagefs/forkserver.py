@@ -50,8 +50,8 @@ class MountRequest:
     index: str
     mountpoint: str
     options: list[str] = field(default_factory=list)  # -o values
-    uid: int = 0
-    gid: int = 0
+    uid: int | None = None  # None: as the server itself (a session's mount)
+    gid: int | None = None
     groups: list[int] = field(default_factory=list)
     run_dir: str | None = None  # where the caller's `imagefs mounts` looks for records
     writable: bool = False  # a session's mount: root's (uid 0), for `owner`
@@ -189,12 +189,12 @@ def _mount(message: bytes, answer_fd: int) -> dict[str, Any]:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     try:
         req = MountRequest(**json.loads(message))
-        if req.uid != os.geteuid():
+        if req.uid is not None and req.uid != os.geteuid():
             if os.geteuid() != 0:
                 raise MountRefused(f"{req.mountpoint}: this daemon runs as uid "
                                    f"{os.geteuid()} and cannot mount as uid {req.uid}")
             os.setgroups(req.groups)
-            os.setgid(req.gid)
+            os.setgid(req.gid if req.gid is not None else req.uid)
             os.setuid(req.uid)
         if req.run_dir:
             os.environ["IMAGEFS_RUN_DIR"] = req.run_dir
