@@ -87,6 +87,9 @@ MAX_RAW = {
 # Chunk table entry: xxh3_128 (16) | sha256 (32) | pack offset u64 | offset in pack u32 |
 # length u32  = 64 bytes.
 CHUNK_ENTRY = struct.Struct("<16s32sQII")
+# A commit lists at most this many chunk-table segments; a writer that would list more
+# rewrites the whole table as one segment.
+MAX_TABLE_SEGMENTS = 16
 
 # Defaults for a new file.
 CHUNK_MIN = 16 * 1024

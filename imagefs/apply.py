@@ -21,8 +21,8 @@ import sys
 from collections.abc import Callable
 
 from . import _format as F
-from .errors import CorruptImage, DestinationError, SystemFailure
-from .records import Inode
+from .errors import CorruptImage, DestinationError, SystemFailure, UsageError
+from .records import Inode, check_name
 from .view import IndexView
 
 _TYPE_BITS = {F.CHR: stat.S_IFCHR, F.BLK: stat.S_IFBLK, F.FIFO: stat.S_IFIFO,
@@ -48,14 +48,16 @@ class Applier:
             return os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as e:
             raise DestinationError(dest, e.strerror) from None
+        except ValueError:  # a NUL byte
+            raise UsageError(f"{dest!r}: a path cannot hold a NUL byte") from None
 
     def apply(self, dest: str) -> None:
         """The whole index onto dest (created if missing; existing entries replaced)."""
         self.rootfd = fd = self._open_dest(dest)
         try:
             root = self.view.root()
-            self._fill(fd, root, dest.encode(), b"", 0)
-            self._set_meta(fd, None, root)
+            self._fill(fd, root, os.fsencode(dest), b"", 0)
+            self._set_top_meta(fd, root, os.fsencode(dest))
         finally:
             os.close(fd)
             self.links = {}
@@ -63,10 +65,12 @@ class Applier:
     def extract(self, dest: str, path: bytes, ino: Inode) -> None:
         """One path of the index into dest, keeping its path (parents made plainly)."""
         parts = [p for p in path.split(b"/") if p]
+        if not all(check_name(p) for p in parts):  # the caller's job: never climb out
+            raise UsageError(f"{_s(path)}: not a plain path inside the image")
         self.rootfd = self._open_dest(dest)
         fd = os.dup(self.rootfd)
         try:
-            shown = dest.encode()
+            shown = os.fsencode(dest)
             for name in parts[:-1]:
                 shown += b"/" + name
                 with contextlib.suppress(FileExistsError):
@@ -76,7 +80,7 @@ class Applier:
                 fd = sub
             if not parts:
                 self._fill(fd, ino, shown, b"", 0)
-                self._set_meta(fd, None, ino)
+                self._set_top_meta(fd, ino, shown)
             else:
                 self._make(fd, parts[-1], ino, shown + b"/" + parts[-1],
                            b"/".join(parts), 0)
@@ -145,7 +149,7 @@ class Applier:
             if ino.nlink > 1:
                 self.links[ino.ref] = rel
         except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            if e.errno in (errno.ENOSPC, errno.EDQUOT) and not isinstance(e, _Refused):
                 raise SystemFailure(_s(path), "no space left on device") from None
             raise DestinationError(_s(path), e.strerror) from None
 
@@ -177,6 +181,13 @@ class Applier:
         finally:
             os.close(fd)
 
+    def _set_top_meta(self, fd: int, ino: Inode, shown: bytes) -> None:
+        """The root's own attributes onto DEST itself, refusals said as _make says them."""
+        try:
+            self._set_meta(fd, None, ino)
+        except OSError as e:
+            raise DestinationError(_s(shown), e.strerror) from None
+
     def _set_meta(self, dirfd: int, name: bytes | None, ino: Inode) -> None:
         """Owner, mode, xattrs, times of dirfd/name (or of dirfd itself when name is None)."""
         target: int | bytes = name if name is not None else dirfd
@@ -197,8 +208,25 @@ class Applier:
                 except OSError as e:
                     if e.errno == errno.EPERM and not self.root_uid:
                         continue  # trusted./security. need root: skip as tar does
-                    raise
+                    raise _xattr_refused(e, xname, value) from None
         os.utime(target, ns=(ino.atime_ns, ino.mtime_ns), **kw)  # type: ignore[arg-type]
+
+
+def _xattr_refused(e: OSError, name: bytes, value: bytes) -> OSError:
+    """The destination's refusal of one xattr, said as what it is: a filesystem that
+    cannot hold a value this large (ENOSPC, E2BIG, ERANGE) is not a full disk."""
+    shown = name.decode("utf-8", "backslashreplace")
+    if e.errno in (errno.ENOSPC, errno.E2BIG, errno.ERANGE):
+        why = f"the destination filesystem cannot hold xattr {shown} ({len(value)} bytes)"
+    elif e.errno == errno.EOPNOTSUPP:
+        why = f"the destination filesystem does not support xattr {shown}"
+    else:
+        why = f"cannot set xattr {shown}: {e.strerror}"
+    return _Refused(e.errno, why)
+
+
+class _Refused(OSError):
+    """An OSError whose strerror already says what was refused (not a disk-full)."""
 
 
 def _s(b: bytes) -> str:

@@ -34,6 +34,7 @@ import datetime as _dt
 import errno
 import fcntl
 import json
+import math
 import os
 import signal
 import stat
@@ -124,47 +125,126 @@ class Commit:
         """Parse and check a commit payload; anything unexpected is CorruptImage."""
         try:
             doc = json.loads(raw.decode())
+        except RecursionError:
+            raise CorruptImage(where, "commit record is nested too deeply") from None
         except (UnicodeDecodeError, ValueError) as e:
             raise CorruptImage(where, f"commit record is not valid JSON ({e})") from None
+        fmt = doc.get("format") if type(doc) is dict else None
+        if type(fmt) is int and fmt > F.FORMAT_VERSION:
+            raise UnsupportedVersion(where, fmt, F.FORMAT_VERSION)
         try:
             return cls._from_doc(doc, file_size)
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, IndexError, TypeError, ValueError) as e:
             raise CorruptImage(where, f"commit record is malformed ({e})") from None
 
     @classmethod
     def _from_doc(cls, doc: Any, file_size: int) -> Commit:
-        def num(v: Any, limit: int = 1 << 62) -> int:
-            if type(v) is not int or not 0 <= v <= limit:
-                raise ValueError(f"bad number {v!r}")
-            return v
-
-        def text(v: Any) -> str:
-            if type(v) is not str or len(v) > 65536:
-                raise ValueError("bad string")
-            return v
-
         if type(doc) is not dict:
             raise TypeError("not an object")
-        if num(doc["format"]) > F.FORMAT_VERSION:
-            raise ValueError(f"format {doc['format']}")
-        tables = [[num(t[0], file_size), num(t[1], file_size)] for t in doc["tables"]]
+        _number(doc["format"])
+        tables = _tables(doc["tables"], file_size)
+        chunks = _number(doc["chunks"])
         indices = []
-        for e in doc["indices"]:
-            hist = e["history"]
-            if type(hist) is not list or any(type(h) is not dict for h in hist):
-                raise ValueError("bad history")
+        for e in _list(doc["indices"], "indices"):
+            if type(e) is not dict:
+                raise TypeError("an index entry is not an object")
             indices.append(IndexEntry(
-                name=text(e["name"]), description=text(e["description"]),
-                created=text(e["created"]), modified=text(e["modified"]),
-                files=num(e["files"]), dirs=num(e["dirs"]), bytes=num(e["bytes"]),
-                root=num(e["root"], file_size << 16), digest=text(e["digest"]), history=hist,
+                name=_text(e["name"]), description=_text(e["description"]),
+                created=_text(e["created"]), modified=_text(e["modified"]),
+                files=_number(e["files"]), dirs=_number(e["dirs"]),
+                bytes=_number(e["bytes"]), root=_number(e["root"], file_size << 16),
+                digest=_text(e["digest"]), history=_history(e["history"]),
             ))
         return cls(
-            generation=num(doc["generation"]),
-            created=text(doc["created"]), tables=tables, chunks=num(doc["chunks"]),
-            unique_bytes=num(doc["unique_bytes"]), stored_bytes=num(doc["stored_bytes"]),
-            indices=indices,
+            generation=_number(doc["generation"]),
+            created=_text(doc["created"]), tables=tables, chunks=chunks,
+            unique_bytes=_number(doc["unique_bytes"]),
+            stored_bytes=_number(doc["stored_bytes"]), indices=indices,
         )
+
+
+# Bounds on a commit record's content, whatever a (hostile) file holds.
+MAX_HISTORY_DEPTH = 16  # nesting of a history entry's values (results are a few levels)
+MAX_TEXT = 65536
+
+
+def _number(v: Any, limit: int = 1 << 62) -> int:
+    if type(v) is not int or not 0 <= v <= limit:
+        raise ValueError(f"bad number {_short(v)}")
+    return v
+
+
+def _text(v: Any) -> str:
+    """A string that can be printed and written back: bounded, and valid UTF-8 (JSON
+    admits lone surrogates such as "\ud800", which no terminal or encoder takes)."""
+    if type(v) is not str or len(v) > MAX_TEXT:
+        raise ValueError(f"bad string {_short(v)}")
+    try:
+        v.encode()
+    except UnicodeEncodeError:
+        raise ValueError(f"a string that is not valid UTF-8: {_short(v)}") from None
+    return v
+
+
+def _list(v: Any, what: str) -> list[Any]:
+    if type(v) is not list:
+        raise TypeError(f"{what} is not a list")
+    return v
+
+
+def _tables(v: Any, file_size: int) -> list[list[int]]:
+    """The chunk-table segments: [offset, count] pairs, each listed once (a segment listed
+    again would be loaded, and cost, again: a repeated reference is damage)."""
+    tables = []
+    seen: set[int] = set()
+    for t in _list(v, "tables"):
+        if type(t) is not list or len(t) != 2:
+            raise ValueError(f"a chunk-table entry is not [offset, count]: {_short(t)}")
+        off, count = _number(t[0], file_size), _number(t[1], file_size)
+        if off in seen:
+            raise ValueError(f"chunk-table segment at offset {off} is listed twice")
+        seen.add(off)
+        tables.append([off, count])
+    if len(tables) > F.MAX_TABLE_SEGMENTS:
+        raise ValueError(f"{len(tables)} chunk-table segments (at most "
+                         f"{F.MAX_TABLE_SEGMENTS} are written)")
+    return tables
+
+
+def _history(v: Any) -> list[dict[str, Any]]:
+    """An index's history: a list of objects whose values are JSON of bounded depth, with
+    printable strings (checked without recursion, so no nesting can overflow the stack)."""
+    hist = _list(v, "history")
+    pending: list[tuple[Any, int]] = [(h, 1) for h in hist]
+    if any(type(h) is not dict for h in hist):
+        raise ValueError("a history entry is not an object")
+    while pending:
+        item, depth = pending.pop()
+        if depth > MAX_HISTORY_DEPTH:
+            raise ValueError(f"history nested deeper than {MAX_HISTORY_DEPTH} levels")
+        if type(item) is dict:
+            for key, value in item.items():
+                _text(key)
+                pending.append((value, depth + 1))
+        elif type(item) is list:
+            pending.extend((value, depth + 1) for value in item)
+        elif type(item) is str:
+            _text(item)
+        elif type(item) is float and not math.isfinite(item):
+            raise ValueError("a number that is not finite in history")
+        elif item is not None and type(item) not in (int, float, bool):
+            raise ValueError("a history value of unknown type")
+    return hist
+
+
+def _short(v: Any) -> str:
+    """A value for an error message: its repr, cut short (and safe to print)."""
+    try:
+        text = repr(v)
+    except RecursionError:
+        text = f"<nested {type(v).__name__}>"
+    text = text.encode("utf-8", "backslashreplace").decode()
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 @dataclass
@@ -197,14 +277,7 @@ class ImageFile:
 
     @classmethod
     def open(cls, path: str, writable: bool = False) -> ImageFile:
-        try:
-            fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise NoSuchImage(path) from None
-        except IsADirectoryError:
-            raise NotAnImage(path, "it is a directory") from None
-        except OSError as e:
-            raise SystemFailure(path, e.strerror) from None
+        fd = open_regular(path, os.O_RDWR if writable else os.O_RDONLY)
         try:
             header = cls.parse_header(path, fd)
         except BaseException:
@@ -223,11 +296,12 @@ class ImageFile:
         magic, version, hsize, fuuid, cmin, cavg, cmax, ptarget = F.HEADER.unpack_from(raw)
         if magic != F.MAGIC:
             raise NotAnImage(path, "wrong magic bytes")
-        if version > F.FORMAT_VERSION:
-            raise UnsupportedVersion(path, version, F.FORMAT_VERSION)
+        # The checksum first: a damaged version field is damage, not a newer format.
         (check,) = F.HEADER_CHECK.unpack_from(raw, F.HEADER.size)
         if check != xxhash.xxh3_64_intdigest(raw[: F.HEADER.size]):
             raise ChecksumMismatch(path, "the file header")
+        if version > F.FORMAT_VERSION:
+            raise UnsupportedVersion(path, version, F.FORMAT_VERSION)
         if version < 1 or hsize != F.HEADER_SIZE:
             raise CorruptImage(path, f"header claims version {version}, size {hsize}")
         if len(raw) < F.HEADER_SIZE:
@@ -313,16 +387,15 @@ class ImageFile:
             if all(s is None for s in self.read_slots()):
                 return Commit()
             raise CorruptImage(self.path, "no valid root slot in the header")
-        slots.sort(reverse=True)
-        errors = []
-        for gen, coff, clen, csum in slots[:1]:  # never fall back past a valid slot
-            try:
-                return self._load_commit(gen, coff, clen, csum)
-            except CorruptImage as e:
-                errors.append(str(e))
-        raise CorruptImage(self.path, "no readable commit: " + "; ".join(errors))
+        # Never fall back past a valid slot: its commit is the current state, or damage.
+        gen, coff, clen, csum = max(slots)
+        try:
+            return self.load_commit(gen, coff, clen, csum)
+        except CorruptImage as e:
+            raise CorruptImage(self.path, f"no readable commit: {e.detail()}") from None
 
-    def _load_commit(self, gen: int, coff: int, clen: int, csum: bytes) -> Commit:
+    def load_commit(self, gen: int, coff: int, clen: int, csum: bytes) -> Commit:
+        """The commit a slot points at, checked against the slot (verify checks both)."""
         where = f"commit at offset {coff}"
         size = self.size()
         if coff < F.HEADER_SIZE or clen > F.MAX_RAW[F.KIND_COMMIT] or coff + clen > size:
@@ -516,6 +589,41 @@ def compressor(level: int) -> zstandard.ZstdCompressor:
 
 def _is_regular(mode: int) -> bool:
     return stat.S_ISREG(mode)
+
+
+def open_regular(path: str, flags: int) -> int:
+    """Open an image file without ever blocking: O_NONBLOCK, so that a FIFO or a device
+    named as IMAGE cannot hang the open, then refuse anything but a regular file before a
+    byte is read (a FIFO would hang the first read)."""
+    try:
+        fd = os.open(path, flags | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise NoSuchImage(path) from None
+    except IsADirectoryError:
+        raise NotAnImage(path, "it is a directory") from None
+    except ValueError:  # an embedded NUL byte
+        raise NotAnImage(repr(path), "a path cannot hold a NUL byte") from None
+    except OSError as e:
+        raise SystemFailure(path, e.strerror) from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise NotAnImage(path, "it is a directory")
+        if not _is_regular(mode):
+            raise NotAnImage(path, f"a {_file_kind(mode)}, not a regular file")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _file_kind(mode: int) -> str:
+    for test, word in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket")):
+        if test(mode):
+            return word
+    return "special file"
 
 
 def _fsync_dir(path: str) -> None:

@@ -75,9 +75,16 @@ class UnsupportedVersion(FormatError):
 class CorruptImage(FormatError):
     """{}: damaged or hostile image: {}"""
 
+    def detail(self) -> str:
+        """What is wrong, without the file's name: for an error that wraps this one."""
+        return str(self.args[-1])
+
 
 class ChecksumMismatch(CorruptImage):
     """{}: checksum mismatch in {}"""
+
+    def detail(self) -> str:
+        return f"checksum mismatch in {self.args[-1]}"
 
 
 class DamageFound(Error):

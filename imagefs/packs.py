@@ -216,7 +216,10 @@ class PackReader:
         self._cache: WeightedLRU[int, bytes] = WeightedLRU(cache_bytes, len)
         self._lock = threading.Lock()
         self._inflight: dict[int, threading.Event] = {}
-        self._verified: dict[int, set[int]] = {}  # pack -> chunk offsets checked
+        # pack -> the (offset, length, xxh3) of each chunk checked in it: a verdict holds
+        # for exactly the range and hash it was reached with, never for another extent
+        # that shares the offset (a crafted one could otherwise skip its check).
+        self._verified: dict[int, set[tuple[int, int, bytes]]] = {}
         self.decompressions = 0
 
     def pack(self, pack: int) -> bytes:
@@ -252,11 +255,12 @@ class PackReader:
         if offset + length > len(raw):
             raise CorruptImage(self.image.path, f"chunk at {offset}+{length} lies past the "
                                                 f"end of pack {pack}")
+        key = (offset, length, xxh)
         done = self._verified.get(pack)
-        if done is None or offset not in done:
+        if done is None or key not in done:
             if fast_hash(memoryview(raw)[offset:offset + length]) != xxh:
                 raise ChecksumMismatch(self.image.path, f"chunk at {offset} of pack {pack}")
             with self._lock:
                 if pack in self._cache:
-                    self._verified.setdefault(pack, set()).add(offset)
+                    self._verified.setdefault(pack, set()).add(key)
         return raw

@@ -9,6 +9,7 @@ path asked for: `ls` of one directory reads its record and its children's.
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass, field
 
@@ -67,6 +68,22 @@ def check_name(name: bytes) -> bool:
         and b"\0" not in name
 
 
+XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.", b"system.")
+MAX_FILE_SIZE = (1 << 63) - 1  # off_t: no filesystem holds a larger file
+
+
+def check_xattr_name(name: bytes) -> bool:
+    """A name setxattr(2) could take: in one of Linux's namespaces, no NUL."""
+    return b"\0" not in name and any(
+        name.startswith(ns) and len(name) > len(ns) for ns in XATTR_NAMESPACES)
+
+
+def check_rdev(rdev: int) -> bool:
+    """A device number the kernel can hold (dev_t inside the kernel: 12-bit major,
+    20-bit minor), so that mknod(2) takes it."""
+    return 0 <= rdev < (1 << 64) and os.major(rdev) < (1 << 12) and os.minor(rdev) < (1 << 20)
+
+
 def decode_inode(buf: bytes, where: str) -> Inode:
     """Parse one record, checking every length and count against the bytes there are."""
     n = len(buf)
@@ -76,6 +93,10 @@ def decode_inode(buf: bytes, where: str) -> Inode:
      _res) = F.INODE.unpack_from(buf)
     if kind not in F.KIND_NAMES:
         raise CorruptImage(where, f"unknown inode kind {kind}")
+    if kind == F.REG and size > MAX_FILE_SIZE:
+        raise CorruptImage(where, f"file size {size} is larger than any file can be")
+    if kind in (F.CHR, F.BLK) and not check_rdev(rdev):
+        raise CorruptImage(where, f"impossible device number {rdev:#x}")
     ino = Inode(kind, mode, uid, gid, nlink, size, rdev, mtime, atime, ctime, digest)
     pos = F.INODE.size
     for _ in range(nx):
@@ -85,7 +106,10 @@ def decode_inode(buf: bytes, where: str) -> Inode:
         pos += F.XATTR_HEAD.size
         if lv > F.MAX_XATTR_VALUE or pos + ln + lv > n or ln == 0:
             raise CorruptImage(where, "xattr larger than the record")
-        ino.xattrs.append((buf[pos:pos + ln], buf[pos + ln:pos + ln + lv]))
+        xname = buf[pos:pos + ln]
+        if not check_xattr_name(xname):
+            raise CorruptImage(where, f"bad xattr name {xname!r}")
+        ino.xattrs.append((xname, buf[pos + ln:pos + ln + lv]))
         pos += ln + lv
     if kind == F.REG:
         if pos + 4 > n:
@@ -105,6 +129,8 @@ def decode_inode(buf: bytes, where: str) -> Inode:
     elif kind == F.LNK:
         if size != n - pos or size == 0 or size > F.MAX_SYMLINK:
             raise CorruptImage(where, "symlink target length does not match the record")
+        if b"\0" in buf[pos:]:
+            raise CorruptImage(where, "symlink target holds a NUL byte")
         ino.target = buf[pos:]
         pos = n
     elif kind == F.DIR:

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 from . import _format as F
 from .container import ImageFile, IndexEntry
-from .errors import ChecksumMismatch, CorruptImage, NoSuchPath, NotADirectory
+from .errors import ChecksumMismatch, CorruptImage, NoSuchPath, NotADirectory, UsageError
 from .packs import PackReader
 from .records import Extent, Inode, MetaReader
 
@@ -48,9 +48,9 @@ class IndexView:
 
     def lookup(self, path: str | bytes, follow: bool = True) -> Inode:
         """The inode at path (symlinks followed inside the image; the last one only if
-        follow)."""
-        bpath = path.encode("utf-8", "surrogateescape") if isinstance(path, str) else path
-        parts = [p for p in bpath.split(b"/") if p and p != b"."]
+        follow).  A path given here may not hold ".." (see image_path_parts)."""
+        parts = image_path_parts(path)
+        bpath = b"/" + b"/".join(parts)
         stack: list[Inode] = [self.root()]
         hops = 0
         while parts:
@@ -113,7 +113,7 @@ class IndexView:
         try:
             return self.packs.checked(pack, poff, length, xxh)
         except CorruptImage as e:
-            cause = "checksum mismatch" if isinstance(e, ChecksumMismatch) else e.args[-1]
+            cause = "checksum mismatch" if isinstance(e, ChecksumMismatch) else e.detail()
             raise CorruptImage(self.image.path,
                                f"index {self.number}: chunk {xxh.hex()} (pack at {pack}, "
                                f"offset {poff}, {length} bytes): {cause}") from e
@@ -147,6 +147,23 @@ class IndexView:
                     seen_dirs.add(ref)
                     subdirs.append((p, ino, depth + 1))
             stack.extend(reversed(subdirs))
+
+
+def image_path_parts(path: str | bytes) -> list[bytes]:
+    """The names along a path inside an image, from its root ("" and "." dropped).
+
+    ".." is refused by name rather than resolved: a caller builds paths outside the image
+    from these names (extract writes DEST/etc/hostname for /etc/hostname), and a ".." there
+    would climb out of DEST.  A NUL byte can name no file."""
+    bpath = path.encode("utf-8", "surrogateescape") if isinstance(path, str) else path
+    shown = _show(bpath.replace(b"\0", b"\\0"))
+    if b"\0" in bpath:
+        raise UsageError(f"{shown}: a path cannot hold a NUL byte")
+    parts = [p for p in bpath.split(b"/") if p and p != b"."]
+    if b".." in parts:
+        raise UsageError(f"{shown}: '..' is not allowed in a path inside the image "
+                         "(paths start at the image's root)")
+    return parts
 
 
 def overlapping(ino: Inode, offset: int, end: int) -> Iterator[Extent]:

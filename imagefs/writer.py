@@ -21,7 +21,8 @@ from .errors import Error, Interrupted
 from .packs import ChunkLoc, ChunkTable, PackWriter
 from .records import Inode, MetaWriter
 
-MAX_TABLE_SEGMENTS = 16
+MAX_TABLE_SEGMENTS = F.MAX_TABLE_SEGMENTS  # the name tests and older callers know
+
 
 
 @dataclass(eq=False, slots=True)
@@ -169,7 +170,7 @@ class Transaction:
         assert self.packs is None, "write_tree before publish"
         if self._table is not None and self._table.new:
             table = self._table
-            if len(commit.tables) + 1 > MAX_TABLE_SEGMENTS:
+            if len(commit.tables) + 1 > F.MAX_TABLE_SEGMENTS:
                 raw = table.encode_all()
                 commit.tables = [[self.image.append_raw(F.KIND_TABLE, raw, 1), table.count]]
             else:

@@ -7,6 +7,7 @@ from typing import Any
 
 from ..apply import Applier
 from ..image import Image
+from ..view import image_path_parts
 
 
 def register(sub: Any) -> None:
@@ -15,7 +16,8 @@ def register(sub: Any) -> None:
         description="Extract each PATH (file or directory, with everything under it) into "
                     "DIR, keeping its path from the image root (DIR/etc/hostname for "
                     "/etc/hostname) and all its metadata. Symlinks on the way to PATH are "
-                    "followed inside the image; nothing is ever written outside DIR.",
+                    "followed inside the image; nothing is ever written outside DIR ('..' "
+                    "in a PATH is refused).",
         epilog="example: imagefs extract golden.imagefs 2 /etc/nginx /etc/hostname --dest out")
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("index", metavar="INDEX")
@@ -25,9 +27,12 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # The written path is built from the checked names alone ("/etc//./hostname" is
+    # DEST/etc/hostname); a ".." is refused before anything is opened.
+    paths = [b"/".join(image_path_parts(p)) for p in args.paths]
     with Image.open(args.image) as img:
         view = img.view(args.index)
-        found = [(p, view.lookup(p, follow=False)) for p in args.paths]
+        found = [(p, view.lookup(p, follow=False)) for p in paths]
         for path, ino in found:
-            Applier(view).extract(args.dest, path.encode(errors="surrogateescape"), ino)
+            Applier(view).extract(args.dest, path, ino)
     return 0

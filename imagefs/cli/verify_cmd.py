@@ -31,6 +31,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print_json(report.as_json())
     else:
+        for note in report.notes:
+            print(f"NOTE: {note}")
         for p in report.problems:
             print(f"BROKEN: {p.what}")
             if p.indices:
