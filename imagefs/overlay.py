@@ -5,7 +5,8 @@ read-only mount would give it (its record's address).  The first change to it co
 attributes into a staging Node (never its content); the first write into a base file
 copies only the chunks the write touches.  Inodes created in the session are numbered from
 NEW_INO_BASE.  Numbers never change and are never reused, also across commits, so every
-number the kernel holds stays valid.
+number the kernel holds stays valid; a number from NEW_INO_BASE up whose inode is gone is
+unknown (ENOENT), never read as the address of a base record.
 
 Commit (commit.py) must rewrite exactly the records that changed and the directories above
 them.  So a change marks its inode dirty and every directory up to the root: the parent of
@@ -91,7 +92,16 @@ class SessionTree:
 
     def attrs(self, ino: int) -> Attrs:
         node = self.nodes.get(ino)
-        return node if node is not None else self.base.inode(ino)
+        return node if node is not None else self._record(ino)
+
+    def _record(self, ino: int) -> Inode:
+        """The base record of an inode the session never changed.  A number from
+        NEW_INO_BASE up belongs to the session, never to a record: one without a Node was
+        removed and forgotten (or never handed out), so it is unknown, not an address of
+        the image to decode (that would blame the image for it)."""
+        if ino >= NEW_INO_BASE:
+            raise Refusal(errno.ENOENT, "no such inode (removed in this session)")
+        return self.base.inode(ino)
 
     def _base_inode(self, node: Node) -> Inode:
         assert node.base is not None
@@ -117,7 +127,7 @@ class SessionTree:
         node = self.nodes.get(ino)
         if node is not None and node.entries is not None:
             return sorted(node.entries.items())
-        base = self.base.inode(ino)
+        base = self._record(ino)
         return [(name, self.base.ino_of(ref)) for name, _k, ref in base.entries]
 
     def readlink(self, ino: int) -> bytes:
@@ -158,7 +168,7 @@ class SessionTree:
     def read(self, ino: int, offset: int, size: int) -> bytes | memoryview:
         node = self.nodes.get(ino)
         if node is None:
-            return self.view.read(self.base.inode(ino), offset, size)
+            return self.view.read(self._record(ino), offset, size)
         end = min(node.size, offset + size)
         if offset >= end:
             return b""
@@ -191,6 +201,7 @@ class SessionTree:
     def seek(self, ino: int, offset: int, whence: int) -> int:
         node = self.nodes.get(ino)
         if node is None:
+            self._record(ino)  # a session number: ENOENT
             return self.base.seek(ino, offset, whence)
         return seek_regions(self.data_regions(node), node.size, offset, whence)
 
@@ -216,7 +227,7 @@ class SessionTree:
             return node.xattrs
         if node is not None and node.base is None:
             return []
-        return self.base.inode(ino).xattrs
+        return self._record(ino).xattrs
 
     def xattr(self, ino: int, name: bytes) -> bytes:
         for n, v in self.xattrs(ino):
@@ -270,7 +281,7 @@ class SessionTree:
         node = self.nodes.get(ino)
         if node is not None:
             return node
-        b = self.base.inode(ino)
+        b = self._record(ino)
         node = Node(ino, b.ref, b.kind, b.mode, b.uid, b.gid, b.nlink, b.size, b.rdev,
                     b.mtime_ns, b.atime_ns, b.ctime_ns, target=b.target,
                     base_limit=b.size if b.kind == F.REG else 0,
