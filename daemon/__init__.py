@@ -7,6 +7,7 @@ public surface is below; the rest are private modules:
     access     who the peer is (SO_PEERCRED) and which paths it may name
     rpc        the method table and parameter checking
     jobs       long work in threads, with progress and cancellation
+    limits     how many worker threads one client (one user's jobs) may hold
     api_*      the methods (images, sessions, jobs)
     server     listening, connections, shutdown
     client     Client (blocking) and AsyncClient (trio)

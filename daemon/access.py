@@ -10,11 +10,13 @@ Two layers:
   then checks every open, every directory read and every create as the caller's — ACLs
   included — and what the work creates belongs to the caller.  This is how NFS and SMB
   servers act for their clients.
-- `checked_path()` refuses, before any work starts, what the caller cannot name: relative
-  paths (the daemon's working directory is not the caller's), `..`, and paths whose
-  resolved target the caller's uid and groups cannot reach through the mode bits, with an
-  error that says which.  It never reveals whether something exists where the caller
-  cannot look.
+- `checked_path()` refuses, before any work starts, what the caller cannot name: paths
+  that are relative (the daemon's working directory is not the caller's), hold NUL or a
+  `..` component (path_param: the same for every path parameter of every method), paths
+  whose resolved target the caller's uid and groups cannot reach through the mode bits,
+  and an image that is not a regular file (a FIFO would block the thread that opens it),
+  with an error that names the parameter.  It never reveals whether something exists
+  where the caller cannot look.
 
 The kernel tells us the peer's uid, gid and groups (SO_PEERCRED, SO_PEERGROUPS) when it
 connects.
@@ -33,6 +35,8 @@ import stat
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
+
+from imagefs.errors import DestinationError, NotAnImage, UsageError
 
 from .protocol import INVALID_PARAMS, PERMISSION_DENIED, RpcError
 
@@ -97,30 +101,72 @@ def admitted(peer: Peer, group: int | None) -> bool:
 # --- paths --------------------------------------------------------------------------------
 
 READ, WRITE, CREATE = "read", "write", "create"
+# What an existing path must be (kind=None: anything): an image to read or change, a
+# destination file to add to (both regular files, never a FIFO or a device, whose open
+# or read would block), a directory.
+IMAGE, DEST, DIRECTORY = "image", "dest", "directory"
 
 
-def absolute_path(name: str, value: object) -> str:
-    """value, if it is an absolute path (the daemon's working directory is not the
-    caller's); RpcError otherwise."""
+def _invalid(name: str, why: str) -> RpcError:
+    return RpcError(INVALID_PARAMS, f"`{name}`: {why}")
+
+
+def path_param(name: str, value: object) -> str:
+    """value, if it has the form of a path on this machine: a non-empty string, without
+    NUL, absolute (the daemon's working directory is not the caller's), without a `..`
+    component (say the path you mean).  RpcError -32602 naming the parameter otherwise."""
     if not isinstance(value, str) or not value:
         raise RpcError(INVALID_PARAMS, f"`{name}` must be a non-empty string (a path)")
     if "\0" in value:
-        raise RpcError(INVALID_PARAMS, f"`{name}`: a path cannot contain NUL")
+        raise _invalid(name, f"{value!r}: a path cannot contain NUL")
     if not value.startswith("/"):
-        raise RpcError(INVALID_PARAMS, f"`{name}`: {value!r} is relative; the daemon needs "
-                       "an absolute path (its working directory is not yours)")
+        raise _invalid(name, f"{value!r} is relative; the daemon needs an absolute path "
+                       "(its working directory is not yours)")
+    if ".." in value.split("/"):
+        raise _invalid(name, f"{value!r}: '..' is not allowed; give the path without it")
     return value
 
 
-def checked_path(name: str, value: object, peer: Peer, want: str) -> str:
+absolute_path = path_param  # its older name
+
+
+def inner_path(name: str, value: object) -> str:
+    """value, if it has the form of a path inside an image's index (`/etc/hostname`;
+    relative to the index's root if it does not start with /): a string without NUL and
+    without a `..` component (nothing lies above an index's root).  RpcError otherwise."""
+    if not isinstance(value, str) or not value:
+        raise RpcError(INVALID_PARAMS, f"`{name}` must be a non-empty string (a path in "
+                       "the index)")
+    if "\0" in value:
+        raise _invalid(name, f"{value!r}: a path cannot contain NUL")
+    if ".." in value.split("/"):
+        raise _invalid(name, f"{value!r}: '..' is not allowed in a path inside an image")
+    return value
+
+
+def session_spec(name: str, value: object) -> str:
+    """A session named by its id, or by its mountpoint (a path: checked as path_param)."""
+    if not isinstance(value, str) or not value:
+        raise RpcError(INVALID_PARAMS, f"`{name}` must be a non-empty string (a session "
+                       "id or its mountpoint)")
+    if "/" in value:
+        return path_param(name, value)
+    if "\0" in value or value.startswith("."):
+        raise _invalid(name, f"{value!r} is not a session id (nor an absolute path, the "
+                       "session's mountpoint)")
+    return value
+
+
+def checked_path(name: str, value: object, peer: Peer, want: str,
+                 kind: str | None = None) -> str:
     """The real path (symlinks resolved) of a path parameter, if peer may use it as wanted:
     READ an existing file or directory, WRITE an existing one, CREATE a new entry (the
-    parent must be writable; an existing one must be writable too).  RpcError otherwise."""
-    absolute_path(name, value)
+    parent must be writable; an existing one must be writable too).  With kind, an
+    existing path must also be a regular file (IMAGE, DEST: never a FIFO or a device,
+    which would block the thread that opens it) or a DIRECTORY.  RpcError (or the imagefs error
+    the work would raise) otherwise.  It stats; call it in a worker thread (check_path)."""
+    path_param(name, value)
     assert isinstance(value, str)
-    if ".." in value.split("/"):
-        raise RpcError(INVALID_PARAMS, f"`{name}`: {value!r} contains `..`; give the path "
-                       "without it")
     real = os.path.realpath(value)
     parent = os.path.dirname(real) or "/"
     if not peer.is_root:  # first: whether a thing exists is only told to who may look
@@ -129,15 +175,52 @@ def checked_path(name: str, value: object, peer: Peer, want: str) -> str:
     if want != CREATE and not exists:
         raise RpcError(-32003, f"{value}: no such file or directory",
                        {"type": "NotFound", "exit_code": 3})
-    if peer.is_root:
-        return real
-    if want == READ:
-        _allowed(name, value, real, peer, os.R_OK)
-    elif want == WRITE or exists:
-        _allowed(name, value, real, peer, os.W_OK | os.R_OK)
-    if want == CREATE:
-        _allowed(name, value, parent, peer, os.W_OK | os.X_OK)
+    if not peer.is_root:
+        if want == READ:
+            _allowed(name, value, real, peer, os.R_OK)
+        elif want == WRITE or exists:
+            _allowed(name, value, real, peer, os.W_OK | os.R_OK)
+        if want == CREATE:
+            _allowed(name, value, parent, peer, os.W_OK | os.X_OK)
+    if kind is not None and exists:
+        _is_kind(name, value, real, kind)
     return real
+
+
+async def check_path(name: str, value: object, peer: Peer, want: str,
+                     kind: str | None = None) -> str:
+    """checked_path in a worker thread of the caller's quota (a path on a filesystem that
+    does not answer blocks its stat: that must stall this caller only).  The form of the
+    path is checked first, at once."""
+    from .limits import run_in_thread
+
+    path_param(name, value)
+    return await run_in_thread(checked_path, name, value, peer, want, kind)
+
+
+def _is_kind(name: str, value: str, real: str, kind: str) -> None:
+    try:
+        mode = os.stat(real).st_mode
+    except OSError as e:
+        raise RpcError(PERMISSION_DENIED, f"`{name}`: {value}: {e.strerror}") from None
+    if kind in (IMAGE, DEST) and not stat.S_ISREG(mode):
+        what = "it is a directory" if stat.S_ISDIR(mode) else \
+            f"a {file_kind(mode)}, not a regular file"
+        if kind == DEST:
+            raise DestinationError(value, f"exists and is not an imagefs image ({what})")
+        raise NotAnImage(value, what)
+    if kind == DIRECTORY and not stat.S_ISDIR(mode):
+        raise UsageError(f"{value}: the {name} must be an existing directory, not a "
+                         f"{file_kind(mode)}")
+
+
+def file_kind(mode: int) -> str:
+    for test, word in ((stat.S_ISREG, "regular file"), (stat.S_ISFIFO, "FIFO"),
+                       (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+                       (stat.S_ISSOCK, "socket"), (stat.S_ISLNK, "symbolic link")):
+        if test(mode):
+            return word
+    return "special file"
 
 
 def _searchable(name: str, value: str, directory: str, peer: Peer) -> None:

@@ -1,24 +1,44 @@
 """images.*: what the CLI does to image files, for socket clients.
 
-Quick reads (info, diff) and delete answer directly (the work runs in a thread); capture,
-export and verify start a job.  Every path is checked as the caller, and the work runs with
-the caller's filesystem identity (daemon.access).
+Quick reads (info, diff) and delete answer directly (the work runs in a thread of the
+caller's quota, daemon.limits); capture, export and verify start a job.  Every path is
+checked as the caller before any work (an image must be a regular file: a FIFO or a device
+is refused before anything opens it), and the work runs with the caller's filesystem
+identity (daemon.access).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
-import trio
-
-from imagefs.errors import UsageError
+from imagefs.container import open_regular
+from imagefs.errors import Busy, UsageError
 from imagefs.image import DEFAULT_LEVEL, Image, capture, check_level, delete
 from imagefs.lru import WeightedLRU
 
-from .access import CREATE, READ, WRITE, Peer, acting_as, checked_path
+from .access import (
+    CREATE,
+    DEST,
+    DIRECTORY,
+    IMAGE,
+    READ,
+    WRITE,
+    Peer,
+    acting_as,
+    check_path,
+    path_param,
+)
 from .jobs import Job, JobContext
+from .limits import run_in_thread
+from .protocol import INVALID_PARAMS, RpcError
 from .rpc import Call, method, optional, required
+
+T = TypeVar("T")
+
+LOCK_POLL = 0.1  # how often a capture waiting for another writer's lock looks again
 
 
 def history_who(call: Call, name: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -34,18 +54,20 @@ def job_answer(call: Call, job: Job, subscribe: bool) -> dict[str, Any]:
     return job.to_json()
 
 
-async def in_thread(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    return await trio.to_thread.run_sync(lambda: fn(*args, **kwargs))
+async def in_thread(fn: Any, *args: Any, abandon: bool = True, **kwargs: Any) -> Any:
+    """fn in a worker thread of the calling client's quota (daemon.limits.run_in_thread)."""
+    return await run_in_thread(lambda: fn(*args, **kwargs), abandon=abandon)
 
 
 async def in_thread_as(peer: Peer, fn: Any, *args: Any, **kwargs: Any) -> Any:
-    """fn in a worker thread that opens and creates files as peer."""
+    """fn in a worker thread (of the client's quota) that opens and creates files as
+    peer."""
 
     def run() -> Any:
         with acting_as(peer):
             return fn(*args, **kwargs)
 
-    return await trio.to_thread.run_sync(run)
+    return await run_in_thread(run)
 
 
 INDEX = (int, str)
@@ -66,20 +88,20 @@ def _identity(path: str, *extra: object) -> tuple[object, ...]:
         history=optional(bool, default=False))
 async def info(call: Call, image: str, index: int | str | None, history: bool) -> Any:
     """The image's figures and its indices (or one index), as `imagefs info --json`."""
-    path = checked_path("image", image, call.peer, READ)
-    key = _identity(path, index, history)
-    doc = _described.get(key)
-    if doc is None:
+    path = await check_path("image", image, call.peer, READ, IMAGE)
 
-        def describe() -> dict[str, Any]:
+    def describe() -> dict[str, Any]:
+        key = _identity(path, index, history)
+        doc = _described.get(key)
+        if doc is None:
             with Image.open(path) as img:
-                return img.describe(index, history)
+                doc = img.describe(index, history)
+            _described.put(key, doc)
+        else:  # the kernel's own check, as an open would make it (never blocking)
+            os.close(open_regular(path, os.O_RDONLY))
+        return doc
 
-        doc = await in_thread_as(call.peer, describe)
-        _described.put(key, doc)
-    else:
-        with acting_as(call.peer):  # the kernel's own check, as an open would make it
-            os.close(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+    doc = await in_thread_as(call.peer, describe)
     return {**doc, "image": image}
 
 
@@ -91,7 +113,7 @@ async def diff(call: Call, image: str, index: int | str, other: int | str,
     `imagefs diff --json`."""
     from imagefs.diff import diff as compare
 
-    path = checked_path("image", image, call.peer, READ)
+    path = await check_path("image", image, call.peer, READ, IMAGE)
 
     def run() -> dict[str, Any]:
         with Image.open(path) as img:
@@ -105,7 +127,7 @@ async def diff(call: Call, image: str, index: int | str, other: int | str,
 async def delete_index(call: Call, image: str, index: int | str) -> Any:
     """Remove one index; later indices move down by one."""
     call.daemon.check_accepting()
-    path = checked_path("image", image, call.peer, WRITE)
+    path = await check_path("image", image, call.peer, WRITE, IMAGE)
     number, entry = await in_thread_as(call.peer, delete, path, str(index), 30.0)
     return {"index": number, "name": entry.name}
 
@@ -121,22 +143,38 @@ async def capture_tree(call: Call, image: str, source: str, name: str, descripti
     check_level(level)
     if not name.strip():
         raise UsageError("`name` must not be empty")
-    path = checked_path("image", image, call.peer, CREATE)
-    src = checked_path("source", source, call.peer, READ)
+    path_param("image", image)  # the form of both paths first
+    path_param("source", source)
+    path = await check_path("image", image, call.peer, CREATE, IMAGE)
+    src = await check_path("source", source, call.peer, READ, DIRECTORY)
     params = {"image": image, "source": source, "name": name, "description": description,
               "level": level}
     who = history_who(call, "images.capture", params)
 
     def work(ctx: JobContext) -> dict[str, Any]:
         with acting_as(call.peer):
-            r = capture(path, src, name, description, level, progress=ctx.advance,
-                        on_total=ctx.set_total, wait=None, who=who)
+            r = until_not_busy(ctx, lambda: capture(
+                path, src, name, description, level, progress=ctx.advance,
+                on_total=ctx.set_total, wait=0, who=who))
         return {"index": r.index, "name": r.name, "files": r.files, "bytes": r.bytes,
                 "new_bytes": r.new_bytes, "stored_bytes": r.stored_bytes}
 
     job = call.daemon.jobs.submit("images.capture", params, call.peer.uid, work,
                                   lock_key=path)
     return job_answer(call, job, subscribe)
+
+
+def until_not_busy(ctx: JobContext, attempt: Callable[[], T]) -> T:
+    """attempt(), again every LOCK_POLL seconds while another process holds the image's
+    writer lock: a wait the job's cancellation can end (the library's own wait cannot)."""
+    while True:
+        try:
+            return attempt()
+        except Busy as e:
+            if type(e) is not Busy:  # a refusal that is a kind of Busy
+                raise
+            ctx.check()
+            time.sleep(LOCK_POLL)
 
 
 @method("images.export", image=required(str), index=required(int, str, list),
@@ -154,19 +192,23 @@ async def export_indices(call: Call, image: str, index: int | str | list[Any], d
     if isinstance(index, list):
         if not index or not all(isinstance(i, (int, str)) and not isinstance(i, bool)
                                 for i in index):
-            raise UsageError("`index`: a list must hold index numbers or names")
+            raise RpcError(INVALID_PARAMS, "images.export: `index`: a list must hold index "
+                           "numbers or names")
         selection = ",".join(str(i) for i in index)
     else:
         selection = str(index)
-    src = checked_path("image", image, call.peer, READ)
-    out = checked_path("dest", dest, call.peer, CREATE)
+    path_param("image", image)  # the form of both paths first
+    path_param("dest", dest)
+    src = await check_path("image", image, call.peer, READ, IMAGE)
+    out = await check_path("dest", dest, call.peer, CREATE, DEST)
     params = {"image": image, "index": index, "dest": dest, "level": level}
     who = history_who(call, "images.export", params)
 
     def work(ctx: JobContext) -> dict[str, Any]:
         with acting_as(call.peer):
-            numbers = export(src, selection, out, level, progress=ctx.advance,
-                             on_total=ctx.set_total, who=who)
+            numbers = until_not_busy(ctx, lambda: export(
+                src, selection, out, level, progress=ctx.advance, on_total=ctx.set_total,
+                who=who, wait=0))
         return {"dest": dest, "indices": numbers}
 
     job = call.daemon.jobs.submit("images.export", params, call.peer.uid, work, lock_key=out)
@@ -180,7 +222,7 @@ async def verify_image(call: Call, image: str, subscribe: bool) -> Any:
     from imagefs.verify import verify
 
     call.daemon.check_accepting()
-    path = checked_path("image", image, call.peer, READ)
+    path = await check_path("image", image, call.peer, READ, IMAGE)
 
     def work(ctx: JobContext) -> dict[str, Any]:
         with acting_as(call.peer):

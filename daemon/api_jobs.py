@@ -11,7 +11,7 @@ import trio
 from imagefs.places import state_dir
 
 from .jobs import Job
-from .protocol import INVALID_PARAMS, NO_SUCH_JOB, NOT_CANCELLABLE, RpcError
+from .protocol import NO_SUCH_JOB, NOT_CANCELLABLE, RpcError
 from .rpc import METHODS, Call, method, optional, required
 
 VERSION = "0.1.0"
@@ -50,11 +50,13 @@ async def cancel_job(call: Call, job: str) -> Any:
     return j.to_json()
 
 
-@method("jobs.wait", job=required(str), timeout=optional(int, float, default=None))
+MAX_WAIT = 366 * 86400  # the longest `timeout` of jobs.wait, in seconds (leave it out: forever)
+
+
+@method("jobs.wait", job=required(str),
+        timeout=optional(int, float, default=None, minimum=0, maximum=MAX_WAIT))
 async def wait_job(call: Call, job: str, timeout: float | None) -> Any:
     """Wait until the job is over (or `timeout` seconds pass); the job as it is then."""
-    if timeout is not None and timeout < 0:
-        raise RpcError(INVALID_PARAMS, "jobs.wait: `timeout` must be 0 or more seconds")
     j = own_job(call, job)
     with trio.move_on_after(timeout if timeout is not None else float("inf")):
         await j.finished.wait()

@@ -13,7 +13,7 @@ from typing import Any
 
 from imagefs.forkserver import MountRequest
 
-from .access import absolute_path
+from .access import path_param
 from .api_images import in_thread
 from .protocol import INVALID_PARAMS, RpcError
 from .rpc import Call, method, optional, required
@@ -33,9 +33,10 @@ async def open_mount(call: Call, image: str, index: int | str, mountpoint: str,
     # checks them, and errors are word for word those of the caller's own mount.
     for name, path in (("image", image), ("mountpoint", mountpoint), ("run_dir", run_dir)):
         if path is not None:
-            absolute_path(name, path)
-    if not all(isinstance(o, str) for o in options):
-        raise RpcError(INVALID_PARAMS, "mounts.open: `options` must be an array of strings")
+            path_param(name, path)
+    if not all(isinstance(o, str) and "\0" not in o for o in options):
+        raise RpcError(INVALID_PARAMS, "mounts.open: `options` must be an array of strings "
+                       "(without NUL)")
     peer = call.peer
     request = MountRequest(image=image, index=str(index), mountpoint=mountpoint,
                            options=list(options), uid=peer.uid, gid=peer.gid,

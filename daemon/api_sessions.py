@@ -21,7 +21,7 @@ from imagefs.errors import Error, NoSuchSession
 from imagefs.forkserver import MountRequest
 from imagefs.sessions import SessionInfo, find_session, list_sessions
 
-from .access import READ, WRITE, checked_path
+from .access import IMAGE, READ, WRITE, check_path, path_param, session_spec
 from .api_images import history_who, in_thread, job_answer
 from .jobs import JobContext
 from .rpc import Call, method, optional, required
@@ -48,11 +48,14 @@ def session_doc(info: SessionInfo) -> dict[str, Any]:
             "staged_bytes": info.staged_bytes()}
 
 
-def own_session(call: Call, spec: str) -> SessionInfo:
+async def own_session(call: Call, spec: str) -> SessionInfo:
     """The caller's session by id or mountpoint (another user's looks like none at all)."""
+    session_spec("session", spec)
     if spec.startswith("/"):
-        checked_path("session", spec, call.peer, READ)
-    info = find_session(spec)
+        await check_path("session", spec, call.peer, READ)
+        info = await in_thread(find_session, spec)
+    else:  # an id (never a name resolved against the daemon's working directory)
+        info = await in_thread(SessionInfo.load, spec)
     if info.uid != call.peer.uid and not call.peer.is_root:
         raise NoSuchSession(spec)
     return info
@@ -69,7 +72,9 @@ async def mount_session(call: Call, image: str, index: int | str, mountpoint: st
     request = MountRequest(image=image, index=str(index), mountpoint=mountpoint,
                            options=confined, writable=True, session=stale,
                            owner=call.peer.uid)
-    await in_thread(call.daemon.fork_server.mount, request)
+    # Waited for (the session must be known to stop it on shutdown); the fork server gives
+    # up on a mount that is not ready within its ANSWER_TIMEOUT.
+    await in_thread(call.daemon.fork_server.mount, request, abandon=False)
 
 
 @method("sessions.open", image=required(str), index=required(int, str),
@@ -78,12 +83,14 @@ async def open_session(call: Call, image: str, index: int | str, mountpoint: str
     """Mount `index` of `image` writable at `mountpoint` (an existing directory the caller
     may write) as a new session of the caller's; returns once the mount is ready."""
     call.daemon.check_accepting()
-    path = checked_path("image", image, call.peer, WRITE)
-    where = checked_path("mountpoint", mountpoint, call.peer, WRITE)
+    path_param("image", image)  # the form of both paths first
+    path_param("mountpoint", mountpoint)
+    path = await check_path("image", image, call.peer, WRITE, IMAGE)
+    where = await check_path("mountpoint", mountpoint, call.peer, WRITE)
     await mount_session(call, path, index, where)
     info = await in_thread(find_session, where)
     started_here.add(info.id)
-    return session_doc(info)
+    return await in_thread(session_doc, info)
 
 
 @method("sessions.list")
@@ -105,7 +112,7 @@ async def commit_session(call: Call, session: str, new_index: str | None,
     `new_index`); the session stays mounted and goes on from there.  Can be cancelled only
     while queued."""
     call.daemon.check_accepting()
-    info = own_session(call, session)
+    info = await own_session(call, session)
     params = {"session": info.id, "new_index": new_index}
     who = history_who(call, "sessions.commit", params)
 
@@ -116,14 +123,14 @@ async def commit_session(call: Call, session: str, new_index: str | None,
         return {"session": info.id, **result}
 
     job = call.daemon.jobs.submit("sessions.commit", params, call.peer.uid, work,
-                                  lock_key=os.path.realpath(info.image))
+                                  lock_key=await in_thread(os.path.realpath, info.image))
     return job_answer(call, job, subscribe)
 
 
 @method("sessions.discard", session=required(str))
 async def discard_session(call: Call, session: str) -> Any:
     """Drop the session's changes and end it (unmounting it if it is mounted)."""
-    info = own_session(call, session)
+    info = await own_session(call, session)
 
     def drop() -> None:
         if info.live():
@@ -141,18 +148,20 @@ async def remount_session(call: Call, session: str, mountpoint: str | None) -> A
     """Mount a stale session again (after a crash of its mount process, or of the daemon)
     with every change it had saved, at its mountpoint or at `mountpoint`."""
     call.daemon.check_accepting()
-    info = own_session(call, session)
     if mountpoint is not None:
-        where = checked_path("mountpoint", mountpoint, call.peer, WRITE)
+        path_param("mountpoint", mountpoint)  # its form before the session is looked up
+    info = await own_session(call, session)
+    if mountpoint is not None:
+        where = await check_path("mountpoint", mountpoint, call.peer, WRITE)
         if where != info.mountpoint:
             info.mountpoint = where
             await in_thread(info.save)
     else:
-        checked_path("mountpoint", info.mountpoint, call.peer, WRITE)
+        await check_path("mountpoint", info.mountpoint, call.peer, WRITE)
     await mount_session(call, info.image, info.index, info.mountpoint, stale=info.id)
     fresh = await in_thread(SessionInfo.load, info.id)
     started_here.add(fresh.id)
-    return session_doc(fresh)
+    return await in_thread(session_doc, fresh)
 
 
 async def stop_mounts() -> None:

@@ -14,7 +14,7 @@ import json
 from imagefs.errors import error_classes
 
 from . import protocol, server  # noqa: F401  (server imports every api_* module)
-from .rpc import METHODS, Param
+from .rpc import METHODS, Param, range_text
 
 _JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean",
                list: "array", dict: "object", type(None): "null"}
@@ -25,6 +25,13 @@ def _json_types(types: tuple[type, ...]) -> str:
     names = [_JSON_TYPES.get(t, t.__name__) for t in types
              if not (t is int and float in types)]
     return " or ".join(names) if len(names) < 3 else ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def _type(p: Param) -> str:
+    """The JSON types, and for a number with a range of its own the range."""
+    if p.minimum is None and p.maximum is None:
+        return _json_types(p.types)
+    return f"{_json_types(p.types)}, {range_text(p.minimum, p.maximum)}"
 
 
 def _requirement(p: Param) -> str:
@@ -46,7 +53,7 @@ def method_reference() -> str:
                          + (" meaning |" if with_doc else ""))
             lines.append("| --- | --- | --- |" + (" --- |" if with_doc else ""))
             for pname, p in m.params.items():
-                lines.append(f"| `{pname}` | {_json_types(p.types)} | {_requirement(p)} |"
+                lines.append(f"| `{pname}` | {_type(p)} | {_requirement(p)} |"
                              + (f" {p.doc} |" if with_doc else ""))
         parts.append("\n".join(lines))
     return "\n\n".join(parts)

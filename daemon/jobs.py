@@ -11,6 +11,17 @@ after which a cancel is refused: it is no longer possible to undo cleanly.
 
 Jobs that write to the same image wait for each other in submission order (one lock per
 image), so 100 queued commits run one by one instead of failing on the image's lock.
+
+No user can take every job thread: a job runs in a thread of its owner's quota (`--threads`
+minus one, at least one) and of the jobs' pool (`--threads`), so the jobs of a user whose
+work is stuck (an image on a filesystem that does not answer, a lock another process
+holds) leave a thread for everyone else's.  A job is `queued` until its thread starts.
+
+On shutdown (stop()) every job that can be undone is cancelled; one that has not stopped
+after a grace period (stuck in a read that does not return, or in a step that reports no
+progress) is abandoned: its thread is left behind and ends with the daemon's process, as
+in a crash, which the image format is made to survive (the committed state is untouched;
+a capture's unpublished tail is cut by the image's next writer).
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ import trio
 
 from imagefs.errors import Error
 
+from .limits import Quota, as_limiter
 from .protocol import INTERNAL_ERROR, RpcError
 
 log = logging.getLogger("imagefs.daemon")
@@ -36,6 +48,10 @@ QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed"
 FINISHED = (DONE, FAILED, CANCELLED)
 KEEP_FINISHED = 1000      # finished jobs remembered for jobs.get / jobs.list
 PROGRESS_INTERVAL = 0.2   # at most this often a job.progress notification per job
+SHUTDOWN_GRACE = 3.0      # seconds a cancelled job gets to stop before it is abandoned
+CANCELLED_ERROR = {"code": -32000, "message": "cancelled; nothing was changed"}
+ABANDONED_ERROR = {"code": -32000, "message": "cancelled: the daemon stopped and the work "
+                   "did not stop in time; nothing was published"}
 
 Subscriber = Callable[[str, dict[str, Any]], None]  # (notification method, params)
 
@@ -62,6 +78,7 @@ class Job:
     cancellable: bool = True
     cancel_requested: threading.Event = field(default_factory=threading.Event)
     finished: trio.Event = field(default_factory=trio.Event)
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)  # to abandon it
     subscribers: list[Subscriber] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
@@ -115,9 +132,12 @@ class JobContext:
 class JobManager:
     """Runs jobs in its nursery; remembers the last KEEP_FINISHED finished ones."""
 
-    def __init__(self, nursery: trio.Nursery, threads: int = 4) -> None:
+    def __init__(self, nursery: trio.Nursery, threads: int = 4,
+                 per_user: int | None = None) -> None:
         self._nursery = nursery
         self._limiter = trio.CapacityLimiter(threads)
+        self.per_user = per_user if per_user is not None else max(1, threads - 1)
+        self._by_owner: dict[int, trio.CapacityLimiter] = {}
         self._token = trio.lowlevel.current_trio_token()
         self._ids = itertools.count(1)
         self._locks: dict[str, trio.Lock] = {}
@@ -153,11 +173,30 @@ class JobManager:
         for job in list(self.jobs.values()):
             self.cancel(job)
 
+    async def stop(self, grace: float = SHUTDOWN_GRACE) -> None:
+        """Cancel every job that can be undone and wait for them, but for at most grace
+        seconds: a job that has not stopped by then is abandoned.  Jobs that publish are
+        waited for to their end."""
+        self.accepting = False
+        self.cancel_all()
+        with trio.move_on_after(grace):
+            for job in self.active:
+                await job.finished.wait()
+        for job in self.active:
+            if job.cancel_requested.is_set():
+                log.warning("job %s (%s) did not stop within %s s of its cancel; "
+                            "abandoned", job.id, job.method, grace)
+                job.scope.cancel()
+        for job in self.active:
+            await job.finished.wait()
+
     @property
     def active(self) -> list[Job]:
         return [j for j in self.jobs.values() if j.state not in FINISHED]
 
     def notify(self, job: Job, method: str) -> None:
+        if method == "job.progress" and job.state in FINISHED:
+            return  # an abandoned thread that goes on: its job is over for everyone
         params = job.to_json() if method == "job.done" else job.progress_params()
         for send in list(job.subscribers):
             send(method, params)
@@ -166,22 +205,26 @@ class JobManager:
                    lock_key: str | None) -> None:
         lock = self._locks.setdefault(lock_key, trio.Lock()) if lock_key else None
         try:
-            if lock is not None:
-                await lock.acquire()
-            try:
-                if job.cancel_requested.is_set():
-                    raise JobCancelled()
-                job.state, job.started = RUNNING, time.time()
-                self.notify(job, "job.progress")
-                ctx = JobContext(job, self)
-                job.result = await trio.to_thread.run_sync(work, ctx, limiter=self._limiter)
-                job.state = DONE
-            finally:
+            with job.scope:
                 if lock is not None:
-                    lock.release()
+                    await lock.acquire()
+                try:
+                    if job.cancel_requested.is_set():
+                        raise JobCancelled()
+                    ctx = JobContext(job, self)
+                    # Queued until a thread of the owner's quota and of the pool is free.
+                    job.result = await trio.to_thread.run_sync(
+                        self._in_thread, ctx, work, limiter=as_limiter(self._quota(job.owner)),
+                        abandon_on_cancel=True)
+                    job.state = DONE
+                finally:
+                    if lock is not None:
+                        lock.release()
+            if job.scope.cancelled_caught:  # abandoned (or, never started, cancelled)
+                job.state = CANCELLED
+                job.error = dict(ABANDONED_ERROR if job.started else CANCELLED_ERROR)
         except JobCancelled:
-            job.state = CANCELLED
-            job.error = {"code": -32000, "message": "cancelled; nothing was changed"}
+            job.state, job.error = CANCELLED, dict(CANCELLED_ERROR)
         except RpcError as e:
             job.state, job.error = FAILED, e.to_json()
         except Error as e:
@@ -205,6 +248,22 @@ class JobManager:
             job.finished.set()
             log.info("job %s %s: %s", job.id, job.method, job.state)
             self.notify(job, "job.done")
+
+    def _quota(self, owner: int) -> Quota:
+        own = self._by_owner.setdefault(owner, trio.CapacityLimiter(self.per_user))
+        return Quota(own, self._limiter)
+
+    def _in_thread(self, ctx: JobContext, work: Callable[[JobContext], Any]) -> Any:
+        """The job's thread: the job runs from now on."""
+        if ctx.job.cancel_requested.is_set():
+            raise JobCancelled()
+        self.from_thread(self._running, ctx.job)
+        return work(ctx)
+
+    def _running(self, job: Job) -> None:
+        if job.state == QUEUED:
+            job.state, job.started = RUNNING, time.time()
+            self.notify(job, "job.progress")
 
     def _forget_old(self) -> None:
         finished = [j for j in self.jobs.values() if j.state in FINISHED]

@@ -32,7 +32,7 @@ TOO_BUSY = -32429
 SHUTTING_DOWN = -32503
 
 CODE_NAMES = {
-    PARSE_ERROR: "the line is not valid JSON (or not UTF-8)",
+    PARSE_ERROR: "the line is not valid JSON (or not UTF-8, or nested too deeply)",
     INVALID_REQUEST: "not a JSON-RPC 2.0 request object",
     METHOD_NOT_FOUND: "no such method (see docs/api.md)",
     INVALID_PARAMS: "a parameter is missing, unknown, or of the wrong type or value",
@@ -102,6 +102,9 @@ def parse_request(line: bytes) -> tuple[Any, str, dict[str, Any]]:
         doc = json.loads(line.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         raise RpcError(PARSE_ERROR, f"parse error: {e}") from None
+    except RecursionError:  # [[[[… : no request is nested this deep
+        raise RpcError(PARSE_ERROR, "parse error: the line is nested too deeply "
+                       "(arrays or objects inside each other)") from None
     if not isinstance(doc, dict):
         raise RpcError(INVALID_REQUEST, "a request must be a JSON object, not "
                        f"{type(doc).__name__}")

@@ -7,6 +7,7 @@ server only looks names up here, so new methods plug in without touching the cor
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -19,15 +20,22 @@ if TYPE_CHECKING:
 
 _MISSING: Any = object()
 
+# An integer parameter without a range of its own must still fit in 64 bits: JSON allows
+# numbers of any length, and a 401-digit one is no index, level or count of anything.
+INT_LIMIT = (1 << 63) - 1
+
 
 @dataclass(frozen=True)
 class Param:
-    """One named parameter: its JSON types, whether it is required, its default."""
+    """One named parameter: its JSON types, whether it is required, its default, and for a
+    number the range it must lie in (NaN and the infinities never do)."""
 
     types: tuple[type, ...]
     required: bool = True
     default: Any = None
     doc: str = ""
+    minimum: float | None = None
+    maximum: float | None = None
 
     def check(self, method: str, name: str, value: Any) -> Any:
         if value is None and not self.required:
@@ -35,10 +43,44 @@ class Param:
         ok = isinstance(value, self.types) and not (isinstance(value, bool)
                                                     and bool not in self.types)
         if not ok:
-            want = " or ".join(_json_name(t) for t in self.types)
+            want = " or ".join(_json_name(t) for t in self.types  # an integer is a number
+                               if not (t is int and float in self.types))
             raise RpcError(INVALID_PARAMS, f"{method}: `{name}` must be {want}, not "
                            f"{_json_name(type(value))}")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            self._check_number(method, name, value)
         return value
+
+    def _check_number(self, method: str, name: str, value: float) -> None:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise RpcError(INVALID_PARAMS, f"{method}: `{name}` must be a finite number, "
+                           f"not {_shown(value)}")
+        low, high = self.minimum, self.maximum
+        if low is None and high is None and isinstance(value, int):
+            low, high = -INT_LIMIT, INT_LIMIT
+        if (low is not None and value < low) or (high is not None and value > high):
+            raise RpcError(INVALID_PARAMS, f"{method}: `{name}` must be "
+                           f"{range_text(low, high)}, not {_shown(value)}")
+
+
+def range_text(low: float | None, high: float | None) -> str:
+    """`from 0 to 60`, `at least 1`, `at most 9` (numbers as JSON writes them)."""
+    if low is not None and high is not None:
+        return f"from {_shown(low)} to {_shown(high)}"
+    return f"at least {_shown(low)}" if low is not None else f"at most {_shown(high)}"
+
+
+def _shown(value: float | None) -> str:
+    """A number for a message: as JSON writes it, but a huge integer by its length."""
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "NaN"
+        if math.isinf(value):
+            return "Infinity" if value > 0 else "-Infinity"
+        return repr(int(value)) if value.is_integer() and abs(value) < 1e16 else repr(value)
+    if value is not None and abs(value) > INT_LIMIT:
+        return f"a {len(str(abs(value)))}-digit integer"
+    return str(value)
 
 
 def _json_name(t: type) -> str:
@@ -46,12 +88,14 @@ def _json_name(t: type) -> str:
             list: "an array", dict: "an object", type(None): "null"}.get(t, t.__name__)
 
 
-def required(*types: type, doc: str = "") -> Param:
-    return Param(types, True, None, doc)
+def required(*types: type, doc: str = "", minimum: float | None = None,
+             maximum: float | None = None) -> Param:
+    return Param(types, True, None, doc, minimum, maximum)
 
 
-def optional(*types: type, default: Any = None, doc: str = "") -> Param:
-    return Param(types, False, default, doc)
+def optional(*types: type, default: Any = None, doc: str = "", minimum: float | None = None,
+             maximum: float | None = None) -> Param:
+    return Param(types, False, default, doc, minimum, maximum)
 
 
 @dataclass(frozen=True)

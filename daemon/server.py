@@ -12,12 +12,15 @@ Task tree (each nursery's scope is its lifetime):
 A client that breaks the protocol gets an error answer; one that endangers the daemon is
 dropped: a line over 1 MiB, half a line left hanging for LINE_TIMEOUT, or replies it does not
 read (the queue fills, or a send blocks for SEND_TIMEOUT).  Everyone else goes on being
-served meanwhile: no request handler blocks the loop (library work runs in threads).
+served meanwhile: no request handler blocks the loop (every stat, open and read runs in a
+worker thread), and no client can hold every worker thread (daemon/limits.py: a quota of
+threads per client, and per user for jobs).
 
 Shutdown (SIGTERM): stop accepting, refuse new work, cancel the jobs that can still be
-undone and let the others (commits that are publishing) finish, stop the mount processes of
-the sessions (their staging stays: they come back as stale sessions to remount), close the
-connections.
+undone (abandoning those that do not stop within SHUTDOWN_GRACE) and let the others
+(commits that are publishing) finish, stop the mount processes of the sessions (their
+staging stays: they come back as stale sessions to remount), close the connections
+(requests still in a worker thread are given up).
 """
 
 from __future__ import annotations
@@ -44,7 +47,8 @@ from imagefs.forkserver import MountForkServer
 from . import api_images, api_jobs, api_mounts, api_sessions  # noqa: F401
 from .access import Peer, admitted, group_id, peer_of
 from .client import DEFAULT_SOCKET
-from .jobs import JobManager
+from .jobs import SHUTDOWN_GRACE, JobManager
+from .limits import CLIENT_THREADS, SHARED_THREADS, Quotas, current_quota
 from .protocol import (
     INTERNAL_ERROR,
     LINE_TOO_LONG,
@@ -77,10 +81,14 @@ class Config:
     socket_path: str = DEFAULT_SOCKET
     state_dir: str | None = None
     group: str | None = None
-    threads: int = 4
+    threads: int = 4                  # jobs that run at once
+    jobs_per_user: int | None = None  # of those, one user's (default: threads - 1, >= 1)
+    client_threads: int = CLIENT_THREADS  # quick requests of one client at once
+    shared_threads: int = SHARED_THREADS  # quick requests of all clients at once
     line_timeout: float = LINE_TIMEOUT
     send_timeout: float = SEND_TIMEOUT
     max_connections: int = MAX_CONNECTIONS
+    shutdown_grace: float = SHUTDOWN_GRACE
 
 
 @dataclass
@@ -91,6 +99,7 @@ class Daemon:
     group_gid: int | None
     jobs: JobManager
     fork_server: MountForkServer
+    quotas: Quotas = field(default_factory=Quotas)
     started: float = field(default_factory=time.time)
     connections: int = 0
     stopping: bool = False
@@ -111,6 +120,7 @@ class Connection:
         self.queue_in, self.queue_out = trio.open_memory_channel[bytes](OUT_QUEUE)
         self.cancel_scope = trio.CancelScope()
         self.in_flight = trio.CapacityLimiter(IN_FLIGHT)
+        self.quota = daemon.quotas.for_peer(peer)  # worker threads for its requests
         self.closed = False
 
     def send(self, doc: dict[str, Any]) -> None:
@@ -209,6 +219,7 @@ class Connection:
                                "daemon.status lists them)")
             kwargs = m.bind(params)
             log.debug("uid %d: %s %s", self.peer.uid, name, kwargs)
+            current_quota.set(self.quota)  # this request's threads count against its client
             result = await m.handler(Call(self.daemon, self, self.peer), **kwargs)
             return response(request_id, result)
         except RpcError as e:
@@ -302,8 +313,10 @@ async def serve(config: Config, *, task_status: Any = trio.TASK_STATUS_IGNORED) 
     fork_server = MountForkServer()
     try:
         async with trio.open_nursery() as jobs_nursery:
-            daemon = Daemon(config, gid, JobManager(jobs_nursery, config.threads),
-                            fork_server)
+            daemon = Daemon(config, gid,
+                            JobManager(jobs_nursery, config.threads, config.jobs_per_user),
+                            fork_server,
+                            Quotas(config.client_threads, config.shared_threads))
             await trio.to_thread.run_sync(fork_server.start)
             adopted = await trio.to_thread.run_sync(api_sessions.adopt)
             if adopted:
@@ -342,7 +355,6 @@ async def _accept(daemon: Daemon, listener: trio.SocketListener, nursery: trio.N
 async def _serve_client(daemon: Daemon, stream: trio.SocketStream, max_conn: int) -> None:
     async with stream:
         peer = peer_of(stream.socket)  # type: ignore[arg-type]
-        conn = Connection(daemon, stream, peer)
         if not admitted(peer, daemon.group_gid):
             await _refuse(stream, PERMISSION_DENIED, f"uid {peer.uid} is not root nor in the "
                           f"daemon's group ({daemon.config.group or 'none configured'})")
@@ -351,6 +363,7 @@ async def _serve_client(daemon: Daemon, stream: trio.SocketStream, max_conn: int
             await _refuse(stream, TOO_BUSY, f"too many connections ({max_conn})")
             return
         daemon.connections += 1
+        conn = Connection(daemon, stream, peer)
         try:
             await conn.run()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -377,9 +390,8 @@ async def _on_signals(daemon: Daemon, connections: trio.CancelScope) -> None:
 
 
 async def shutdown(daemon: Daemon) -> None:
-    """Stop taking work; cancel what can be undone, let the rest finish; stop the mounts."""
+    """Stop taking work; cancel what can be undone (abandoning what does not stop within
+    the grace period), let the rest finish; stop the mounts."""
     daemon.stopping = True
-    daemon.jobs.cancel_all()
-    for job in daemon.jobs.active:
-        await job.finished.wait()
+    await daemon.jobs.stop(daemon.config.shutdown_grace)
     await api_sessions.stop_mounts()

@@ -211,17 +211,24 @@ class TreeCapture:
     def _read_file(self, node: Node) -> None:
         path = node.source
         assert path is not None
+        # O_NONBLOCK: a file swapped for a FIFO since the scan must not hang the capture.
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOATIME)
+            fd = os.open(path, flags | os.O_NOATIME)
         except PermissionError:
             try:
-                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                fd = os.open(path, flags)
             except OSError as e:
                 raise SourceError(os.fsdecode(path), e.strerror) from None
         except OSError as e:
             raise SourceError(os.fsdecode(path), e.strerror) from None
         try:
-            size = os.fstat(fd).st_size
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise SourceError(os.fsdecode(path), "no longer a regular file (it changed "
+                                                     "while being captured)")
+            os.set_blocking(fd, True)
+            size = st.st_size
             node.ino.size = size
             for start, end in self._regions(fd, size, node.sparse_hint):
                 self._read_region(fd, start, end, node)

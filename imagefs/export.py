@@ -65,8 +65,10 @@ def parse_selection(image: Image, selection: str) -> list[int]:
 def export(src: str, selection: str, dest: str, level: int = 9,
            progress: Callable[[int], None] | None = None,
            on_total: Callable[[int], None] | None = None,
-           who: dict[str, Any] | None = None) -> list[int]:
-    """Export the selected indices of src into dest; the new index numbers in dest."""
+           who: dict[str, Any] | None = None, wait: float | None = None) -> list[int]:
+    """Export the selected indices of src into dest; the new index numbers in dest.
+    `wait`: how long to wait for another writer of an existing dest (None: as long as it
+    takes; 0: Busy at once, for a caller that retries cancellably)."""
     check_level(level)
     with Image.open(src) as image:
         numbers = parse_selection(image, selection)
@@ -80,7 +82,7 @@ def export(src: str, selection: str, dest: str, level: int = 9,
             if not is_image_file(dest):
                 raise DestinationError(dest, "exists and is not an imagefs image")
             with ImageFile.open(dest, writable=True) as out:
-                return _export_into(image, numbers, out, level, progress, who)
+                return _export_into(image, numbers, out, level, progress, who, wait)
         out = _new_unnamed(dest)
         try:
             result = _export_into(image, numbers, out, level, progress, who)
@@ -96,9 +98,9 @@ def export(src: str, selection: str, dest: str, level: int = 9,
 
 def _export_into(image: Image, numbers: list[int], out: ImageFile, level: int,
                  progress: Callable[[int], None] | None,
-                 who: dict[str, Any] | None = None) -> list[int]:
+                 who: dict[str, Any] | None = None, wait: float | None = None) -> list[int]:
     new = []
-    with Transaction(out, level) as tx:
+    with Transaction(out, level, wait=wait) as tx:
         for n in numbers:
             packs = tx.pack_writer()
             entry = image.indices[n - 1]

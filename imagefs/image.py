@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-import stat
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from . import _format as F
 from .capture import TreeCapture
-from .container import Commit, ImageFile, IndexEntry
-from .errors import NoSuchIndex, UsageError
+from .container import Commit, ImageFile, IndexEntry, open_regular
+from .errors import Error, NoSuchIndex, UsageError
 from .view import IndexView
 
 DEFAULT_LEVEL = 9
@@ -175,9 +174,15 @@ def check_level(level: int) -> None:
 
 
 def is_image_file(path: str) -> bool:
+    """Whether path is a regular file that starts like an image (never blocks: a FIFO
+    there is "not an image", not a wait)."""
     try:
-        st = os.stat(path)
-        with open(path, "rb") as fh:
-            return stat.S_ISREG(st.st_mode) and fh.read(len(F.MAGIC)) == F.MAGIC
+        fd = open_regular(path, os.O_RDONLY)
+    except Error:
+        return False
+    try:
+        return os.pread(fd, len(F.MAGIC), 0) == F.MAGIC
     except OSError:
         return False
+    finally:
+        os.close(fd)

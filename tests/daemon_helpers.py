@@ -110,8 +110,8 @@ async def call_as_async(sock: Path, uid: int, groups: list[int], method: str,
 class DaemonProcess:
     """`imagefs daemon` in a child process of ours (ended by its pid)."""
 
-    def __init__(self, sock: Path, state: Path, log: Path) -> None:
-        self.sock, self.state, self.log = sock, state, log
+    def __init__(self, sock: Path, state: Path, log: Path, args: tuple[str, ...] = ()) -> None:
+        self.sock, self.state, self.log, self.args = sock, state, log, args
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> DaemonProcess:
@@ -119,7 +119,8 @@ class DaemonProcess:
                "PYTHONPATH": str(REPO)}
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "imagefs.cli", "daemon", "--socket", str(self.sock)],
+                [sys.executable, "-m", "imagefs.cli", "daemon", "--socket", str(self.sock),
+                 *self.args],
                 env=env, stdout=log, stderr=log, start_new_session=True)
         assert wait_until(lambda: self._answers(), 15), self.log.read_text()
         return self
@@ -143,16 +144,22 @@ class DaemonProcess:
             self.proc.send_signal(sig)
         return self.proc.wait(timeout)
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 60) -> None:
+        """SIGTERM; SIGKILL if it has not ended within timeout.  Reaped either way."""
         if self.proc is not None and self.proc.poll() is None:
-            self.kill(signal.SIGTERM)
+            try:
+                self.kill(signal.SIGTERM, timeout)
+            except subprocess.TimeoutExpired:
+                self.kill(signal.SIGKILL)
 
 
 @contextlib.contextmanager
-def daemon_process(root: Path) -> Iterator[DaemonProcess]:
-    d = DaemonProcess(root / "d.sock", root / "state", root / "daemon.log").start()
+def daemon_process(root: Path, *args: str) -> Iterator[DaemonProcess]:
+    """`imagefs daemon --socket root/d.sock ARGS` (state and log in root); stopped at the
+    end, also when the test fails."""
+    d = DaemonProcess(root / "d.sock", root / "state", root / "daemon.log", args)
     try:
-        yield d
+        yield d.start()
     finally:
         d.stop()
 

@@ -366,9 +366,40 @@ def test_xattr_the_destination_cannot_hold(tmp_path: Path) -> None:
     assert "no space" not in line, line
 
 
-def test_a_fifo_named_as_image(tmp_path: Path) -> None:
+def test_a_fifo_named_as_image(good_image: Path, tmp_path: Path) -> None:
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     for args in (["info", fifo], ["verify", fifo], ["ls", fifo, "1"]):
         line = assert_clear_failure(run_cli(*args, timeout=10), (4,))
         assert "a FIFO, not a regular file" in line, line
+    r = run_cli("export", good_image, "1", fifo, timeout=10)  # DEST: never opened to read
+    line = assert_clear_failure(r, (7,))
+    assert "exists and is not an imagefs image" in line, line
+
+
+# ---- path arguments on the host: resolved as the system resolves them ---------------------
+
+
+def test_host_paths_with_dotdot(good_image: Path, tmp_path: Path) -> None:
+    """Paths on the host (capture's SOURCE, apply's DEST, export's DEST, mount's folder)
+    have no root to stay inside: `..` in them means what it means to the system, and the
+    work lands exactly there and nowhere else.  (Paths inside an image refuse `..`, above;
+    a NUL byte cannot reach the CLI through argv, and the daemon refuses it.)"""
+    work = tmp_path / "w"
+    (work / "sub").mkdir(parents=True)
+    (work / "src").mkdir()
+    (work / "src" / "f").write_text("f\n")
+    via = work / "sub" / ".."
+    img = tmp_path / "new.ifs"
+    assert run_cli("capture", via / "src", img, "--name", "x").code == 0
+    assert run_cli("apply", img, "1", via / "applied").code == 0
+    assert (work / "applied" / "f").read_text() == "f\n"
+    assert run_cli("export", good_image, "1", via / "out.ifs", "--level", "1").code == 0
+    assert (work / "out.ifs").is_file()
+    (work / "mnt").mkdir()
+    with mounted(img, "1", via / "mnt") as rec:
+        assert (work / "mnt" / "f").read_text() == "f\n"
+        assert rec["mountpoint"] == str(work / "mnt")
+    assert sorted(p.name for p in work.iterdir()) == ["applied", "mnt", "out.ifs", "src",
+                                                      "sub"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.ifs", "w"]
