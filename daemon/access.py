@@ -36,6 +36,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from imagefs.container import file_kind
 from imagefs.errors import DestinationError, NotAnImage, UsageError
 
 from .protocol import INVALID_PARAMS, PERMISSION_DENIED, RpcError
@@ -127,23 +128,6 @@ def path_param(name: str, value: object) -> str:
     return value
 
 
-absolute_path = path_param  # its older name
-
-
-def inner_path(name: str, value: object) -> str:
-    """value, if it has the form of a path inside an image's index (`/etc/hostname`;
-    relative to the index's root if it does not start with /): a string without NUL and
-    without a `..` component (nothing lies above an index's root).  RpcError otherwise."""
-    if not isinstance(value, str) or not value:
-        raise RpcError(INVALID_PARAMS, f"`{name}` must be a non-empty string (a path in "
-                       "the index)")
-    if "\0" in value:
-        raise _invalid(name, f"{value!r}: a path cannot contain NUL")
-    if ".." in value.split("/"):
-        raise _invalid(name, f"{value!r}: '..' is not allowed in a path inside an image")
-    return value
-
-
 def session_spec(name: str, value: object) -> str:
     """A session named by its id, or by its mountpoint (a path: checked as path_param)."""
     if not isinstance(value, str) or not value:
@@ -212,15 +196,6 @@ def _is_kind(name: str, value: str, real: str, kind: str) -> None:
     if kind == DIRECTORY and not stat.S_ISDIR(mode):
         raise UsageError(f"{value}: the {name} must be an existing directory, not a "
                          f"{file_kind(mode)}")
-
-
-def file_kind(mode: int) -> str:
-    for test, word in ((stat.S_ISREG, "regular file"), (stat.S_ISFIFO, "FIFO"),
-                       (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
-                       (stat.S_ISSOCK, "socket"), (stat.S_ISLNK, "symbolic link")):
-        if test(mode):
-            return word
-    return "special file"
 
 
 def _searchable(name: str, value: str, directory: str, peer: Peer) -> None:

@@ -610,7 +610,7 @@ def open_regular(path: str, flags: int) -> int:
         if stat.S_ISDIR(mode):
             raise NotAnImage(path, "it is a directory")
         if not _is_regular(mode):
-            raise NotAnImage(path, f"a {_file_kind(mode)}, not a regular file")
+            raise NotAnImage(path, f"a {file_kind(mode)}, not a regular file")
         os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)
@@ -618,9 +618,12 @@ def open_regular(path: str, flags: int) -> int:
     return fd
 
 
-def _file_kind(mode: int) -> str:
-    for test, word in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"),
-                       (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket")):
+def file_kind(mode: int) -> str:
+    """What a file of this mode is, in words ("FIFO", "character device", ...)."""
+    for test, word in ((stat.S_ISREG, "regular file"), (stat.S_ISDIR, "directory"),
+                       (stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket"),
+                       (stat.S_ISLNK, "symbolic link")):
         if test(mode):
             return word
     return "special file"
@@ -632,5 +635,3 @@ def _fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-

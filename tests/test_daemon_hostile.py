@@ -462,18 +462,3 @@ async def test_nul_relative_and_dotdot_in_paths_are_invalid_params(tmp_path: Pat
             assert words in e.value.message, (method, e.value.message)
         assert (await c.call("daemon.status"))["pid"] == os.getpid()
         assert await c.call("jobs.list") == []
-
-
-def test_paths_inside_an_image_refuse_dotdot() -> None:
-    """The check for paths inside an index (for methods that take one)."""
-    from daemon.access import inner_path
-
-    assert inner_path("path", "/etc/hostname") == "/etc/hostname"
-    assert inner_path("path", "usr/share/doc") == "usr/share/doc"
-    for bad, words in (("/etc/../../shadow", "'..' is not allowed in a path inside an "
-                        "image"), ("..", "'..' is not allowed"), ("/etc/\0", "NUL"),
-                       ("", "non-empty string")):
-        with pytest.raises(RpcError) as e:
-            inner_path("path", bad)
-        assert e.value.code == INVALID_PARAMS and words in e.value.message, e.value.message
-        assert e.value.message.startswith("`path`"), e.value.message
