@@ -18,14 +18,26 @@ class Error(Exception):
     exit_code: ClassVar[int] = 1
 
     def message(self) -> str:
+        """The docstring's first line filled with the arguments, on one line: a control
+        character (a newline in a crafted file name, say) is shown escaped, as `\n`."""
         doc = (self.__doc__ or "{}").strip().splitlines()[0]
         try:
-            return doc.format(*self.args)
+            text = doc.format(*self.args)
         except (IndexError, KeyError, ValueError):
-            return f"{doc} {self.args}"
+            text = f"{doc} {self.args}"
+        return one_line(text)
 
     def __str__(self) -> str:
         return self.message()
+
+
+_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)} | {
+    ord("\n"): "\\n", ord("\t"): "\\t", ord("\r"): "\\r"}
+
+
+def one_line(text: str) -> str:
+    """text with its control characters escaped (`\\n`, `\\x01`): one line on a terminal."""
+    return text.translate(_ESCAPES)
 
 
 class UsageError(Error):

@@ -403,3 +403,11 @@ def test_host_paths_with_dotdot(good_image: Path, tmp_path: Path) -> None:
     assert sorted(p.name for p in work.iterdir()) == ["applied", "mnt", "out.ifs", "src",
                                                       "sub"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["new.ifs", "w"]
+
+
+def test_an_error_is_one_line_whatever_the_names(good_image: Path) -> None:
+    """Names in messages (from the command line, or a crafted image's directories) may hold
+    newlines and other control characters: they are shown escaped, so the error stays one
+    line."""
+    line = assert_clear_failure(run_cli("cat", good_image, "1", "/no\nsuch\x01file"), (3,))
+    assert line.endswith("/no\\nsuch\\x01file"), line

@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from ..errors import Error, Interrupted, SystemFailure
+from ..errors import Error, Interrupted, SystemFailure, one_line
 
 # Verb modules in the order `--help` lists them; only the verb asked for is imported (the
 # others' imports would cost every command a tenth of a second).
@@ -85,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _fail(message: str, code: int) -> int:
     sys.stdout.flush()
-    print(f"imagefs: {message}", file=sys.stderr)
+    print(f"imagefs: {one_line(message)}", file=sys.stderr)
     return code
 
 
