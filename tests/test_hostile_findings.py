@@ -12,15 +12,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import struct
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-import xxhash
 from conftest import mounted
+from crafted import Editor, deep, write_header, write_slot
 from test_hostile import (
     Crafter,
     assert_clear_failure,
@@ -32,48 +31,29 @@ from test_hostile import (
 )
 
 from imagefs import _format as F
-from imagefs.container import Commit, ImageFile
+from imagefs.container import ImageFile
 from imagefs.errors import UsageError
 from imagefs.image import capture
 from imagefs.packs import ChunkLoc
 from imagefs.view import image_path_parts
 from imagefs.writer import Node
 
-# ---- crafting helpers: a commit record or a slot rewritten, checksums made valid ---------
-
-
-DEEP = "@deep@"  # a value republish replaces with JSON nested deeper than json.dumps goes
+# ---- crafting helpers (tests/crafted.py writes the frames and slots, checksums valid) -----
 
 
 def republish(img: Path, edit: Callable[[dict[str, Any]], Any] | None = None,
-              raw: bytes | None = None, depth: int = 0) -> None:
-    """Publish a new commit whose JSON is the current one passed through edit (or raw
-    bytes), with a valid frame and root slot, as a crafted file would have."""
-    with ImageFile.open(str(img), writable=True) as f:
-        # The current commit's JSON as it is (not parsed by Commit: it may be crafted).
-        gen, coff, clen, _ = max(s for s in f.read_slots() if isinstance(s, tuple))
-        if raw is None:
-            doc = json.loads(f.read_frame(coff, F.KIND_COMMIT))
-            doc["generation"] = gen + 1
-            out = edit(doc) if edit else doc
-            text = json.dumps(doc if out is None else out)
-            raw = text.replace(f'"{DEEP}"', "[" * depth + '"x"' + "]" * depth).encode()
-        f.begin_append(Commit(data_end=coff + clen))
-        off = f.append_raw(F.KIND_COMMIT, raw, 3)
-        whole = os.pread(f.fd, f.append_pos - off, off)
-        write_slot(f, gen + 1, off, len(whole), xxhash.xxh3_128_digest(whole))
+              raw: bytes | None = None) -> None:
+    """Publish a new commit whose JSON is the current one passed through edit (which may
+    change it in place or return another document), or raw bytes."""
+    with Editor(img) as ed:
+        doc = ed.commit_doc()
+        out = edit(doc) if edit else None
+        ed.publish(raw if raw is not None else doc if out is None else out)
 
 
-def write_slot(f: ImageFile, gen: int, off: int, length: int, csum: bytes,
-               slot: int | None = None) -> None:
-    body = F.SLOT.pack(F.SLOT_MAGIC, gen, off, length, csum, bytes(8))
-    body += xxhash.xxh3_64_intdigest(body).to_bytes(8, "little")
-    os.pwrite(f.fd, body, F.SLOT_OFFSETS[gen % 2 if slot is None else slot])
-
-
-def slots(img: Path) -> list[Any]:
+def current_slot(img: Path) -> tuple[int, int, int, bytes]:
     with ImageFile.open(str(img)) as f:
-        return f.read_slots()
+        return max(s for s in f.read_slots() if isinstance(s, tuple))
 
 
 MODES = {F.REG: 0o100644, F.DIR: 0o40755, F.LNK: 0o120777, F.CHR: 0o20644, F.BLK: 0o60644}
@@ -157,8 +137,10 @@ def test_a_checksum_cannot_be_skipped(tmp_path: Path) -> None:
 # ---- 4. crafted commit records and records: exit 4, never 70 ------------------------------
 
 
-def _nested(doc: dict[str, Any]) -> None:
-    doc["indices"][0]["history"].append({"action": "x", "result": DEEP})
+def _nested(depth: int) -> Callable[[dict[str, Any]], None]:
+    def edit(doc: dict[str, Any]) -> None:
+        doc["indices"][0]["history"].append({"action": "x", "result": deep(depth)})
+    return edit
 
 
 def _set(path: tuple[Any, ...], value: Any) -> Callable[[dict[str, Any]], None]:
@@ -170,9 +152,10 @@ def _set(path: tuple[Any, ...], value: Any) -> Callable[[dict[str, Any]], None]:
     return edit
 
 
-DEPTHS = {"history-2000-deep": 2000, "history-100000-deep": 100_000, "history-16-deep": 16}
 COMMITS: dict[str, Callable[[dict[str, Any]], Any]] = {
-    **dict.fromkeys(DEPTHS, _nested),
+    "history-2000-deep": _nested(2000),
+    "history-100000-deep": _nested(100_000),
+    "history-16-deep": _nested(16),
     "table-entry-short": _set(("tables",), [[2597103]]),
     "table-entry-long": _set(("tables",), [[4096, 1, 2]]),
     "table-entry-not-a-list": _set(("tables",), [7]),
@@ -193,7 +176,7 @@ COMMITS: dict[str, Callable[[dict[str, Any]], Any]] = {
 def test_crafted_commit_record(good_image: Path, tmp_path: Path, case: str) -> None:
     img = tmp_path / "image.ifs"
     shutil.copyfile(good_image, img)
-    republish(img, COMMITS[case], depth=DEPTHS.get(case, 0))
+    republish(img, COMMITS[case])
     r = run_cli("info", img, "--history")
     line = assert_clear_failure(r, (4,))
     assert line.count("damaged or hostile image") == 1, line
@@ -216,7 +199,7 @@ def test_history_within_the_bounds_prints(good_image: Path, tmp_path: Path
     """History within the bounds still prints, in full, as JSON."""
     img = tmp_path / "image.ifs"
     shutil.copyfile(good_image, img)
-    republish(img, _nested, depth=10)
+    republish(img, _nested(10))
     r = run_cli("info", img, "1", "--history", "--json")
     assert r.code == 0, str(r)
     assert json.loads(r.stdout)["indices"][0]["history"][-1]["action"] == "x"
@@ -301,9 +284,8 @@ def test_a_table_segment_listed_again(good_image: Path, tmp_path: Path) -> None:
 def test_standby_slot_outside_the_file(good_image: Path, tmp_path: Path) -> None:
     img = tmp_path / "image.ifs"
     shutil.copyfile(good_image, img)
-    with ImageFile.open(str(img), writable=True) as f:
-        gen, off, length, csum = max(s for s in f.read_slots() if isinstance(s, tuple))
-        write_slot(f, gen - 1, 1 << 50, length, csum)
+    gen, off, length, csum = current_slot(img)
+    write_slot(img, (gen - 1) % 2, gen - 1, 1 << 50, length, csum)
     assert run_cli("info", img).code == 0  # readers use the current slot, as before
     r = run_cli("verify", img)
     assert r.code == 1, str(r)
@@ -316,9 +298,8 @@ def test_rolled_back_generation(good_image: Path, tmp_path: Path) -> None:
     reader now selects the older commit and index 2 disappears; verify says so."""
     img = tmp_path / "image.ifs"
     shutil.copyfile(good_image, img)
-    with ImageFile.open(str(img), writable=True) as f:
-        gen, off, length, csum = max(s for s in f.read_slots() if isinstance(s, tuple))
-        write_slot(f, gen - 2, off, length, csum, slot=gen % 2)
+    gen, off, length, csum = current_slot(img)
+    write_slot(img, gen % 2, gen - 2, off, length, csum)
     r = run_cli("info", img, "--json")
     assert r.code == 0 and len(json.loads(r.stdout)["indices"]) == 1
     r = run_cli("verify", img)
@@ -334,10 +315,10 @@ def test_erased_current_slot(good_image: Path, tmp_path: Path) -> None:
     img = tmp_path / "image.ifs"
     shutil.copyfile(good_image, img)
     republish(img)
-    with ImageFile.open(str(img), writable=True) as f:
-        gen = max(s for s in f.read_slots() if isinstance(s, tuple))[0]
-        assert gen == 3
-        os.pwrite(f.fd, bytes(F.SLOT_SIZE), F.SLOT_OFFSETS[gen % 2])
+    gen = current_slot(img)[0]
+    assert gen == 3
+    with open(img, "r+b") as fh:
+        os.pwrite(fh.fileno(), bytes(F.SLOT_SIZE), F.SLOT_OFFSETS[gen % 2])
     r = run_cli("verify", img)
     assert r.code == 1, str(r)
     assert "is empty, though the file is at generation" in r.stdout.decode()
@@ -350,9 +331,7 @@ def test_damaged_version_is_damage_not_a_newer_format(good_image: Path, tmp_path
                                                       ) -> None:
     img = tmp_path / "image.ifs"
     shutil.copyfile(good_image, img)
-    with open(img, "r+b") as fh:
-        fh.seek(8)
-        fh.write(struct.pack("<I", 7))  # checksum left stale: damage
+    write_header(img, fix_check=False, version=7)  # the check left stale: damage
     line = assert_clear_failure(run_cli("info", img), (4,))
     assert "checksum mismatch in the file header" in line, line
 
