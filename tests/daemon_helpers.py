@@ -59,6 +59,21 @@ async def client(sock: Path) -> AsyncIterator[AsyncClient]:
         await c.aclose()
 
 
+async def raw_exchange(sock: Path, data: bytes, replies: int = 1) -> list[dict[str, Any]]:
+    """Send raw bytes on a fresh connection; read `replies` lines back."""
+    s = await trio.open_unix_socket(str(sock))
+    async with s:
+        await s.send_all(data)
+        buf = b""
+        with trio.fail_after(10):
+            while buf.count(b"\n") < replies:
+                chunk = await s.receive_some(65536)
+                if not chunk:
+                    break
+                buf += chunk
+    return [json.loads(line) for line in buf.splitlines()]
+
+
 def as_user(uid: int, groups: list[int], fn: Callable[[], Any]) -> Any:
     """Run fn in a forked child with uid, gid nogroup (65534) and the supplementary groups
     (as `usermod -aG` makes a member); its return value (JSON) or the RpcError it raised

@@ -25,6 +25,7 @@ from daemon_helpers import (
     end_sessions,
     is_mounted,
     public_dir,
+    raw_exchange,
 )
 
 from daemon.client import Client
@@ -66,21 +67,6 @@ def big_tree(root: Path, mib: int = 48) -> Path:
     for i in range(mib // 8):
         (root / f"f{i}").write_bytes(os.urandom(8 << 20))
     return root
-
-
-async def raw_exchange(sock: Path, data: bytes, replies: int = 1) -> list[dict]:
-    """Send raw bytes on a fresh connection; read `replies` lines back."""
-    s = await trio.open_unix_socket(str(sock))
-    async with s:
-        await s.send_all(data)
-        buf = b""
-        with trio.fail_after(10):
-            while buf.count(b"\n") < replies:
-                chunk = await s.receive_some(65536)
-                if not chunk:
-                    break
-                buf += chunk
-    return [json.loads(line) for line in buf.splitlines()]
 
 
 async def still_serves(sock: Path) -> None:

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import trio
 from conftest import mounted, run_imagefs
 from daemon_helpers import (
     TEST_GID,
@@ -36,6 +35,7 @@ from daemon_helpers import (
     daemon_in_process,
     daemon_process,
     public_dir,
+    raw_exchange,
 )
 
 from daemon.client import Client
@@ -329,21 +329,6 @@ def test_sigterm_ends_a_stuck_verify_within_seconds(pub: Path) -> None:
 
 # --- finding 6: inputs that reached -32603 ----------------------------------------------------
 
-async def exchange(sock: Path, data: bytes, replies: int) -> list[dict[str, Any]]:
-    """Send raw bytes on a fresh connection; read `replies` lines back."""
-    s = await trio.open_unix_socket(str(sock))
-    async with s:
-        await s.send_all(data)
-        buf = b""
-        with trio.fail_after(10):
-            while buf.count(b"\n") < replies:
-                chunk = await s.receive_some(65536)
-                if not chunk:
-                    break
-                buf += chunk
-    return [json.loads(line) for line in buf.splitlines()]
-
-
 @pytest.mark.trio
 @pytest.mark.parametrize("line", [
     b"[" * 100_000,
@@ -355,7 +340,7 @@ async def test_a_line_nested_too_deeply_is_a_parse_error(tmp_path: Path, line: b
     sock = tmp_path / "d.sock"
     async with daemon_in_process(sock):
         good = request("after", "daemon.status")
-        err, ok = await exchange(sock, line + b"\n" + good, replies=2)
+        err, ok = await raw_exchange(sock, line + b"\n" + good, replies=2)
         assert err["id"] is None and err["error"]["code"] == PARSE_ERROR, err
         assert "nested too deeply" in err["error"]["message"], err
         assert ok["id"] == "after" and "result" in ok, ok
@@ -405,7 +390,7 @@ async def test_numbers_out_of_range_are_invalid_params(tmp_path: Path) -> None:
             doc = json.dumps({"jsonrpc": "2.0", "id": i, "method": method,
                               "params": {**params[method], name: "@"}})
             lines += doc.replace('"@"', value).encode() + b"\n"
-        answers = {a["id"]: a for a in await exchange(sock, lines, replies=len(cases))}
+        answers = {a["id"]: a for a in await raw_exchange(sock, lines, replies=len(cases))}
         for i, (method, name, _, words) in enumerate(cases):
             err = answers[i].get("error")
             assert err and err["code"] == INVALID_PARAMS, (cases[i], answers[i])
