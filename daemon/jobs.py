@@ -39,7 +39,7 @@ import trio
 
 from imagefs.errors import Error
 
-from .limits import Quota, as_limiter
+from .limits import Quotas, as_limiter
 from .protocol import INTERNAL_ERROR, RpcError
 
 log = logging.getLogger("imagefs.daemon")
@@ -135,9 +135,9 @@ class JobManager:
     def __init__(self, nursery: trio.Nursery, threads: int = 4,
                  per_user: int | None = None) -> None:
         self._nursery = nursery
-        self._limiter = trio.CapacityLimiter(threads)
-        self.per_user = per_user if per_user is not None else max(1, threads - 1)
-        self._by_owner: dict[int, trio.CapacityLimiter] = {}
+        # Each owner's jobs share a quota of their own within the jobs' pool.
+        self._quotas = Quotas(per_user if per_user is not None else max(1, threads - 1),
+                              threads)
         self._token = trio.lowlevel.current_trio_token()
         self._ids = itertools.count(1)
         self._locks: dict[str, trio.Lock] = {}
@@ -213,8 +213,9 @@ class JobManager:
                         raise JobCancelled()
                     ctx = JobContext(job, self)
                     # Queued until a thread of the owner's quota and of the pool is free.
+                    quota = self._quotas.for_uid(job.owner)
                     job.result = await trio.to_thread.run_sync(
-                        self._in_thread, ctx, work, limiter=as_limiter(self._quota(job.owner)),
+                        self._in_thread, ctx, work, limiter=as_limiter(quota),
                         abandon_on_cancel=True)
                     job.state = DONE
                 finally:
@@ -248,10 +249,6 @@ class JobManager:
             job.finished.set()
             log.info("job %s %s: %s", job.id, job.method, job.state)
             self.notify(job, "job.done")
-
-    def _quota(self, owner: int) -> Quota:
-        own = self._by_owner.setdefault(owner, trio.CapacityLimiter(self.per_user))
-        return Quota(own, self._limiter)
 
     def _in_thread(self, ctx: JobContext, work: Callable[[JobContext], Any]) -> Any:
         """The job's thread: the job runs from now on."""

@@ -71,9 +71,14 @@ class Quotas:
     def for_peer(self, peer: Peer) -> Quota:
         """The quota of a new connection of peer's: its uid's (root: its own)."""
         if peer.is_root:
-            own = trio.CapacityLimiter(self.per_client)
-        else:
-            own = self._by_uid.setdefault(peer.uid, trio.CapacityLimiter(self.per_client))
+            return Quota(trio.CapacityLimiter(self.per_client), self.shared)
+        return self.for_uid(peer.uid)
+
+    def for_uid(self, uid: int) -> Quota:
+        """The quota all of uid's work shares."""
+        own = self._by_uid.get(uid)
+        if own is None:
+            own = self._by_uid[uid] = trio.CapacityLimiter(self.per_client)
         return Quota(own, self.shared)
 
 

@@ -30,6 +30,10 @@ class Error(Exception):
     def __str__(self) -> str:
         return self.message()
 
+    def detail(self) -> str:
+        """What is wrong, for an error that wraps this one (which names the file itself)."""
+        return self.message()
+
 
 _ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)} | {
     ord("\n"): "\\n", ord("\t"): "\\t", ord("\r"): "\\r"}
@@ -88,15 +92,14 @@ class CorruptImage(FormatError):
     """{}: damaged or hostile image: {}"""
 
     def detail(self) -> str:
-        """What is wrong, without the file's name: for an error that wraps this one."""
-        return str(self.args[-1])
+        return one_line(str(self.args[-1]))
 
 
 class ChecksumMismatch(CorruptImage):
     """{}: checksum mismatch in {}"""
 
     def detail(self) -> str:
-        return f"checksum mismatch in {self.args[-1]}"
+        return one_line(f"checksum mismatch in {self.args[-1]}")
 
 
 class DamageFound(Error):

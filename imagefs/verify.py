@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from . import _format as F
 from .container import Commit, ImageFile, IndexEntry
 from .digest import node_digest
-from .errors import CorruptImage, Error
+from .errors import Error
 from .packs import ChunkLoc, ChunkTable, fast_hash
 from .records import MetaReader
 from .view import IndexView
@@ -122,16 +122,20 @@ def verify(path: str, progress: Callable[[int], None] | None = None) -> Report:
                                                           progress)
             else:
                 # Indices that share a root (a commit that changed nothing, as a new index)
-                # share a tree: it is walked once, whatever number of indices name it.
-                _check_same_tree(number, entry, seen, report)
+                # share a tree: it is walked once, and its problems affect each of them.
+                for p in seen.problems:
+                    if number not in p.indices:
+                        p.indices.append(number)
             _check_totals(number, entry, seen, report)
         return report
 
 
 @dataclass
 class _Checked:
-    """What one walk of a tree found: its figures, its digest, the problems it raised."""
+    """What one walk of a tree found: its figures, its digest, the problems it raised
+    (complete: the walk reached its end, so the figures and digest are the tree's)."""
 
+    complete: bool = False
     files: int = 0
     dirs: int = 0
     bytes: int = 0
@@ -139,19 +143,14 @@ class _Checked:
     problems: list[Problem] = field(default_factory=list)
 
 
-def _check_same_tree(number: int, entry: IndexEntry, seen: _Checked, report: Report) -> None:
-    """The problems of a tree already walked also affect this index."""
-    for p in seen.problems:
-        if number not in p.indices:
-            p.indices.append(number)
-
-
 def _check_totals(number: int, entry: IndexEntry, seen: _Checked, report: Report) -> None:
-    if seen.digest and seen.digest != entry.digest:
+    """The commit record's figures and digest of an index against its tree's."""
+    if not seen.complete:
+        return  # the walk's own problem says why
+    if seen.digest != entry.digest:
         report.problems.append(Problem(f"index {number}: index digest does not match",
                                        [number]))
-    if seen.digest and (seen.files, seen.dirs, seen.bytes) != (
-            entry.files, entry.dirs, entry.bytes):
+    if (seen.files, seen.dirs, seen.bytes) != (entry.files, entry.dirs, entry.bytes):
         report.problems.append(Problem(
             f"index {number}: the commit record says {entry.files} files, {entry.dirs} "
             f"directories, {entry.bytes} bytes; the tree holds {seen.files}, {seen.dirs}, "
@@ -189,7 +188,7 @@ def _check_slots(image: ImageFile, commit: Commit, report: Report) -> None:
             image.load_commit(gen, coff, clen, csum)
         except Error as e:
             report.problems.append(Problem(
-                f"root slot {name} (generation {gen}, standby): {_detail(e)}"))
+                f"root slot {name} (generation {gen}, standby): {e.detail()}"))
 
 
 def _look_past_the_end(image: ImageFile, commit: Commit, report: Report) -> None:
@@ -211,10 +210,6 @@ def _look_past_the_end(image: ImageFile, commit: Commit, report: Report) -> None
         except Error:
             return  # torn leftovers of a writer: nothing after them can be published
         pos = info.end
-
-
-def _detail(e: Error) -> str:
-    return e.detail() if isinstance(e, CorruptImage) else str(e)
 
 
 def _pread(image: ImageFile, off: int, n: int) -> bytes:
@@ -320,4 +315,5 @@ def _walk_index(view: IndexView, chunks: dict[tuple[int, int], ChunkLoc],
             report.problems.append(Problem(
                 f"index {number}: {shown}: stored digest does not match its content",
                 [number], [shown]))
-    found.digest = digests.get(view.entry.root, b"").hex() or "-"
+    found.digest = digests.get(view.entry.root, b"").hex()
+    found.complete = True
