@@ -1,4 +1,4 @@
-"""Build the one C helper (imagefs/_fuseshim.c: what pyfuse3 lacks, and fast paths beneath it).
+"""Build the one C helper (imagefs/mount/_fuseshim.c: what pyfuse3 lacks, and fast paths beneath it).
 
 Everything else is in pyproject.toml.  The extension is optional: without a compiler or
 the libfuse3 headers the install still succeeds and mounts work without SEEK_HOLE."""
@@ -18,6 +18,6 @@ def fuse3_cflags() -> list[str]:
     return shlex.split(out)
 
 
-setup(ext_modules=[Extension("imagefs._fuseshim", ["imagefs/_fuseshim.c"],
+setup(ext_modules=[Extension("imagefs.mount._fuseshim", ["imagefs/mount/_fuseshim.c"],
                              extra_compile_args=fuse3_cflags() + ["-O2", "-Wall"],
                              optional=True)])

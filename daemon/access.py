@@ -36,8 +36,8 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from imagefs.container import file_kind
 from imagefs.errors import DestinationError, NotAnImage, UsageError
+from imagefs.format.container import file_kind
 
 from .protocol import INVALID_PARAMS, PERMISSION_DENIED, RpcError
 

@@ -14,10 +14,10 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from imagefs.container import open_regular
 from imagefs.errors import Busy, UsageError
+from imagefs.format.container import open_regular
+from imagefs.format.lru import WeightedLRU
 from imagefs.image import DEFAULT_LEVEL, Image, capture, check_level, delete
-from imagefs.lru import WeightedLRU
 
 from .access import (
     CREATE,

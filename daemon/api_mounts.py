@@ -1,7 +1,7 @@
 """mounts.*: read-only mounts, started by the daemon's warm fork server.
 
 What `imagefs mount` does is done here too, only without its cost of importing pyfuse3 and
-trio: the daemon's fork server (imagefs.forkserver) forks a mount, which takes the caller's
+trio: the daemon's fork server (daemon.forkserver) forks a mount, which takes the caller's
 uid, gid and groups before it touches a path, so the kernel decides as it would for the
 caller's own `imagefs mount` (a non-root caller's mount goes through fusermount3 and is
 theirs to unmount).  The mount process is its own: it outlives the call and the daemon.
@@ -11,10 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from imagefs.forkserver import MountRequest
-
 from .access import path_param
 from .api_images import in_thread
+from .forkserver import MountRequest
 from .protocol import INVALID_PARAMS, RpcError
 from .rpc import Call, method, optional, required
 

@@ -16,13 +16,13 @@ from typing import Any
 
 import trio
 
-from imagefs import mounts
 from imagefs.errors import Error, NoSuchSession
-from imagefs.forkserver import MountRequest
-from imagefs.sessions import SessionInfo, find_session, list_sessions
+from imagefs.session import mounts
+from imagefs.session.lifecycle import SessionInfo, find_session, list_sessions
 
 from .access import IMAGE, READ, WRITE, check_path, path_param, session_spec
 from .api_images import history_who, in_thread, job_answer
+from .forkserver import MountRequest
 from .jobs import JobContext
 from .rpc import Call, method, optional, required
 

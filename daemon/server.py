@@ -41,12 +41,12 @@ from typing import Any
 import trio
 
 from imagefs.errors import Error
-from imagefs.forkserver import MountForkServer
 
 # The api_* modules register their methods as they are imported.
 from . import api_images, api_jobs, api_mounts, api_sessions  # noqa: F401
 from .access import Peer, admitted, group_id, peer_of
 from .client import DEFAULT_SOCKET
+from .forkserver import MountForkServer
 from .jobs import SHUTDOWN_GRACE, JobManager
 from .limits import CLIENT_THREADS, SHARED_THREADS, Quotas, current_quota
 from .protocol import (

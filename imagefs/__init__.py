@@ -15,15 +15,16 @@ from typing import TYPE_CHECKING, Any
 from .errors import Error
 
 if TYPE_CHECKING:
-    from .container import Commit, IndexEntry
+    from imagefs.format.container import Commit, IndexEntry
+    from imagefs.format.view import IndexView
+
     from .image import Image, capture, delete
-    from .view import IndexView
 
 __all__ = ["Commit", "Error", "Image", "IndexEntry", "IndexView", "capture", "delete"]
 __version__ = "0.1.0"
 
-_HOME = {"Commit": "container", "IndexEntry": "container", "Image": "image",
-         "delete": "image", "IndexView": "view"}
+_HOME = {"Commit": "format.container", "IndexEntry": "format.container", "Image": "image",
+         "delete": "image", "IndexView": "format.view"}
 
 
 def __getattr__(name: str) -> Any:

@@ -20,10 +20,11 @@ import stat
 import sys
 from collections.abc import Callable
 
-from . import _format as F
+from imagefs.format import layout as F
+from imagefs.format.records import Inode, check_name
+from imagefs.format.view import IndexView
+
 from .errors import CorruptImage, DestinationError, SystemFailure, UsageError
-from .records import Inode, check_name
-from .view import IndexView
 
 _TYPE_BITS = {F.CHR: stat.S_IFCHR, F.BLK: stat.S_IFBLK, F.FIFO: stat.S_IFIFO,
               F.SOCK: stat.S_IFSOCK}

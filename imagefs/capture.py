@@ -12,17 +12,17 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 from pyfastcdc.cy import FastCDC
 
-from . import _format as F
-from .errors import SourceError, UsageError
-from .packs import ChunkLoc, PackWriter
-from .records import Inode
-from .writer import Node
+from imagefs.format import layout as F
+from imagefs.format.chunking import chunk_region, file_data
+from imagefs.format.packs import ChunkLoc, PackWriter
+from imagefs.format.records import Inode
+from imagefs.format.writer import Node
 
-WINDOW = 8 << 20
+from .errors import SourceError, UsageError
 
 
 def kind_of(mode: int) -> int:
@@ -49,66 +49,6 @@ def read_xattrs(path: str | bytes) -> list[tuple[bytes, bytes]]:
             raise
         out.append((os.fsencode(name), value))
     return out
-
-
-def chunk_region(read: Callable[[int, int], bytes | memoryview], start: int, end: int,
-                 cdc: FastCDC, chunk_min: int,
-                 store: Callable[[bytes | memoryview], ChunkLoc],
-                 progressed: Callable[[int], None] | None = None) -> list[tuple[int, ChunkLoc]]:
-    """Cut bytes [start, end) (read(offset, n) gives them) into content-defined chunks and
-    store each; returns (file offset, location) per chunk.  Reads WINDOW bytes at a time,
-    carrying the unfinished last chunk over, so a region of any size takes bounded memory."""
-    locs: list[tuple[int, ChunkLoc]] = []
-    if end - start <= chunk_min:
-        data = read(start, end - start)
-        if data:
-            locs.append((start, store(data)))
-            if progressed:
-                progressed(len(data))
-        return locs
-    carry = b""
-    pos = start  # file offset of carry[0]
-    read_at = start
-    while read_at < end:
-        block = read(read_at, min(WINDOW, end - read_at))
-        if not block:
-            break  # the file shrank while we read it: keep what was there
-        read_at += len(block)
-        buf = carry + block if carry else block
-        last = read_at >= end
-        chunks = list(cdc.cut_buf(buf))
-        keep = chunks.pop() if not last and chunks else None
-        for c in chunks:
-            locs.append((pos + c.offset, store(c.data)))
-        consumed = keep.offset if keep is not None else len(buf)
-        if progressed:
-            progressed(consumed)
-        carry = bytes(buf[consumed:]) if keep is not None else b""
-        pos += consumed
-    if carry:
-        locs.append((pos, store(carry)))
-        if progressed:
-            progressed(len(carry))
-    return locs
-
-
-def file_data(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
-    """[start, end) of each data region (not hole) of an open file within [start, end),
-    by SEEK_DATA/SEEK_HOLE."""
-    pos = start
-    while pos < end:
-        try:
-            s = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError as e:
-            if e.errno == errno.ENXIO:
-                return
-            raise
-        if s >= end:
-            return
-        stop = min(os.lseek(fd, s, os.SEEK_HOLE), end)
-        if stop > s:
-            yield s, stop
-        pos = stop
 
 
 class TreeCapture:

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from . import _format as F
+from imagefs.format import layout as F
+from imagefs.format.records import Inode
+from imagefs.format.view import MAX_DEPTH, IndexView
+
 from .errors import CorruptImage
-from .records import Inode
-from .view import MAX_DEPTH, IndexView
 
 
 @dataclass

@@ -15,13 +15,14 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from . import _format as F
-from .container import ImageFile
+from imagefs.format import layout as F
+from imagefs.format.container import ImageFile
+from imagefs.format.packs import PackWriter
+from imagefs.format.view import IndexView
+from imagefs.format.writer import Node, Transaction, add_index, history_entry
+
 from .errors import CorruptImage, DestinationError, UsageError
 from .image import Image, check_level, check_new_name, is_image_file
-from .packs import PackWriter
-from .view import IndexView
-from .writer import Node, Transaction, add_index, history_entry
 
 
 def copy_tree(view: IndexView, packs: PackWriter,

@@ -13,11 +13,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from . import _format as F
+from imagefs.format import layout as F
+from imagefs.format.container import Commit, ImageFile, IndexEntry, open_regular
+from imagefs.format.view import IndexView
+
 from .capture import TreeCapture
-from .container import Commit, ImageFile, IndexEntry, open_regular
 from .errors import Error, NoSuchIndex, UsageError
-from .view import IndexView
 
 DEFAULT_LEVEL = 9
 
@@ -131,7 +132,7 @@ def capture(image_path: str, src: str, name: str, description: str = "",
             on_wait: Callable[[], None] | None = None,
             wait: float | None = None, who: dict[str, Any] | None = None) -> CaptureResult:
     """Capture the directory src as a new index of image_path (created if missing)."""
-    from .writer import Transaction, add_index, history_entry
+    from imagefs.format.writer import Transaction, add_index, history_entry
 
     check_level(level)
     if not os.path.isdir(src):
@@ -159,7 +160,7 @@ def capture(image_path: str, src: str, name: str, description: str = "",
 
 def delete(image_path: str, spec: str, wait: float | None = None) -> tuple[int, IndexEntry]:
     """Remove one index; later indices move down by one (as in WIM files)."""
-    from .writer import Transaction
+    from imagefs.format.writer import Transaction
 
     with ImageFile.open(image_path, writable=True) as f, Transaction(f, wait=wait) as tx:
         number, entry = select_index(tx.commit, spec, image_path)

@@ -14,13 +14,14 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from . import _format as F
-from .container import Commit, ImageFile, IndexEntry
-from .digest import node_digest
+from imagefs.format import layout as F
+from imagefs.format.container import Commit, ImageFile, IndexEntry
+from imagefs.format.digest import node_digest
+from imagefs.format.packs import ChunkLoc, ChunkTable, fast_hash
+from imagefs.format.records import MetaReader
+from imagefs.format.view import IndexView
+
 from .errors import Error
-from .packs import ChunkLoc, ChunkTable, fast_hash
-from .records import MetaReader
-from .view import IndexView
 
 MAX_PATHS = 20
 

@@ -31,7 +31,7 @@ from typing import Any
 
 from bench_daemon import daemon_child
 
-from imagefs.mounts import find_mount
+from imagefs.mount.kernel import find_mount
 
 BIG_SIZE = 1 << 30
 RUNS = 2

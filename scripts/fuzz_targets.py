@@ -74,12 +74,12 @@ def _load() -> dict[str, Callable[[bytes], None]]:
     import xxhash
     import zstandard
 
-    from imagefs import _format as F
-    from imagefs.container import Commit, ImageFile
-    from imagefs.digest import node_digest
     from imagefs.errors import Error
-    from imagefs.packs import ChunkTable
-    from imagefs.records import MetaReader, decode_inode
+    from imagefs.format import layout as F
+    from imagefs.format.container import Commit, ImageFile
+    from imagefs.format.digest import node_digest
+    from imagefs.format.packs import ChunkTable
+    from imagefs.format.records import MetaReader, decode_inode
 
     fd = os.memfd_create("imagefs-fuzz")
     path = f"/proc/self/fd/{fd}"
@@ -341,7 +341,7 @@ def repro(target: str, file: str) -> int:
 
 def build_seeds(out: Path) -> None:
     """Seed corpora from a real image of a small tree (two indices), a few KB each."""
-    from imagefs import _format as F
+    from imagefs.format import layout as F
     from imagefs.image import capture
 
     tmp = Path(tempfile.mkdtemp(prefix="imagefs-fuzz-seeds-"))

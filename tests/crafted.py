@@ -39,7 +39,7 @@ or with the one-shot functions:
   `encode_json`, `block_bytes` (from test_hostile).
 
 Frames are written here, not by container.ImageFile, so that the crafted bytes do not
-depend on the writer under test; only imagefs._format's constants are shared.
+depend on the writer under test; only imagefs.format.layout's constants are shared.
 """
 
 from __future__ import annotations
@@ -60,10 +60,10 @@ import xxhash
 import zstandard
 from test_hostile import block_bytes, ino
 
-from imagefs import _format as F
-from imagefs.digest import node_digest
+from imagefs.format import layout as F
+from imagefs.format.digest import node_digest
+from imagefs.format.records import Inode
 from imagefs.image import capture
-from imagefs.records import Inode
 
 __all__ = [
     "HEADER_FIELDS", "LIMIT", "Base", "Chunk", "Editor", "Raw", "Rec", "TreeInfo",

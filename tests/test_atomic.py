@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from imagefs import _format as F
+from imagefs.format import layout as F
 from imagefs.image import Image
 from imagefs.verify import verify
 

@@ -80,8 +80,8 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from test_hostile import _limit_memory, digest_file
 
-from imagefs import _format as F
-from imagefs.records import check_name
+from imagefs.format import layout as F
+from imagefs.format.records import check_name
 
 DOCUMENTED = {0, 1, 2, 3, 4, 5, 6, 7, 8, 130}
 TIME_LIMIT = 20.0  # seconds a verb may take on a small hostile image

@@ -19,7 +19,7 @@ import pytest
 from conftest import fixture_tree, run_imagefs
 
 import imagefs
-from imagefs import _format as F
+from imagefs.format import layout as F
 
 MiB = 1 << 20
 LEVEL = 3  # the dedup numbers do not depend on the level; the run time does
@@ -147,7 +147,7 @@ def test_identical_files_in_one_capture_are_stored_once(tmp_path: Path) -> None:
 def test_dedup_survives_many_appends(tmp_path: Path) -> None:
     """Each capture appends a chunk-table segment; past writer.MAX_TABLE_SEGMENTS they are
     merged into one.  Content from every earlier capture must still be found."""
-    from imagefs.writer import MAX_TABLE_SEGMENTS
+    from imagefs.format.writer import MAX_TABLE_SEGMENTS
 
     image = tmp_path / "many.imagefs"
     rng = random.Random(7)

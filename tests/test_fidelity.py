@@ -34,8 +34,8 @@ from treegen import (
 )
 
 import imagefs
-from imagefs import _format as F
 from imagefs.apply import Applier
+from imagefs.format import layout as F
 
 SPARSE = (EVERY_TYPE["big_sparse"],)
 DESCRIPTION = "every kind of inode — devices, holes, ACLs, caps"

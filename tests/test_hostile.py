@@ -30,12 +30,19 @@ import pytest
 import xxhash
 import zstandard
 
-from imagefs import _format as F
-from imagefs.container import ImageFile
+from imagefs.format import layout as F
+from imagefs.format.container import ImageFile
+from imagefs.format.packs import ChunkLoc
+from imagefs.format.records import Inode
+from imagefs.format.writer import (
+    Node,
+    Transaction,
+    TreeStats,
+    add_index,
+    history_entry,
+    write_tree,
+)
 from imagefs.image import Image, capture
-from imagefs.packs import ChunkLoc
-from imagefs.records import Inode
-from imagefs.writer import Node, Transaction, TreeStats, add_index, history_entry, write_tree
 
 INTERNAL_ERROR = 70
 MEMORY_LIMIT = 1 << 30  # a reader that believes a hostile size runs into this
@@ -316,7 +323,7 @@ def make_crafted(tmp_path: Path, build: Callable[[Crafter], Node],
         cr = Crafter(f, tx)
         root = build(cr)
         cr.seal()
-        from imagefs.records import MetaWriter
+        from imagefs.format.records import MetaWriter
         meta = MetaWriter(f, 3)
         stats = write_tree(meta, root)
         meta.flush()

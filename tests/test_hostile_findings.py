@@ -30,13 +30,13 @@ from test_hostile import (
     run_verbs,
 )
 
-from imagefs import _format as F
-from imagefs.container import ImageFile
 from imagefs.errors import UsageError
+from imagefs.format import layout as F
+from imagefs.format.container import ImageFile
+from imagefs.format.packs import ChunkLoc
+from imagefs.format.view import image_path_parts
+from imagefs.format.writer import Node
 from imagefs.image import capture
-from imagefs.packs import ChunkLoc
-from imagefs.view import image_path_parts
-from imagefs.writer import Node
 
 # ---- crafting helpers (tests/crafted.py writes the frames and slots, checksums valid) -----
 

@@ -19,9 +19,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from imagefs import _format as F
-from imagefs.container import ImageFile
 from imagefs.errors import Error
+from imagefs.format import layout as F
+from imagefs.format.container import ImageFile
 from imagefs.image import Image
 from imagefs.verify import verify
 

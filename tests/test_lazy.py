@@ -27,9 +27,9 @@ from conftest import MANY_DIRS, MANY_FILES_PER_DIR
 from treegen import many_files_content
 
 import imagefs
-from imagefs import _format as F
 from imagefs.cli import main as cli_main
-from imagefs.container import ImageFile
+from imagefs.format import layout as F
+from imagefs.format.container import ImageFile
 
 RSS_LIMIT_KB = 150 * 1024
 TIME_BIN = shutil.which("time", path="/usr/bin")

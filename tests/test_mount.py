@@ -35,7 +35,7 @@ from conftest import (
 from treegen import EVERY_TYPE
 
 from imagefs import Image
-from imagefs import _format as F
+from imagefs.format import layout as F
 
 SPARSE = (EVERY_TYPE["big_sparse"],)
 

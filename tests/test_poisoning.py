@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 from conftest import rsync_diff
 
-from imagefs import _format as F
-from imagefs.container import ImageFile
-from imagefs.packs import PackReader
-from imagefs.writer import Transaction
+from imagefs.format import layout as F
+from imagefs.format.container import ImageFile
+from imagefs.format.packs import PackReader
+from imagefs.format.writer import Transaction
 
 INTERNAL_ERROR = 70
 WEAK = {"IMAGEFS_TEST_WEAK_FASTHASH": "1"}
@@ -129,7 +129,7 @@ def test_add_chunk_confirms_identity(tmp_path: Path) -> None:
 def test_in_process_weak_hash_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                                          ) -> None:
     """The same through the library, with the weak hash switched on in this process."""
-    from imagefs import packs as packs_mod
+    from imagefs.format import packs as packs_mod
     from imagefs.image import Image, capture
     monkeypatch.setattr(packs_mod, "_WEAK_FAST_HASH", True)
     src = tmp_path / "src"

@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 from conftest import mounted_rw, run_imagefs
 
-from imagefs import sessions
-from imagefs.overlay import SessionTree
-from imagefs.staging import NEW_INO_BASE
-from imagefs.vfs import Refusal
+from imagefs.mount.tree import Refusal
+from imagefs.session import lifecycle as sessions
+from imagefs.session.staging import NEW_INO_BASE
+from imagefs.session.tree import SessionTree
 
 FILES = 3000
 REMOVED = 2500

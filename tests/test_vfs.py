@@ -1,4 +1,4 @@
-"""The inode layer a mount serves (imagefs.vfs), tested without mounting: numbering,
+"""The inode layer a mount serves (imagefs.mount.tree), tested without mounting: numbering,
 lookups, listings in pages, holes, st_blocks, reads across holes and chunks."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from conftest import run_imagefs
 from treegen import BIG_SPARSE_DATA, BIG_SPARSE_SIZE, EVERY_TYPE, SMALL_SPARSE_SIZE
 
 from imagefs import Image
-from imagefs import _format as F
-from imagefs.vfs import ROOT_INO, IndexTree, Refusal, data_regions
+from imagefs.format import layout as F
+from imagefs.mount.tree import ROOT_INO, IndexTree, Refusal, data_regions
 
 
 @pytest.fixture(scope="module")

@@ -313,10 +313,10 @@ def build_many_files_image(path: Path, ndirs: int = 1000, files_per_dir: int = 5
     """Write an index of ndirs directories /dNNNN with files_per_dir files fNNNNN each
     straight through the writer API (no files on disk): what imagefs.image.capture does
     after its walk.  500 000 files take ~20 s here."""
-    from imagefs import _format as F
+    from imagefs.format import layout as F
+    from imagefs.format.records import Inode
+    from imagefs.format.writer import Node, Transaction, add_index, history_entry
     from imagefs.image import open_for_writing
-    from imagefs.records import Inode
-    from imagefs.writer import Node, Transaction, add_index, history_entry
 
     t = 1_700_000_000_123_456_789
     with open_for_writing(str(path)) as f, Transaction(f, level) as tx:

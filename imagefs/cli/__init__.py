@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from ..errors import Error, Interrupted, SystemFailure, one_line
+from imagefs.errors import Error, Interrupted, SystemFailure, one_line
 
 # Verb modules in the order `--help` lists them; only the verb asked for is imported (the
 # others' imports would cost every command a tenth of a second).

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from ..errors import DaemonRefused, SystemFailure, UsageError
+from imagefs.errors import DaemonRefused, SystemFailure, UsageError
 
 if TYPE_CHECKING:
     from daemon.client import Client

@@ -6,8 +6,9 @@ import argparse
 import sys
 from typing import Any
 
-from ..apply import Applier
-from ..image import Image
+from imagefs.apply import Applier
+from imagefs.image import Image
+
 from ._common import human, progress
 
 

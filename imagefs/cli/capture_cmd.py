@@ -6,7 +6,8 @@ import argparse
 from dataclasses import asdict
 from typing import Any
 
-from ..image import DEFAULT_LEVEL, CaptureResult, capture
+from imagefs.image import DEFAULT_LEVEL, CaptureResult, capture
+
 from ._common import add_json, human, print_json, progress, waiting_note
 from ._daemon import absolute, add_daemon_options, call, daemon_client, run_job
 

@@ -6,9 +6,9 @@ import argparse
 import sys
 from typing import Any
 
-from .. import _format as F
-from ..errors import UsageError
-from ..image import Image
+from imagefs.errors import UsageError
+from imagefs.format import layout as F
+from imagefs.image import Image
 
 
 def register(sub: Any) -> None:

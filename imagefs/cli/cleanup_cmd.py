@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..errors import NoSuchSession, SessionLive, UsageError
-from ..mounts import cleanup
-from ..sessions import SessionInfo
+from imagefs.errors import NoSuchSession, SessionLive, UsageError
+from imagefs.session.lifecycle import SessionInfo
+from imagefs.session.mounts import cleanup
+
 from ._common import add_json, print_json
 from ._daemon import absolute, add_daemon_options, call, daemon_client
 

@@ -58,8 +58,7 @@ def run(args: argparse.Namespace) -> int:
 
     from daemon.client import socket_path
     from daemon.server import Config, serve
-
-    from ..errors import UsageError
+    from imagefs.errors import UsageError
 
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JournalFormatter("%(message)s"))

@@ -6,7 +6,8 @@ import argparse
 import sys
 from typing import Any
 
-from ..image import delete
+from imagefs.image import delete
+
 from ._daemon import absolute, add_daemon_options, call, daemon_client
 
 

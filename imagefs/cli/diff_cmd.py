@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..diff import diff
-from ..image import Image
+from imagefs.diff import diff
+from imagefs.image import Image
+
 from ._common import add_json, print_json
 
 

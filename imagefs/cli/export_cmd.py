@@ -6,8 +6,9 @@ import argparse
 import sys
 from typing import Any
 
-from ..export import export
-from ..image import DEFAULT_LEVEL
+from imagefs.export import export
+from imagefs.image import DEFAULT_LEVEL
+
 from ._common import add_json, print_json, progress
 from ._daemon import absolute, add_daemon_options, call, daemon_client, run_job
 

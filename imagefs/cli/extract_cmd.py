@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..apply import Applier
-from ..image import Image
-from ..view import image_path_parts
+from imagefs.apply import Applier
+from imagefs.format.view import image_path_parts
+from imagefs.image import Image
 
 
 def register(sub: Any) -> None:

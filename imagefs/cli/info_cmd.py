@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..image import Image
+from imagefs.image import Image
+
 from ._common import add_json, human, print_json
 
 

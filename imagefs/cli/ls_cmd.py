@@ -7,10 +7,11 @@ import stat
 import time
 from typing import Any
 
-from .. import _format as F
-from ..image import Image
-from ..records import Inode
-from ..view import IndexView
+from imagefs.format import layout as F
+from imagefs.format.records import Inode
+from imagefs.format.view import IndexView
+from imagefs.image import Image
+
 from ._common import write_path
 
 

@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
                         c, "sessions.open", image=absolute(args.image), index=args.index,
                         mountpoint=absolute(args.mountpoint)))
                 else:
-                    from ..places import run_dir
+                    from imagefs.places import run_dir
 
                     rec = call(c, "mounts.open", image=absolute(args.image),
                                index=args.index, mountpoint=absolute(args.mountpoint),
@@ -78,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
         refuse_with(args, "--foreground, or -o with --rw (the daemon opens writable "
                           "sessions with default options)")
 
-    from ..mounts import MountRecord, start
+    from imagefs.mount.registry import MountRecord
+    from imagefs.session.mounts import start
 
     def announce(rec: MountRecord) -> None:
         say_mounted(rec.to_json(), args.json, foreground=True)

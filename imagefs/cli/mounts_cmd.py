@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..mounts import list_mounts
+from imagefs.session.mounts import list_mounts
+
 from ._common import add_json, human, print_json
 
 

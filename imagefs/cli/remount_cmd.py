@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..errors import SessionLive
-from ..mounts import MountRecord, start
-from ..sessions import find_session
+from imagefs.errors import SessionLive
+from imagefs.mount.registry import MountRecord
+from imagefs.session.lifecycle import find_session
+from imagefs.session.mounts import start
+
 from ._common import add_json
 from ._daemon import absolute, add_daemon_options, call, daemon_client, refuse_with
 from .mount_cmd import say_mounted, session_record

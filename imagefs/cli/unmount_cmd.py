@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..errors import UsageError
-from ..mounts import record_for, unmount
+from imagefs.errors import UsageError
+from imagefs.mount.registry import record_for
+from imagefs.session.mounts import unmount
+
 from ._common import add_json, print_json
 from ._daemon import add_daemon_options, call, daemon_client, run_job
 from .commit_cmd import say_committed

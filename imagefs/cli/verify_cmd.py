@@ -6,8 +6,9 @@ import argparse
 import os
 from typing import Any
 
-from ..errors import DamageFound
-from ..verify import verify
+from imagefs.errors import DamageFound
+from imagefs.verify import verify
+
 from ._common import add_json, human, print_json, progress
 
 

@@ -21,9 +21,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import xxhash
 
-from . import _format as F
+from imagefs.errors import ChecksumMismatch, CorruptImage
+
+from . import layout as F
 from .container import Commit, ImageFile, compressor
-from .errors import ChecksumMismatch, CorruptImage
 from .lru import WeightedLRU
 
 

@@ -13,9 +13,10 @@ import os
 import threading
 from dataclasses import dataclass, field
 
-from . import _format as F
+from imagefs.errors import CorruptImage
+
+from . import layout as F
 from .container import ImageFile
-from .errors import CorruptImage
 from .lru import WeightedLRU
 
 Extent = tuple[int, int, int, int, bytes]  # file offset, pack, offset in pack, length, xxh3

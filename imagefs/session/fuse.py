@@ -23,12 +23,13 @@ from typing import Any
 import pyfuse3
 import trio
 
-from . import _format as F
-from .fuse import BaseOperations, _fuseshim, boundary
-from .overlay import SessionTree
-from .sessions import Session
+from imagefs.format import layout as F
+from imagefs.mount.fuse import BaseOperations, _fuseshim, boundary
+from imagefs.mount.tree import Refusal
+
+from .lifecycle import Session
 from .staging import NEW_INO_BASE, SYNC_INTERVAL
-from .vfs import Refusal
+from .tree import SessionTree
 
 log = logging.getLogger("imagefs.mount")
 

@@ -45,10 +45,11 @@ finally:
 import pyfuse3  # noqa: E402
 import trio  # noqa: E402
 
-from . import _format as F  # noqa: E402
-from .errors import CorruptImage  # noqa: E402
-from .packs import PackReader  # noqa: E402
-from .vfs import IndexTree, Refusal  # noqa: E402
+from imagefs.errors import CorruptImage  # noqa: E402
+from imagefs.format import layout as F  # noqa: E402
+from imagefs.format.packs import PackReader  # noqa: E402
+
+from .tree import IndexTree, Refusal  # noqa: E402
 
 log = logging.getLogger("imagefs.mount")
 
@@ -415,7 +416,7 @@ def start_guardian(mountpoint: str) -> None:
     other end only this process holds.  (libfuse's auto_unmount would do the same through
     fusermount3, but forces nosuid,nodev, which a root mount of an OS image must not have.)
     """
-    from .mounts import find_mount
+    from .kernel import find_mount
 
     m = find_mount(mountpoint)
     if m is None:
@@ -461,7 +462,7 @@ async def _when_initialized(ops: BaseOperations, mountpoint: str,
 
 def set_read_ahead(mountpoint: str, kb: int = READ_AHEAD_KB) -> None:
     """1 MiB readahead: sequential reads then come as 1 MiB requests, not 128 KiB."""
-    from .mounts import find_mount
+    from .kernel import find_mount
 
     m = find_mount(mountpoint)
     if m is None:

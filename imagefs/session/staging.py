@@ -48,7 +48,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from . import _format as F
+from imagefs.format import layout as F
 
 SYNC_INTERVAL = 0.5
 MAX_FDS = 256  # data files kept open

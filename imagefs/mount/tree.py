@@ -19,11 +19,11 @@ import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from . import _format as F
-from .errors import CorruptImage
-from .lru import WeightedLRU
-from .records import Inode
-from .view import IndexView
+from imagefs.errors import CorruptImage
+from imagefs.format import layout as F
+from imagefs.format.lru import WeightedLRU
+from imagefs.format.records import Inode
+from imagefs.format.view import IndexView
 
 ROOT_INO = 1
 BLOCK = 4096  # the allocation unit st_blocks is reckoned in (as ext4 and tmpfs do)

@@ -14,10 +14,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import _format as F
+from imagefs.errors import Error, Interrupted
+
+from . import layout as F
 from .container import Commit, ImageFile, IndexEntry, crash_point, now_iso
 from .digest import node_digest
-from .errors import Error, Interrupted
 from .packs import ChunkLoc, ChunkTable, PackWriter
 from .records import Inode, MetaWriter
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterator
 
-from . import _format as F
+from imagefs.errors import ChecksumMismatch, CorruptImage, NoSuchPath, NotADirectory, UsageError
+
+from . import layout as F
 from .container import ImageFile, IndexEntry
-from .errors import ChecksumMismatch, CorruptImage, NoSuchPath, NotADirectory, UsageError
 from .packs import PackReader
 from .records import Extent, Inode, MetaReader
 

@@ -21,17 +21,18 @@ from dataclasses import dataclass
 
 from pyfastcdc.cy import FastCDC
 
-from . import _format as F
-from .capture import chunk_region
-from .container import crash_point
-from .digest import node_digest
-from .errors import CorruptImage
-from .overlay import SessionTree
-from .packs import ChunkLoc, ChunkTable, PackWriter
-from .records import Inode, MetaWriter
+from imagefs.errors import CorruptImage
+from imagefs.format import layout as F
+from imagefs.format.chunking import chunk_region
+from imagefs.format.container import crash_point
+from imagefs.format.digest import node_digest
+from imagefs.format.packs import ChunkLoc, ChunkTable, PackWriter
+from imagefs.format.records import Inode, MetaWriter
+from imagefs.format.writer import Transaction
+from imagefs.mount.tree import ROOT_INO
+
 from .staging import Node, Ranges
-from .vfs import ROOT_INO
-from .writer import Transaction
+from .tree import SessionTree
 
 
 @dataclass

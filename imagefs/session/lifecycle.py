@@ -23,14 +23,15 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from .container import ImageFile, IndexEntry, crash_point, now_iso
-from .errors import BaseChanged, IndexGone, NoSuchSession, SessionLive, UsageError
-from .places import state_dir
+from imagefs.errors import BaseChanged, IndexGone, NoSuchSession, SessionLive, UsageError
+from imagefs.format.container import ImageFile, IndexEntry, crash_point, now_iso
+from imagefs.places import state_dir
 
 if TYPE_CHECKING:  # the session machinery loads when a session is opened, not listed
-    from .image import Image
-    from .overlay import SessionTree
+    from imagefs.image import Image
+
     from .staging import Staging
+    from .tree import SessionTree
 
 META_CACHE = 24 << 20
 INODE_CACHE_WEIGHT = 32_768
@@ -81,7 +82,7 @@ class SessionInfo:
             raise NoSuchSession(session_id) from None
 
     def live(self) -> bool:
-        from .mounts import pid_alive
+        from imagefs.mount.kernel import pid_alive
 
         return bool(self.pid) and pid_alive(self.pid)
 
@@ -102,7 +103,7 @@ def list_sessions() -> list[SessionInfo]:
 
 def find_session(spec: str) -> SessionInfo:
     """A session by id, or by the mountpoint it is (or was) mounted at."""
-    from .mounts import canonical
+    from imagefs.mount.kernel import canonical
 
     if os.sep not in spec and os.path.isdir(os.path.join(sessions_dir(), spec)):
         return SessionInfo.load(spec)
@@ -139,7 +140,8 @@ class Session:
     @classmethod
     def create(cls, image_path: str, index_spec: str, mountpoint: str,
                cache: int = 256 << 20) -> Session:
-        from .image import Image
+        from imagefs.image import Image
+
         from .staging import NEW_INO_BASE, Staging
 
         img = Image.open(image_path)
@@ -166,7 +168,8 @@ class Session:
 
     @classmethod
     def load(cls, info: SessionInfo, cache: int = 256 << 20) -> Session:
-        from .image import Image
+        from imagefs.image import Image
+
         from .staging import Staging
 
         img = Image.open(info.image)
@@ -183,12 +186,13 @@ class Session:
     @classmethod
     def _assemble(cls, info: SessionInfo, img: Image, staging: Staging,
                   cache: int) -> Session:
-        from .overlay import Counts, SessionTree
-        from .packs import PackReader
-        from .records import MetaReader
+        from imagefs.format.packs import PackReader
+        from imagefs.format.records import MetaReader
+        from imagefs.format.view import IndexView
+        from imagefs.mount.tree import IndexTree
+
         from .staging import NEW_INO_BASE
-        from .vfs import IndexTree
-        from .view import IndexView
+        from .tree import Counts, SessionTree
 
         meta = staging.load_meta()
         base_root = int(meta["base_root"])  # type: ignore[call-overload]
@@ -239,9 +243,10 @@ class Session:
                who: dict[str, Any] | None = None) -> dict[str, object]:
         """Publish the session's changes into its index (or as a new one); the session goes
         on from the published state."""
+        from imagefs.format.writer import Transaction, TreeStats, add_index, history_entry
+        from imagefs.image import check_new_name
+
         from .commit import ChangeWriter
-        from .image import check_new_name
-        from .writer import Transaction, TreeStats, add_index, history_entry
 
         self.staging.sync()
         meta = self.staging.load_meta()

@@ -16,7 +16,7 @@ import hashlib
 import struct
 from collections.abc import Sequence
 
-from . import _format as F
+from . import layout as F
 from .records import Inode
 
 _ATTRS = struct.Struct("<BIIIIQQq")

@@ -21,12 +21,12 @@ import struct
 import time
 from typing import TYPE_CHECKING, Any
 
-from .errors import Busy, Error, MountRefused, SystemFailure
+from imagefs.errors import Busy, Error, MountRefused, SystemFailure
 
 if TYPE_CHECKING:  # trio is the server's: `imagefs commit`, a client, starts without it
     import trio
 
-    from .fuse_rw import WritableOperations
+    from .fuse import WritableOperations
 
 MAX_REQUEST = 64 * 1024
 LOCK_POLL = 0.05

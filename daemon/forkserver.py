@@ -3,7 +3,7 @@ mount is a fork of it.
 
 `imagefs mount` spends most of its time importing: the mount process needs pyfuse3, which
 needs trio, and those imports alone take longer than a C driver takes to mount.  The daemon
-therefore keeps one of these (`python -m imagefs.forkserver FD`, started by
+therefore keeps one of these (`python -m daemon.forkserver FD`, started by
 MountForkServer): single-threaded, never serving a mount itself (pyfuse3 allows one session
 per process), it waits on a SOCK_SEQPACKET socket for requests.  Each request is one JSON
 message with one file descriptor attached, the end of a socket to answer on.  The server
@@ -34,7 +34,7 @@ import threading
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .errors import Error, MountRefused, SystemFailure
+from imagefs.errors import Error, MountRefused, SystemFailure
 
 log = logging.getLogger("imagefs.forkserver")
 MAX_REQUEST = 64 << 10
@@ -76,7 +76,7 @@ class MountForkServer:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "imagefs.forkserver", str(theirs.fileno())],
+                [sys.executable, "-m", "daemon.forkserver", str(theirs.fileno())],
                 pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, cwd="/")
         except BaseException:
             ours.close()
@@ -154,7 +154,15 @@ def serve(sock: socket.socket) -> None:
     # Everything a mount process needs, imported once, here.
     from setproctitle import setproctitle
 
-    from . import fuse, fuse_rw, image, mounts, packs, records, sessions, vfs, view  # noqa: F401
+    import imagefs.format.packs  # noqa: F401
+    import imagefs.format.records  # noqa: F401
+    import imagefs.format.view  # noqa: F401
+    import imagefs.image  # noqa: F401
+    import imagefs.mount.fuse  # noqa: F401
+    import imagefs.mount.tree  # noqa: F401
+    import imagefs.session.fuse  # noqa: F401
+    import imagefs.session.lifecycle  # noqa: F401
+    import imagefs.session.mounts  # noqa: F401
 
     setproctitle(f"imagefs forkserver (of the daemon, pid {os.getppid()})")
 
@@ -200,8 +208,8 @@ def _mount(message: bytes, answer_fd: int) -> dict[str, Any]:
             os.environ["IMAGEFS_RUN_DIR"] = req.run_dir
         if req.owner is not None:
             os.environ["IMAGEFS_SESSION_OWNER"] = str(req.owner)
-        from .mounts import start
-        from .sessions import SessionInfo
+        from imagefs.session.lifecycle import SessionInfo
+        from imagefs.session.mounts import start
 
         stale = SessionInfo.load(req.session) if req.session else None
         rec = start(req.image, req.index, req.mountpoint, req.options,
@@ -227,7 +235,7 @@ def main(argv: list[str]) -> int:
     try:
         fd = int(argv[0])
     except (IndexError, ValueError):
-        print("usage: python -m imagefs.forkserver FD (started by the imagefs daemon)",
+        print("usage: python -m daemon.forkserver FD (started by the imagefs daemon)",
               file=sys.stderr)
         return 2
     with socket.socket(fileno=fd) as sock:

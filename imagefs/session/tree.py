@@ -28,13 +28,22 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from . import _format as F
+from imagefs.format import layout as F
+from imagefs.format.chunking import file_data
+from imagefs.format.records import Inode
+from imagefs.format.view import overlapping
+from imagefs.mount.tree import (
+    BLOCK,
+    DIR_SIZE,
+    ROOT_INO,
+    IndexTree,
+    Refusal,
+    data_regions,
+    seek_regions,
+)
+
 from . import acl
-from .capture import file_data
-from .records import Inode
 from .staging import NEW_INO_BASE, Node, Ranges, Staging
-from .vfs import BLOCK, DIR_SIZE, ROOT_INO, IndexTree, Refusal, data_regions, seek_regions
-from .view import overlapping
 
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2

@@ -48,8 +48,7 @@ from typing import Any
 import xxhash
 import zstandard
 
-from . import _format as F
-from .errors import (
+from imagefs.errors import (
     Busy,
     ChecksumMismatch,
     CorruptImage,
@@ -58,6 +57,8 @@ from .errors import (
     SystemFailure,
     UnsupportedVersion,
 )
+
+from . import layout as F
 
 
 def crash_point(name: str) -> None:

@@ -1,0 +1,11 @@
+"""Writable mounts: sessions, their staging, the copy-on-write tree and commit.
+
+Owns a session's lifecycle (lifecycle.py: create, load, commit, discard), its staging area
+on local disk (staging.py), the writable tree over a read-only one (tree.py), writing the
+changes into the image (commit.py), the writable pyfuse3 adapter (fuse.py), the control
+socket a mount process answers commit and discard on (control.py) and mounts as an admin
+sees both kinds (mounts.py).
+
+May import: imagefs.mount, imagefs.format, the operations on whole images and
+imagefs.errors / imagefs.places.  Never the daemon, servicing or the CLI.
+"""
