@@ -21,6 +21,7 @@ import sys
 from collections.abc import Callable
 
 from imagefs.format import layout as F
+from imagefs.format.files import pwrite_all
 from imagefs.format.records import Inode, check_name
 from imagefs.format.view import IndexView
 
@@ -170,11 +171,7 @@ class Applier:
                      0o600, dir_fd=dirfd)
         try:
             for foff, data in self.view.iter_data(ino):
-                view = memoryview(data)
-                while view:
-                    n = os.pwrite(fd, view, foff)
-                    view = view[n:]
-                    foff += n
+                pwrite_all(fd, data, foff)
                 if self.progress:
                     self.progress(len(data))
             if ino.extents == [] or ino.extents[-1][0] + ino.extents[-1][3] < ino.size:

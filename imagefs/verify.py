@@ -18,7 +18,7 @@ from imagefs.format import layout as F
 from imagefs.format.container import Commit, ImageFile, IndexEntry
 from imagefs.format.digest import node_digest
 from imagefs.format.packs import ChunkLoc, ChunkTable, fast_hash
-from imagefs.format.records import MetaReader
+from imagefs.format.records import Inode, MetaReader
 from imagefs.format.view import IndexView
 
 from .errors import Error
@@ -64,53 +64,8 @@ def verify(path: str, progress: Callable[[int], None] | None = None) -> Report:
         commit = image.read_commit()
         _check_slots(image, commit, report)
         _look_past_the_end(image, commit, report)
-        try:
-            table = ChunkTable.load(image, commit)
-        except Error as e:
-            report.problems.append(Problem(f"chunk table: {e}"))
-            table = ChunkTable()
-        else:
-            if table.count != commit.chunks:
-                report.problems.append(Problem(
-                    f"chunk table: the commit record says {commit.chunks} chunks; its "
-                    f"segments hold {table.count}"))
-        by_pack: dict[int, list[ChunkLoc]] = {}
-        for loc in table.all():
-            by_pack.setdefault(loc.pack_id(), []).append(loc)
-        bad_chunks: dict[tuple[int, int], str] = {}
-        packs_seen: set[int] = set()
-        try:
-            for info in image.iter_frames(commit.data_end):
-                report.frames += 1
-                payload = _pread(image, info.offset + F.FRAME_HEADER, info.stored)
-                report.checked_bytes += F.FRAME_HEADER + info.stored
-                if progress:
-                    progress(F.FRAME_HEADER + info.stored)
-                try:
-                    raw = image.decode_payload(info, payload)
-                except Error as e:
-                    report.problems.append(Problem(str(e)))
-                    for loc in by_pack.get(info.offset, []):
-                        bad_chunks[(info.offset, loc.offset)] = "pack damaged"
-                    packs_seen.add(info.offset)
-                    continue
-                if info.kind == F.KIND_PACK:
-                    packs_seen.add(info.offset)
-                    for loc in by_pack.get(info.offset, []):
-                        report.chunks += 1
-                        data = raw[loc.offset:loc.offset + loc.length]
-                        if len(data) != loc.length or fast_hash(data) != loc.xxh or \
-                                hashlib.sha256(data).digest() != loc.sha:
-                            bad_chunks[(info.offset, loc.offset)] = "chunk checksum mismatch"
-        except Error as e:
-            report.problems.append(Problem(f"frame chain broken: {e}"))
-        for pack, locs in by_pack.items():
-            if pack not in packs_seen:
-                for loc in locs:
-                    bad_chunks[(pack, loc.offset)] = "pack missing"
-        if bad_chunks and not any("pack" in p.what or "chunk" in p.what
-                                  for p in report.problems):
-            report.problems.append(Problem(f"{len(bad_chunks)} chunk(s) fail their checksums"))
+        table = _load_table(image, commit, report)
+        bad_chunks = _check_frames(image, commit, table, report, progress)
         chunks = {(loc.pack_id(), loc.offset): loc for loc in table.all()}
         meta = MetaReader(image)
         checked: dict[int, _Checked] = {}  # root ref -> what its tree held
@@ -129,6 +84,62 @@ def verify(path: str, progress: Callable[[int], None] | None = None) -> Report:
                         p.indices.append(number)
             _check_totals(number, entry, seen, report)
         return report
+
+
+def _load_table(image: ImageFile, commit: Commit, report: Report) -> ChunkTable:
+    try:
+        table = ChunkTable.load(image, commit)
+    except Error as e:
+        report.problems.append(Problem(f"chunk table: {e}"))
+        return ChunkTable()
+    if table.count != commit.chunks:
+        report.problems.append(Problem(
+            f"chunk table: the commit record says {commit.chunks} chunks; its "
+            f"segments hold {table.count}"))
+    return table
+
+
+def _check_frames(image: ImageFile, commit: Commit, table: ChunkTable, report: Report,
+                  progress: Callable[[int], None] | None) -> dict[tuple[int, int], str]:
+    """Read every frame up to the committed end, checking each frame's checksums and every
+    chunk of every pack; returns the chunks that are bad, (pack, offset) -> why."""
+    by_pack: dict[int, list[ChunkLoc]] = {}
+    for loc in table.all():
+        by_pack.setdefault(loc.pack_id(), []).append(loc)
+    bad_chunks: dict[tuple[int, int], str] = {}
+    packs_seen: set[int] = set()
+    try:
+        for info in image.iter_frames(commit.data_end):
+            report.frames += 1
+            payload = _pread(image, info.offset + F.FRAME_HEADER, info.stored)
+            report.checked_bytes += F.FRAME_HEADER + info.stored
+            if progress:
+                progress(F.FRAME_HEADER + info.stored)
+            try:
+                raw = image.decode_payload(info, payload)
+            except Error as e:
+                report.problems.append(Problem(str(e)))
+                for loc in by_pack.get(info.offset, []):
+                    bad_chunks[(info.offset, loc.offset)] = "pack damaged"
+                packs_seen.add(info.offset)
+                continue
+            if info.kind == F.KIND_PACK:
+                packs_seen.add(info.offset)
+                for loc in by_pack.get(info.offset, []):
+                    report.chunks += 1
+                    data = raw[loc.offset:loc.offset + loc.length]
+                    if len(data) != loc.length or fast_hash(data) != loc.xxh or \
+                            hashlib.sha256(data).digest() != loc.sha:
+                        bad_chunks[(info.offset, loc.offset)] = "chunk checksum mismatch"
+    except Error as e:
+        report.problems.append(Problem(f"frame chain broken: {e}"))
+    for pack, locs in by_pack.items():
+        if pack not in packs_seen:
+            for loc in locs:
+                bad_chunks[(pack, loc.offset)] = "pack missing"
+    if bad_chunks and not any("pack" in p.what or "chunk" in p.what for p in report.problems):
+        report.problems.append(Problem(f"{len(bad_chunks)} chunk(s) fail their checksums"))
+    return bad_chunks
 
 
 @dataclass
@@ -251,7 +262,7 @@ def _walk_index(view: IndexView, chunks: dict[tuple[int, int], ChunkLoc],
     number = view.number
     damaged_paths: list[str] = []
     digests: dict[int, bytes] = {}
-    order = []
+    order: list[tuple[str, Inode]] = []
     names: dict[int, int] = {}  # non-directory ref -> names of it in the index
     files = dirs = nbytes = 0
     try:
@@ -292,6 +303,15 @@ def _walk_index(view: IndexView, chunks: dict[tuple[int, int], ChunkLoc],
             f"index {number}: {len(damaged_paths)} file(s) use damaged chunks",
             [number], damaged_paths[:MAX_PATHS]))
     found.files, found.dirs, found.bytes = files, dirs, nbytes
+    _check_links(number, order, names, report)
+    _check_digests(number, order, chunks, digests, report)
+    found.digest = digests.get(view.entry.root, b"").hex()
+    found.complete = True
+
+
+def _check_links(number: int, order: list[tuple[str, Inode]], names: dict[int, int],
+                 report: Report) -> None:
+    """Each inode's link count is its names in the index (a directory's: 2 + subdirs)."""
     wrong_links = [shown for shown, ino in order
                    if (ino.kind == F.DIR and ino.nlink != 2 + sum(
                        1 for _n, k, _r in ino.entries if k == F.DIR))
@@ -300,8 +320,13 @@ def _walk_index(view: IndexView, chunks: dict[tuple[int, int], ChunkLoc],
         report.problems.append(Problem(
             f"index {number}: {len(wrong_links)} inode(s) with a link count other than "
             "their names in the index", [number], wrong_links[:MAX_PATHS]))
-    # Digests bottom-up: non-directories first (a hardlink's first name may be walked
-    # before a later directory holding it), then directories, children before parents.
+
+
+def _check_digests(number: int, order: list[tuple[str, Inode]],
+                   chunks: dict[tuple[int, int], ChunkLoc], digests: dict[int, bytes],
+                   report: Report) -> None:
+    """Digests bottom-up: non-directories first (a hardlink's first name may be walked
+    before a later directory holding it), then directories, children before parents."""
     for shown, ino in sorted(reversed(order), key=lambda o: o[1].kind == F.DIR):
         if ino.kind == F.REG:
             shas = [chunks[(e[1], e[2])].sha if (e[1], e[2]) in chunks else bytes(32)
@@ -316,5 +341,3 @@ def _walk_index(view: IndexView, chunks: dict[tuple[int, int], ChunkLoc],
             report.problems.append(Problem(
                 f"index {number}: {shown}: stored digest does not match its content",
                 [number], [shown]))
-    found.digest = digests.get(view.entry.root, b"").hex()
-    found.complete = True

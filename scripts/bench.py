@@ -40,6 +40,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from bench_daemon import measure_daemon
 from bench_mount import measure_mounts
@@ -297,7 +298,7 @@ def table(rows: list[Row]) -> str:
     return "\n".join(out)
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="scripts/bench", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="only the bookworm-minbase tree")
     ap.add_argument("--json", metavar="PATH",
@@ -306,61 +307,72 @@ def main() -> int:
     ap.add_argument("--no-mount", action="store_true", help="skip the mount rows")
     ap.add_argument("--no-rw", action="store_true", help="skip the writable-mount rows")
     ap.add_argument("--no-daemon", action="store_true", help="skip the daemon rows")
-    args = ap.parse_args()
-    t_start = time.perf_counter()
-    started = datetime.datetime.now(datetime.UTC)
+    return ap.parse_args()
 
+
+def missing_tool() -> str | None:
     for tool in ("wimcapture", "wimappend", "wimapply", "wimverify", "wimexport", "mksquashfs",
                  "wimmount", "wimunmount", "squashfuse_ll", "fusermount3", "wimmountrw",
                  "fuse-overlayfs"):
         if not shutil.which(tool):
-            print(f"bench: {tool} not found (scripts/setup installs wimtools, squashfs-tools, "
-                  "squashfuse, fuse3, fuse-overlayfs)", file=sys.stderr)
-            return 1
+            return tool
+    return None
 
-    tmp = Path(os.environ.get("TMPDIR") or "/tmp")
-    work = tmp / "imagefs-bench"
-    # One bench at a time per work dir: a second run waits instead of deleting the first's files.
-    lock = os.open(tmp / "imagefs-bench.lock", os.O_WRONLY | os.O_CREAT, 0o644)  # held till exit
+
+def lock_work_dir(tmp: Path) -> None:
+    """One bench at a time per work dir: a second run waits instead of deleting the first's
+    files.  The lock is held until the process exits."""
+    lock = os.open(tmp / "imagefs-bench.lock", os.O_WRONLY | os.O_CREAT, 0o644)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         print("bench: another scripts/bench is running; waiting for it", file=sys.stderr)
         fcntl.flock(lock, fcntl.LOCK_EX)
 
-    selected = TREES[:1] if args.quick else TREES
-    try:
-        trees = [(name, short, fixture_tree(name)) for name, short in selected]
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
-        names = {str(src): short for _n, short, src in trees}
-        b = Bench(work, names, args.level)
-        load_start = os.getloadavg()
-        print("bench: reading the source trees into the page cache", file=sys.stderr)
-        for _n, _s, src in trees:
-            warm_page_cache(src)
-        measure(b, trees)
-        if not args.no_mount:
-            measure_mounts(b, trees, str(IMAGEFS), timed)
-        if not args.no_rw:
-            measure_rw(b, trees, str(IMAGEFS), timed)
-        if not args.no_daemon:
-            measure_daemon(b, trees, str(IMAGEFS), timed)
-        load_end = os.getloadavg()
-    except CommandFailed as e:
-        print(f"bench: {e}", file=sys.stderr)
-        return 1
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    elapsed = time.perf_counter() - t_start
 
-    versions = {"imagefs": version([str(IMAGEFS), "--version"]),
-                "wimlib": version(["wimcapture", "--version"]),
-                "squashfs": version(["mksquashfs", "-version"])}
+@dataclass
+class Run:
+    """One bench run: its rows and the conditions it ran under."""
+
+    args: argparse.Namespace
+    work: Path
+    bench: Bench
+    trees: list[tuple[str, str, Path]]
+    started: datetime.datetime
+    load_start: tuple[float, float, float]
+    load_end: tuple[float, float, float]
+    elapsed: float = 0.0
+
+
+def run_all(args: argparse.Namespace, work: Path) -> Run:
+    started = datetime.datetime.now(datetime.UTC)
+    selected = TREES[:1] if args.quick else TREES
+    trees = [(name, short, fixture_tree(name)) for name, short in selected]
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    names = {str(src): short for _n, short, src in trees}
+    b = Bench(work, names, args.level)
+    load_start = os.getloadavg()
+    print("bench: reading the source trees into the page cache", file=sys.stderr)
+    for _n, _s, src in trees:
+        warm_page_cache(src)
+    measure(b, trees)
+    if not args.no_mount:
+        measure_mounts(b, trees, str(IMAGEFS), timed)
+    if not args.no_rw:
+        measure_rw(b, trees, str(IMAGEFS), timed)
+    if not args.no_daemon:
+        measure_daemon(b, trees, str(IMAGEFS), timed)
+    return Run(args, work, b, trees, started, load_start, os.getloadavg())
+
+
+def report(run: Run, versions: dict[str, str]) -> list[str]:
+    """Print the table and the commands behind it; returns the rows that failed a target."""
+    b = run.bench
     print()
-    print(f"imagefs benchmark{' (--quick)' if args.quick else ''}: {started:%Y-%m-%d %H:%M} UTC, "
-          f"{os.cpu_count()} CPUs, load average {load_start[0]:.2f} at start, "
-          f"{load_end[0]:.2f} at end")
+    print(f"imagefs benchmark{' (--quick)' if run.args.quick else ''}: "
+          f"{run.started:%Y-%m-%d %H:%M} UTC, {os.cpu_count()} CPUs, load average "
+          f"{run.load_start[0]:.2f} at start, {run.load_end[0]:.2f} at end")
     print("mount rows: wimlib = wimmount, squashfs = squashfuse_ll, plain = the source "
           "directory")
     print("rw rows: wimlib = wimmountrw + wimunmount --commit, plain = an empty directory on "
@@ -372,8 +384,8 @@ def main() -> int:
     print()
     print("commands (run in $work; each timed alone; apply into an empty dir removed after "
           "each run):")
-    print(f"  work={shlex.quote(str(work))}")
-    for name, short, src in trees:
+    print(f"  work={shlex.quote(str(run.work))}")
+    for name, short, src in run.trees:
         print(f"  {short}={shlex.quote(str(src))}  # {name}")
     print(f"  imagefs={shlex.quote(str(IMAGEFS))}")
     for c in b.commands:
@@ -381,42 +393,74 @@ def main() -> int:
     failed = [r.label for r in b.rows if r.passed is False]
     print()
     print(f"targets: {'all met' if not failed else 'FAILED: ' + '; '.join(failed)}")
-    print(f"bench took {elapsed:.0f} s")
+    print(f"bench took {run.elapsed:.0f} s")
+    return failed
 
+
+def write_json(run: Run, versions: dict[str, str], failed: list[str], where: str) -> None:
+    path = Path(where)
+    if path.is_dir() or where.endswith("/"):
+        path = path / "bench.json"
+    doc = {
+        "started": run.started.isoformat(timespec="seconds"),
+        "elapsed_seconds": round(run.elapsed, 2),
+        "quick": run.args.quick,
+        "imagefs_level": run.args.level,
+        "cpus": os.cpu_count(),
+        "loadavg_start": [round(x, 2) for x in run.load_start],
+        "loadavg_end": [round(x, 2) for x in run.load_end],
+        "versions": versions,
+        "work": str(run.work),
+        "trees": {name: str(src) for name, _s, src in run.trees},
+        "commands": run.bench.commands,
+        "all_targets_met": not failed,
+        "measurements": [row_json(r) for r in run.bench.rows],
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+def row_json(r: Row) -> dict[str, Any]:
+    def rounded(x: float | None) -> float | None:
+        return round(x, 4) if x is not None else None
+
+    return {"key": r.key, "label": r.label,
+            "unit": {"s": "seconds", "bytes": "bytes"}.get(r.unit, r.unit),
+            "in_table": r.in_table,
+            **{t: r.values.get(t) for t in TOOLS},
+            "ratio_imagefs_wimlib": rounded(r.ratio),
+            "ratio_imagefs_squashfs": rounded(r.ratio_to("squashfs")),
+            "ratio_imagefs_fuse_overlayfs": rounded(r.ratio_to("fuse-overlayfs")),
+            "targets": r.target_text(), "pass": r.passed,
+            "samples": r.samples}
+
+
+def main() -> int:
+    args = parse_args()
+    t_start = time.perf_counter()
+    tool = missing_tool()
+    if tool:
+        print(f"bench: {tool} not found (scripts/setup installs wimtools, squashfs-tools, "
+              "squashfuse, fuse3, fuse-overlayfs)", file=sys.stderr)
+        return 1
+    tmp = Path(os.environ.get("TMPDIR") or "/tmp")
+    work = tmp / "imagefs-bench"
+    lock_work_dir(tmp)
+    try:
+        run = run_all(args, work)
+    except CommandFailed as e:
+        print(f"bench: {e}", file=sys.stderr)
+        return 1
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    run.elapsed = time.perf_counter() - t_start
+    versions = {"imagefs": version([str(IMAGEFS), "--version"]),
+                "wimlib": version(["wimcapture", "--version"]),
+                "squashfs": version(["mksquashfs", "-version"])}
+    failed = report(run, versions)
     if args.json:
-        path = Path(args.json)
-        if path.is_dir() or args.json.endswith("/"):
-            path = path / "bench.json"
-        doc = {
-            "started": started.isoformat(timespec="seconds"),
-            "elapsed_seconds": round(elapsed, 2),
-            "quick": args.quick,
-            "imagefs_level": args.level,
-            "cpus": os.cpu_count(),
-            "loadavg_start": [round(x, 2) for x in load_start],
-            "loadavg_end": [round(x, 2) for x in load_end],
-            "versions": versions,
-            "work": str(work),
-            "trees": {name: str(src) for name, _s, src in trees},
-            "commands": b.commands,
-            "all_targets_met": not failed,
-            "measurements": [
-                {"key": r.key, "label": r.label,
-                 "unit": {"s": "seconds", "bytes": "bytes"}.get(r.unit, r.unit),
-                 "in_table": r.in_table,
-                 **{t: r.values.get(t) for t in TOOLS},
-                 "ratio_imagefs_wimlib": round(r.ratio, 4) if r.ratio is not None else None,
-                 "ratio_imagefs_squashfs": (round(x, 4) if (x := r.ratio_to("squashfs"))
-                                            is not None else None),
-                 "ratio_imagefs_fuse_overlayfs": (round(x, 4) if (x := r.ratio_to(
-                     "fuse-overlayfs")) is not None else None),
-                 "targets": r.target_text(), "pass": r.passed,
-                 "samples": r.samples}
-                for r in b.rows],
-        }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(doc, indent=2) + "\n")
-        print(f"wrote {path}")
+        write_json(run, versions, failed, args.json)
     return 0
 
 

@@ -126,39 +126,8 @@ def measure_daemon(b: Any, trees: list[tuple[str, str, Path]], imagefs: str,
         with daemon_child(imagefs, work, env) as sock, Client(str(sock)) as c:
             session = c.call("sessions.open", image=str(copy), index=1,
                              mountpoint=str(mnt))["session"]
-            stop, commits = threading.Event(), [0]
-            t = threading.Thread(target=committer, args=(str(sock), session, mnt, stop,
-                                                         commits))
-            t.start()
-            try:
-                for n in LEVELS:
-                    lat = trio.run(latencies, str(sock), str(copy), n)
-                    for q, label in ((0.5, "p50"), (0.99, "p99")):
-                        row = b.row(f"daemon_info_{label}_{n}",
-                                    f"daemon images.info latency {label}, {n} client(s), "
-                                    "commits running (ms)", "ms")
-                        timed(row, "imagefs", percentile(lat, q))
-                    print(f"  images.info x{len(lat)}, {n} clients: p50 "
-                          f"{statistics.median(lat):.2f} ms, p99 {percentile(lat, 0.99):.2f} "
-                          f"ms", file=sys.stderr)
-            finally:
-                stop.set()
-                t.join()
-            print(f"  {commits[0]} commit jobs ran during the latency runs", file=sys.stderr)
-            (mnt / "queued").write_text("one change\n")
-            start = time.perf_counter()
-            jobs = [c.call("sessions.commit", session=session, new_index=f"q{i}")["job"]
-                    for i in range(QUEUED)]
-            for j in jobs:
-                end = c.call("jobs.wait", job=j)
-                if end["state"] != "done":
-                    raise RuntimeError(f"queued commit {j} ended {end['state']}: "
-                                       f"{end['error']}")
-            seconds = time.perf_counter() - start
-            row = b.row("daemon_queued_commits", f"{QUEUED} queued sessions.commit jobs "
-                        "(commits/s)", "/s", higher_is_better=True)
-            timed(row, "imagefs", QUEUED / seconds)
-            print(f"  {QUEUED} queued commits: {seconds:.2f} s", file=sys.stderr)
+            latency_rows(b, timed, sock, copy, mnt, session)
+            queued_commit_row(b, timed, c, mnt, session)
             c.call("sessions.discard", session=session)
             session = None
     finally:
@@ -172,6 +141,49 @@ def measure_daemon(b: Any, trees: list[tuple[str, str, Path]], imagefs: str,
         copy.unlink(missing_ok=True)
         for d in (state, mnt, work / "drun"):
             shutil.rmtree(d, ignore_errors=True)
+
+
+def latency_rows(b: Any, timed: Callable[..., None], sock: Path, copy: Path, mnt: Path,
+                 session: str) -> None:
+    """images.info latency at each client count while a thread keeps commits running."""
+    stop, commits = threading.Event(), [0]
+    t = threading.Thread(target=committer, args=(str(sock), session, mnt, stop,
+                                                 commits))
+    t.start()
+    try:
+        for n in LEVELS:
+            lat = trio.run(latencies, str(sock), str(copy), n)
+            for q, label in ((0.5, "p50"), (0.99, "p99")):
+                row = b.row(f"daemon_info_{label}_{n}",
+                            f"daemon images.info latency {label}, {n} client(s), "
+                            "commits running (ms)", "ms")
+                timed(row, "imagefs", percentile(lat, q))
+            print(f"  images.info x{len(lat)}, {n} clients: p50 "
+                  f"{statistics.median(lat):.2f} ms, p99 {percentile(lat, 0.99):.2f} "
+                  f"ms", file=sys.stderr)
+    finally:
+        stop.set()
+        t.join()
+    print(f"  {commits[0]} commit jobs ran during the latency runs", file=sys.stderr)
+
+
+def queued_commit_row(b: Any, timed: Callable[..., None], c: Client, mnt: Path,
+                      session: str) -> None:
+    """QUEUED sessions.commit jobs submitted at once: how many complete per second."""
+    (mnt / "queued").write_text("one change\n")
+    start = time.perf_counter()
+    jobs = [c.call("sessions.commit", session=session, new_index=f"q{i}")["job"]
+            for i in range(QUEUED)]
+    for j in jobs:
+        end = c.call("jobs.wait", job=j)
+        if end["state"] != "done":
+            raise RuntimeError(f"queued commit {j} ended {end['state']}: "
+                               f"{end['error']}")
+    seconds = time.perf_counter() - start
+    row = b.row("daemon_queued_commits", f"{QUEUED} queued sessions.commit jobs "
+                "(commits/s)", "/s", higher_is_better=True)
+    timed(row, "imagefs", QUEUED / seconds)
+    print(f"  {QUEUED} queued commits: {seconds:.2f} s", file=sys.stderr)
 
 
 def main() -> int:

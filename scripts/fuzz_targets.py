@@ -79,7 +79,7 @@ def _load() -> dict[str, Callable[[bytes], None]]:
     from imagefs.format.container import Commit, ImageFile
     from imagefs.format.digest import node_digest
     from imagefs.format.packs import ChunkTable
-    from imagefs.format.records import MetaReader, decode_inode
+    from imagefs.format.records import Inode, MetaReader, decode_inode
 
     fd = os.memfd_create("imagefs-fuzz")
     path = f"/proc/self/fd/{fd}"
@@ -157,17 +157,16 @@ def _load() -> dict[str, Callable[[bytes], None]]:
         f.decode_payload(info, os.pread(fd, info.stored, F.HEADER_SIZE + F.FRAME_HEADER))
         f.read_frame_info(F.HEADER_SIZE)
 
-    def check_inode(ino: object) -> None:
+    def check_inode(ino: Inode) -> None:
         """A decoded record survives re-encoding, and its digest can be taken."""
-        enc = ino.encode()  # type: ignore[attr-defined]
+        enc = ino.encode()
         again = decode_inode(enc, "re-encoded record")
         for name in ("kind", "mode", "uid", "gid", "nlink", "size", "rdev", "mtime_ns",
                      "atime_ns", "ctime_ns", "digest", "xattrs", "extents", "target",
                      "entries"):
             a, b = getattr(ino, name), getattr(again, name)
             assert a == b, f"record field {name} changes when re-encoded: {a!r} -> {b!r}"
-        node_digest(ino, [bytes(32)] * len(ino.extents),  # type: ignore[attr-defined]
-                    [bytes(32)] * len(ino.entries))  # type: ignore[attr-defined]
+        node_digest(ino, [bytes(32)] * len(ino.extents), [bytes(32)] * len(ino.entries))
 
     def t_meta(data: bytes) -> None:
         head = F.FRAME.pack(F.FRAME_MAGIC + F.KIND_META, F.CODEC_STORED, len(data), len(data),

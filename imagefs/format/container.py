@@ -59,6 +59,7 @@ from imagefs.errors import (
 )
 
 from . import layout as F
+from .files import fsync_dir, pwrite_all
 
 
 def crash_point(name: str) -> None:
@@ -332,7 +333,7 @@ class ImageFile:
             os.fsync(fd)
             os.close(fd)
             os.link(tmp, path)
-            _fsync_dir(directory)
+            fsync_dir(directory)
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
@@ -533,12 +534,8 @@ class ImageFile:
         return self.append_frame(kind, payload, len(raw), F.CODEC_ZSTD)
 
     def _pwrite_all(self, data: bytes, off: int) -> None:
-        view = memoryview(data)
         try:
-            while view:
-                n = os.pwrite(self.fd, view, off)
-                view = view[n:]
-                off += n
+            pwrite_all(self.fd, data, off)
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise SystemFailure(self.path, "no space left on device; the image is "
@@ -630,9 +627,3 @@ def file_kind(mode: int) -> str:
     return "special file"
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
