@@ -1,7 +1,9 @@
 """Build the one C helper (imagefs/mount/_fuseshim.c: what pyfuse3 lacks, and fast paths beneath it).
 
-Everything else is in pyproject.toml.  The extension is optional: without a compiler or
-the libfuse3 headers the install still succeeds and mounts work without SEEK_HOLE."""
+Everything else is in pyproject.toml.  The extension is optional for pip: without a
+compiler or the libfuse3 headers the install still succeeds and mounts work without
+SEEK_HOLE, fallocate and the fast paths.  scripts/setup is not so lenient: it fails,
+naming what is missing, when the shim does not import after the install (docs/shim.md)."""
 
 import shlex
 import subprocess

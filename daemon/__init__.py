@@ -4,12 +4,16 @@ Clients speak JSON-RPC 2.0, one message a line (docs/api.md lists every method).
 public surface is below; the rest are private modules:
 
     protocol   the wire: framing, error codes
-    access     who the peer is (SO_PEERCRED) and which paths it may name
+    peers      who the peer is (SO_PEERCRED, SO_PEERGROUPS)
+    access     which paths a peer may name, and acting as it in a worker thread
     rpc        the method table and parameter checking
+    state      the daemon's configuration and what every handler reaches
     jobs       long work in threads, with progress and cancellation
     limits     how many worker threads one client (one user's jobs) may hold
-    api_*      the methods (images, sessions, jobs)
+    calls      what the methods share (threads of the caller's quota, job answers)
+    api_*      the methods (images, mounts, sessions, jobs)
     server     listening, connections, shutdown
+    forkserver the warm process that forks mounts for the daemon
     client     Client (blocking) and AsyncClient (trio)
 """
 

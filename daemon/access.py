@@ -19,7 +19,7 @@ Two layers:
   where the caller cannot look.
 
 The kernel tells us the peer's uid, gid and groups (SO_PEERCRED, SO_PEERGROUPS) when it
-connects.
+connects (peers.py).
 """
 
 from __future__ import annotations
@@ -29,56 +29,15 @@ import ctypes
 import grp
 import os
 import platform
-import pwd
-import socket
 import stat
-import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
 
-from imagefs.errors import DestinationError, NotAnImage, UsageError
+from imagefs.errors import DestinationError, NotAnImage, NotFound, UsageError
 from imagefs.format.container import file_kind
 
-from .protocol import INVALID_PARAMS, PERMISSION_DENIED, RpcError
-
-SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
-MAX_GROUPS = 256  # getsockopt's buffer is at most 1024 bytes in Python
-
-
-@dataclass(frozen=True)
-class Peer:
-    pid: int
-    uid: int
-    gid: int
-    groups: frozenset[int]
-
-    @property
-    def is_root(self) -> bool:
-        return self.uid == 0
-
-    @property
-    def user(self) -> str:
-        try:
-            return pwd.getpwuid(self.uid).pw_name
-        except KeyError:
-            return str(self.uid)
-
-    def who(self) -> dict[str, object]:
-        """The fields a history entry records about the caller."""
-        return {"uid": self.uid, "user": self.user}
-
-
-def peer_of(sock: socket.socket) -> Peer:
-    """The credentials the kernel recorded when the peer connected."""
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, uid, gid = struct.unpack("3i", raw)
-    groups: set[int] = {gid}
-    try:
-        graw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * MAX_GROUPS)
-        groups.update(struct.unpack(f"{len(graw) // 4}I", graw[:len(graw) // 4 * 4]))
-    except OSError:
-        pass  # an old kernel: the primary group only
-    return Peer(pid, uid, gid, frozenset(groups))
+from .limits import run_in_thread
+from .peers import Peer
+from .protocol import INVALID_PARAMS, NOT_FOUND, PERMISSION_DENIED, RpcError
 
 
 def group_id(name: str | None) -> int | None:
@@ -157,8 +116,8 @@ def checked_path(name: str, value: object, peer: Peer, want: str,
         _searchable(name, value, parent, peer)
     exists = os.path.lexists(real)
     if want != CREATE and not exists:
-        raise RpcError(-32003, f"{value}: no such file or directory",
-                       {"type": "NotFound", "exit_code": 3})
+        raise RpcError(NOT_FOUND, f"{value}: no such file or directory",
+                       {"type": NotFound.__name__, "exit_code": NotFound.exit_code})
     if not peer.is_root:
         if want == READ:
             _allowed(name, value, real, peer, os.R_OK)
@@ -176,8 +135,6 @@ async def check_path(name: str, value: object, peer: Peer, want: str,
     """checked_path in a worker thread of the caller's quota (a path on a filesystem that
     does not answer blocks its stat: that must stall this caller only).  The form of the
     path is checked first, at once."""
-    from .limits import run_in_thread
-
     path_param(name, value)
     return await run_in_thread(checked_path, name, value, peer, want, kind)
 

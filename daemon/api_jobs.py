@@ -8,13 +8,12 @@ from typing import Any
 
 import trio
 
+import imagefs
 from imagefs.places import state_dir
 
 from .jobs import Job
 from .protocol import NO_SUCH_JOB, NOT_CANCELLABLE, RpcError
 from .rpc import METHODS, Call, method, optional, required
-
-VERSION = "0.1.0"
 
 
 def own_job(call: Call, job_id: str) -> Job:
@@ -82,7 +81,8 @@ async def status(call: Call) -> Any:
     d = call.daemon
     jobs = d.jobs.jobs.values()
     return {
-        "version": VERSION, "pid": os.getpid(), "uptime": round(time.time() - d.started, 3),
+        "version": imagefs.__version__, "pid": os.getpid(),
+        "uptime": round(time.time() - d.started, 3),
         "socket": d.config.socket_path, "group": d.config.group,
         "state_dir": state_dir(), "stopping": d.stopping,
         "connections": d.connections,

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from .access import path_param
-from .api_images import in_thread
+from .calls import in_thread
 from .forkserver import MountRequest
 from .protocol import INVALID_PARAMS, RpcError
 from .rpc import Call, method, optional, required

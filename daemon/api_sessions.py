@@ -1,10 +1,10 @@
 """sessions.*: writable mounts opened for clients, committed or discarded through the daemon.
 
 A session's mount runs in its own process (forked from the daemon's fork server, as
-`imagefs mount --rw` would start it, with the caller's uid recorded as the owner), so a
-daemon that dies or restarts does not take the mounted trees with it; its staging is on
-disk either way.  A session belongs to the uid that opened it: nobody else but root may
-see its details, commit, discard or remount it.
+`imagefs mount --rw` would start it, with the caller's uid recorded as the owner, in the
+daemon's state directory), so a daemon that dies or restarts does not take the mounted
+trees with it; its staging is on disk either way.  A session belongs to the uid that
+opened it: nobody else but root may see its details, commit, discard or remount it.
 """
 
 from __future__ import annotations
@@ -17,11 +17,12 @@ from typing import Any
 import trio
 
 from imagefs.errors import Error, NoSuchSession
+from imagefs.places import state_dir
 from imagefs.session import mounts
 from imagefs.session.lifecycle import SessionInfo, find_session, list_sessions
 
 from .access import IMAGE, READ, WRITE, check_path, path_param, session_spec
-from .api_images import history_who, in_thread, job_answer
+from .calls import history_who, in_thread, job_answer
 from .forkserver import MountRequest
 from .jobs import JobContext
 from .rpc import Call, method, optional, required
@@ -71,7 +72,7 @@ async def mount_session(call: Call, image: str, index: int | str, mountpoint: st
     confined = [] if call.peer.is_root else ["nosuid,nodev"]
     request = MountRequest(image=image, index=str(index), mountpoint=mountpoint,
                            options=confined, writable=True, session=stale,
-                           owner=call.peer.uid)
+                           owner=call.peer.uid, state_dir=state_dir())
     # Waited for (the session must be known to stop it on shutdown); the fork server gives
     # up on a mount that is not ready within its ANSWER_TIMEOUT.
     await in_thread(call.daemon.fork_server.mount, request, abandon=False)

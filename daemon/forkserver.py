@@ -34,7 +34,7 @@ import threading
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from imagefs.errors import Error, MountRefused, SystemFailure
+from imagefs.errors import INTERNAL_ERROR, Error, MountRefused, SystemFailure
 
 log = logging.getLogger("imagefs.forkserver")
 MAX_REQUEST = 64 << 10
@@ -57,6 +57,7 @@ class MountRequest:
     writable: bool = False  # a session's mount: root's (uid 0), for `owner`
     session: str | None = None  # with writable: serve this stale session again
     owner: int | None = None  # with writable: whose session it is
+    state_dir: str | None = None  # with writable: where the session lives (the daemon's)
 
 
 class MountForkServer:
@@ -126,7 +127,8 @@ class MountForkServer:
             raise MountRefused(f"{request.mountpoint}: the mount's starter died before "
                                "it answered") from None
         if "error" in answer:
-            raise MountRefused(str(answer["error"]), int(answer.get("exit_code") or 8))
+            raise MountRefused(str(answer["error"]),
+                               int(answer.get("exit_code") or SystemFailure.exit_code))
         return dict(answer["record"])
 
     def close(self) -> None:
@@ -152,6 +154,7 @@ class MountForkServer:
 def serve(sock: socket.socket) -> None:
     """Fork a mount per request until the other end closes."""
     # Everything a mount process needs, imported once, here.
+    import psutil  # noqa: F401  (a stale session's remount asks whether its pid lives)
     from setproctitle import setproctitle
 
     import imagefs.format.packs  # noqa: F401
@@ -204,16 +207,16 @@ def _mount(message: bytes, answer_fd: int) -> dict[str, Any]:
             os.setgroups(req.groups)
             os.setgid(req.gid if req.gid is not None else req.uid)
             os.setuid(req.uid)
-        if req.run_dir:
-            os.environ["IMAGEFS_RUN_DIR"] = req.run_dir
-        if req.owner is not None:
-            os.environ["IMAGEFS_SESSION_OWNER"] = str(req.owner)
+        from imagefs.places import use_run_dir, use_state_dir
         from imagefs.session.lifecycle import SessionInfo
         from imagefs.session.mounts import start
 
+        use_run_dir(req.run_dir)  # None: this server's own (the daemon's environment's)
+        use_state_dir(req.state_dir)
         stale = SessionInfo.load(req.session) if req.session else None
         rec = start(req.image, req.index, req.mountpoint, req.options,
-                    writable=req.writable, session=stale, not_inherited=(answer_fd,))
+                    writable=req.writable, session=stale, owner=req.owner,
+                    not_inherited=(answer_fd,))
         return {"record": rec.to_json()}
     except Error as e:
         return {"error": e.message(), "exit_code": e.exit_code}
@@ -222,7 +225,7 @@ def _mount(message: bytes, answer_fd: int) -> dict[str, Any]:
                 "exit_code": SystemFailure.exit_code}
     except Exception as e:  # the answer must come, whatever happened
         log.exception("mount request failed")
-        return {"error": f"internal error: {type(e).__name__}: {e}", "exit_code": 70}
+        return {"error": f"internal error: {type(e).__name__}: {e}", "exit_code": INTERNAL_ERROR}
 
 
 def _answer(fd: int, doc: dict[str, Any]) -> None:

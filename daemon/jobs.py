@@ -40,7 +40,7 @@ import trio
 from imagefs.errors import Error
 
 from .limits import Quotas, as_limiter
-from .protocol import INTERNAL_ERROR, RpcError
+from .protocol import INTERNAL_ERROR, JOB_CANCELLED, RpcError
 
 log = logging.getLogger("imagefs.daemon")
 
@@ -49,8 +49,8 @@ FINISHED = (DONE, FAILED, CANCELLED)
 KEEP_FINISHED = 1000      # finished jobs remembered for jobs.get / jobs.list
 PROGRESS_INTERVAL = 0.2   # at most this often a job.progress notification per job
 SHUTDOWN_GRACE = 3.0      # seconds a cancelled job gets to stop before it is abandoned
-CANCELLED_ERROR = {"code": -32000, "message": "cancelled; nothing was changed"}
-ABANDONED_ERROR = {"code": -32000, "message": "cancelled: the daemon stopped and the work "
+CANCELLED_ERROR = {"code": JOB_CANCELLED, "message": "cancelled; nothing was changed"}
+ABANDONED_ERROR = {"code": JOB_CANCELLED, "message": "cancelled: the daemon stopped and the work "
                    "did not stop in time; nothing was published"}
 
 Subscriber = Callable[[str, dict[str, Any]], None]  # (notification method, params)
@@ -232,8 +232,7 @@ class JobManager:
             job.state, job.error = FAILED, RpcError.from_error(e).to_json()
         except OSError as e:
             job.state = FAILED
-            job.error = RpcError(-32008, f"{e.filename or ''}: {e.strerror}",
-                                 {"type": "SystemFailure", "exit_code": 8}).to_json()
+            job.error = RpcError.from_os_error(e).to_json()
         except Exception as e:  # a bug in the work: logged, the daemon goes on
             log.exception("job %s (%s) failed", job.id, job.method)
             job.state = FAILED

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 import trio
 
 if TYPE_CHECKING:
-    from .access import Peer
+    from .peers import Peer
 
 T = TypeVar("T")
 

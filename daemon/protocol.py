@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from imagefs.errors import Error
+from imagefs.errors import Error, NotFound, SystemFailure
 
 MAX_LINE = 1 << 20  # a longer request line is refused and its connection closed
 
@@ -23,6 +23,9 @@ INVALID_PARAMS = -32602
 INTERNAL_ERROR = -32603
 # The work failed: -(APP_BASE + the imagefs exit code).
 APP_BASE = 32000
+NOT_FOUND = -(APP_BASE + NotFound.exit_code)  # -32003: a path the caller names is missing
+SYSTEM_FAILURE = -(APP_BASE + SystemFailure.exit_code)  # -32008: the system refused (OSError)
+JOB_CANCELLED = -APP_BASE  # -32000: a job's error when it was cancelled (nothing changed)
 # Daemon-specific failures, below the range of imagefs exit codes.
 PERMISSION_DENIED = -32401
 LINE_TOO_LONG = -32402
@@ -63,11 +66,17 @@ class RpcError(Exception):
         return cls(-(APP_BASE + e.exit_code), e.message(),
                    {"type": type(e).__name__, "exit_code": e.exit_code})
 
+    @classmethod
+    def from_os_error(cls, e: OSError) -> RpcError:
+        """The answer for an OSError of the work: a SystemFailure, as the CLI reports it."""
+        return cls(SYSTEM_FAILURE, f"{e.filename or ''}: {e.strerror}",
+                   {"type": SystemFailure.__name__, "exit_code": SystemFailure.exit_code})
+
     @property
     def exit_code(self) -> int:
-        """The CLI exit code this error stands for (8, a system failure, when none)."""
+        """The CLI exit code this error stands for (a system failure's when none)."""
         code = self.data.get("exit_code")
-        return code if isinstance(code, int) else 8
+        return code if isinstance(code, int) else SystemFailure.exit_code
 
     def to_json(self) -> dict[str, Any]:
         doc: dict[str, Any] = {"code": self.code, "message": self.message}

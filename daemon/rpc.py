@@ -10,13 +10,13 @@ from __future__ import annotations
 import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .protocol import INVALID_PARAMS, RpcError
 
 if TYPE_CHECKING:
-    from .access import Peer
-    from .server import Connection, Daemon
+    from .peers import Peer
+    from .state import Daemon
 
 _MISSING: Any = object()
 
@@ -96,6 +96,13 @@ def required(*types: type, doc: str = "", minimum: float | None = None,
 def optional(*types: type, default: Any = None, doc: str = "", minimum: float | None = None,
              maximum: float | None = None) -> Param:
     return Param(types, False, default, doc, minimum, maximum)
+
+
+class Connection(Protocol):
+    """What a handler may do with the connection its call came on (server.Connection)."""
+
+    def notify(self, method: str, params: dict[str, Any]) -> None:
+        """Send the client a notification (job.progress, job.done)."""
 
 
 @dataclass(frozen=True)

@@ -34,28 +34,26 @@ import resource
 import signal
 import socket
 import stat
-import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
 from imagefs.errors import Error
+from imagefs.places import use_state_dir
 
 # The api_* modules register their methods as they are imported.
 from . import api_images, api_jobs, api_mounts, api_sessions  # noqa: F401
-from .access import Peer, admitted, group_id, peer_of
-from .client import DEFAULT_SOCKET
+from .access import admitted, group_id
 from .forkserver import MountForkServer
-from .jobs import SHUTDOWN_GRACE, JobManager
-from .limits import CLIENT_THREADS, SHARED_THREADS, Quotas, current_quota
+from .jobs import JobManager
+from .limits import Quotas, current_quota
+from .peers import Peer, peer_of
 from .protocol import (
     INTERNAL_ERROR,
     LINE_TOO_LONG,
     MAX_LINE,
     METHOD_NOT_FOUND,
     PERMISSION_DENIED,
-    SHUTTING_DOWN,
     TOO_BUSY,
     RpcError,
     encode,
@@ -65,49 +63,15 @@ from .protocol import (
     response,
 )
 from .rpc import METHODS, Call
+from .state import Config, Daemon
+
+__all__ = ["Config", "Daemon", "serve", "shutdown"]
 
 log = logging.getLogger("imagefs.daemon")
 
-LINE_TIMEOUT = 30.0      # a started line must be finished within this
-SEND_TIMEOUT = 10.0      # a reply the client does not take within this drops it
 OUT_QUEUE = 256          # answers and notifications waiting for a slow reader
 IN_FLIGHT = 16           # requests one connection may have running at once
-MAX_CONNECTIONS = 4096
 SD_LISTEN_FDS_START = 3
-
-
-@dataclass
-class Config:
-    socket_path: str = DEFAULT_SOCKET
-    state_dir: str | None = None
-    group: str | None = None
-    threads: int = 4                  # jobs that run at once
-    jobs_per_user: int | None = None  # of those, one user's (default: threads - 1, >= 1)
-    client_threads: int = CLIENT_THREADS  # quick requests of one client at once
-    shared_threads: int = SHARED_THREADS  # quick requests of all clients at once
-    line_timeout: float = LINE_TIMEOUT
-    send_timeout: float = SEND_TIMEOUT
-    max_connections: int = MAX_CONNECTIONS
-    shutdown_grace: float = SHUTDOWN_GRACE
-
-
-@dataclass
-class Daemon:
-    """The state every handler can reach through its Call."""
-
-    config: Config
-    group_gid: int | None
-    jobs: JobManager
-    fork_server: MountForkServer
-    quotas: Quotas = field(default_factory=Quotas)
-    started: float = field(default_factory=time.time)
-    connections: int = 0
-    stopping: bool = False
-
-    def check_accepting(self) -> None:
-        if self.stopping:
-            raise RpcError(SHUTTING_DOWN, "the daemon is shutting down; try again when it "
-                           "is back")
 
 
 class Connection:
@@ -227,9 +191,7 @@ class Connection:
         except Error as e:
             return error_response(request_id, RpcError.from_error(e))
         except OSError as e:
-            return error_response(request_id, RpcError(
-                -32008, f"{e.filename or ''}: {e.strerror}",
-                {"type": "SystemFailure", "exit_code": 8}))
+            return error_response(request_id, RpcError.from_os_error(e))
         except Exception as e:  # a bug: logged and answered, the daemon goes on
             log.exception("request %r failed", line[:200])
             return error_response(request_id, RpcError(
@@ -297,9 +259,18 @@ def raise_fd_limit() -> int:
 
 async def serve(config: Config, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     """Run the daemon until SIGTERM/SIGINT (or cancellation)."""
-    if config.state_dir:
+    previous = None
+    if config.state_dir:  # this process's sessions, and those its fork server mounts
         os.makedirs(config.state_dir, mode=0o700, exist_ok=True)
-        os.environ["IMAGEFS_STATE_DIR"] = os.path.abspath(config.state_dir)
+        previous = use_state_dir(config.state_dir)
+    try:
+        await _serve(config, task_status)
+    finally:
+        if config.state_dir:
+            use_state_dir(previous)
+
+
+async def _serve(config: Config, task_status: Any) -> None:
     gid = group_id(config.group)
     fd_limit = raise_fd_limit()
     max_conn = min(config.max_connections, max(16, fd_limit - 64))
@@ -324,8 +295,10 @@ async def serve(config: Config, *, task_status: Any = trio.TASK_STATUS_IGNORED) 
                          " ".join(adopted))
             async with trio.open_nursery() as conn_nursery:
                 conn_nursery.start_soon(_on_signals, daemon, conn_nursery.cancel_scope)
+                state = (os.path.abspath(config.state_dir) if config.state_dir
+                         else os.environ.get("IMAGEFS_STATE_DIR", "default"))
                 log.info("listening on %s (group %s, state %s)", config.socket_path,
-                         config.group or "-", os.environ.get("IMAGEFS_STATE_DIR", "default"))
+                         config.group or "-", state)
                 task_status.started(daemon)
                 await _accept(daemon, listener, conn_nursery, max_conn)
     finally:

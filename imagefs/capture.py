@@ -1,10 +1,10 @@
-"""Capture: walk a directory tree into Nodes, its content into chunks and packs.
+"""Capture: walk a directory tree into PendingInodes, its content into chunks and packs.
 
 The walk records every inode's full Linux metadata (lstat, xattrs incl. ACLs and
 security.capability, symlink targets, device numbers, hardlinks within the tree) and
 streams each regular file's data regions (holes skipped with SEEK_DATA/SEEK_HOLE) through
 FastCDC into the PackWriter, which stores each distinct chunk once.  `writer.write_tree`
-then turns the Node tree into metadata records.
+then turns the PendingInode tree into metadata records.
 """
 
 from __future__ import annotations
@@ -20,16 +20,9 @@ from imagefs.format import layout as F
 from imagefs.format.chunking import chunk_region, file_data
 from imagefs.format.packs import ChunkLoc, PackWriter
 from imagefs.format.records import Inode
-from imagefs.format.writer import Node
+from imagefs.format.writer import PendingInode
 
 from .errors import SourceError, UsageError
-
-
-def kind_of(mode: int) -> int:
-    return {
-        stat.S_IFREG: F.REG, stat.S_IFDIR: F.DIR, stat.S_IFLNK: F.LNK, stat.S_IFCHR: F.CHR,
-        stat.S_IFBLK: F.BLK, stat.S_IFIFO: F.FIFO, stat.S_IFSOCK: F.SOCK,
-    }[stat.S_IFMT(mode)]
 
 
 def read_xattrs(path: str | bytes) -> list[tuple[bytes, bytes]]:
@@ -52,7 +45,7 @@ def read_xattrs(path: str | bytes) -> list[tuple[bytes, bytes]]:
 
 
 class TreeCapture:
-    """Reads one source tree into a Node tree, feeding file content to a PackWriter."""
+    """Reads one source tree into a PendingInode tree, feeding file content to a PackWriter."""
 
     def __init__(self, packs: PackWriter, chunk_min: int, chunk_avg: int, chunk_max: int,
                  progress: Callable[[int], None] | None = None,
@@ -62,10 +55,10 @@ class TreeCapture:
         self.chunk_min = chunk_min
         self.progress = progress
         self.skip = skip  # (st_dev, st_ino) of the image file itself, if inside the source
-        self._links: dict[tuple[int, int], Node] = {}
+        self._links: dict[tuple[int, int], PendingInode] = {}
 
-    def scan(self, src: str) -> tuple[Node, int]:
-        """Walk src; return the root Node and the total bytes of regular files."""
+    def scan(self, src: str) -> tuple[PendingInode, int]:
+        """Walk src; return the root PendingInode and the total bytes of regular files."""
         try:
             st = os.lstat(src)
         except OSError as e:
@@ -111,8 +104,8 @@ class TreeCapture:
             node.children = children
         return root, total
 
-    def _node(self, path: bytes, st: os.stat_result) -> Node:
-        kind = kind_of(st.st_mode)
+    def _node(self, path: bytes, st: os.stat_result) -> PendingInode:
+        kind = F.KIND_OF_MODE[stat.S_IFMT(st.st_mode)]
         try:
             xattrs = read_xattrs(path)
             target = os.readlink(path) if kind == F.LNK else b""
@@ -126,12 +119,12 @@ class TreeCapture:
                     rdev=st.st_rdev if kind in (F.CHR, F.BLK) else 0,
                     mtime_ns=st.st_mtime_ns, atime_ns=st.st_atime_ns, ctime_ns=st.st_ctime_ns,
                     xattrs=xattrs, target=target)
-        node = Node(ino)
+        node = PendingInode(ino)
         if kind == F.REG:
             node.sparse_hint = st.st_blocks * 512 < st.st_size
         return node
 
-    def read_contents(self, root: Node) -> None:
+    def read_contents(self, root: PendingInode) -> None:
         """Chunk and store the content of every regular file under root (each inode once),
         in the order tar, cp -a and find walk a tree (depth first, names in order): a
         reader of the whole mounted tree then goes through the packs front to back."""
@@ -148,7 +141,7 @@ class TreeCapture:
             else:
                 stack.pop()
 
-    def _read_file(self, node: Node) -> None:
+    def _read_file(self, node: PendingInode) -> None:
         path = node.source
         assert path is not None
         # O_NONBLOCK: a file swapped for a FIFO since the scan must not hang the capture.
@@ -186,7 +179,7 @@ class TreeCapture:
             return [(0, size)]
         return list(file_data(fd, 0, size))
 
-    def _read_region(self, fd: int, start: int, end: int, node: Node) -> None:
+    def _read_region(self, fd: int, start: int, end: int, node: PendingInode) -> None:
         node.locs.extend(chunk_region(lambda off, n: os.pread(fd, n, off), start, end,
                                       self.cdc, self.chunk_min, self._store,
                                       self._progressed))

@@ -11,6 +11,10 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+# The exit code of an error that is none of these: a bug in imagefs (the CLI's last
+# boundary, and a mount request the daemon's fork server could not answer otherwise).
+INTERNAL_ERROR = 70
+
 
 class Error(Exception):
     """Error: {}"""
@@ -170,9 +174,9 @@ class MountRefused(SystemFailure):
     """{}"""
 
     # exit_code: the code of the refusal by a mount process, or by the process that
-    # started it (8 when it gives none)
+    # started it (a system failure's, 8, when it gives none)
 
-    def __init__(self, message: str, code: int = 8) -> None:
+    def __init__(self, message: str, code: int = SystemFailure.exit_code) -> None:
         super().__init__(message)
         self.exit_code = code  # type: ignore[misc]
 
@@ -180,9 +184,10 @@ class MountRefused(SystemFailure):
 class DaemonRefused(SystemFailure):
     """{}"""
 
-    # exit_code: the code the daemon's answer carries (8 when it gives none)
+    # exit_code: the code the daemon's answer carries (a system failure's, 8, when it
+    # gives none)
 
-    def __init__(self, message: str, code: int = 8) -> None:
+    def __init__(self, message: str, code: int = SystemFailure.exit_code) -> None:
         super().__init__(message)
         self.exit_code = code  # type: ignore[misc]
 

@@ -10,25 +10,25 @@ gets the indices appended, in one commit.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 from collections.abc import Callable
 from typing import Any
 
 from imagefs.format import layout as F
 from imagefs.format.container import ImageFile
+from imagefs.format.files import pwrite_all
 from imagefs.format.packs import PackWriter
 from imagefs.format.view import IndexView
-from imagefs.format.writer import Node, Transaction, add_index, history_entry
+from imagefs.format.writer import PendingInode, Transaction, add_index, history_entry
 
 from .errors import CorruptImage, DestinationError, UsageError
 from .image import Image, check_level, check_new_name, is_image_file
 
 
 def copy_tree(view: IndexView, packs: PackWriter,
-              progress: Callable[[int], None] | None = None) -> Node:
-    """The index as a Node tree whose content is (re)stored through packs."""
-    root = Node(view.root())
+              progress: Callable[[int], None] | None = None) -> PendingInode:
+    """The index as a PendingInode tree whose content is (re)stored through packs."""
+    root = PendingInode(view.root())
     nodes = {root.ino.ref: root}
     stack = [root]
     while stack:
@@ -37,7 +37,7 @@ def copy_tree(view: IndexView, packs: PackWriter,
         for name, _kind, ref in node.ino.entries:
             child = nodes.get(ref)
             if child is None:
-                child = nodes[ref] = Node(view.get(ref))
+                child = nodes[ref] = PendingInode(view.get(ref))
                 if child.ino.kind == F.DIR:
                     stack.append(child)
                 elif child.ino.kind == F.REG:
@@ -122,21 +122,15 @@ def _export_into(image: Image, numbers: list[int], out: ImageFile, level: int,
     return new
 
 
-_AT_FDCWD = -100
-_AT_SYMLINK_FOLLOW = 0x400
-
-
 def _link_unnamed(fd: int, dest: str) -> None:
-    """Give the O_TMPFILE file fd the name dest (linkat with AT_SYMLINK_FOLLOW through
-    /proc, which os.link does not offer); FileExistsError if dest exists."""
+    """Give the O_TMPFILE file fd the name dest; FileExistsError if dest exists.  os.link
+    with a dst_dir_fd calls linkat(2) with AT_SYMLINK_FOLLOW, which links the file that
+    /proc/self/fd/FD names, not the magic link itself."""
     os.fsync(fd)
-    libc = ctypes.CDLL(None, use_errno=True)
-    src = f"/proc/self/fd/{fd}".encode()
-    if libc.linkat(_AT_FDCWD, src, _AT_FDCWD, os.fsencode(dest), _AT_SYMLINK_FOLLOW) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), dest)
-    dirfd = os.open(os.path.dirname(os.path.abspath(dest)), os.O_RDONLY | os.O_DIRECTORY)
+    dirfd = os.open(os.path.dirname(os.path.abspath(dest)),
+                    os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
+        os.link(f"/proc/self/fd/{fd}", os.path.basename(dest), dst_dir_fd=dirfd)
         os.fsync(dirfd)
     finally:
         os.close(dirfd)
@@ -152,7 +146,7 @@ def _new_unnamed(dest: str) -> ImageFile:
         raise DestinationError(dest, e.strerror) from None
     try:
         header = ImageFile.new_header()
-        os.pwrite(fd, header, 0)
+        pwrite_all(fd, header, 0)
         return ImageFile(dest, fd, ImageFile.parse_header(dest, fd), writable=True)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -96,17 +96,27 @@ class Image:
         return IndexView(self.file, number, entry)
 
 
-def select_index(commit: Commit, spec: str | int, path: str) -> tuple[int, IndexEntry]:
-    indices = commit.indices
+def find_index(indices: list[IndexEntry], spec: str | int, by_number: bool = True
+               ) -> tuple[int, IndexEntry] | None:
+    """(number from 1, entry) of the index spec names: a number (unless by_number is
+    False: a session remembers its index by name only), else a name; None if none."""
     s = str(spec)
-    if s.isdigit():
+    if by_number and s.isdigit():
         n = int(s)
         if 1 <= n <= len(indices):
             return n, indices[n - 1]
     for i, e in enumerate(indices, 1):
         if e.name == s:
             return i, e
-    raise NoSuchIndex(path, s, len(indices))
+    return None
+
+
+def select_index(commit: Commit, spec: str | int, path: str) -> tuple[int, IndexEntry]:
+    """find_index, or NoSuchIndex naming the image at path."""
+    found = find_index(commit.indices, spec)
+    if found is None:
+        raise NoSuchIndex(path, str(spec), len(commit.indices))
+    return found
 
 
 def check_new_name(commit: Commit, name: str) -> None:

@@ -16,9 +16,12 @@ and fixtures of the same names (for tests that prefer arguments):
   unmounts, also when the test fails (see unmount_hard); mounted_rw does the same with
   --rw (a session, discarded at the end unless committed).  kill_mount(rec) SIGKILLs one.
 
+- public_dir(prefix) -> Path: a directory under /tmp that every uid may enter (pytest's
+  tmp_path is root's 0700), removed when the test ends.
+
 Every test session gets its own IMAGEFS_RUN_DIR (mount records and logs) and
-IMAGEFS_STATE_DIR (sessions); at its end any fuse.imagefs mount under the session's temp
-directories is unmounted and reported.
+IMAGEFS_STATE_DIR (sessions), removed at its end; then any fuse.imagefs mount under the
+session's temp directories is unmounted and reported.  Tests leave nothing in /tmp.
 
 Session fixtures: minbase_slice (a copy of parts of bookworm-minbase), every_type_tree
 (tests/treegen.py), many_files_image (an image whose index 1 "many" holds 1000
@@ -33,6 +36,7 @@ import errno
 import functools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -228,6 +232,33 @@ def kill_mount(rec: dict) -> None:
     assert wait_until(lambda: not is_mounted(rec["mountpoint"]), 10)
 
 
+_public_dirs: list[Path] = []
+
+
+def public_dir(prefix: str) -> Path:
+    """A directory every uid may enter (pytest's tmp_path is root's 0700), removed at the
+    end of the test that made it."""
+    d = Path(tempfile.mkdtemp(prefix=prefix))
+    d.chmod(0o755)
+    _public_dirs.append(d)
+    return d
+
+
+@pytest.fixture(autouse=True)
+def _public_dirs_removed() -> Iterator[None]:
+    """Remove the test's public_dir()s; a mount left in one is unmounted and reported."""
+    yield
+    left = []
+    while _public_dirs:
+        d = _public_dirs.pop()
+        inside = [m for m in kernel_imagefs_mounts() if m.startswith(f"{d}/")]
+        for m in inside:
+            unmount_hard(m, None)
+        left += inside
+        shutil.rmtree(d, ignore_errors=True)
+    assert not left, f"the test left imagefs mounts behind: {left}"
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_run_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Mount records and logs of this session in a directory of its own; at the end no
@@ -252,6 +283,8 @@ def _isolated_run_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+        if not any(m.startswith(f"{run}/") for m in kernel_imagefs_mounts()):
+            shutil.rmtree(run, ignore_errors=True)
         assert not left, f"tests left imagefs mounts behind: {left}"
 
 

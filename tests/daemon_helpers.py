@@ -1,6 +1,6 @@
-"""Helpers for the daemon tests: an in-process daemon (pytest-trio), a daemon in a child
-process (for SIGKILL and SIGTERM), and clients that run as other users (forked children that
-drop to another uid and groups before they connect)."""
+"""Helpers for the daemon tests: images to serve, an in-process daemon (pytest-trio), a
+daemon in a child process (for SIGKILL and SIGTERM), and clients that run as other users
+(forked children that drop to another uid and groups before they connect)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,20 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import trio
-from conftest import REPO, is_mounted, kernel_imagefs_mounts, pid_alive, wait_until
+from conftest import (
+    REPO,
+    is_mounted,
+    kernel_imagefs_mounts,
+    pid_alive,
+    public_dir,
+    run_imagefs,
+    wait_until,
+)
 
 from daemon.client import AsyncClient, Client
 from daemon.protocol import RpcError
@@ -26,11 +33,25 @@ OTHER_GID = 47124       # a group that is not the daemon's
 NOBODY = 65534
 
 
-def public_dir(prefix: str) -> Path:
-    """A directory every uid may enter (pytest's tmp_path is root's 0700)."""
-    d = Path(tempfile.mkdtemp(prefix=prefix))
-    d.chmod(0o755)
-    return d
+def two_index_image(tmp_path: Path) -> Path:
+    """tmp_path/small.imagefs: indices "base" and "second" of the same small tree (an
+    /etc/hostname and 1 MiB of random data)."""
+    src = tmp_path / "src"
+    (src / "etc").mkdir(parents=True)
+    (src / "etc" / "hostname").write_text("golden\n")
+    (src / "data").write_bytes(os.urandom(1 << 20))
+    image = tmp_path / "small.imagefs"
+    run_imagefs("capture", src, image, "--name", "base")
+    run_imagefs("capture", src, image, "--name", "second")
+    return image
+
+
+def big_tree(root: Path, mib: int = 48) -> Path:
+    """Incompressible bytes, enough that a capture or export takes a while."""
+    root.mkdir()
+    for i in range(mib // 8):
+        (root / f"f{i}").write_bytes(os.urandom(8 << 20))
+    return root
 
 
 @contextlib.asynccontextmanager
@@ -195,6 +216,6 @@ def end_sessions(state: Path, under: Path) -> None:
             subprocess.run(["umount", "-l", m], capture_output=True)
 
 
-__all__ = ["NOBODY", "OTHER_GID", "TEST_GID", "DaemonProcess", "as_user", "call_as_async",
-           "call_as", "client", "daemon_in_process", "daemon_process", "end_sessions",
-           "is_mounted", "public_dir"]
+__all__ = ["NOBODY", "OTHER_GID", "TEST_GID", "DaemonProcess", "as_user", "big_tree",
+           "call_as_async", "call_as", "client", "daemon_in_process", "daemon_process",
+           "end_sessions", "is_mounted", "public_dir", "two_index_image"]

@@ -34,8 +34,8 @@ from imagefs.format import layout as F
 from imagefs.format.container import ImageFile
 from imagefs.format.packs import ChunkLoc
 from imagefs.format.records import Inode
+from imagefs.format.writer import PendingInode as Node
 from imagefs.format.writer import (
-    Node,
     Transaction,
     TreeStats,
     add_index,

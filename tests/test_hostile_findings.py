@@ -35,7 +35,7 @@ from imagefs.format import layout as F
 from imagefs.format.container import ImageFile
 from imagefs.format.packs import ChunkLoc
 from imagefs.format.view import image_path_parts
-from imagefs.format.writer import Node
+from imagefs.format.writer import PendingInode as Node
 from imagefs.image import capture
 
 # ---- crafting helpers (tests/crafted.py writes the frames and slots, checksums valid) -----

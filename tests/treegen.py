@@ -315,7 +315,8 @@ def build_many_files_image(path: Path, ndirs: int = 1000, files_per_dir: int = 5
     after its walk.  500 000 files take ~20 s here."""
     from imagefs.format import layout as F
     from imagefs.format.records import Inode
-    from imagefs.format.writer import Node, Transaction, add_index, history_entry
+    from imagefs.format.writer import PendingInode as Node
+    from imagefs.format.writer import Transaction, add_index, history_entry
     from imagefs.image import open_for_writing
 
     t = 1_700_000_000_123_456_789

@@ -14,14 +14,30 @@ import os
 import sys
 from collections.abc import Sequence
 
-from imagefs.errors import Error, Interrupted, SystemFailure, one_line
+from imagefs.errors import INTERNAL_ERROR, Error, Interrupted, SystemFailure, one_line
 
 # Verb modules in the order `--help` lists them; only the verb asked for is imported (the
 # others' imports would cost every command a tenth of a second).
 VERBS = ["capture", "info", "ls", "cat", "extract", "apply", "verify", "delete", "export",
          "diff", "mount", "unmount", "mounts", "commit", "remount", "cleanup", "daemon"]
 
-INTERNAL_ERROR = 70
+
+
+class _Version(argparse.Action):
+    """--version: `imagefs VERSION`, the version looked up only when asked for (reading
+    the package's metadata would cost every command its import)."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS,
+                 default: str = argparse.SUPPRESS,
+                 help: str = "show program's version number and exit") -> None:
+        super().__init__(option_strings, dest, nargs=0, default=default, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        import imagefs
+
+        print(f"imagefs {imagefs.__version__}")
+        parser.exit()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -42,7 +58,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                "4 bad or damaged image, 5 newer format, 6 locked, 7 destination, "
                "8 system error, 70 internal error, 130 interrupted.",
     )
-    parser.add_argument("--version", action="version", version="imagefs 0.1.0")
+    parser.add_argument("--version", action=_Version)
     sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
     sub.required = True
     for verb in VERBS:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from imagefs.errors import DaemonRefused, SystemFailure, UsageError
+from imagefs.errors import DaemonRefused, Interrupted, SystemFailure, UsageError
 
 if TYPE_CHECKING:
     from daemon.client import Client
@@ -93,9 +93,9 @@ def run_job(c: Client, job: dict[str, Any], bar: Progress | None = None) -> Any:
     if end.get("state") != "done":
         err = end.get("error") or {}
         data = err.get("data") or {}
+        default = Interrupted if end.get("state") == "cancelled" else SystemFailure
         raise DaemonRefused(str(err.get("message") or end.get("state")),
-                            int(data.get("exit_code", 130 if end.get("state") == "cancelled"
-                                          else 8)))
+                            int(data.get("exit_code", default.exit_code)))
     return end.get("result")
 
 

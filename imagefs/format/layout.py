@@ -50,6 +50,7 @@ Commit payload: UTF-8 JSON, see container.Commit.
 
 from __future__ import annotations
 
+import stat
 import struct
 
 MAGIC = b"IMAGEFS\0"
@@ -124,6 +125,12 @@ REG, DIR, LNK, CHR, BLK, FIFO, SOCK = range(1, 8)
 KIND_NAMES = {
     REG: "file", DIR: "dir", LNK: "symlink", CHR: "chardev", BLK: "blockdev",
     FIFO: "fifo", SOCK: "socket",
+}
+# The kind of an inode whose st_mode has this file type (stat.S_IFMT(mode)): a capture's
+# lstat and a writable mount's mknod/create come in as modes, the records hold kinds.
+KIND_OF_MODE = {
+    stat.S_IFREG: REG, stat.S_IFDIR: DIR, stat.S_IFLNK: LNK, stat.S_IFCHR: CHR,
+    stat.S_IFBLK: BLK, stat.S_IFIFO: FIFO, stat.S_IFSOCK: SOCK,
 }
 MAX_XATTR_VALUE = 64 * 1024
 MAX_SYMLINK = 4096

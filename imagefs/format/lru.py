@@ -3,6 +3,20 @@
 The readers keep three caches of this kind: decompressed packs and metadata blocks (weighed
 in bytes) and decoded inodes (weighed by their extents and entries).  The most recently
 added value is never evicted, so one value heavier than the bound still fits alone.
+
+Why not cachetools.LRUCache(maxsize, getsizeof=...): behind this same interface (a lock,
+a popitem override to report evictions, weights capped at the bound so that a heavy value
+still fits alone) it was slower on the hot paths.  timeit, CPython 3.11, cachetools 8.0,
+ns per operation, this class vs cachetools (issue 13):
+
+    cache (bound, value weight)        get hit        miss + put + eviction
+    packs (256 MiB, 1.25 MiB)          232 vs 339     705 vs 1482
+    metadata (24 MiB, 64 KiB)          235 vs 343     752 vs 1543
+    inodes (32 768, 4)                 250 vs 365     710 vs 1487
+    images.info answers (512, 1)       240 vs 352     714 vs 1467
+
+(+46 % on hits, about twice as slow on misses; reading hits through __getitem__ instead
+of .get brings hits to +17 % but misses to three times as slow.)
 """
 
 from __future__ import annotations

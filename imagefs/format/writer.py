@@ -20,18 +20,20 @@ from . import layout as F
 from .container import Commit, ImageFile, IndexEntry, crash_point, now_iso
 from .digest import node_digest
 from .packs import ChunkLoc, ChunkTable, PackWriter
-from .records import Inode, MetaWriter
+from .records import Dirent, Inode, MetaWriter
 
 MAX_TABLE_SEGMENTS = F.MAX_TABLE_SEGMENTS  # the name tests and older callers know
 
 
-
 @dataclass(eq=False, slots=True)
-class Node:
-    """An inode on its way into the image: attributes, children or content locations."""
+class PendingInode:
+    """An inode on its way into the image (capture, export, tests' crafted trees): its
+    record `ino` to be completed and written, its children (directories) or the locations
+    of its content's chunks (files).  `ref` is set once its record is written, or beforehand
+    to reuse a record the image already holds."""
 
     ino: Inode
-    children: list[tuple[bytes, Node]] | None = None
+    children: list[tuple[bytes, PendingInode]] | None = None
     locs: list[tuple[int, ChunkLoc]] = field(default_factory=list)
     source: bytes | None = None
     sparse_hint: bool = False
@@ -47,7 +49,26 @@ class TreeStats:
     bytes: int
 
 
-def write_tree(meta: MetaWriter, root: Node) -> TreeStats:
+def finish_directory(rec: Inode, entries: list[Dirent], child_digests: list[bytes]) -> None:
+    """Complete a directory's record from its entries (name, kind, child ref; in name order)
+    and its children's digests: entries, size, nlink and digest.  The one place a directory
+    record is built, for a whole tree (write_tree) and for a session's commit."""
+    rec.entries = entries
+    rec.size = len(entries)
+    rec.nlink = 2 + sum(1 for _n, kind, _r in entries if kind == F.DIR)
+    rec.digest = node_digest(rec, (), child_digests)
+
+
+def finish_leaf(rec: Inode, locs: list[tuple[int, ChunkLoc]]) -> None:
+    """Complete a non-directory's record: a file's extents from the (file offset, ChunkLoc)
+    of its chunks in offset order (none for other kinds), and the digest."""
+    if rec.kind == F.REG:
+        rec.extents = [(off, loc.pack_id(), loc.offset, loc.length, loc.xxh)
+                       for off, loc in locs]
+    rec.digest = node_digest(rec, [loc.sha for _o, loc in locs], ())
+
+
+def write_tree(meta: MetaWriter, root: PendingInode) -> TreeStats:
     """Write every record under root, each inode once: first the non-directories, one
     directory's worth at a time, then all directories, children before parents.
 
@@ -55,7 +76,7 @@ def write_tree(meta: MetaWriter, root: Node) -> TreeStats:
     attributes (`ls -l /`, a mount's readdirplus) reads a few blocks, not one per child."""
     files = dirs = nbytes = 0
     # Pre-order list of directories (the root first); a directory is expanded once.
-    order: list[Node] = []
+    order: list[PendingInode] = []
     stack = [root]
     while stack:
         node = stack.pop()
@@ -69,33 +90,23 @@ def write_tree(meta: MetaWriter, root: Node) -> TreeStats:
     for node in reversed(order):  # every subdirectory comes after its parent in order
         if node.ref is not None:
             continue
-        ino = node.ino
         kids = node.children or []
-        ino.entries = [(name, child.ino.kind, child.ref or 0) for name, child in kids]
-        ino.size = len(kids)
-        ino.nlink = 2 + sum(1 for _n, child in kids if child.ino.kind == F.DIR)
-        ino.digest = node_digest(ino, (), [child.ino.digest for _n, child in kids])
+        finish_directory(node.ino, [(name, child.ino.kind, child.ref or 0) for name, child in kids],
+                         [child.ino.digest for _n, child in kids])
         dirs += 1
         files += sum(1 for _n, child in kids if child.ino.kind != F.DIR)
-        node.ref = meta.add(ino.encode())
+        node.ref = meta.add(node.ino.encode())
     assert root.ref is not None
     return TreeStats(root.ref, root.ino.digest, files, dirs, nbytes)
 
 
-def _write_leaf(meta: MetaWriter, node: Node) -> int:
+def _write_leaf(meta: MetaWriter, node: PendingInode) -> int:
     """Write a non-directory's record; returns its bytes if it is a regular file."""
     ino = node.ino
-    size = 0
-    if ino.kind == F.REG:
-        ino.extents = [(off, loc.pack_id(), loc.offset, loc.length, loc.xxh)
-                       for off, loc in node.locs]
-        ino.digest = node_digest(ino, [loc.sha for _o, loc in node.locs], ())
-        size = ino.size
-    else:
-        ino.digest = node_digest(ino, (), ())
+    finish_leaf(ino, node.locs)
     node.ref = meta.add(ino.encode())
     node.locs = []
-    return size
+    return ino.size if ino.kind == F.REG else 0
 
 
 def history_entry(action: str, who: dict[str, Any] | None = None,
@@ -157,7 +168,7 @@ class Transaction:
             self.packs = None
         crash_point("after-packs")
 
-    def write_tree(self, root: Node) -> TreeStats:
+    def write_tree(self, root: PendingInode) -> TreeStats:
         """Finish the packs, then write root's records; returns what to put in the index."""
         self.finish_packs()
         meta = MetaWriter(self.image, self.level)

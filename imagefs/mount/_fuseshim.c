@@ -51,6 +51,12 @@
  * Nothing else of pyfuse3 is touched.  If this module is missing, mounts still work (more
  * slowly); holes then read as zeros but are not reported by lseek, fallocate fails with
  * EOPNOTSUPP, and setxattr ignores its flags.
+ *
+ * The contract with pyfuse3 and libfuse (written against and tested with pyfuse3 3.5.0 and
+ * libfuse 3.14.0; what the fast paths assume of pyfuse3's private request loop; how they
+ * are turned off) is docs/shim.md.  imagefs/mount/shim.py loads this module and turns the
+ * fast paths off for versions it does not know.  SHIM_API below changes whenever the
+ * Python side must change with this file: shim.py does not use a build of another API.
  */
 #define _GNU_SOURCE  /* ppoll */
 #define PY_SSIZE_T_CLEAN
@@ -68,6 +74,17 @@
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
+
+/* The interface shim.py expects (configure's arguments, the functions below); a build
+ * with another number is stale and not used (shim.py: API). */
+#define SHIM_API 2
+
+/* lseek (3.8) and FUSE_CAP_CACHE_SYMLINKS (3.10) are needed. */
+#if FUSE_MAJOR_VERSION != 3 || FUSE_MINOR_VERSION < 10
+#error "_fuseshim needs the libfuse 3.10 or newer headers (libfuse3-dev)"
+#endif
+#define SHIM_STR(x) #x
+#define SHIM_XSTR(x) SHIM_STR(x)
 
 typedef struct fuse_session *(*session_new_fn)(struct fuse_args *,
                                                const struct fuse_lowlevel_ops *, size_t,
@@ -992,6 +1009,21 @@ static PyObject *active(PyObject *self, PyObject *unused)
     return PyBool_FromLong(installed);
 }
 
+/* The version of the libfuse3.so.3 this process runs (pyfuse3's), or None. */
+static PyObject *libfuse_version(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+    void *lib = dlopen("libfuse3.so.3", RTLD_LAZY | RTLD_NOLOAD);
+    if (lib == NULL)
+        Py_RETURN_NONE;
+    const char *(*pkgversion)(void) = (const char *(*)(void))dlsym(lib, "fuse_pkgversion");
+    const char *v = pkgversion == NULL ? NULL : pkgversion();
+    PyObject *r = v == NULL ? Py_NewRef(Py_None) : PyUnicode_FromString(v);
+    dlclose(lib);  /* the reference RTLD_NOLOAD took; pyfuse3 keeps its own */
+    return r;
+}
+
 static PyMethodDef methods[] = {
     {"configure", configure, METH_VARARGS,
      "configure(lseek, cache_symlinks, handles_are_inodes[, fallocate[, setxattr[, "
@@ -1002,16 +1034,30 @@ static PyMethodDef methods[] = {
      "set_drain_wait(microseconds): how long a drain waits for the next request"},
     {"active", active, METH_NOARGS,
      "True once pyfuse3's fuse_session_new() call went through this module"},
+    {"libfuse_version", libfuse_version, METH_NOARGS,
+     "the version of the loaded libfuse3.so.3 (fuse_pkgversion()), or None if not loaded"},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "imagefs._fuseshim",
-    "lseek, fallocate, setxattr flags and symlink caching beneath pyfuse3", -1, methods,
-    NULL, NULL, NULL, NULL,
+    PyModuleDef_HEAD_INIT, "imagefs.mount._fuseshim",
+    "lseek, fallocate, setxattr flags, symlink caching and fast paths beneath pyfuse3 "
+    "(docs/shim.md)", -1, methods, NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC PyInit__fuseshim(void)
 {
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    /* API: see SHIM_API.  LIBFUSE_HEADERS: the libfuse headers this build was compiled
+     * with (its struct layouts), "major.minor". */
+    if (PyModule_AddIntConstant(m, "API", SHIM_API) < 0
+            || PyModule_AddStringConstant(m, "LIBFUSE_HEADERS",
+                                          SHIM_XSTR(FUSE_MAJOR_VERSION) "."
+                                          SHIM_XSTR(FUSE_MINOR_VERSION)) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

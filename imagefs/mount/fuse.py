@@ -1,11 +1,13 @@
 """The FUSE side of a mount: what read-only and writable mounts share (BaseOperations:
 the error boundary, attributes, fast paths, the serving loop), and the read-only
-adapter over vfs.IndexTree.  The writable one is fuse_rw.py.
+adapter over tree.IndexTree.  The writable one is imagefs/session/fuse.py.
 
 Requests that never wait (lookup, getattr, xattrs, readlink, read, write, flush, release,
 forget) are answered by plain functions called from _fuseshim, which then drains the
 requests already waiting without going back to the trio loop; the rest go through
-pyfuse3's coroutines.  IMAGEFS_NO_FAST_PATHS=1 turns the fast paths off (to compare).
+pyfuse3's coroutines.  The fast paths are off (pyfuse3's coroutines answer everything)
+with IMAGEFS_NO_FAST_PATHS=1, without the shim, and with pyfuse3 or libfuse versions the
+shim does not know (shim.py, docs/shim.md); the mount's log then says so once.
 
 Every handler passes through one boundary: an answer the filesystem gives on purpose
 (ENOENT, ENOTDIR, ENXIO...) goes back as its errno; damage in the image becomes EIO and one
@@ -28,19 +30,15 @@ import logging
 import os
 import signal
 import sqlite3
-import sys
 from collections.abc import Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar
 
-# The shim must be loaded, with its symbols global, before pyfuse3 binds fuse_session_new.
-_dlflags = sys.getdlopenflags()
-try:
-    sys.setdlopenflags(_dlflags | os.RTLD_GLOBAL)
-    from . import _fuseshim  # type: ignore[attr-defined]
-except ImportError:  # built without a compiler: mounts work, lseek reports no holes
-    _fuseshim = None
-finally:
-    sys.setdlopenflags(_dlflags)
+# The shim must be loaded, with its symbols global, before pyfuse3 binds fuse_session_new:
+# shim.py does that, then imports pyfuse3.
+from . import shim
+
+# None when the shim is not built (mounts work, lseek reports no holes) or out of date.
+_fuseshim = shim.shim()
 
 import pyfuse3  # noqa: E402
 import trio  # noqa: E402
@@ -87,7 +85,7 @@ class BaseOperations(pyfuse3.Operations):
     """What both kinds of mount share: the error boundary, INIT, attributes, lseek."""
 
     packs: PackReader
-    tree: Any  # the inode layer: vfs.IndexTree, or overlay.SessionTree
+    tree: Any  # the inode layer: tree.IndexTree, or imagefs.session.tree.SessionTree
     drain_wait_us = 0  # see _fuseshim's drain(): how long to wait there for a request
 
     def __init__(self, label: str) -> None:
@@ -114,7 +112,9 @@ class BaseOperations(pyfuse3.Operations):
     # returns its answer or a negative errno, through the same errno boundary.
 
     def fast_handlers(self) -> dict[str, Callable[..., Any]] | None:
-        if os.environ.get("IMAGEFS_NO_FAST_PATHS"):
+        """The fast handlers for _fuseshim.configure, or None: the fast paths are off
+        (IMAGEFS_NO_FAST_PATHS, or versions the shim does not know: shim.fast_paths_off)."""
+        if shim.fast_paths_off():
             return None
         return {name: self._fast(name, fn) for name, fn in self.fast_functions().items()}
 
@@ -378,10 +378,13 @@ def serve(ops: BaseOperations, mountpoint: str, options: set[str],
     if _fuseshim is not None:
         _fuseshim.configure(*ops.shim_handlers())
         _fuseshim.set_drain_wait(ops.drain_wait_us)
+    shim.say_once(ops.label)  # the one line saying the fast paths are off, and why
     pyfuse3.init(ops, mountpoint, options)
     try:
-        if _fuseshim is None or not _fuseshim.active():
-            log.warning("lseek shim not active: SEEK_HOLE will not report holes")
+        if _fuseshim is not None and not _fuseshim.active():
+            log.warning("%s: the C shim is not beneath pyfuse3 (its fuse_session_new() was "
+                        "not called): no fast paths, SEEK_HOLE will not report holes",
+                        ops.label)
         start_guardian(mountpoint)
         trio.run(_serve, ops, mountpoint, ready)
     finally:
@@ -416,7 +419,7 @@ def start_guardian(mountpoint: str) -> None:
     other end only this process holds.  (libfuse's auto_unmount would do the same through
     fusermount3, but forces nosuid,nodev, which a root mount of an OS image must not have.)
     """
-    from .kernel import find_mount
+    from .kernel import find_mount, umount
 
     m = find_mount(mountpoint)
     if m is None:
@@ -437,10 +440,7 @@ def start_guardian(mountpoint: str) -> None:
         os.read(r, 1)
         now = find_mount(mountpoint)
         if now is not None and now.device == m.device:
-            import ctypes
-
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.umount2(os.fsencode(mountpoint), 2)  # MNT_DETACH
+            umount(mountpoint, lazy=True)
     finally:
         os._exit(0)
 

@@ -1,19 +1,23 @@
 """What the kernel says: which filesystems are mounted where, which processes are alive and
-which of them use a mount, and the one way imagefs detaches a mount.
+which of them use a mount, who is at the other end of a Unix socket, and the one way
+imagefs detaches a mount.
 
 /proc/self/mountinfo is the truth about what is mounted (a mount record can outlive its
 mount); a FUSE mount whose server died answers ENOTCONN.  Unmounting is umount2(2) as root
-and fusermount3 -u otherwise; EBUSY means processes still use the mount.
+and fusermount3 -u otherwise; EBUSY means processes still use the mount.  Processes are
+psutil's (imported when asked about: mounting never needs it).
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno
 import os
+import struct
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 FSTYPE = "fuse.imagefs"
 MNT_DETACH = 2  # umount2 flag: detach now, finish when the last user lets go
@@ -75,12 +79,33 @@ def find_mount(path: str) -> KernelMount | None:
 
 
 def pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            state = fh.read().rsplit(b")", 1)[1].split()[0]
-        return state not in (b"Z", b"X")
-    except (OSError, IndexError):
+    """Whether pid is a process that has not ended (a zombie has)."""
+    import psutil
+
+    if pid <= 0:  # not a process of anyone's (psutil would answer for pid 0, the kernel)
         return False
+    try:
+        return psutil.Process(pid).status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+    except psutil.Error:
+        return False
+
+
+class _Socket(Protocol):
+    def getsockopt(self, level: int, option: int, buflen: int, /) -> bytes: ...
+
+
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+def peer_credentials(sock: _Socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a connected Unix socket (a
+    socket.socket or a trio socket), as the kernel recorded them when it connected
+    (SO_PEERCRED)."""
+    import socket
+
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    pid, uid, gid = _UCRED.unpack(raw)
+    return pid, uid, gid
 
 
 def is_dead(path: str) -> bool:
@@ -107,34 +132,44 @@ def umount(path: str, lazy: bool = False) -> int:
 
 
 def holders(mountpoint: str) -> list[tuple[int, str, str]]:
-    """(pid, command, how) of each process using a path under mountpoint."""
+    """(pid, command, how) of each process using a path under mountpoint: as its working
+    directory, root directory or program, or by an open file (or directory)."""
+    import psutil
+
     prefix = mountpoint.rstrip("/") + "/"
 
-    def inside(p: str) -> bool:
-        return p == mountpoint or p.startswith(prefix)
+    def inside(p: str | None) -> bool:
+        return p is not None and (p == mountpoint or p.startswith(prefix))
 
     found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
+    for proc in psutil.process_iter(["name", "cwd", "exe"]):
+        if proc.pid == os.getpid():
             continue
-        base = f"/proc/{entry}"
-        hows = []
-        for link, how in (("cwd", "working directory"), ("root", "root directory"),
-                          ("exe", "program")):
-            with contextlib.suppress(OSError):
-                if inside(os.readlink(f"{base}/{link}")):
-                    hows.append(how)
-        with contextlib.suppress(OSError):
-            for fd in os.listdir(f"{base}/fd"):
-                with contextlib.suppress(OSError):
-                    if inside(os.readlink(f"{base}/fd/{fd}")):
-                        hows.append("open file")
-                        break
+        info = proc.info  # a value psutil could not read (no permission, gone) is None
+        hows = [how for how, path in (("working directory", info["cwd"]),
+                                      ("root directory", _proc_link(proc.pid, "root")),
+                                      ("program", info["exe"])) if inside(path)]
+        if _holds_open(proc.pid, inside):
+            hows.append("open file")
         if hows:
-            try:
-                with open(f"{base}/comm") as fh:
-                    comm = fh.read().strip()
-            except OSError:
-                comm = "?"
-            found.append((int(entry), comm, ", ".join(hows)))
+            found.append((proc.pid, info["name"] or "?", ", ".join(hows)))
     return found
+
+
+# psutil has no root directory, and its open_files() stats every target (which blocks on a
+# filesystem that stopped answering) and leaves out directories: these two read /proc.
+
+def _proc_link(pid: int, link: str) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/{link}")
+    except OSError:
+        return None
+
+
+def _holds_open(pid: int, inside: Callable[[str | None], bool]) -> bool:
+    """Whether pid has a descriptor open on a path for which inside() is true."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    return any(inside(_proc_link(pid, f"fd/{fd}")) for fd in fds)

@@ -45,7 +45,8 @@ class Usage:
 
 
 class IndexTree:
-    """One index as inodes; thread-safe (the FUSE loop reads packs in worker threads)."""
+    """One index as inodes; thread-safe (the FUSE loop reads packs inline, in its own
+    thread, while a damage report looks the inode's path up in a worker thread)."""
 
     def __init__(self, view: IndexView, inode_cache_weight: int = 200_000) -> None:
         self.view = view

@@ -1,17 +1,17 @@
 """Committing a session: the records its changes need, and nothing else, in one Transaction.
 
-Only dirty inodes are written: the changed ones and the directories above them (overlay.py
-keeps that invariant).  Every other entry of a rewritten directory keeps the ref it had, so
-unchanged subtrees are shared with the base by reference, and a file whose bytes changed
-keeps the base's chunks outside its staged ranges: only the staged bytes are cut into new
-chunks (deduplicated against everything the image holds).  The cost is the changed data
-and the changed directories, plus loading the chunk table (to deduplicate, and for the
-SHA-256s of kept chunks that the file's digest covers).
+Only dirty inodes are written: the changed ones and the directories above them (the session
+tree keeps that invariant, changes.py).  Every other entry of a rewritten directory keeps
+the ref it had, so unchanged subtrees are shared with the base by reference, and a file
+whose bytes changed keeps the base's chunks outside its staged ranges: only the staged
+bytes are cut into new chunks (deduplicated against everything the image holds).  The
+cost is the changed data and the changed directories, plus loading the chunk table (to
+deduplicate, and for the SHA-256s of kept chunks that the file's digest covers).
 
 Publication is writer.Transaction's: a crash before the root slot is written leaves the
 image as it was; after it, the new state.  Which one happened is known from the image
 (the index's root), so staging is told afterwards and a crash between the two is resolved
-when the session is loaded again (sessions.py).
+when the session is loaded again (lifecycle.py).
 """
 
 from __future__ import annotations
@@ -25,13 +25,13 @@ from imagefs.errors import CorruptImage
 from imagefs.format import layout as F
 from imagefs.format.chunking import chunk_region
 from imagefs.format.container import crash_point
-from imagefs.format.digest import node_digest
 from imagefs.format.packs import ChunkLoc, ChunkTable, PackWriter
-from imagefs.format.records import Inode, MetaWriter
-from imagefs.format.writer import Transaction
+from imagefs.format.records import Dirent, Inode, MetaWriter
+from imagefs.format.writer import Transaction, finish_directory, finish_leaf
 from imagefs.mount.tree import ROOT_INO
 
-from .staging import Node, Ranges
+from .ranges import Ranges
+from .staging import StagedInode
 from .tree import SessionTree
 
 
@@ -86,31 +86,12 @@ class ChangeWriter:
         refs: dict[int, int] = {}
         digests: dict[int, bytes] = {}
         for node in leaves:
-            rec = self._inode_of(node)
-            file_locs = locs.get(node.ino, [])
-            rec.extents = [(off, loc.pack_id(), loc.offset, loc.length, loc.xxh)
-                           for off, loc in file_locs]
-            rec.digest = node_digest(rec, [loc.sha for _o, loc in file_locs], ())
+            rec = node.to_record(tree.xattrs(node.ino))
+            finish_leaf(rec, locs.get(node.ino, []))
             refs[node.ino] = meta.add(rec.encode())
             digests[node.ino] = rec.digest
         for node in reversed(dirs):
-            rec = self._inode_of(node)
-            kids = []
-            child_digests = []
-            for name, child in tree.listing(node.ino):
-                if child in refs:
-                    ref, digest = refs[child], digests[child]
-                    kind = tree.attrs(child).kind
-                else:
-                    ref = self._clean_ref(child)
-                    clean = tree.view.get(ref)
-                    kind, digest = clean.kind, clean.digest
-                kids.append((name, kind, ref))
-                child_digests.append(digest)
-            rec.entries = kids
-            rec.size = len(kids)
-            rec.nlink = 2 + sum(1 for _n, kind, _r in kids if kind == F.DIR)
-            rec.digest = node_digest(rec, (), child_digests)
+            rec = self._directory_record(node, refs, digests)
             refs[node.ino] = meta.add(rec.encode())
             digests[node.ino] = rec.digest
         meta.flush()
@@ -119,12 +100,12 @@ class ChangeWriter:
 
     # --- which inodes -----------------------------------------------------------------
 
-    def _dirty_tree(self) -> tuple[list[Node], list[Node]]:
+    def _dirty_tree(self) -> tuple[list[StagedInode], list[StagedInode]]:
         """Dirty directories in pre-order (root first) and the dirty non-directories in
         them, each once."""
         tree = self.tree
-        dirs: list[Node] = []
-        leaves: dict[int, Node] = {}
+        dirs: list[StagedInode] = []
+        leaves: dict[int, StagedInode] = {}
         stack = [tree.nodes[ROOT_INO]]
         while stack:
             d = stack.pop()
@@ -149,16 +130,28 @@ class ChangeWriter:
 
     # --- records ----------------------------------------------------------------------
 
-    def _inode_of(self, node: Node) -> Inode:
-        xattrs = node.xattrs if node.xattrs is not None else (
-            self.tree.base.inode(node.ino).xattrs if node.base is not None else [])
-        return Inode(node.kind, node.mode, node.uid, node.gid, node.nlink,
-                     node.size if node.kind in (F.REG, F.LNK) else 0,
-                     node.rdev if node.kind in (F.CHR, F.BLK) else 0, node.mtime_ns,
-                     node.atime_ns, node.ctime_ns, xattrs=list(xattrs),
-                     target=node.target if node.kind == F.LNK else b"")
+    def _directory_record(self, node: StagedInode, refs: dict[int, int],
+                          digests: dict[int, bytes]) -> Inode:
+        """The record of a dirty directory: its children rewritten in this commit (refs,
+        digests) are named by their new records, the others by the ones they had."""
+        tree = self.tree
+        entries: list[Dirent] = []
+        child_digests = []
+        for name, child in tree.listing(node.ino):
+            if child in refs:
+                ref, digest = refs[child], digests[child]
+                kind = tree.attrs(child).kind
+            else:
+                ref = self._clean_ref(child)
+                clean = tree.view.get(ref)
+                kind, digest = clean.kind, clean.digest
+            entries.append((name, kind, ref))
+            child_digests.append(digest)
+        rec = node.to_record(tree.xattrs(node.ino))
+        finish_directory(rec, entries, child_digests)
+        return rec
 
-    def _file_chunks(self, node: Node) -> list[tuple[int, ChunkLoc]]:
+    def _file_chunks(self, node: StagedInode) -> list[tuple[int, ChunkLoc]]:
         """(file offset, ChunkLoc) of each extent of the file as it now reads: the base's
         chunks it still shows, and new chunks for every other data region."""
         tree = self.tree

@@ -6,7 +6,7 @@ behind, no path length limit); a request is one JSON line, the answer one JSON l
 
     → {"op": "commit", "new_index": null}      (or "discard", "status")
     ← {"ok": true, "result": {"changed": true, "index": 1, ...}}
-    ← {"ok": false, "error": "…", "code": 6}
+    ← {"ok": false, "error": "…", "code": 6}      (the exit code of the error)
 
 Only the session's owner and root are served (SO_PEERCRED).  A commit runs in the loop's
 thread, so FUSE requests wait for it and none sees the tree half-committed; while another
@@ -17,26 +17,41 @@ from __future__ import annotations
 
 import json
 import socket
-import struct
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from imagefs.errors import Busy, Error, MountRefused, SystemFailure
+from imagefs.errors import Busy, Error, MountRefused, SystemFailure, UsageError
+from imagefs.mount.kernel import peer_credentials
 
 if TYPE_CHECKING:  # trio is the server's: `imagefs commit`, a client, starts without it
     import trio
 
-    from .fuse import WritableOperations
+    from .lifecycle import Session
 
 MAX_REQUEST = 64 * 1024
 LOCK_POLL = 0.05
+REFUSED = UsageError.exit_code  # a request this socket does not take
+NOT_YOURS = Busy.exit_code  # the session is another user's (as the writer lock refuses)
+FAILED = SystemFailure.exit_code  # the commit failed unexpectedly (logged by the mount)
+
+
+class Served(Protocol):
+    """What the control socket uses of the writable mount it serves: fuse.py's
+    WritableOperations, named by what it offers so that this module need not import it."""
+
+    session: Session
+    nursery: trio.Nursery | None
+    commit_lock: trio.Lock
+    discarding: bool
+
+    def errno_for(self, exc: Exception, handler: str, args: tuple[Any, ...]) -> int: ...
 
 
 def address(session_id: str) -> str:
     return f"\0imagefs/session/{session_id}"
 
 
-async def serve_control(ops: WritableOperations, *, task_status: Any) -> None:
+async def serve_control(ops: Served, *, task_status: Any) -> None:
     import trio
 
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -51,18 +66,16 @@ async def serve_control(ops: WritableOperations, *, task_status: Any) -> None:
             ops.nursery.start_soon(_handle, ops, stream)
 
 
-async def _handle(ops: WritableOperations, stream: trio.SocketStream) -> None:
+async def _handle(ops: Served, stream: trio.SocketStream) -> None:
     import trio
 
     async with stream:
         try:
-            creds = stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                             struct.calcsize("3i"))
-            _pid, uid, _gid = struct.unpack("3i", creds)
+            _pid, uid, _gid = peer_credentials(stream.socket)
             request = await _read_line(stream)
             if uid not in (0, ops.session.info.uid):
-                reply: dict[str, Any] = {"ok": False, "code": 6, "error": "this session "
-                                         "belongs to another user"}
+                reply: dict[str, Any] = {"ok": False, "code": NOT_YOURS, "error": "this "
+                                         "session belongs to another user"}
             else:
                 if uid != 0:  # only root (the daemon) speaks for another caller
                     request.pop("who", None)
@@ -89,17 +102,17 @@ async def _read_line(stream: trio.SocketStream) -> dict[str, Any]:
     return doc if isinstance(doc, dict) else {}
 
 
-async def _answer(ops: WritableOperations, request: dict[str, Any]) -> dict[str, Any]:
+async def _answer(ops: Served, request: dict[str, Any]) -> dict[str, Any]:
     import trio
 
     op = request.get("op")
     if op == "commit":
         new_index = request.get("new_index")
         if new_index is not None and not isinstance(new_index, str):
-            return {"ok": False, "code": 2, "error": "new_index must be a string"}
+            return {"ok": False, "code": REFUSED, "error": "new_index must be a string"}
         who = request.get("who")
         if who is not None and not isinstance(who, dict):
-            return {"ok": False, "code": 2, "error": "who must be an object"}
+            return {"ok": False, "code": REFUSED, "error": "who must be an object"}
         wait = request.get("wait")
         deadline = None if not isinstance(wait, (int, float)) else time.monotonic() + wait
         async with ops.commit_lock:
@@ -115,7 +128,7 @@ async def _answer(ops: WritableOperations, request: dict[str, Any]) -> dict[str,
                     return {"ok": False, "code": e.exit_code, "error": e.message()}
                 except Exception as e:  # noqa: BLE001 - answered, logged, mount stays up
                     ops.errno_for(e, "commit", ())
-                    return {"ok": False, "code": 8, "error": f"commit failed: {e}"}
+                    return {"ok": False, "code": FAILED, "error": f"commit failed: {e}"}
                 await trio.sleep(LOCK_POLL)
     if op == "discard":  # the session is about to be dropped: no need to save it at exit
         ops.discarding = True
@@ -123,7 +136,7 @@ async def _answer(ops: WritableOperations, request: dict[str, Any]) -> dict[str,
     if op == "status":
         info = ops.session.info
         return {"ok": True, "result": {"session": info.id, "pid": info.pid}}
-    return {"ok": False, "code": 2, "error": f"unknown request {op!r}"}
+    return {"ok": False, "code": REFUSED, "error": f"unknown request {op!r}"}
 
 
 def request(session_id: str, doc: dict[str, Any], timeout: float | None = None
@@ -152,6 +165,6 @@ def request(session_id: str, doc: dict[str, Any], timeout: float | None = None
         raise SystemFailure(f"session {session_id}",
                             "the mount process ended without an answer; see its log") from None
     if not reply.get("ok"):
-        raise MountRefused(str(reply.get("error")), int(reply.get("code") or 8))
+        raise MountRefused(str(reply.get("error")), int(reply.get("code") or FAILED))
     result = reply.get("result")
     return result if isinstance(result, dict) else {}

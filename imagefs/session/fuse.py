@@ -1,9 +1,10 @@
-"""The FUSE side of a writable mount: pyfuse3 Operations over overlay.SessionTree.
+"""The FUSE side of a writable mount: pyfuse3 Operations over tree.SessionTree.
 
-A thin adapter like the read-only one (fuse.py), with the same error boundary.  Besides
-answering requests it keeps the kernel's lookup counts exact (every entry handed to the
-kernel counts; forget subtracts), so that a removed file lives while the kernel or an
-opener holds it, and it writes the staging to disk every SYNC_INTERVAL and on fsync.
+A thin adapter like the read-only one (imagefs.mount.fuse), with the same error boundary.
+Besides answering requests it keeps the kernel's lookup counts exact (every entry handed
+to the kernel counts; forget subtracts), so that a removed file lives while the kernel or
+an opener holds it, and it writes the staging to disk every SYNC_INTERVAL and on fsync.
+Directory handles are fuse_dirs.py's.
 Large writes are answered before their bytes reach the data file (write-behind in
 _fuseshim; see there), which every other request and every staging sync waits for.
 
@@ -24,9 +25,10 @@ import pyfuse3
 import trio
 
 from imagefs.format import layout as F
-from imagefs.mount.fuse import BaseOperations, _fuseshim, boundary
+from imagefs.mount.fuse import _fuseshim, boundary
 from imagefs.mount.tree import Refusal
 
+from .fuse_dirs import DirectoryHandles
 from .lifecycle import Session
 from .staging import NEW_INO_BASE, SYNC_INTERVAL
 from .tree import SessionTree
@@ -34,26 +36,14 @@ from .tree import SessionTree
 log = logging.getLogger("imagefs.mount")
 
 
-class DirHandle:
-    """An open directory: its inode and, once read from the start, its names then."""
-
-    __slots__ = ("ino", "names")
-
-    def __init__(self, ino: int) -> None:
-        self.ino = ino
-        self.names: list[bytes] | None = None
-
-
-class WritableOperations(BaseOperations):
-    enable_acl = True  # the kernel enforces ACLs; overlay/acl.py keep them
+class WritableOperations(DirectoryHandles):
+    enable_acl = True  # the kernel enforces ACLs; the tree and acl.py keep them
 
     def __init__(self, session: Session, label: str) -> None:
         super().__init__(label)
         self.session = session
         self.tree: SessionTree = session.tree
         self.packs = self.tree.view.packs
-        self._dirs: dict[int, DirHandle] = {}
-        self._next_dir_handle = 1
         self.commit_lock = trio.Lock()
         self.discarding = False
         if _fuseshim is not None:  # every staging sync first waits for a write in flight
@@ -275,75 +265,6 @@ class WritableOperations(BaseOperations):
             self.tree.remove_xattr(inode, name)
         except Refusal:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
-
-    # --- directories ----------------------------------------------------------------------
-    #
-    # A directory handle keeps the names of its directory as they were when it was read
-    # from the start (opendir, rewinddir), in name order; a readdir offset is a position
-    # in that list, so it stays valid whatever happens to the directory meanwhile.  Each
-    # name is looked up again when it is handed out: one removed since is skipped, one
-    # replaced is given with its present inode, and names created since are not listed
-    # (POSIX leaves both open).  An inode number kept from the first read could be gone
-    # (removed and forgotten) by then.
-
-    @boundary
-    async def opendir(self, inode: int, ctx: Any = None) -> int:
-        if self.tree.attrs(inode).kind != F.DIR:
-            raise pyfuse3.FUSEError(errno.ENOTDIR)
-        fh = self._next_dir_handle
-        self._next_dir_handle += 1
-        self._dirs[fh] = DirHandle(inode)
-        return fh
-
-    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
-        # Not under @boundary: its first argument is a handle, and what goes wrong is
-        # logged under the inode of the directory (or of the entry) instead.
-        handle = self._dirs.get(fh)
-        if handle is None:
-            raise pyfuse3.FUSEError(errno.EBADF)
-        try:
-            self._readdir(handle, start_id, token)
-        except pyfuse3.FUSEError:
-            raise
-        except Exception as e:
-            raise pyfuse3.FUSEError(self.errno_for(e, "readdir", (handle.ino, start_id))
-                                    ) from None
-
-    def _readdir(self, handle: DirHandle, start_id: int, token: Any) -> None:
-        tree = self.tree
-        parent = handle.ino
-        if start_id == 0 or handle.names is None:  # from the start: the names as they are
-            handle.names = [name for name, _ino in tree.listing(parent)]
-        names = handle.names
-        given = 0
-        for i in range(start_id, len(names)):
-            name = names[i]
-            ino: int | None = None
-            try:
-                ino = tree.lookup(parent, name)
-                if ino is None:
-                    continue  # removed since
-                attrs = self.attributes(ino, tree.attrs(ino))
-            except Refusal:
-                continue  # gone since
-            except Exception as e:
-                if given:  # the entries given stand (and count); the next readdir,
-                    return  # starting at this one, reports it
-                if ino is not None:
-                    raise pyfuse3.FUSEError(self.errno_for(e, "readdir", (ino, name))
-                                            ) from None
-                raise
-            if not pyfuse3.readdir_reply(token, name, attrs, i + 1):
-                break
-            given += 1
-            tree.remember(ino, parent)  # every entry handed out counts as a lookup
-
-    async def releasedir(self, fh: int) -> None:
-        self._dirs.pop(fh, None)
-
-    @boundary
-    async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        self.tree.fsync()
 
     # --- files ----------------------------------------------------------------------------
 

@@ -24,12 +24,13 @@ from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from imagefs.errors import BaseChanged, IndexGone, NoSuchSession, SessionLive, UsageError
-from imagefs.format.container import ImageFile, IndexEntry, crash_point, now_iso
+from imagefs.format.container import Commit, ImageFile, IndexEntry, crash_point, now_iso
 from imagefs.places import state_dir
 
 if TYPE_CHECKING:  # the session machinery loads when a session is opened, not listed
     from imagefs.image import Image
 
+    from .commit import Written
     from .staging import Staging
     from .tree import SessionTree
 
@@ -114,11 +115,10 @@ def find_session(spec: str) -> SessionInfo:
     raise NoSuchSession(spec)
 
 
-def _owner() -> int:
-    """The session's owner: the caller, or for root the uid in IMAGEFS_SESSION_OWNER (the
+def _owner(requested: int | None) -> int:
+    """The session's owner: the caller, or for root the uid it opens the session for (the
     daemon opens sessions for its clients)."""
-    env = os.environ.get("IMAGEFS_SESSION_OWNER", "")
-    return int(env) if env.isdigit() and os.geteuid() == 0 else os.getuid()
+    return requested if requested is not None and os.geteuid() == 0 else os.getuid()
 
 
 def _uuid(image: ImageFile) -> str:
@@ -139,7 +139,8 @@ class Session:
 
     @classmethod
     def create(cls, image_path: str, index_spec: str, mountpoint: str,
-               cache: int = 256 << 20) -> Session:
+               cache: int = 256 << 20, owner: int | None = None) -> Session:
+        """A new session of index_spec, owned by the caller (root: by owner, if given)."""
         from imagefs.image import Image
 
         from .staging import NEW_INO_BASE, Staging
@@ -150,7 +151,7 @@ class Session:
             info = SessionInfo(id=secrets.token_hex(4), image=os.path.abspath(image_path),
                                uuid=_uuid(img.file), index=number, name=entry.name,
                                mountpoint=mountpoint, pid=0, created=now_iso(),
-                               uid=_owner())
+                               uid=_owner(owner))
             os.makedirs(info.dir, mode=0o700)
             staging = Staging(info.dir)
             staging.meta_set("base_root", entry.root)
@@ -243,7 +244,7 @@ class Session:
                who: dict[str, Any] | None = None) -> dict[str, object]:
         """Publish the session's changes into its index (or as a new one); the session goes
         on from the published state."""
-        from imagefs.format.writer import Transaction, TreeStats, add_index, history_entry
+        from imagefs.format.writer import Transaction
         from imagefs.image import check_new_name
 
         from .commit import ChangeWriter
@@ -268,28 +269,44 @@ class Session:
             if new_index is None and entry is not None and written.root == entry.root:
                 return {"changed": False, "index": number, "name": index_name,
                         "records": 0, "new_bytes": 0}
-            counts = self.tree.counts
-            stats = TreeStats(written.root, written.digest, counts.files, counts.dirs,
-                              counts.bytes)
-            history = history_entry("commit", who, session=self.info.id,
-                                    source_index=index_name,
-                                    result={"records": written.records,
-                                            "new_bytes": written.new_bytes})
-            if new_index is not None:
-                number = add_index(tx.commit, new_index, description or (
-                    entry.description if entry else ""), stats, history)
-                name = new_index
-            else:
-                assert entry is not None
-                entry.root, entry.digest = written.root, written.digest.hex()
-                entry.files, entry.dirs, entry.bytes = counts.files, counts.dirs, counts.bytes
-                entry.modified = now_iso()
-                entry.history = [*entry.history, history]
-                name = index_name
+            number, name = self._record(tx.commit, written, (number, entry), index_name,
+                                        new_index, description, who)
             self.staging.meta_set("publishing", [name, written.root])
             self.staging.sync(durable=True)
             tx.publish()
         crash_point("after-publish")
+        self._published(written, number, name)
+        return {"changed": True, "index": number, "name": name, "records": written.records,
+                "new_bytes": written.new_bytes, "digest": written.digest.hex()}
+
+    def _record(self, commit: Commit, written: Written, found: tuple[int, IndexEntry | None],
+                index_name: str, new_index: str | None, description: str,
+                who: dict[str, Any] | None) -> tuple[int, str]:
+        """Enter the written tree in the commit record being made, with its history: as
+        the new index new_index, else as index_name's new state.  Its number and name."""
+        from imagefs.format.writer import TreeStats, add_index, history_entry
+
+        number, entry = found
+        counts = self.tree.counts
+        stats = TreeStats(written.root, written.digest, counts.files, counts.dirs,
+                          counts.bytes)
+        history = history_entry("commit", who, session=self.info.id,
+                                source_index=index_name,
+                                result={"records": written.records,
+                                        "new_bytes": written.new_bytes})
+        if new_index is not None:
+            return add_index(commit, new_index, description or (
+                entry.description if entry else ""), stats, history), new_index
+        assert entry is not None
+        entry.root, entry.digest = written.root, written.digest.hex()
+        entry.files, entry.dirs, entry.bytes = counts.files, counts.dirs, counts.bytes
+        entry.modified = now_iso()
+        entry.history = [*entry.history, history]
+        return number, index_name
+
+    def _published(self, written: Written, number: int, name: str) -> None:
+        """After the publish: the written nodes are clean, the session goes on from the
+        published root (and index, if the changes went to a new one)."""
         for ino, ref in written.refs.items():
             node = self.tree.nodes[ino]
             node.dirty = False
@@ -302,8 +319,6 @@ class Session:
         if name != self.info.name or number != self.info.index:
             self.info.name, self.info.index = name, number
             self.info.save()
-        return {"changed": True, "index": number, "name": name, "records": written.records,
-                "new_bytes": written.new_bytes, "digest": written.digest.hex()}
 
 
 def discard(info: SessionInfo) -> None:
@@ -314,8 +329,7 @@ def discard(info: SessionInfo) -> None:
 
 
 def _find_index(indices: list[IndexEntry], name: str) -> tuple[int, IndexEntry | None]:
-    """The index named name, by number (0 and None when there is none)."""
-    for i, e in enumerate(indices, 1):
-        if e.name == name:
-            return i, e
-    return 0, None
+    """The index named name (never a number), and its number; 0 and None if none."""
+    from imagefs.image import find_index
+
+    return find_index(indices, name, by_number=False) or (0, None)

@@ -25,14 +25,16 @@ def start(image_path: str, index_spec: str, mountpoint: str, option_specs: list[
           foreground: bool = False,
           announce: Callable[[MountRecord], None] | None = None,
           writable: bool = False, session: SessionInfo | None = None,
-          not_inherited: tuple[int, ...] = ()) -> MountRecord:
+          owner: int | None = None, not_inherited: tuple[int, ...] = ()) -> MountRecord:
     """Mount an index at mountpoint: read-only, or writable as a session (a new one, or
-    `session` again after a crash).  See imagefs.mount.process.start."""
+    `session` again after a crash).  A new session is the caller's, or, when root starts
+    it, owner's (the daemon opens sessions for its clients).  See
+    imagefs.mount.process.start."""
     rw = writable or session is not None
 
     def open_plan(path: str, cache: int) -> MountPlan:
         if rw:
-            return _writable(image_path, index_spec, path, cache, session)
+            return _writable(image_path, index_spec, path, cache, session, owner)
         return process.read_only(image_path, index_spec, cache)
 
     return process.start(open_plan, mountpoint, option_specs, writable=rw,
@@ -41,7 +43,7 @@ def start(image_path: str, index_spec: str, mountpoint: str, option_specs: list[
 
 
 def _writable(image_path: str, index_spec: str, mountpoint: str, cache: int,
-              session: SessionInfo | None) -> MountPlan:
+              session: SessionInfo | None, owner: int | None) -> MountPlan:
     """A session's mount.  The parent checks everything it can (and creates a new
     session's staging); the mount process opens the session again for itself (an SQLite
     connection must not cross a fork)."""
@@ -53,7 +55,7 @@ def _writable(image_path: str, index_spec: str, mountpoint: str, cache: int,
         Session.load(session, cache).close()
         info, created = session, False
     else:
-        new = Session.create(image_path, index_spec, mountpoint, cache)
+        new = Session.create(image_path, index_spec, mountpoint, cache, owner=owner)
         new.close()
         info, created = new.info, True
     label = f"image {info.image} index {info.index} ({info.name}) session {info.id}"

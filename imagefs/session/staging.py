@@ -1,6 +1,6 @@
 """The staging area of a writable session: what changed since the base index, on local disk.
 
-Layout of a session directory (see sessions.py for where it lives):
+Layout of a session directory (see lifecycle.py for where it lives):
 
     session.json    who, what and where (image, index, mountpoint, pid): for listing
     staging.db      SQLite (WAL): the changed inodes, the changed directories' entries, and
@@ -10,7 +10,7 @@ Layout of a session directory (see sessions.py for where it lives):
 What is written in which order, and why a crash at any moment is safe:
 
 - File bytes go straight into `data/<ino>` with pwrite, but for a new file while it is
-  small (overlay.INLINE_MAX; INLINE_TOTAL for all of them): its bytes are kept in memory
+  small (content.INLINE_MAX; INLINE_TOTAL for all of them): its bytes are kept in memory
   and written with its row, so untarring 10 000 small files makes no 10 000 data files.
   A large write may be answered first and written right after by _fuseshim's worker
   thread (write-behind): `settle` waits for it, and sync() calls it first, so no
@@ -37,18 +37,19 @@ directory is removed), and a data file as soon as its inode has no name and no o
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import ctypes
 import json
 import os
 import sqlite3
-import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from imagefs.format import layout as F
+from imagefs.format.records import Inode
+
+from .ranges import Ranges
 
 SYNC_INTERVAL = 0.5
 MAX_FDS = 256  # data files kept open
@@ -57,7 +58,6 @@ BEHIND_ROOM = 256 << 20  # write-behind only while the staging disk has this muc
 ROOM_RECHECK = 1.0  # seconds a free-space figure is trusted (others may fill the disk)
 _libc = ctypes.CDLL(None, use_errno=True)
 NEW_INO_BASE = 1 << 62  # numbers of inodes created in a session; record refs stay below
-_PAIR = struct.Struct("<QQ")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -84,82 +84,14 @@ CREATE TABLE IF NOT EXISTS entries(
 """
 
 
-class Ranges:
-    """Sorted, disjoint, non-adjacent [start, end) byte ranges."""
-
-    __slots__ = ("starts", "ends")
-
-    def __init__(self, pairs: list[tuple[int, int]] | None = None) -> None:
-        self.starts: list[int] = []
-        self.ends: list[int] = []
-        for a, b in pairs or []:
-            self.add(a, b)
-
-    def __bool__(self) -> bool:
-        return bool(self.starts)
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        return zip(self.starts, self.ends, strict=True)
-
-    def add(self, a: int, b: int) -> None:
-        if b <= a:
-            return
-        i = bisect.bisect_left(self.ends, a)  # first range that ends at or after a
-        j = bisect.bisect_right(self.starts, b)  # ranges before j start at or before b
-        if i < j:
-            a = min(a, self.starts[i])
-            b = max(b, self.ends[j - 1])
-        self.starts[i:j] = [a]
-        self.ends[i:j] = [b]
-
-    def cut(self, limit: int) -> None:
-        """Forget everything at or past limit."""
-        i = bisect.bisect_left(self.ends, limit + 1)
-        del self.starts[i + 1:], self.ends[i + 1:]
-        if i < len(self.starts):
-            if self.starts[i] >= limit:
-                del self.starts[i], self.ends[i]
-            else:
-                self.ends[i] = limit
-
-    def pieces(self, a: int, b: int) -> Iterator[tuple[int, int, bool]]:
-        """[start, end, inside] pieces that tile [a, b)."""
-        i = bisect.bisect_right(self.ends, a)
-        pos = a
-        while pos < b:
-            if i < len(self.starts) and self.starts[i] <= pos:
-                end = min(b, self.ends[i])
-                yield pos, end, True
-                i += 1
-            else:
-                end = min(b, self.starts[i]) if i < len(self.starts) else b
-                yield pos, end, False
-            pos = end
-
-    def gaps(self, a: int, b: int) -> Iterator[tuple[int, int]]:
-        for s, e, inside in self.pieces(a, b):
-            if not inside:
-                yield s, e
-
-    def covers(self, a: int, b: int) -> bool:
-        i = bisect.bisect_right(self.starts, a) - 1
-        return i >= 0 and self.ends[i] >= b
-
-    def encode(self) -> bytes:
-        return b"".join(_PAIR.pack(a, b) for a, b in self)
-
-    @classmethod
-    def decode(cls, raw: bytes) -> Ranges:
-        r = cls()
-        for a, b in _PAIR.iter_unpack(raw):
-            r.starts.append(a)
-            r.ends.append(b)
-        return r
-
-
 @dataclass(slots=True, eq=False)
-class Node:
-    """A changed or created inode: attributes, and what replaces the base's content."""
+class StagedInode:
+    """An inode the session created or changed: its attributes, and what replaces the base's
+    content.  One row of `inodes` (INODE_COLUMNS).
+
+    The attributes are records.Inode's, under the same names and flat, because the mount
+    reads them (getattr, lookup) from whichever of the two an inode is; `from_record` and
+    `to_record` are the one conversion each way between them."""
 
     ino: int
     base: int | None
@@ -174,7 +106,7 @@ class Node:
     atime_ns: int
     ctime_ns: int
     target: bytes = b""
-    xattrs: list[tuple[bytes, bytes]] | None = None
+    xattrs: list[tuple[bytes, bytes]] | None = None  # None: the base's, unchanged
     staged: Ranges | None = None  # files: ranges whose bytes are the data file's
     base_limit: int = 0
     entries: dict[bytes, int] | None = None  # directories: name -> ino, once listed here
@@ -186,6 +118,64 @@ class Node:
     @property
     def is_new(self) -> bool:
         return self.base is None
+
+    @classmethod
+    def from_record(cls, ino: int, rec: Inode, parent: int) -> StagedInode:
+        """Base inode ino at its first change: its record's attributes, never its content
+        (a file's bytes keep coming from the base, below base_limit)."""
+        return cls(ino, rec.ref, rec.kind, rec.mode, rec.uid, rec.gid, rec.nlink, rec.size,
+                   rec.rdev, rec.mtime_ns, rec.atime_ns, rec.ctime_ns, target=rec.target,
+                   base_limit=rec.size if rec.kind == F.REG else 0, parent=parent,
+                   dirty=False)
+
+    def to_record(self, xattrs: list[tuple[bytes, bytes]]) -> Inode:
+        """The record of the inode as it now is, but for its content (extents, entries and
+        digest are the writer's).  xattrs: its extended attributes as the session reads
+        them (the base's while the session never changed them)."""
+        return Inode(self.kind, self.mode, self.uid, self.gid, self.nlink,
+                     self.size if self.kind in (F.REG, F.LNK) else 0,
+                     self.rdev if self.kind in (F.CHR, F.BLK) else 0, self.mtime_ns,
+                     self.atime_ns, self.ctime_ns, xattrs=list(xattrs),
+                     target=self.target if self.kind == F.LNK else b"")
+
+
+# The columns of `inodes`, by name: the writer (_row) and the reader (_from_row) both go by
+# these names, never by position, so a column added later cannot shift the others.
+INODE_COLUMNS = ("ino", "base", "kind", "mode", "uid", "gid", "nlink", "size", "rdev",
+                 "mtime", "atime", "ctime", "target", "xattrs", "staged", "base_limit",
+                 "listed", "parent", "dirty", "committed", "inline")
+_SELECT_INODES = f"SELECT {', '.join(INODE_COLUMNS)} FROM inodes"
+_UPSERT_INODE = (f"INSERT OR REPLACE INTO inodes ({', '.join(INODE_COLUMNS)}) "
+                 f"VALUES ({', '.join(':' + c for c in INODE_COLUMNS)})")
+
+
+def _row(n: StagedInode) -> dict[str, object]:
+    """n as a row of `inodes` (a missing column is an error of sqlite3's, not a shift)."""
+    return {
+        "ino": n.ino, "base": n.base, "kind": n.kind, "mode": n.mode, "uid": n.uid,
+        "gid": n.gid, "nlink": n.nlink, "size": n.size, "rdev": n.rdev, "mtime": n.mtime_ns,
+        "atime": n.atime_ns, "ctime": n.ctime_ns,
+        "target": n.target if n.kind == F.LNK else None,
+        "xattrs": _encode_xattrs(n.xattrs),
+        "staged": n.staged.encode() if n.staged is not None else None,
+        "base_limit": n.base_limit, "listed": int(n.entries is not None), "parent": n.parent,
+        "dirty": int(n.dirty), "committed": n.committed,
+        "inline": bytes(n.inline) if n.inline is not None else None,
+    }
+
+
+def _from_row(row: sqlite3.Row) -> StagedInode:
+    """The StagedInode a row of `inodes` holds (its entries are loaded apart)."""
+    staged, inline = row["staged"], row["inline"]
+    return StagedInode(
+        ino=row["ino"], base=row["base"], kind=row["kind"], mode=row["mode"], uid=row["uid"],
+        gid=row["gid"], nlink=row["nlink"], size=row["size"], rdev=row["rdev"],
+        mtime_ns=row["mtime"], atime_ns=row["atime"], ctime_ns=row["ctime"],
+        target=row["target"] or b"", xattrs=_decode_xattrs(row["xattrs"]),
+        staged=Ranges.decode(staged) if staged is not None else None,
+        base_limit=row["base_limit"], entries={} if row["listed"] else None,
+        parent=row["parent"], dirty=bool(row["dirty"]), committed=row["committed"],
+        inline=bytearray(inline) if inline is not None else None)
 
 
 def _encode_xattrs(xattrs: list[tuple[bytes, bytes]] | None) -> str | None:
@@ -212,13 +202,13 @@ class Staging:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
-        self._nodes: dict[int, Node] = {}  # changed since the last sync
+        self._nodes: dict[int, StagedInode] = {}  # changed since the last sync
         self._gone: set[int] = set()
         self._entries: dict[tuple[int, bytes], int | None] = {}
         self._meta: dict[str, object] = {}  # serialized at sync: the latest values win
         self._fds: dict[int, int] = {}
         self._written: set[int] = set()  # data files written since the last durable sync
-        self.settle: Callable[[], None] = _nothing  # waits for a write in flight (fuse_rw)
+        self.settle: Callable[[], None] = _nothing  # waits for a write in flight (session.fuse)
         self._room = 0  # free bytes on the staging disk, as last seen, minus writes since
         self._room_seen = -ROOM_RECHECK
         # IMAGEFS_TEST_BEHIND_ROOM (bytes; negative: always) forces write-behind in tests
@@ -233,7 +223,7 @@ class Staging:
 
     # --- what changed: remembered here, written by sync() -------------------------------
 
-    def node_changed(self, node: Node) -> None:
+    def node_changed(self, node: StagedInode) -> None:
         self._nodes[node.ino] = node
         self._gone.discard(node.ino)
 
@@ -268,9 +258,7 @@ class Staging:
             try:
                 db.executemany("DELETE FROM inodes WHERE ino=?", [(i,) for i in self._gone])
                 db.executemany("DELETE FROM entries WHERE dir=?", [(i,) for i in self._gone])
-                db.executemany(
-                    "INSERT OR REPLACE INTO inodes VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,"
-                    "?,?,?)", [_row(n) for n in self._nodes.values()])
+                db.executemany(_UPSERT_INODE, [_row(n) for n in self._nodes.values()])
                 db.executemany("DELETE FROM entries WHERE dir=? AND name=?",
                                [k for k, v in self._entries.items() if v is None])
                 db.executemany("INSERT OR REPLACE INTO entries VALUES (?,?,?)",
@@ -323,16 +311,10 @@ class Staging:
     def load_meta(self) -> dict[str, object]:
         return {k: json.loads(v) for k, v in self.db.execute("SELECT key, value FROM meta")}
 
-    def load_nodes(self) -> dict[int, Node]:
-        nodes: dict[int, Node] = {}
-        for row in self.db.execute("SELECT * FROM inodes"):
-            (ino, base, kind, mode, uid, gid, nlink, size, rdev, mtime, atime, ctime, target,
-             xattrs, staged, base_limit, listed, parent, dirty, committed, inline) = row
-            nodes[ino] = Node(ino, base, kind, mode, uid, gid, nlink, size, rdev, mtime,
-                              atime, ctime, target or b"", _decode_xattrs(xattrs),
-                              Ranges.decode(staged) if staged is not None else None,
-                              base_limit, {} if listed else None, parent, bool(dirty),
-                              committed, bytearray(inline) if inline is not None else None)
+    def load_nodes(self) -> dict[int, StagedInode]:
+        cursor = self.db.cursor()
+        cursor.row_factory = sqlite3.Row
+        nodes = {node.ino: node for node in map(_from_row, cursor.execute(_SELECT_INODES))}
         for d, name, child in self.db.execute("SELECT dir, name, child FROM entries"):
             node = nodes.get(d)
             if node is not None and node.entries is not None:
@@ -403,11 +385,3 @@ def directory_bytes(path: str) -> int:
             with contextlib.suppress(OSError):
                 total += os.lstat(os.path.join(top, name)).st_blocks * 512
     return total
-
-
-def _row(n: Node) -> tuple[object, ...]:
-    return (n.ino, n.base, n.kind, n.mode, n.uid, n.gid, n.nlink, n.size, n.rdev,
-            n.mtime_ns, n.atime_ns, n.ctime_ns, n.target if n.kind == F.LNK else None,
-            _encode_xattrs(n.xattrs), n.staged.encode() if n.staged is not None else None,
-            n.base_limit, int(n.entries is not None), n.parent, int(n.dirty), n.committed,
-            bytes(n.inline) if n.inline is not None else None)

@@ -1,0 +1,142 @@
+"""The C shim beneath pyfuse3 (_fuseshim.c): loading it, and whether its fast paths are on.
+
+Importing this module loads _fuseshim with its symbols global, before pyfuse3 (the shim's
+fuse_session_new() must be the one pyfuse3 binds to), then pyfuse3.  The fast paths
+reach into pyfuse3's private request loop and into libfuse's structures (docs/shim.md),
+so they are used only with the pyfuse3 and libfuse versions the shim was written against
+and tested with (PYFUSE3_KNOWN, LIBFUSE_KNOWN); otherwise, when IMAGEFS_NO_FAST_PATHS is
+set, or when the shim is not built or out of date, pyfuse3's own handlers answer every
+request, and the mount says so in one line of its log (say_once).
+
+What the shim adds besides the fast paths (lseek, fallocate, setxattr flags, symlink
+caching, free opens) uses only libfuse's public interface and stays on whenever the shim
+is built and current.
+
+Everything here is cheap: no subprocess, no file read; the versions come from pyfuse3's
+__version__ (already known once pyfuse3 is imported) and libfuse's fuse_pkgversion().
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+# The interface of _fuseshim this module speaks (SHIM_API in _fuseshim.c).
+API = 2
+# (major, minor) versions the fast paths were written against and tested with; any
+# patch release of these.  Add one only after running the tests against it with the fast
+# paths on and under the sanitizers (docs/shim.md, "Supporting another version").
+PYFUSE3_KNOWN = ((3, 5),)
+LIBFUSE_KNOWN = ((3, 14),)
+ENV_OFF = "IMAGEFS_NO_FAST_PATHS"
+OFF = "fast paths off"  # how the mount log line starts (tests look for it)
+
+log = logging.getLogger("imagefs.mount")
+
+
+def _load() -> tuple[Any, str]:
+    """(_fuseshim, "") or (None, why not)."""
+    flags = sys.getdlopenflags()
+    try:
+        sys.setdlopenflags(flags | os.RTLD_GLOBAL)
+        from . import _fuseshim  # type: ignore[attr-defined]
+    except ImportError as e:
+        return None, f"the C shim imagefs.mount._fuseshim is not built ({e})"
+    finally:
+        sys.setdlopenflags(flags)
+    api = getattr(_fuseshim, "API", 1)
+    if api != API:
+        # Loaded all the same (it cannot be unloaded): unconfigured, it changes nothing.
+        return None, (f"the C shim imagefs.mount._fuseshim is out of date (API {api}, "
+                      f"not {API}; rebuild it with scripts/setup)")
+    return _fuseshim, ""
+
+
+_fuseshim, _unusable = _load()
+
+import pyfuse3  # noqa: E402  (after the shim: see _load)
+
+
+def version_tuple(text: str | None) -> tuple[int, int] | None:
+    """(major, minor) of a version string such as "3.5.0"; None if there is none."""
+    parts = (text or "").split(".")
+    try:
+        return int(parts[0]), int(parts[1])
+    except (IndexError, ValueError):
+        return None
+
+
+def _shown(known: tuple[tuple[int, int], ...]) -> str:
+    return ", ".join(f"{a}.{b}.x" for a, b in known)
+
+
+def off_reason(env: Mapping[str, str], shim: Any, unusable: str, pyfuse3_version: str | None,
+               libfuse_version: str | None, libfuse_headers: str | None) -> str:
+    """Why the fast paths are off, or "" when they are on."""
+    if env.get(ENV_OFF):
+        return f"{ENV_OFF}={env[ENV_OFF]} is set"
+    if shim is None:
+        return unusable or "the C shim imagefs.mount._fuseshim is not loaded"
+    if version_tuple(pyfuse3_version) not in PYFUSE3_KNOWN:
+        return (f"pyfuse3 {pyfuse3_version} is not a version the shim knows "
+                f"({_shown(PYFUSE3_KNOWN)}; docs/shim.md)")
+    if version_tuple(libfuse_version) not in LIBFUSE_KNOWN:
+        return (f"libfuse {libfuse_version} is not a version the shim knows "
+                f"({_shown(LIBFUSE_KNOWN)}; docs/shim.md)")
+    if version_tuple(libfuse_headers) not in LIBFUSE_KNOWN:
+        return (f"the shim was built with the libfuse {libfuse_headers} headers, not a "
+                f"version it knows ({_shown(LIBFUSE_KNOWN)}; docs/shim.md)")
+    return ""
+
+
+def versions() -> dict[str, str | None]:
+    """What the check looks at: pyfuse3's version, libfuse's (that loaded in this process)
+    and that of the headers the shim was built with (None where unknown)."""
+    return {
+        "pyfuse3": getattr(pyfuse3, "__version__", None),
+        "libfuse": _fuseshim.libfuse_version() if _fuseshim is not None else None,
+        "libfuse_headers": getattr(_fuseshim, "LIBFUSE_HEADERS", None),
+    }
+
+
+_versions = versions()
+
+
+def fast_paths_off() -> str:
+    """Why this process's mounts run without the fast paths, or "" if they have them.
+    The environment is read at each call (a warm fork server's mounts follow it)."""
+    v = _versions
+    return off_reason(os.environ, _fuseshim, _unusable, v["pyfuse3"], v["libfuse"],
+                      v["libfuse_headers"])
+
+
+def shim() -> Any:
+    """The _fuseshim module to configure, or None (not built, or out of date)."""
+    return _fuseshim
+
+
+def unusable() -> str:
+    """Why there is no shim to configure (not built, out of date), or "" (scripts/setup)."""
+    return _unusable
+
+
+_said = False
+
+
+def say_once(label: str) -> None:
+    """One log line, the first time a mount of this process starts without fast paths."""
+    global _said
+    why = fast_paths_off()
+    if _said or not why:
+        return
+    _said = True
+    if _fuseshim is None:
+        log.warning("%s: %s: %s; pyfuse3's handlers answer every request, lseek reports no "
+                    "holes, fallocate fails (EOPNOTSUPP)", label, OFF, why)
+    elif os.environ.get(ENV_OFF):
+        log.info("%s: %s: %s; pyfuse3's handlers answer every request", label, OFF, why)
+    else:
+        log.warning("%s: %s: %s; pyfuse3's handlers answer every request", label, OFF, why)

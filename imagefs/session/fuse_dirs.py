@@ -1,0 +1,102 @@
+"""Directory handles of a writable mount: opendir, readdir, releasedir, fsyncdir.
+
+A directory handle keeps the names of its directory as they were when it was read from the
+start (opendir, rewinddir), in name order; a readdir offset is a position in that list, so
+it stays valid whatever happens to the directory meanwhile.  Each name is looked up again
+when it is handed out: one removed since is skipped, one replaced is given with its present
+inode, and names created since are not listed (POSIX leaves both open).  An inode number
+kept from the first read could be gone (removed and forgotten) by then.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import Any
+
+import pyfuse3
+
+from imagefs.format import layout as F
+from imagefs.mount.fuse import BaseOperations, boundary
+from imagefs.mount.tree import Refusal
+
+from .tree import SessionTree
+
+
+class DirHandle:
+    """An open directory: its inode and, once read from the start, its names then."""
+
+    __slots__ = ("ino", "names")
+
+    def __init__(self, ino: int) -> None:
+        self.ino = ino
+        self.names: list[bytes] | None = None
+
+
+class DirectoryHandles(BaseOperations):
+    """The directory-handle requests of WritableOperations (fuse.py), which inherits them."""
+
+    tree: SessionTree
+
+    def __init__(self, label: str) -> None:
+        super().__init__(label)
+        self._dirs: dict[int, DirHandle] = {}
+        self._next_dir_handle = 1
+
+    @boundary
+    async def opendir(self, inode: int, ctx: Any = None) -> int:
+        if self.tree.attrs(inode).kind != F.DIR:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        fh = self._next_dir_handle
+        self._next_dir_handle += 1
+        self._dirs[fh] = DirHandle(inode)
+        return fh
+
+    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        # Not under @boundary: its first argument is a handle, and what goes wrong is
+        # logged under the inode of the directory (or of the entry) instead.
+        handle = self._dirs.get(fh)
+        if handle is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        try:
+            self._readdir(handle, start_id, token)
+        except pyfuse3.FUSEError:
+            raise
+        except Exception as e:
+            raise pyfuse3.FUSEError(self.errno_for(e, "readdir", (handle.ino, start_id))
+                                    ) from None
+
+    def _readdir(self, handle: DirHandle, start_id: int, token: Any) -> None:
+        tree = self.tree
+        parent = handle.ino
+        if start_id == 0 or handle.names is None:  # from the start: the names as they are
+            handle.names = [name for name, _ino in tree.listing(parent)]
+        names = handle.names
+        given = 0
+        for i in range(start_id, len(names)):
+            name = names[i]
+            ino: int | None = None
+            try:
+                ino = tree.lookup(parent, name)
+                if ino is None:
+                    continue  # removed since
+                attrs = self.attributes(ino, tree.attrs(ino))
+            except Refusal:
+                continue  # gone since
+            except Exception as e:
+                if given:  # the entries given stand (and count); the next readdir,
+                    return  # starting at this one, reports it
+                if ino is not None:
+                    raise pyfuse3.FUSEError(self.errno_for(e, "readdir", (ino, name))
+                                            ) from None
+                raise
+            if not pyfuse3.readdir_reply(token, name, attrs, i + 1):
+                break
+            given += 1
+            tree.remember(ino, parent)  # every entry handed out counts as a lookup
+
+    async def releasedir(self, fh: int) -> None:
+        self._dirs.pop(fh, None)
+
+    @boundary
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        self.tree.fsync()
