@@ -1,5 +1,9 @@
 """The imagefs daemon: a trio server on a Unix socket that owns sessions and jobs.
 
+It may import servicing and the imagefs library, never imagefs.cli (which imports it for
+`imagefs daemon` and the verbs' client side); servicing never imports it: its api_*.py
+wrap library and servicing functions as methods.
+
 Clients speak JSON-RPC 2.0, one message a line (docs/api.md lists every method).  The
 public surface is below; the rest are private modules:
 

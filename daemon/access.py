@@ -33,7 +33,7 @@ import stat
 from collections.abc import Iterator
 
 from imagefs.errors import DestinationError, NotAnImage, NotFound, UsageError
-from imagefs.format.container import file_kind
+from imagefs.format.files import file_kind
 
 from .limits import run_in_thread
 from .peers import Peer

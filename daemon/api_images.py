@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from imagefs.errors import Busy, UsageError
-from imagefs.format.container import open_regular
+from imagefs.format.files import open_regular
 from imagefs.format.lru import WeightedLRU
 from imagefs.image import DEFAULT_LEVEL, Image, capture, check_level, delete
 

@@ -1,5 +1,19 @@
 """imagefs: many operating-system images in one deduplicated, compressed file.
 
+The library, in layers that only import downwards (pyproject.toml [tool.importlinter]):
+
+    session/   writable mounts: sessions, staging, the copy-on-write tree, commit
+    mount/     read-only mounts: the inode tree, the pyfuse3 adapter, mount processes
+    image, capture, apply, export, verify, diff
+               the operations on whole images and indices, used by the CLI, the daemon
+               and (image) by mounts
+    format/    the image file: byte layouts, container, packs, records, view, writer
+    errors, places
+               what every layer uses: the named errors, the run and state directories
+
+cli/ is the outermost layer (it may import everything, the daemon included); the daemon
+and servicing packages sit between it and this library, which imports neither.
+
 The public names are imported on first use, not with the package: a command that needs
 none of them (`imagefs mount` through the daemon, `imagefs mounts`) starts in half the
 time.  So is `__version__`, read from the installed package's metadata (pyproject.toml
@@ -17,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import Error
 
 if TYPE_CHECKING:
-    from imagefs.format.container import Commit, IndexEntry
+    from imagefs.format.commit_record import Commit, IndexEntry
     from imagefs.format.view import IndexView
 
     from .image import Image, capture, delete
@@ -26,7 +40,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Commit", "Error", "Image", "IndexEntry", "IndexView", "capture", "delete"]
 
-_HOME = {"Commit": "format.container", "IndexEntry": "format.container", "Image": "image",
+_HOME = {"Commit": "format.commit_record", "IndexEntry": "format.commit_record", "Image": "image",
          "delete": "image", "IndexView": "format.view"}
 
 

@@ -14,7 +14,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from imagefs.format import layout as F
-from imagefs.format.container import Commit, ImageFile, IndexEntry, open_regular
+from imagefs.format.commit_record import Commit, IndexEntry
+from imagefs.format.container import ImageFile
+from imagefs.format.files import open_regular
 from imagefs.format.view import IndexView
 
 from .capture import TreeCapture

@@ -15,7 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from imagefs.format import layout as F
-from imagefs.format.container import Commit, ImageFile, IndexEntry
+from imagefs.format.commit_record import Commit, IndexEntry
+from imagefs.format.container import ImageFile
 from imagefs.format.digest import node_digest
 from imagefs.format.packs import ChunkLoc, ChunkTable, fast_hash
 from imagefs.format.records import Inode, MetaReader

@@ -17,7 +17,7 @@ recomputes, so that mutated inputs get past the checks to the parsers behind the
                                                   bit 1: the payload is raw, zstd it here)
     meta    a metadata block's raw payload        MetaReader.block + get of every record
     record  one inode record                      records.decode_inode, then re-encoding
-    commit  a commit record's JSON                container.Commit.decode, re-encoding, and
+    commit  a commit record's JSON                commit_record.Commit.decode, re-encoding,
                                                   `imagefs info --history [--json]` on it
     table   ctrl + u32 count + segment payload    packs.ChunkTable.load (bit 0: two segments)
 
@@ -76,7 +76,8 @@ def _load() -> dict[str, Callable[[bytes], None]]:
 
     from imagefs.errors import Error
     from imagefs.format import layout as F
-    from imagefs.format.container import Commit, ImageFile
+    from imagefs.format.commit_record import Commit
+    from imagefs.format.container import ImageFile
     from imagefs.format.digest import node_digest
     from imagefs.format.packs import ChunkTable
     from imagefs.format.records import Inode, MetaReader, decode_inode

@@ -1,5 +1,8 @@
 """The `imagefs` command line: one module per verb, each with `register(subparsers)`.
 
+The outermost layer: it may import the daemon's client, servicing and the whole imagefs
+library; nothing imports it.
+
 Every error a user can cause ends as one line `imagefs: <message>` on stderr and the error
 class's exit code (see imagefs.errors and docs/cli.md); never a traceback, unless
 IMAGEFS_DEBUG=1 asks for one.

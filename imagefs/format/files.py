@@ -1,9 +1,12 @@
-"""Small file-system primitives every writer needs: write all of a buffer at an offset,
-and make a directory's entries durable."""
+"""Small file-system primitives: write all of a buffer at an offset, make a directory's
+entries durable, open an image file without blocking, and name a file's type."""
 
 from __future__ import annotations
 
 import os
+import stat
+
+from imagefs.errors import NoSuchImage, NotAnImage, SystemFailure
 
 
 def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
@@ -22,3 +25,43 @@ def fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def open_regular(path: str, flags: int) -> int:
+    """Open an image file without ever blocking: O_NONBLOCK, so that a FIFO or a device
+    named as IMAGE cannot hang the open, then refuse anything but a regular file before a
+    byte is read (a FIFO would hang the first read)."""
+    try:
+        fd = os.open(path, flags | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise NoSuchImage(path) from None
+    except IsADirectoryError:
+        raise NotAnImage(path, "it is a directory") from None
+    except ValueError:  # an embedded NUL byte
+        raise NotAnImage(repr(path), "a path cannot hold a NUL byte") from None
+    except OSError as e:
+        raise SystemFailure(path, e.strerror) from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise NotAnImage(path, "it is a directory")
+        if not stat.S_ISREG(mode):
+            raise NotAnImage(path, f"a {file_kind(mode)}, not a regular file")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def file_kind(mode: int) -> str:
+    """What a file of this mode is, in words ("FIFO", "character device", ...)."""
+    for test, word in ((stat.S_ISREG, "regular file"), (stat.S_ISDIR, "directory"),
+                       (stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket"),
+                       (stat.S_ISLNK, "symbolic link")):
+        if test(mode):
+            return word
+    return "special file"
+
+

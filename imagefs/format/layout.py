@@ -45,7 +45,7 @@ Metadata payload (raw):
 
 Chunk table payload (raw): CHUNK_ENTRY.size bytes per chunk, see CHUNK_ENTRY.
 
-Commit payload: UTF-8 JSON, see container.Commit.
+Commit payload: UTF-8 JSON, see commit_record.Commit.
 """
 
 from __future__ import annotations

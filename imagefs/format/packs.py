@@ -24,7 +24,8 @@ import xxhash
 from imagefs.errors import ChecksumMismatch, CorruptImage
 
 from . import layout as F
-from .container import Commit, ImageFile, compressor
+from .commit_record import Commit
+from .container import ImageFile, compressor
 from .lru import WeightedLRU
 
 

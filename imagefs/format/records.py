@@ -99,8 +99,26 @@ def decode_inode(buf: bytes, where: str) -> Inode:
     if kind in (F.CHR, F.BLK) and not check_rdev(rdev):
         raise CorruptImage(where, f"impossible device number {rdev:#x}")
     ino = Inode(kind, mode, uid, gid, nlink, size, rdev, mtime, atime, ctime, digest)
-    pos = F.INODE.size
-    for _ in range(nx):
+    pos = _decode_xattrs(buf, F.INODE.size, nx, ino, where) if nx else F.INODE.size
+    if kind == F.REG:
+        pos = _decode_extents(buf, pos, ino, where)
+    elif kind == F.LNK:
+        if size != n - pos or size == 0 or size > F.MAX_SYMLINK:
+            raise CorruptImage(where, "symlink target length does not match the record")
+        if b"\0" in buf[pos:]:
+            raise CorruptImage(where, "symlink target holds a NUL byte")
+        ino.target = buf[pos:]
+        pos = n
+    elif kind == F.DIR:
+        pos = _decode_entries(buf, pos, ino, where)
+    if pos != n:
+        raise CorruptImage(where, "trailing bytes after the record")
+    return ino
+
+
+def _decode_xattrs(buf: bytes, pos: int, count: int, ino: Inode, where: str) -> int:
+    n = len(buf)
+    for _ in range(count):
         if pos + F.XATTR_HEAD.size > n:
             raise CorruptImage(where, "xattr count larger than the record")
         ln, lv = F.XATTR_HEAD.unpack_from(buf, pos)
@@ -112,56 +130,54 @@ def decode_inode(buf: bytes, where: str) -> Inode:
             raise CorruptImage(where, f"bad xattr name {xname!r}")
         ino.xattrs.append((xname, buf[pos + ln:pos + ln + lv]))
         pos += ln + lv
-    if kind == F.REG:
-        if pos + 4 > n:
-            raise CorruptImage(where, "file record without extents")
-        (count,) = F.U32.unpack_from(buf, pos)
-        pos += 4
-        if count > (n - pos) // F.EXTENT.size:
-            raise CorruptImage(where, f"extent count {count} larger than the record")
-        end = 0
-        for i in range(count):
-            e = F.EXTENT.unpack_from(buf, pos + i * F.EXTENT.size)
-            if e[0] < end or e[0] + e[3] > size or e[3] == 0:
-                raise CorruptImage(where, "extents overlap, are unsorted or pass the size")
-            end = e[0] + e[3]
-            ino.extents.append(e)
-        pos += count * F.EXTENT.size
-    elif kind == F.LNK:
-        if size != n - pos or size == 0 or size > F.MAX_SYMLINK:
-            raise CorruptImage(where, "symlink target length does not match the record")
-        if b"\0" in buf[pos:]:
-            raise CorruptImage(where, "symlink target holds a NUL byte")
-        ino.target = buf[pos:]
-        pos = n
-    elif kind == F.DIR:
-        if pos + 4 > n:
-            raise CorruptImage(where, "directory record without entries")
-        (count,) = F.U32.unpack_from(buf, pos)
-        pos += 4
-        if count > (n - pos) // (F.DIRENT_HEAD.size + 1):
-            raise CorruptImage(where, f"entry count {count} larger than the record")
-        prev = b""
-        for _ in range(count):
-            if pos + F.DIRENT_HEAD.size > n:
-                raise CorruptImage(where, "directory entries run past the record")
-            ref, ekind, ln = F.DIRENT_HEAD.unpack_from(buf, pos)
-            pos += F.DIRENT_HEAD.size
-            name = buf[pos:pos + ln]
-            pos += ln
-            if len(name) != ln or not check_name(name):
-                raise CorruptImage(where, f"bad name in directory: {name!r}")
-            if name <= prev:
-                raise CorruptImage(where, f"directory entries unsorted or repeated: {name!r}")
-            if ekind not in F.KIND_NAMES:
-                raise CorruptImage(where, f"unknown entry kind {ekind}")
-            prev = name
-            ino.entries.append((name, ekind, ref))
-        if count != size:
-            raise CorruptImage(where, "directory size does not match its entry count")
-    if pos != n:
-        raise CorruptImage(where, "trailing bytes after the record")
-    return ino
+    return pos
+
+
+def _decode_extents(buf: bytes, pos: int, ino: Inode, where: str) -> int:
+    n = len(buf)
+    if pos + 4 > n:
+        raise CorruptImage(where, "file record without extents")
+    (count,) = F.U32.unpack_from(buf, pos)
+    pos += 4
+    if count > (n - pos) // F.EXTENT.size:
+        raise CorruptImage(where, f"extent count {count} larger than the record")
+    end = 0
+    for i in range(count):
+        e = F.EXTENT.unpack_from(buf, pos + i * F.EXTENT.size)
+        if e[0] < end or e[0] + e[3] > ino.size or e[3] == 0:
+            raise CorruptImage(where, "extents overlap, are unsorted or pass the size")
+        end = e[0] + e[3]
+        ino.extents.append(e)
+    return pos + count * F.EXTENT.size
+
+
+def _decode_entries(buf: bytes, pos: int, ino: Inode, where: str) -> int:
+    n = len(buf)
+    if pos + 4 > n:
+        raise CorruptImage(where, "directory record without entries")
+    (count,) = F.U32.unpack_from(buf, pos)
+    pos += 4
+    if count > (n - pos) // (F.DIRENT_HEAD.size + 1):
+        raise CorruptImage(where, f"entry count {count} larger than the record")
+    prev = b""
+    for _ in range(count):
+        if pos + F.DIRENT_HEAD.size > n:
+            raise CorruptImage(where, "directory entries run past the record")
+        ref, ekind, ln = F.DIRENT_HEAD.unpack_from(buf, pos)
+        pos += F.DIRENT_HEAD.size
+        name = buf[pos:pos + ln]
+        pos += ln
+        if len(name) != ln or not check_name(name):
+            raise CorruptImage(where, f"bad name in directory: {name!r}")
+        if name <= prev:
+            raise CorruptImage(where, f"directory entries unsorted or repeated: {name!r}")
+        if ekind not in F.KIND_NAMES:
+            raise CorruptImage(where, f"unknown entry kind {ekind}")
+        prev = name
+        ino.entries.append((name, ekind, ref))
+    if count != ino.size:
+        raise CorruptImage(where, "directory size does not match its entry count")
+    return pos
 
 
 class MetaWriter:

@@ -14,7 +14,8 @@ from collections.abc import Iterator
 from imagefs.errors import ChecksumMismatch, CorruptImage, NoSuchPath, NotADirectory, UsageError
 
 from . import layout as F
-from .container import ImageFile, IndexEntry
+from .commit_record import IndexEntry
+from .container import ImageFile
 from .packs import PackReader
 from .records import Extent, Inode, MetaReader
 

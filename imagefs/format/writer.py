@@ -17,7 +17,8 @@ from typing import Any
 from imagefs.errors import Error, Interrupted
 
 from . import layout as F
-from .container import Commit, ImageFile, IndexEntry, crash_point, now_iso
+from .commit_record import Commit, IndexEntry
+from .container import ImageFile, crash_point, now_iso
 from .digest import node_digest
 from .packs import ChunkLoc, ChunkTable, PackWriter
 from .records import Dirent, Inode, MetaWriter

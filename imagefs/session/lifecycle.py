@@ -24,7 +24,8 @@ from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from imagefs.errors import BaseChanged, IndexGone, NoSuchSession, SessionLive, UsageError
-from imagefs.format.container import Commit, ImageFile, IndexEntry, crash_point, now_iso
+from imagefs.format.commit_record import Commit, IndexEntry
+from imagefs.format.container import ImageFile, crash_point, now_iso
 from imagefs.places import state_dir
 
 if TYPE_CHECKING:  # the session machinery loads when a session is opened, not listed
