@@ -1,7 +1,12 @@
-"""Offline servicing of a root directory: packages, drivers, features, generalize, health.
+"""Offline servicing of a Debian root: packages, health, first boot; drivers, features and
+generalize next.
 
-Empty until its first operations land; the layer contracts (pyproject.toml,
-[tool.importlinter]) already place it: it may import the imagefs library, and is imported
-by the daemon (whose api_*.py wrap its functions as methods) and the CLI.  It never imports
-the daemon or the CLI.
+Each operation is pure: given an image's index (read without mounting) or a root directory
+(a writable mount, or a plain directory), it works on it and returns what it did.  So far:
+packages.py (the index's packages, from its own dpkg database).
+
+May import: the imagefs library (imagefs.image, imagefs.format, imagefs.session,
+imagefs.mount, imagefs.errors).  Imported by the daemon (whose api_*.py wrap these
+functions as methods) and the CLI; it never imports either (pyproject.toml
+[tool.importlinter]).
 """
