@@ -3,7 +3,9 @@ generalize next.
 
 Each operation is pure: given an image's index (read without mounting) or a root directory
 (a writable mount, or a plain directory), it works on it and returns what it did.  So far:
-packages.py (the index's packages, from its own dpkg database).
+packages.py (the index's packages, from its own dpkg database) and runner.py (the
+image's own programs run in a container rooted at the root: systemd-nspawn, no network,
+policy-rc.d 101, nothing left mounted).
 
 May import: the imagefs library (imagefs.image, imagefs.format, imagefs.session,
 imagefs.mount, imagefs.errors).  Imported by the daemon (whose api_*.py wrap these
