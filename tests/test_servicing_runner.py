@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import fixture_tree, rsync_diff
+from conftest import fixture_tree, mounted_rw, rsync_diff, run_imagefs
 
 from imagefs.errors import Busy, SystemFailure, UsageError
 from servicing import runner
@@ -222,3 +222,25 @@ def test_missing_nspawn_says_what_to_install(root: Path, tmp_path: Path,
         run(root, ["true"])
     assert str(e.value) == ("systemd-nspawn: not found; install the Debian package "
                             "systemd-container")
+
+
+def test_a_writable_mount_of_an_image_is_a_root_to_run_in(tmp_path: Path) -> None:
+    """The case servicing is for: the image's own dpkg runs on a session's mount, what it
+    writes lands in the session, and the run leaves only the FUSE mount itself."""
+    image = tmp_path / "m.imagefs"
+    run_imagefs("capture", fixture_tree("bookworm-minbase"), image, "--name", "minbase")
+    mnt = tmp_path / "mnt"
+    with mounted_rw(image, 1, mnt):
+        inside = run(mnt, ["dpkg-query", "-W"])
+        outside = subprocess.run(["dpkg-query", f"--admindir={mnt}/var/lib/dpkg", "-W"],
+                                 capture_output=True, check=True).stdout
+        assert inside.returncode == 0 and inside.stdout == outside
+        wrote = run(mnt, ["sh", "-c", "echo serviced > /root/mark && test -x "
+                                      "/usr/sbin/policy-rc.d"])
+        assert wrote.returncode == 0, wrote.stderr
+        assert (mnt / "root/mark").read_text() == "serviced\n"
+        assert not (mnt / "usr/sbin/policy-rc.d").exists()
+        with open("/proc/self/mountinfo") as fh:
+            under = [line.split()[4] for line in fh if line.split()[4].startswith(str(mnt))]
+        assert under == [str(mnt)]
+
