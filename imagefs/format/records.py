@@ -133,12 +133,16 @@ def _decode_xattrs(buf: bytes, pos: int, count: int, ino: Inode, where: str) -> 
     return pos
 
 
+def _count(buf: bytes, pos: int, where: str, missing: str) -> tuple[int, int]:
+    """The u32 count at pos, and the position after it; `missing` if the record ends."""
+    if pos + 4 > len(buf):
+        raise CorruptImage(where, missing)
+    return F.U32.unpack_from(buf, pos)[0], pos + 4
+
+
 def _decode_extents(buf: bytes, pos: int, ino: Inode, where: str) -> int:
     n = len(buf)
-    if pos + 4 > n:
-        raise CorruptImage(where, "file record without extents")
-    (count,) = F.U32.unpack_from(buf, pos)
-    pos += 4
+    count, pos = _count(buf, pos, where, "file record without extents")
     if count > (n - pos) // F.EXTENT.size:
         raise CorruptImage(where, f"extent count {count} larger than the record")
     end = 0
@@ -153,10 +157,7 @@ def _decode_extents(buf: bytes, pos: int, ino: Inode, where: str) -> int:
 
 def _decode_entries(buf: bytes, pos: int, ino: Inode, where: str) -> int:
     n = len(buf)
-    if pos + 4 > n:
-        raise CorruptImage(where, "directory record without entries")
-    (count,) = F.U32.unpack_from(buf, pos)
-    pos += 4
+    count, pos = _count(buf, pos, where, "directory record without entries")
     if count > (n - pos) // (F.DIRENT_HEAD.size + 1):
         raise CorruptImage(where, f"entry count {count} larger than the record")
     prev = b""

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 
 from imagefs.places import run_dir
 
-from .kernel import FSTYPE, kernel_mounts, pid_alive
+from .kernel import FSTYPE, canonical, kernel_mounts, pid_alive
 
 
 def records_dir() -> str:
@@ -78,8 +78,6 @@ def _load_record(path: str) -> MountRecord | None:
 
 
 def record_for(mountpoint: str) -> MountRecord | None:
-    from .kernel import canonical
-
     return _load_record(os.path.join(records_dir(), _key(canonical(mountpoint)) + ".json"))
 
 
