@@ -53,14 +53,7 @@ def copy_tree(view: IndexView, packs: PackWriter,
 
 
 def parse_selection(image: Image, selection: str) -> list[int]:
-    if selection == "all":
-        return list(range(1, len(image.indices) + 1))
-    numbers = []
-    for part in selection.split(","):
-        n, _ = image.select(part.strip())
-        if n not in numbers:
-            numbers.append(n)
-    return numbers
+    return [number for number, _entry in image.select_many(selection)]
 
 
 def export(src: str, selection: str, dest: str, level: int = 9,

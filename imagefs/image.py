@@ -67,6 +67,17 @@ class Image:
         """An index by number (from 1) or by name."""
         return select_index(self.commit, spec, self.path)
 
+    def select_many(self, selection: str) -> list[tuple[int, IndexEntry]]:
+        """The indices a selection names: "all", or numbers and names separated by commas
+        ("1,web"), each once, in the order given."""
+        if selection == "all":
+            return list(enumerate(self.indices, 1))
+        chosen: dict[int, IndexEntry] = {}
+        for part in selection.split(","):
+            number, entry = self.select(part.strip())
+            chosen.setdefault(number, entry)
+        return list(chosen.items())
+
     def describe(self, spec: str | int | None = None, history: bool = False
                  ) -> dict[str, Any]:
         """What `imagefs info --json` prints (and the daemon's images.info answers): the

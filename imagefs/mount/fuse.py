@@ -371,10 +371,12 @@ def mount_options(image_path: str, extra: list[str], writable: bool = False) -> 
 
 
 def serve(ops: BaseOperations, mountpoint: str, options: set[str],
-          ready: Callable[[], None] | None = None) -> None:
+          ready: Callable[[], None] | None = None, tied_to: int = 0) -> None:
     """Mount, serve until unmounted or signalled, then unmount.  ready() is called once the
     kernel's INIT is answered and readahead is raised: from then on the mount behaves as it
-    always will (a file opened before the readahead change would keep 128 KiB)."""
+    always will (a file opened before the readahead change would keep 128 KiB).  With
+    tied_to, the mount also ends when that process does (a servicing verb's mounts must not
+    outlive it, also when it is killed)."""
     if _fuseshim is not None:
         _fuseshim.configure(*ops.shim_handlers())
         _fuseshim.set_drain_wait(ops.drain_wait_us)
@@ -386,7 +388,7 @@ def serve(ops: BaseOperations, mountpoint: str, options: set[str],
                         "not called): no fast paths, SEEK_HOLE will not report holes",
                         ops.label)
         start_guardian(mountpoint)
-        trio.run(_serve, ops, mountpoint, ready)
+        trio.run(_serve, ops, mountpoint, ready, tied_to)
     finally:
         pyfuse3.close(unmount=True)
         ops.finished()
@@ -395,10 +397,12 @@ def serve(ops: BaseOperations, mountpoint: str, options: set[str],
 
 
 async def _serve(ops: BaseOperations, mountpoint: str,
-                 ready: Callable[[], None] | None) -> None:
+                 ready: Callable[[], None] | None, tied_to: int) -> None:
     async with trio.open_nursery() as nursery:
         ops.nursery = nursery
         nursery.start_soon(_stop_on_signals, nursery)
+        if tied_to:
+            nursery.start_soon(_stop_when_gone, tied_to)
         await ops.background(nursery)
         nursery.start_soon(_when_initialized, ops, mountpoint, ready)
         await pyfuse3.main(min_tasks=1, max_tasks=1)  # handlers never wait: one loop
@@ -411,6 +415,22 @@ async def _stop_on_signals(nursery: trio.Nursery) -> None:
             log.info("%s: unmounting", signal.Signals(signum).name)
             pyfuse3.terminate()
             return
+
+
+async def _stop_when_gone(pid: int) -> None:
+    """Unmount when process pid ends (its pidfd becomes readable)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        fd = -1
+    try:
+        if fd >= 0:
+            await trio.lowlevel.wait_readable(fd)
+        log.info("process %d, which this mount serves, ended: unmounting", pid)
+        pyfuse3.terminate()
+    finally:
+        if fd >= 0:
+            os.close(fd)
 
 
 def start_guardian(mountpoint: str) -> None:

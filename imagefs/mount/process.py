@@ -57,6 +57,7 @@ class MountPlan:
     ended: Callable[[], None] = lambda: None
     failed: Callable[[], None] = lambda: None  # it never became ready
     parent_done: Callable[[], None] = lambda: None
+    tied_to: int = 0  # a pid: the mount ends when that process does (fuse.serve)
 
 
 def check_mountpoint(mountpoint: str) -> str:
@@ -76,14 +77,15 @@ def check_mountpoint(mountpoint: str) -> str:
 def start(open_plan: Callable[[str, int], MountPlan], mountpoint: str,
           option_specs: list[str], writable: bool = False, foreground: bool = False,
           announce: Callable[[MountRecord], None] | None = None,
-          not_inherited: tuple[int, ...] = ()) -> MountRecord:
+          not_inherited: tuple[int, ...] = (), tied_to: int = 0) -> MountRecord:
     """Mount what open_plan(mountpoint, cache bytes) opens.  In the background (the
     default) this returns once the mount is ready; with foreground it returns after
     unmount.  The mount process closes the descriptors in not_inherited (the caller's,
-    not the mount's to hold)."""
+    not the mount's to hold), and with tied_to ends when that process does."""
     fuse_opts, cache = parse_options(option_specs, writable)
     path = check_mountpoint(mountpoint)
     plan = open_plan(path, cache)
+    plan.tied_to = tied_to
     from .fuse import mount_options
 
     opts = mount_options(plan.rec.image, fuse_opts, writable=plan.rec.mode == "rw")
@@ -117,7 +119,7 @@ def _serve_here(plan: MountPlan, path: str, opts: set[str],
             announce(plan.rec)
 
     try:
-        _serve_or_fail(plan.make_ops, path, opts, ready_fg, None)
+        _serve_or_fail(plan, path, opts, ready_fg, None)
     except BaseException:
         plan.failed()
         raise
@@ -148,7 +150,7 @@ def _serve_in_child(plan: MountPlan, path: str, opts: set[str],
                 os.write(w, READY)
                 os.close(w)
 
-            _serve_or_fail(plan.make_ops, path, opts, ready_bg, w)
+            _serve_or_fail(plan, path, opts, ready_bg, w)
         except BaseException:
             code = 1
         finally:
@@ -200,7 +202,7 @@ def read_only(image_path: str, index_spec: str, cache: int) -> MountPlan:
     return MountPlan(rec, label, lambda: ops, parent_done=img.close)
 
 
-def _serve_or_fail(make_ops: Callable[[], object], path: str, opts: set[str],
+def _serve_or_fail(plan: MountPlan, path: str, opts: set[str],
                    ready: Callable[[], None], fail_fd: int | None) -> None:
     from .fuse import serve
 
@@ -212,7 +214,8 @@ def _serve_or_fail(make_ops: Callable[[], object], path: str, opts: set[str],
         ready()
 
     try:
-        serve(make_ops(), path, opts, ready_once)  # type: ignore[arg-type]
+        serve(plan.make_ops(), path, opts, ready_once,  # type: ignore[arg-type]
+              tied_to=plan.tied_to)
     except BaseException as e:
         if ready_called:
             log.exception("mount process failed")

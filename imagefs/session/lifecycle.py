@@ -29,6 +29,7 @@ from imagefs.format.container import ImageFile, crash_point, now_iso
 from imagefs.places import state_dir
 
 if TYPE_CHECKING:  # the session machinery loads when a session is opened, not listed
+    from imagefs.format.writer import Transaction
     from imagefs.image import Image
 
     from .commit import Written
@@ -245,7 +246,22 @@ class Session:
                who: dict[str, Any] | None = None) -> dict[str, object]:
         """Publish the session's changes into its index (or as a new one); the session goes
         on from the published state."""
-        from imagefs.format.writer import Transaction
+        from imagefs.format.writer import history_entry
+
+        def history(written: Written) -> dict[str, Any]:
+            return history_entry("commit", who, session=self.info.id,
+                                 source_index=str(self.staging.load_meta()["index_name"]),
+                                 result={"records": written.records,
+                                         "new_bytes": written.new_bytes})
+
+        return commit_together([self], [history], new_index, description, wait, level,
+                               progress)[0]
+
+    def _write_into(self, tx: Transaction, new_index: str | None,
+                    progress: Callable[[int], None] | None
+                    ) -> tuple[Written, int, IndexEntry | None, str]:
+        """Check that the session may publish into tx's state, then write its changes:
+        what was written, and the index it goes to (number, entry, name)."""
         from imagefs.image import check_new_name
 
         from .commit import ChangeWriter
@@ -254,47 +270,28 @@ class Session:
         meta = self.staging.load_meta()
         index_name = str(meta["index_name"])
         commit_root = int(meta["commit_root"])  # type: ignore[call-overload]
-        with ImageFile.open(self.info.image, writable=True) as f, \
-                Transaction(f, level, wait=wait) as tx:
-            if _uuid(f) != self.info.uuid:
-                raise UsageError(f"{self.info.image}: not the image this session was "
-                                 "opened on")
-            number, entry = _find_index(tx.commit.indices, index_name)
-            if new_index is not None:
-                check_new_name(tx.commit, new_index)
-            elif entry is None:
-                raise IndexGone(self.info.image, index_name)
-            elif entry.root != commit_root:
-                raise BaseChanged(self.info.image, index_name)
-            written = ChangeWriter(self.tree, tx, progress).write()
-            if new_index is None and entry is not None and written.root == entry.root:
-                return {"changed": False, "index": number, "name": index_name,
-                        "records": 0, "new_bytes": 0}
-            number, name = self._record(tx.commit, written, (number, entry), index_name,
-                                        new_index, description, who)
-            self.staging.meta_set("publishing", [name, written.root])
-            self.staging.sync(durable=True)
-            tx.publish()
-        crash_point("after-publish")
-        self._published(written, number, name)
-        return {"changed": True, "index": number, "name": name, "records": written.records,
-                "new_bytes": written.new_bytes, "digest": written.digest.hex()}
+        if _uuid(tx.image) != self.info.uuid:
+            raise UsageError(f"{self.info.image}: not the image this session was opened on")
+        number, entry = _find_index(tx.commit.indices, index_name)
+        if new_index is not None:
+            check_new_name(tx.commit, new_index)
+        elif entry is None:
+            raise IndexGone(self.info.image, index_name)
+        elif entry.root != commit_root:
+            raise BaseChanged(self.info.image, index_name)
+        return ChangeWriter(self.tree, tx, progress).write(), number, entry, index_name
 
     def _record(self, commit: Commit, written: Written, found: tuple[int, IndexEntry | None],
                 index_name: str, new_index: str | None, description: str,
-                who: dict[str, Any] | None) -> tuple[int, str]:
+                history: dict[str, Any]) -> tuple[int, str]:
         """Enter the written tree in the commit record being made, with its history: as
         the new index new_index, else as index_name's new state.  Its number and name."""
-        from imagefs.format.writer import TreeStats, add_index, history_entry
+        from imagefs.format.writer import TreeStats, add_index
 
         number, entry = found
         counts = self.tree.counts
         stats = TreeStats(written.root, written.digest, counts.files, counts.dirs,
                           counts.bytes)
-        history = history_entry("commit", who, session=self.info.id,
-                                source_index=index_name,
-                                result={"records": written.records,
-                                        "new_bytes": written.new_bytes})
         if new_index is not None:
             return add_index(commit, new_index, description or (
                 entry.description if entry else ""), stats, history), new_index
@@ -320,6 +317,53 @@ class Session:
         if name != self.info.name or number != self.info.index:
             self.info.name, self.info.index = name, number
             self.info.save()
+
+
+History = Callable[["Written"], dict[str, Any]]
+
+
+def commit_together(sessions: list[Session], histories: list[History],
+                    new_index: str | None = None, description: str = "",
+                    wait: float | None = None, level: int = 9,
+                    progress: Callable[[int], None] | None = None) -> list[dict[str, object]]:
+    """Publish the changes of sessions of one image in ONE commit: all of them, or (on any
+    error) none.  histories[i](written) is the history entry of session i's index.  With
+    new_index (one session only) the changes become that new index."""
+    from imagefs.format.writer import Transaction
+
+    if not sessions:
+        return []
+    if new_index is not None and len(sessions) > 1:
+        raise UsageError("a new index takes the changes of one index, not several")
+    image_path = sessions[0].info.image
+    if any(s.info.image != image_path for s in sessions):
+        raise UsageError("sessions of different images cannot be published together")
+    results: list[dict[str, object]] = []
+    done: list[tuple[Session, Written, int, str]] = []
+    with ImageFile.open(image_path, writable=True) as f, \
+            Transaction(f, level, wait=wait) as tx:
+        for session, history in zip(sessions, histories, strict=True):
+            written, number, entry, index_name = session._write_into(tx, new_index, progress)
+            if new_index is None and entry is not None and written.root == entry.root:
+                results.append({"changed": False, "index": number, "name": index_name,
+                                "records": 0, "new_bytes": 0})
+                continue
+            number, name = session._record(tx.commit, written, (number, entry), index_name,
+                                           new_index, description, history(written))
+            done.append((session, written, number, name))
+            results.append({"changed": True, "index": number, "name": name,
+                            "records": written.records, "new_bytes": written.new_bytes,
+                            "digest": written.digest.hex()})
+        if not done:
+            return results
+        for session, written, _number, name in done:
+            session.staging.meta_set("publishing", [name, written.root])
+            session.staging.sync(durable=True)
+        tx.publish()
+    crash_point("after-publish")
+    for session, written, number, name in done:
+        session._published(written, number, name)
+    return results
 
 
 def discard(info: SessionInfo) -> None:

@@ -25,7 +25,8 @@ def start(image_path: str, index_spec: str, mountpoint: str, option_specs: list[
           foreground: bool = False,
           announce: Callable[[MountRecord], None] | None = None,
           writable: bool = False, session: SessionInfo | None = None,
-          owner: int | None = None, not_inherited: tuple[int, ...] = ()) -> MountRecord:
+          owner: int | None = None, not_inherited: tuple[int, ...] = (),
+          tied_to: int = 0) -> MountRecord:
     """Mount an index at mountpoint: read-only, or writable as a session (a new one, or
     `session` again after a crash).  A new session is the caller's, or, when root starts
     it, owner's (the daemon opens sessions for its clients).  See
@@ -39,7 +40,7 @@ def start(image_path: str, index_spec: str, mountpoint: str, option_specs: list[
 
     return process.start(open_plan, mountpoint, option_specs, writable=rw,
                          foreground=foreground, announce=announce,
-                         not_inherited=not_inherited)
+                         not_inherited=not_inherited, tied_to=tied_to)
 
 
 def _writable(image_path: str, index_spec: str, mountpoint: str, cache: int,

@@ -1,0 +1,363 @@
+"""The transaction every servicing verb runs in: plan, apply in a writable session, check,
+then commit atomically or discard.
+
+A verb is a `Change`: `plan` reads what it needs from a `Root` (an index read straight
+from the image, or a mounted directory) and refuses, before anything changes, what cannot
+be done; `apply` does it in a writable root (running the image's own tools through
+servicing.runner) and checks the result, returning what it did for the index's history.
+
+`service` runs a Change on one or more indices of an image.  Every index gets its own
+session mounted writable in a private directory, tied to this process (a mount ends when
+its verb does, also when the verb is killed: imagefs.mount.fuse.serve).  When every index
+has been serviced the mounts are detached and all the sessions are published in ONE
+commit (imagefs.session.lifecycle.commit_together), or, on any failure, none is and every
+session is discarded: the image is then byte for byte as it was.  A verb killed at any
+moment leaves stale sessions at worst, which `imagefs cleanup` discards.
+
+`service_mount` runs a Change inside a writable mount the caller already has open and
+leaves the commit to the caller.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from imagefs.errors import Error, Interrupted, NotAMountPoint, UsageError, one_line
+from imagefs.image import Image
+from imagefs.places import run_dir
+
+from .roots import IndexRoot, MountRoot, Root
+
+MOUNT_WAIT = 30.0  # seconds for a detached mount's process to end
+SUMMARY_PATHS = 20  # paths of each kind (added, removed, changed) kept in a history entry
+
+
+class Progress(Protocol):
+    """Where a verb reports its steps: a terminal's status line, a daemon job."""
+
+    def step(self, text: str) -> None: ...
+
+
+class _Silent:
+    def step(self, text: str) -> None:
+        pass
+
+
+@dataclass
+class Target:
+    """One index being serviced: the root it is mounted writable at, and which it is."""
+
+    root: str
+    index: int
+    name: str
+
+
+class Plan(Protocol):
+    """What a Change will do to one index, decided before anything changes."""
+
+    def empty(self) -> bool:
+        """True when there is nothing to do (already so): the index is left alone."""
+        ...
+
+    def to_json(self) -> dict[str, Any]: ...
+
+    def lines(self) -> list[str]:
+        """The plan for a terminal, one line per action."""
+        ...
+
+
+class Change(Protocol):
+    """A servicing verb's work on one index."""
+
+    verb: str  # as the history shows it: "package add"
+
+    def arguments(self) -> dict[str, Any]:
+        """The verb's arguments, for the history."""
+        ...
+
+    def plan(self, root: Root) -> Plan:
+        """Decide what to do to the index root holds; raise a one-line Error (Refused)
+        for what cannot be done.  root is read-only here."""
+        ...
+
+    def apply(self, target: Target, plan: Plan, progress: Progress) -> dict[str, Any]:
+        """Do plan in target.root (writable) and check it with the image's own tools; what
+        was done, for the history.  Raise ServicingFailed (or any Error) to undo all."""
+        ...
+
+
+class Refused(UsageError):
+    """A change that cannot be made, said before anything changed."""
+
+
+class ServicingFailed(Error):
+    """{}"""
+
+    exit_code = 1
+
+    def __init__(self, what: str, output: str = "") -> None:
+        """what: one line; output: what the failing program printed (shown below it)."""
+        super().__init__(what)
+        self.what, self.output = what, output
+
+
+@dataclass
+class IndexOutcome:
+    """What happened to one index."""
+
+    index: int
+    name: str
+    plan: Plan
+    result: dict[str, Any] | None = None
+    commit: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"index": self.index, "name": self.name,
+                "plan": {**self.plan.to_json(), "lines": self.plan.lines()},
+                "result": self.result, "commit": self.commit}
+
+
+@dataclass
+class Outcome:
+    """What a servicing verb did: per index, its plan and (unless a dry run) its result."""
+
+    image: str
+    verb: str
+    dry_run: bool
+    indices: list[IndexOutcome] = field(default_factory=list)
+    committed: bool = False
+    mount: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"image": self.image, "verb": self.verb, "dry_run": self.dry_run,
+                "mount": self.mount, "committed": self.committed,
+                "indices": [i.to_json() for i in self.indices]}
+
+
+def service(image_path: str, index_spec: str, change: Change, *,
+            new_index: str | None = None, dry_run: bool = False,
+            who: dict[str, Any] | None = None, progress: Progress | None = None,
+            publishing: Callable[[], bool] | None = None,
+            wait: float | None = 60.0) -> Outcome:
+    """Run change on the indices index_spec names ("2", "web", "1,3", "all") of the
+    image: all of them are published in one commit, or none.  publishing() is asked just
+    before the commit (False: stop, nothing is published; a daemon job's cancel)."""
+    progress = progress or _Silent()
+    outcome = Outcome(os.path.abspath(image_path), change.verb, dry_run)
+    with Image.open(image_path) as img:
+        chosen = img.select_many(index_spec)
+        if new_index is not None and len(chosen) > 1:
+            raise UsageError("--new-index takes the change of one index; "
+                             f"{index_spec!r} names {len(chosen)}")
+        for number, entry in chosen:
+            progress.step(f"planning index {number} ({entry.name})")
+            plan = _plan(change, IndexRoot(img.view(number)), number, entry.name)
+            outcome.indices.append(IndexOutcome(number, entry.name, plan))
+    todo = [i for i in outcome.indices if not i.plan.empty() or new_index is not None]
+    if dry_run or not todo:
+        return outcome
+    with _workspace() as place:
+        targets = _open(image_path, todo, place, progress)
+        for item, target in zip(todo, targets, strict=True):
+            progress.step(f"servicing index {item.index} ({item.name})")
+            item.result = _apply(change, target, item, progress)
+        progress.step("checking and committing")
+        for target in targets:
+            _detach(target.root)
+        if publishing is not None and not publishing():
+            raise Interrupted()
+        results = _commit(targets, todo, change, new_index, who, wait)
+    for item, result in zip(todo, results, strict=True):
+        item.commit = result
+    outcome.committed = any(r.get("changed") for r in results)
+    return outcome
+
+
+def service_mount(mountpoint: str, change: Change, *, dry_run: bool = False,
+                  progress: Progress | None = None) -> Outcome:
+    """Run change in the writable imagefs mount at mountpoint; the commit is the caller's."""
+    from imagefs.mount.kernel import canonical
+    from imagefs.session.lifecycle import find_session
+
+    progress = progress or _Silent()
+    path = canonical(mountpoint)
+    try:
+        info = find_session(path)
+    except Error:
+        raise NotAMountPoint(path) from None
+    if not info.live() or info.mountpoint != path:
+        raise UsageError(f"{path}: not a live writable imagefs mount (imagefs mount --rw)")
+    outcome = Outcome(info.image, change.verb, dry_run, mount=path)
+    progress.step(f"planning {path}")
+    plan = _plan(change, MountRoot(path), info.index, info.name)
+    item = IndexOutcome(info.index, info.name, plan)
+    outcome.indices.append(item)
+    if dry_run or plan.empty():
+        return outcome
+    progress.step(f"servicing {path}")
+    item.result = _apply(change, Target(path, info.index, info.name), item, progress)
+    return outcome
+
+
+@contextlib.contextmanager
+def opened(image_path: str, index_spec: str) -> Iterator[Target]:
+    """An index mounted writable in a private place for a look inside with the image's own
+    tools (a health scan's dpkg --verify); whatever happens there is discarded."""
+    with Image.open(image_path) as img:
+        number, entry = img.select(index_spec)
+    with _workspace() as place:
+        item = IndexOutcome(number, entry.name, _NoPlan())
+        yield _open(image_path, [item], place, _Silent())[0]
+
+
+class _NoPlan:
+    def empty(self) -> bool:
+        return True
+
+    def to_json(self) -> dict[str, Any]:
+        return {}
+
+    def lines(self) -> list[str]:
+        return []
+
+
+def _plan(change: Change, root: Root, number: int, name: str) -> Plan:
+    try:
+        return change.plan(root)
+    except Refused as e:
+        raise Refused(f"index {number} ({one_line(name)}): {e.message()}") from None
+
+
+def _apply(change: Change, target: Target, item: IndexOutcome,
+           progress: Progress) -> dict[str, Any]:
+    try:
+        return change.apply(target, item.plan, progress)
+    except ServicingFailed as e:
+        raise ServicingFailed(f"index {item.index} ({one_line(item.name)}): {e.what}; "
+                              "nothing was changed", e.output) from None
+
+
+@contextlib.contextmanager
+def _workspace() -> Iterator[str]:
+    """A private directory for this verb's mount points (RUN_DIR/servicing/PID-TOKEN),
+    emptied and removed afterwards, whatever happened: every mount in it is unmounted and
+    its session discarded."""
+    base = os.path.join(run_dir(), "servicing")
+    os.makedirs(base, mode=0o700, exist_ok=True)
+    place = os.path.join(base, f"{os.getpid()}-{secrets.token_hex(4)}")
+    os.mkdir(place, 0o700)
+    try:
+        yield place
+    finally:
+        _clear(place)
+
+
+def _open(image_path: str, todo: list[IndexOutcome], place: str,
+          progress: Progress) -> list[Target]:
+    from imagefs.session.mounts import start
+
+    targets = []
+    for item in todo:
+        mnt = os.path.join(place, str(item.index))
+        os.mkdir(mnt, 0o700)
+        progress.step(f"opening a session of index {item.index} ({item.name})")
+        start(image_path, str(item.index), mnt, [], writable=True, tied_to=os.getpid())
+        targets.append(Target(mnt, item.index, item.name))
+    return targets
+
+
+def _detach(mnt: str) -> None:
+    """Unmount a serviced index; its session stays (stale) for the commit."""
+    from imagefs.mount.process import detach
+    from imagefs.mount.registry import record_for
+
+    rec = record_for(mnt)
+    if rec is None:
+        raise ServicingFailed(f"the mount at {mnt} went away before the commit")
+    detach(mnt, rec, MOUNT_WAIT)
+
+
+def _commit(targets: list[Target], todo: list[IndexOutcome], change: Change,
+            new_index: str | None, who: dict[str, Any] | None,
+            wait: float | None) -> list[dict[str, Any]]:
+    from imagefs.session.lifecycle import Session, commit_together, find_session
+
+    sessions = []
+    try:
+        for target in targets:
+            sessions.append(Session.load(find_session(target.root)))
+        histories = [_history(change, item, session, who)
+                     for item, session in zip(todo, sessions, strict=True)]
+        return commit_together(sessions, histories, new_index, wait=wait)
+    finally:
+        for session in sessions:
+            session.close()
+
+
+def _history(change: Change, item: IndexOutcome, session: Any,
+             who: dict[str, Any] | None) -> Callable[[Any], dict[str, Any]]:
+    """The history entry of item's index, made once its new tree is written."""
+    from imagefs.format.writer import history_entry
+
+    def entry(written: Any) -> dict[str, Any]:
+        return history_entry(change.verb, who, arguments=change.arguments(),
+                             result=item.result or {},
+                             paths=_summary(session, written))
+
+    return entry
+
+
+def _summary(session: Any, written: Any) -> dict[str, Any]:
+    """Paths added, removed and changed by the session: counts, and the first few of each."""
+    from dataclasses import replace
+
+    from imagefs.diff import diff
+    from imagefs.format.view import IndexView
+
+    base = session.tree.base.view
+    new = IndexView(base.image, base.number,
+                    replace(base.entry, root=written.root, digest=written.digest.hex()))
+    d = diff(base, new)
+    return {"added": len(d.added), "removed": len(d.removed), "changed": len(d.changed),
+            "first": {"added": d.added[:SUMMARY_PATHS], "removed": d.removed[:SUMMARY_PATHS],
+                      "changed": [p for p, _w in d.changed[:SUMMARY_PATHS]]}}
+
+
+def _clear(place: str) -> None:
+    """Unmount what is mounted in place, discard the sessions mounted there, remove it."""
+    from imagefs.mount.kernel import find_mount, umount
+    from imagefs.session.lifecycle import discard, list_sessions
+
+    for name in sorted(os.listdir(place)) if os.path.isdir(place) else []:
+        mnt = os.path.join(place, name)
+        if find_mount(mnt) is not None:
+            with contextlib.suppress(Error):
+                _detach(mnt)
+            if find_mount(mnt) is not None:
+                umount(mnt, lazy=True)
+    for info in list_sessions():
+        if info.mountpoint.startswith(place + os.sep):
+            with contextlib.suppress(Error):
+                discard(info)
+    shutil.rmtree(place, ignore_errors=True)
+
+
+def cleanup_workspaces() -> list[str]:
+    """After a servicing verb was killed: clear the workspaces whose process is gone (their
+    mounts ended with it; their sessions are discarded).  The workspaces cleared."""
+    from imagefs.mount.kernel import pid_alive
+
+    base = os.path.join(run_dir(), "servicing")
+    gone = []
+    for name in sorted(os.listdir(base)) if os.path.isdir(base) else []:
+        pid = name.split("-", 1)[0]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            _clear(os.path.join(base, name))
+            gone.append(os.path.join(base, name))
+    return gone
