@@ -62,9 +62,13 @@ class RpcError(Exception):
 
     @classmethod
     def from_error(cls, e: Error) -> RpcError:
-        """The answer for an imagefs error: its exit code folded into the error code."""
-        return cls(-(APP_BASE + e.exit_code), e.message(),
-                   {"type": type(e).__name__, "exit_code": e.exit_code})
+        """The answer for an imagefs error: its exit code folded into the error code (and
+        the output of the program that failed, for a servicing failure)."""
+        data: dict[str, Any] = {"type": type(e).__name__, "exit_code": e.exit_code}
+        output = getattr(e, "output", "")
+        if isinstance(output, str) and output:
+            data["output"] = output
+        return cls(-(APP_BASE + e.exit_code), e.message(), data)
 
     @classmethod
     def from_os_error(cls, e: OSError) -> RpcError:

@@ -185,11 +185,13 @@ class DaemonRefused(SystemFailure):
     """{}"""
 
     # exit_code: the code the daemon's answer carries (a system failure's, 8, when it
-    # gives none)
+    # gives none); output: what a failing program of the image printed (servicing)
 
-    def __init__(self, message: str, code: int = SystemFailure.exit_code) -> None:
+    def __init__(self, message: str, code: int = SystemFailure.exit_code,
+                 output: str = "") -> None:
         super().__init__(message)
         self.exit_code = code  # type: ignore[misc]
+        self.output = output
 
 
 class Interrupted(Error):

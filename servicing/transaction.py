@@ -38,6 +38,11 @@ MOUNT_WAIT = 30.0  # seconds for a detached mount's process to end
 SUMMARY_PATHS = 20  # paths of each kind (added, removed, changed) kept in a history entry
 
 
+# Mounts index number of the image writable at a mount point (a new session), tied to this
+# process.  The default starts the mount process here; the daemon has its fork server do it.
+Mounter = Callable[[str, int, str], None]
+
+
 class Progress(Protocol):
     """Where a verb reports its steps: a terminal's status line, a daemon job."""
 
@@ -144,7 +149,7 @@ def service(image_path: str, index_spec: str, change: Change, *,
             new_index: str | None = None, dry_run: bool = False,
             who: dict[str, Any] | None = None, progress: Progress | None = None,
             publishing: Callable[[], bool] | None = None,
-            wait: float | None = 60.0) -> Outcome:
+            wait: float | None = 60.0, mounter: Mounter | None = None) -> Outcome:
     """Run change on the indices index_spec names ("2", "web", "1,3", "all") of the
     image: all of them are published in one commit, or none.  publishing() is asked just
     before the commit (False: stop, nothing is published; a daemon job's cancel)."""
@@ -163,7 +168,7 @@ def service(image_path: str, index_spec: str, change: Change, *,
     if dry_run or not todo:
         return outcome
     with _workspace() as place:
-        targets = _open(image_path, todo, place, progress)
+        targets = _open(image_path, todo, place, progress, mounter)
         for item, target in zip(todo, targets, strict=True):
             progress.step(f"servicing index {item.index} ({item.name})")
             item.result = _apply(change, target, item, progress)
@@ -206,14 +211,15 @@ def service_mount(mountpoint: str, change: Change, *, dry_run: bool = False,
 
 
 @contextlib.contextmanager
-def opened(image_path: str, index_spec: str) -> Iterator[Target]:
+def opened(image_path: str, index_spec: str, mounter: Mounter | None = None
+           ) -> Iterator[Target]:
     """An index mounted writable in a private place for a look inside with the image's own
     tools (a health scan's dpkg --verify); whatever happens there is discarded."""
     with Image.open(image_path) as img:
         number, entry = img.select(index_spec)
     with _workspace() as place:
         item = IndexOutcome(number, entry.name, _NoPlan())
-        yield _open(image_path, [item], place, _Silent())[0]
+        yield _open(image_path, [item], place, _Silent(), mounter)[0]
 
 
 class _NoPlan:
@@ -258,18 +264,23 @@ def _workspace() -> Iterator[str]:
         _clear(place)
 
 
-def _open(image_path: str, todo: list[IndexOutcome], place: str,
-          progress: Progress) -> list[Target]:
-    from imagefs.session.mounts import start
-
+def _open(image_path: str, todo: list[IndexOutcome], place: str, progress: Progress,
+          mounter: Mounter | None) -> list[Target]:
     targets = []
     for item in todo:
         mnt = os.path.join(place, str(item.index))
         os.mkdir(mnt, 0o700)
         progress.step(f"opening a session of index {item.index} ({item.name})")
-        start(image_path, str(item.index), mnt, [], writable=True, tied_to=os.getpid())
+        (mounter or mount_here)(image_path, item.index, mnt)
         targets.append(Target(mnt, item.index, item.name))
     return targets
+
+
+def mount_here(image_path: str, number: int, mountpoint: str) -> None:
+    """The default Mounter: a session's mount process started by this process."""
+    from imagefs.session.mounts import start
+
+    start(image_path, str(number), mountpoint, [], writable=True, tied_to=os.getpid())
 
 
 def _detach(mnt: str) -> None:

@@ -95,7 +95,8 @@ def run_job(c: Client, job: dict[str, Any], bar: Progress | None = None) -> Any:
         data = err.get("data") or {}
         default = Interrupted if end.get("state") == "cancelled" else SystemFailure
         raise DaemonRefused(str(err.get("message") or end.get("state")),
-                            int(data.get("exit_code", default.exit_code)))
+                            int(data.get("exit_code", default.exit_code)),
+                            str(data.get("output") or ""))
     return end.get("result")
 
 

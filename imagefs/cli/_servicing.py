@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from imagefs.errors import UsageError, one_line
+from imagefs.errors import DaemonRefused, UsageError, one_line
 
 from ._common import print_json
 from ._daemon import absolute, add_daemon_options, call, daemon_client, run_job
@@ -112,10 +112,12 @@ def run_change(args: argparse.Namespace, image: str | None, index: str | None,
                         outcome = service_mount(args.mount, change, dry_run=dry_run,
                                                 progress=line)
                 doc = outcome.to_json()
-    except ServicingFailed as e:
+    except (ServicingFailed, DaemonRefused) as e:
+        if not e.output:
+            raise
         print(f"imagefs: {e.message()}", file=sys.stderr)
         for ln in e.output.splitlines()[-40:]:
-            print(f"  | {ln}", file=sys.stderr)
+            print(f"  | {one_line(ln)}", file=sys.stderr)
         return e.exit_code
     if args.json:
         print_json(doc)
