@@ -166,6 +166,10 @@ class BaseChanged(Busy):
     """{}: index {!r} was committed from elsewhere since this session opened; commit with --new-index NAME to keep both"""  # noqa: E501
 
 
+class ChangedWhilePlanned(Busy):
+    """{}: index {} was changed by another writer while it was being planned; run the verb again"""  # noqa: E501
+
+
 class SessionLive(Busy):
     """session {}: mounted by process {} at {}; unmount it first"""
 

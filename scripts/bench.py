@@ -45,6 +45,7 @@ from typing import Any
 from bench_daemon import measure_daemon
 from bench_mount import measure_mounts
 from bench_rw import measure_rw
+from bench_servicing import measure_servicing
 
 REPO = Path(__file__).resolve().parent.parent
 IMAGEFS = REPO / ".venv" / "bin" / "imagefs"
@@ -307,6 +308,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--no-mount", action="store_true", help="skip the mount rows")
     ap.add_argument("--no-rw", action="store_true", help="skip the writable-mount rows")
     ap.add_argument("--no-daemon", action="store_true", help="skip the daemon rows")
+    ap.add_argument("--no-servicing", action="store_true",
+                    help="skip the servicing rows (package add/list beside wimlib)")
     return ap.parse_args()
 
 
@@ -363,6 +366,8 @@ def run_all(args: argparse.Namespace, work: Path) -> Run:
         measure_rw(b, trees, str(IMAGEFS), timed)
     if not args.no_daemon:
         measure_daemon(b, trees, str(IMAGEFS), timed)
+    if not args.no_servicing:
+        measure_servicing(b, trees, str(IMAGEFS), timed)
     return Run(args, work, b, trees, started, load_start, os.getloadavg())
 
 

@@ -28,8 +28,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from imagefs.errors import Error, Interrupted, NotAMountPoint, UsageError, one_line
-from imagefs.image import Image
+from imagefs.errors import (
+    ChangedWhilePlanned,
+    Error,
+    Interrupted,
+    NotAMountPoint,
+    UsageError,
+    one_line,
+)
+from imagefs.image import Image, find_index
 from imagefs.places import run_dir
 
 from .roots import IndexRoot, MountRoot, Root
@@ -121,6 +128,7 @@ class IndexOutcome:
     plan: Plan
     result: dict[str, Any] | None = None
     commit: dict[str, Any] | None = None
+    root: int = 0  # the index's root when it was planned
 
     def to_json(self) -> dict[str, Any]:
         return {"index": self.index, "name": self.name,
@@ -163,12 +171,13 @@ def service(image_path: str, index_spec: str, change: Change, *,
         for number, entry in chosen:
             progress.step(f"planning index {number} ({entry.name})")
             plan = _plan(change, IndexRoot(img.view(number)), number, entry.name)
-            outcome.indices.append(IndexOutcome(number, entry.name, plan))
+            outcome.indices.append(IndexOutcome(number, entry.name, plan, root=entry.root))
     todo = [i for i in outcome.indices if not i.plan.empty() or new_index is not None]
     if dry_run or not todo:
         return outcome
     with _workspace() as place:
         targets = _open(image_path, todo, place, progress, mounter)
+        _unchanged_since_planned(image_path, todo)
         for item, target in zip(todo, targets, strict=True):
             progress.step(f"servicing index {item.index} ({item.name})")
             item.result = _apply(change, target, item, progress)
@@ -274,6 +283,16 @@ def _open(image_path: str, todo: list[IndexOutcome], place: str, progress: Progr
         (mounter or mount_here)(image_path, item.index, mnt)
         targets.append(Target(mnt, item.index, item.name))
     return targets
+
+
+def _unchanged_since_planned(image_path: str, todo: list[IndexOutcome]) -> None:
+    """Refuse (Busy) when another writer changed an index between its plan and its
+    session: the plan may no longer hold."""
+    with Image.open(image_path) as img:
+        for item in todo:
+            found = find_index(img.indices, item.name, by_number=False)
+            if found is None or found[1].root != item.root:
+                raise ChangedWhilePlanned(image_path, f"{item.index} ({item.name})")
 
 
 def mount_here(image_path: str, number: int, mountpoint: str) -> None:

@@ -1,0 +1,188 @@
+"""Servicing benchmarks for scripts/bench (issue 14): adding packages to an index as one
+imagefs transaction beside the same done by hand with wimlib, and listing packages.
+
+On the bookworm-minbase tree, each run on a fresh copy of the image (imagefs) or the LZX WIM:
+  * add hello: imagefs `package add IMAGE 1 hello.deb` (open a session, install with the
+    image's dpkg in its container, check, commit) -> s; wimlib: `wimmountrw --unix-data`,
+    copy the .deb in, `chroot MNT dpkg -i`, remove the copy, `wimunmount --commit`; plain:
+    `wimapply` to a directory, `dpkg --root=DIR -i`, `wimcapture` a new WIM.
+  * add jq with its dependencies: imagefs `package add IMAGE 1 jq.deb --repository DEBS`
+    (libjq1 and libonig5 found there); wimlib and plain: dpkg -i of the three .debs.
+  * the growth of the image (or WIM) by each, in bytes: target <= the packages' .deb sizes
+    + 64 KiB for imagefs.
+  * package list: imagefs `package list IMAGE 1` (from the image, no mount) beside
+    `dpkg-query --admindir=MNT/var/lib/dpkg -W` on a `wimmount` of the WIM (the mount not
+    timed).
+Targets: a transaction <= 0.5x the wimlib workflow's time.  Best of RUNS, interleaved.
+
+Run inside scripts/bench (--no-servicing skips these rows) or alone:
+  .venv/bin/python scripts/bench_servicing.py [--json PATH]
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench_mount import RUNS, shell
+
+DEBS = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures" / "debs"
+WIM_OPTS = ["--unix-data", "--compress=LZX"]
+SLACK = 64 << 10  # the growth target's allowance over the packages' own size
+PEERS = ("imagefs", "wimlib", "plain")
+ENV = {"IMAGEFS_STATE_DIR": "svc-state", "IMAGEFS_RUN_DIR": "svc-run"}
+
+
+def deb(name: str) -> Path:
+    found = sorted(DEBS.glob(f"{name}_*.deb"))
+    if not found:
+        raise FileNotFoundError(f"{DEBS}/{name}_*.deb")
+    return found[0]
+
+
+def measure_servicing(b: Any, trees: list[tuple[str, str, Path]], imagefs: str,
+                      timed: Callable[..., None]) -> None:
+    name, short, src = next((t for t in trees if t[0] == "bookworm-minbase"), trees[0])
+    saved = {k: os.environ.get(k) for k in ENV}
+    for k, v in ENV.items():
+        os.environ[k] = str(b.work / v)
+    try:
+        _measure(b, name, short, src, imagefs, timed)
+    finally:
+        for k, old in saved.items():
+            if old is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = old
+        for mp in ("svc-mnt",):
+            if os.path.ismount(b.work / mp):
+                subprocess.run(["umount", "-l", str(b.work / mp)], capture_output=True)
+        for d in ("svc-mnt", "svc-dir", "svc-state", "svc-run", "svc-debs"):
+            shutil.rmtree(b.work / d, ignore_errors=True)
+        for f in ("svc.imagefs", "svc.wim", "svc-new.wim"):
+            (b.work / f).unlink(missing_ok=True)
+
+
+def _measure(b: Any, name: str, short: str, src: Path, imagefs: str,
+             timed: Callable[..., None]) -> None:
+    image, wim = f"{short}.imagefs", f"{short}.wim"
+    if not (b.work / image).exists():
+        b.run([imagefs, "capture", str(src), image, "--name", name])
+    if not (b.work / wim).exists():
+        b.run(["wimcapture", str(src), wim, name, *WIM_OPTS])
+    repo = b.work / "svc-debs"
+    repo.mkdir(exist_ok=True)
+    for n in ("jq", "libjq1", "libonig5"):
+        shutil.copy(deb(n), repo)
+    b.names.setdefault(str(repo), "DEBS")
+    hello = [deb("hello")]
+    jq = [deb(n) for n in ("jq", "libjq1", "libonig5")]
+    for label, key, debs, extra in (
+            ("add hello", "hello", hello, []),
+            ("add jq (+2 deps from --repository)", "jq", jq, ["--repository", str(repo)])):
+        size = sum(d.stat().st_size for d in debs)
+        t_row = b.row(f"svc.{key}", f"servicing: {label} (s)", "s", target=0.5)
+        g_row = b.row(f"svc.{key}.growth", f"servicing: {label}, growth (bytes)", "bytes",
+                      targets=[("abs", size + SLACK)])
+        for _run, tool in ((r, t) for r in range(RUNS) for t in PEERS):
+            before, sample, after = _add(b, tool, image, wim, imagefs, debs[:1], debs, extra)
+            timed(t_row, tool, sample)
+            g_row.values[tool] = after - before
+    _measure_list(b, image, wim, imagefs, timed)
+
+
+def _add(b: Any, tool: str, image: str, wim: str, imagefs: str, first: list[Path],
+         debs: list[Path], extra: list[str]) -> tuple[int, float, int]:
+    """One add by tool on a fresh copy: (size before, seconds, size after)."""
+    if tool == "imagefs":
+        shutil.copyfile(b.work / image, b.work / "svc.imagefs")
+        before = b.size("svc.imagefs")
+        s = b.run([imagefs, "package", "add", "svc.imagefs", "1", *map(str, first), *extra,
+                   "--no-daemon"])
+        return before, s.seconds, b.size("svc.imagefs")
+    shutil.copyfile(b.work / wim, b.work / "svc.wim")
+    before = b.size("svc.wim")
+    names = " ".join(d.name for d in debs)
+    copies = " ".join(str(d) for d in debs)
+    if tool == "wimlib":
+        (b.work / "svc-mnt").mkdir(exist_ok=True)
+        seconds = shell(b, "wimmountrw svc.wim 1 svc-mnt --unix-data && "
+                           f"cp {copies} svc-mnt/tmp/ && "
+                           f"(cd svc-mnt/tmp && chroot .. dpkg -i {names}) && "
+                           f"(cd svc-mnt/tmp && rm {names}) && "
+                           "wimunmount svc-mnt --commit")
+        return before, seconds, b.size("svc.wim")
+    shutil.rmtree(b.work / "svc-dir", ignore_errors=True)
+    (b.work / "svc-new.wim").unlink(missing_ok=True)
+    seconds = shell(b, "wimapply svc.wim 1 svc-dir --unix-data >/dev/null && "
+                       f"dpkg --root=svc-dir -i {copies} >/dev/null && "
+                       f"wimcapture svc-dir svc-new.wim added {' '.join(WIM_OPTS)} >/dev/null")
+    return before, seconds, b.size("svc-new.wim")
+
+
+def _measure_list(b: Any, image: str, wim: str, imagefs: str,
+                  timed: Callable[..., None]) -> None:
+    row = b.row("svc.list", "servicing: package list (s)", "s", target=1.0)
+    mnt = b.work / "svc-mnt"
+    mnt.mkdir(exist_ok=True)
+    subprocess.run(["wimmount", str(b.work / wim), "1", str(mnt), "--unix-data"], check=True,
+                   capture_output=True)
+    try:
+        for _run in range(RUNS):
+            timed(row, "imagefs", b.run([imagefs, "package", "list", image, "1",
+                                         "--no-daemon"]))
+            timed(row, "wimlib", b.run(["dpkg-query", "--admindir=svc-mnt/var/lib/dpkg",
+                                        "-W"]))
+    finally:
+        subprocess.run(["wimunmount", str(mnt)], capture_output=True)
+
+
+def main() -> int:
+    """Run the servicing rows alone, with bench.py's table."""
+    import argparse
+    import fcntl
+
+    import bench  # not at the top: bench.py imports this module
+
+    ap = argparse.ArgumentParser(prog="scripts/bench_servicing.py",
+                                 description=__doc__.split("\n")[0])
+    ap.add_argument("--json", metavar="PATH", help="also write the rows as JSON to PATH")
+    args = ap.parse_args()
+    for tool in ("wimcapture", "wimmountrw", "wimunmount", "wimapply", "wimmount", "dpkg"):
+        if not shutil.which(tool):
+            print(f"bench_servicing: {tool} not found (see scripts/setup)", file=sys.stderr)
+            return 1
+    tmp = Path(os.environ.get("TMPDIR") or "/tmp")
+    work = tmp / "imagefs-bench-servicing"
+    lock = os.open(tmp / "imagefs-bench-servicing.lock", os.O_WRONLY | os.O_CREAT, 0o644)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    start = time.perf_counter()
+    try:
+        name = "bookworm-minbase"
+        src = bench.fixture_tree(name)
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        b = bench.Bench(work, {str(src): "minbase"}, None)
+        measure_servicing(b, [(name, "minbase", src)], str(bench.IMAGEFS), bench.timed)
+    except bench.CommandFailed as e:
+        print(f"bench_servicing: {e}", file=sys.stderr)
+        return 1
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(bench.table(b.rows))
+    print(f"\n{time.perf_counter() - start:.0f} s")
+    if args.json:
+        import json
+
+        Path(args.json).write_text(json.dumps([bench.row_json(r) for r in b.rows], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
