@@ -112,11 +112,12 @@ def _add(b: Any, tool: str, image: str, wim: str, imagefs: str, first: list[Path
     copies = " ".join(str(d) for d in debs)
     if tool == "wimlib":
         (b.work / "svc-mnt").mkdir(exist_ok=True)
+        inside = " ".join(f"/tmp/{n}" for n in names.split())
         seconds = shell(b, "wimmountrw svc.wim 1 svc-mnt --unix-data && "
                            f"cp {copies} svc-mnt/tmp/ && "
-                           f"(cd svc-mnt/tmp && chroot .. dpkg -i {names}) && "
-                           f"(cd svc-mnt/tmp && rm {names}) && "
-                           "wimunmount svc-mnt --commit")
+                           f"chroot svc-mnt dpkg -i {inside} >/dev/null; rc=$?; "
+                           f"(cd svc-mnt/tmp && rm -f {names}); "
+                           "wimunmount svc-mnt --commit >/dev/null; exit $rc")
         return before, seconds, b.size("svc.wim")
     shutil.rmtree(b.work / "svc-dir", ignore_errors=True)
     (b.work / "svc-new.wim").unlink(missing_ok=True)

@@ -2,10 +2,14 @@
 generalize next.
 
 Each operation is pure: given an image's index (read without mounting) or a root directory
-(a writable mount, or a plain directory), it works on it and returns what it did.  So far:
-packages.py (the index's packages, from its own dpkg database) and runner.py (the
-image's own programs run in a container rooted at the root: systemd-nspawn, no network,
-policy-rc.d 101, nothing left mounted).
+(a writable mount, or a plain directory), it works on it and returns what it did.
+
+- transaction.py: what every verb that changes an index runs in (plan, apply in writable
+  sessions, check, one commit of every index or none); roots.py: what planning reads.
+- runner.py: the image's own programs in a container rooted at the root (systemd-nspawn,
+  no network, policy-rc.d 101, nothing left mounted).
+- packages.py (list, add, remove), debs.py (a .deb, checked), resolver.py (the plan).
+- health*.py (scan, check, restore); firstboot*.py (the first-boot queue in the image).
 
 May import: the imagefs library (imagefs.image, imagefs.format, imagefs.session,
 imagefs.mount, imagefs.errors).  Imported by the daemon (whose api_*.py wrap these

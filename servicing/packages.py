@@ -9,22 +9,50 @@ equal, with dpkg-query as the oracle).
 
 The database is the image's, which is to say anybody's: its size is bounded, every stanza
 without a name is skipped, and whatever else it holds is text that is only shown.
+
+`PackageAdd` and `PackageRemove` are the servicing Changes of `package add` and `package
+remove` (servicing.transaction runs them): their plan comes from servicing.resolver; they
+apply it with the image's own dpkg in its container (servicing.runner), the .debs bound
+read-only at /run/imagefs-debs, in one dpkg call (dpkg orders them), and check the result
+with the image's own tools: `dpkg --audit` reports nothing new, and dpkg-query shows each
+package in the state intended (ii; iU when configuration is deferred to the first boot;
+rc or gone when removed).  Anything else fails the transaction with dpkg's output.
 """
 
 from __future__ import annotations
 
 import io
+import os
+import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from debian.deb822 import Deb822
 
-from imagefs.errors import CorruptImage, NoSuchPath, NotADirectory, UsageError
-from imagefs.format import layout as F
-from imagefs.format.view import IndexView
+from imagefs.errors import CorruptImage, UsageError
 from imagefs.image import Image
 
+from .debs import Deb, open_deb, repository, stage
+from .resolver import GONE, Action, Database, PackagePlan, pkg_of, plan_add, plan_remove
+from .roots import IndexRoot, Root
+from .runner import Completed, dpkg_options, run
+from .transaction import Progress, Refused, ServicingFailed, Target
+
 ADMINDIR = "/var/lib/dpkg"
+STATUS = f"{ADMINDIR}/status"
 MAX_DATABASE = 256 << 20  # bytes of status (and of each journal entry) read at most
+BIND = "/run/imagefs-debs"  # where the .debs are in the container
+DPKG_TIMEOUT = 3600.0  # seconds a dpkg run (maintainer scripts included) may take
+CONFIGURE_ITEM = "configure-packages"  # the first-boot item's name
+CONFIGURE_SCRIPT = (b"#!/bin/sh\n"
+                    b"# queued by imagefs package add --defer-configure\n"
+                    b"set -e\n"
+                    b"export DEBIAN_FRONTEND=noninteractive\n"
+                    b"exec dpkg --force-confdef --force-confold --configure --pending\n")
+# One container run for the checks: dpkg --audit, a separator, every package's state.
+CHECK_SCRIPT = ("dpkg --audit; printf '\\036\\n'; exec dpkg-query -W -f "
+                "'${Package}\\t${Architecture}\\t${Version}\\t${db:Status-Abbrev}\\n'")
 STATES = ("not-installed", "config-files", "half-installed", "unpacked", "half-configured",
           "triggers-awaited", "triggers-pending", "installed")
 
@@ -74,22 +102,58 @@ def list_packages(image_path: str, index_spec: str) -> PackageList:
     them: by name, then architecture."""
     with Image.open(image_path) as img:
         view = img.view(index_spec)
-        status = _read(view, f"{ADMINDIR}/status", missing_ok=False)
-        journal = [(f"{ADMINDIR}/updates/{n}", _read(view, f"{ADMINDIR}/updates/{n}"))
-                   for n in _journal(view)]
-    table: dict[tuple[str, str], Package] = {}
-    for path, text in ((f"{ADMINDIR}/status", status), *journal):
-        try:
-            packages = parse_status(text or b"")
-        except (ValueError, KeyError, IndexError) as e:
-            raise CorruptImage(view.image.path, f"index {view.number}: {path} is not a "
-                                                f"dpkg database ({e})") from None
-        for pkg in packages:
-            table[(pkg.name, pkg.architecture)] = pkg
-    shown = [p for p in table.values() if p.state != "not-installed"]
+        stanzas = read_database(IndexRoot(view))
+    shown = [p for p in map(package_of, stanzas) if p.state != "not-installed"]
     shown.sort(key=lambda p: (p.name, p.architecture))
     native = next((p.architecture for p in shown if p.name == "dpkg"), "")
     return PackageList(view.image.path, view.number, view.entry.name, native, shown)
+
+
+def read_database(root: Root) -> list[dict[str, str]]:
+    """The stanzas (control fields) of root's dpkg database as dpkg reads it: the status
+    file, then each journal entry (updates/NNNN, in order) replacing the stanza of the
+    same name and architecture."""
+    status = root.read(STATUS, MAX_DATABASE)
+    if status is None:
+        raise UsageError(f"{root.label} has no dpkg database ({STATUS}): not a Debian root "
+                         "filesystem")
+    names = root.names(f"{ADMINDIR}/updates") or []
+    journal = [f"{ADMINDIR}/updates/{n}" for n in sorted((n for n in names if n.isdigit()),
+                                                         key=int)]
+    table: dict[tuple[str, str], dict[str, str]] = {}
+    for path in (STATUS, *journal):
+        text = status if path == STATUS else root.read(path, MAX_DATABASE)
+        try:
+            for para in Deb822.iter_paragraphs(io.StringIO((text or b"").decode(
+                    "utf-8", "replace")), use_apt_pkg=False):
+                fields = {k: v.strip() for k, v in para.items()}
+                if fields.get("Package"):
+                    table[(fields["Package"], fields.get("Architecture", ""))] = fields
+        except (ValueError, KeyError, IndexError) as e:
+            where = getattr(getattr(root, "view", None), "image", None)
+            raise CorruptImage(where.path if where else root.label,
+                               f"{root.label}: {path} is not a dpkg database ({e})") from None
+    return list(table.values())
+
+
+def database(root: Root) -> Database:
+    """root's dpkg database for planning (Refused when it has none, or no dpkg)."""
+    pkgs = [pkg_of(fields, package_of(fields).state) for fields in read_database(root)]
+    native = next((p.architecture for p in pkgs if p.name == "dpkg" and p.state not in GONE),
+                  "")
+    if not native:
+        raise Refused(f"{root.label}: dpkg is not installed in it: no package can be "
+                      "serviced")
+    return Database(root.label, native, pkgs)
+
+
+def package_of(fields: dict[str, str]) -> Package:
+    """A stanza of the dpkg database as a Package."""
+    words = fields.get("Status", "").split()
+    want, state = (words[0], words[2]) if len(words) == 3 else ("unknown", "not-installed")
+    return Package(fields.get("Package", ""), fields.get("Version", ""),
+                   fields.get("Architecture", ""), fields.get("Multi-Arch", ""), want,
+                   state if state in STATES else "not-installed")
 
 
 def parse_status(text: bytes) -> list[Package]:
@@ -98,47 +162,167 @@ def parse_status(text: bytes) -> list[Package]:
     out = []
     lines = io.StringIO(text.decode("utf-8", "replace"))
     for para in Deb822.iter_paragraphs(lines, use_apt_pkg=False):
-        name = para.get("Package", "").strip()
-        if not name:
-            continue
-        words = para.get("Status", "").split()
-        want, state = (words[0], words[2]) if len(words) == 3 else ("unknown", "not-installed")
-        out.append(Package(name, para.get("Version", "").strip(),
-                           para.get("Architecture", "").strip(),
-                           para.get("Multi-Arch", "").strip(), want,
-                           state if state in STATES else "not-installed"))
+        fields = {k: v.strip() for k, v in para.items()}
+        if fields.get("Package"):
+            out.append(package_of(fields))
     return out
 
 
-def _journal(view: IndexView) -> list[str]:
-    """The names of dpkg's journal entries (updates/NNNN), in the order dpkg applies them."""
-    try:
-        updates = view.lookup(f"{ADMINDIR}/updates")
-    except (NoSuchPath, NotADirectory):
-        return []
-    if updates.kind != F.DIR:
-        return []
-    names = [n.decode("ascii", "replace") for n, _kind, _ref in updates.entries]
-    return sorted((n for n in names if n.isdigit()), key=int)
+class PackageAdd:
+    """`package add`: install .debs (and what they need from a repository folder)."""
+
+    verb = "package add"
+
+    def __init__(self, debs: Sequence[str], repository: str | None = None,
+                 defer_configure: bool = False) -> None:
+        if not debs:
+            raise UsageError("no .deb to add")
+        self.debs, self.repository = list(debs), repository
+        self.defer = defer_configure
+        self._given: list[Deb] | None = None
+        self._repo: tuple[list[Deb], list[str]] = ([], [])
+        self._checked: dict[str, Deb] = {}
+
+    def arguments(self) -> dict[str, Any]:
+        return {"debs": [os.path.abspath(d) for d in self.debs],
+                "repository": self.repository and os.path.abspath(self.repository),
+                "defer_configure": self.defer}
+
+    def plan(self, root: Root) -> PackagePlan:
+        if self._given is None:  # once for every index serviced
+            self._given = [open_deb(d) for d in self.debs]
+            if self.repository is not None:
+                self._repo = repository(self.repository)
+        if self.defer:
+            from .firstboot import has_systemd
+
+            if not has_systemd(root):
+                raise Refused(f"{root.label}: --defer-configure needs systemd in the image "
+                              "(it runs the first-boot queue), and it has none")
+        plan = plan_add(database(root), self._given, self._repo[0], self.defer)
+        for action in plan.actions:  # a repository's package is checked once chosen
+            deb = action.pkg.deb
+            if deb is not None and deb not in self._given:
+                action.pkg.deb = self._check(deb)
+        plan.notes += [f"skipped in the repository: {n}" for n in self._repo[1]]
+        return plan
+
+    def _check(self, deb: Deb) -> Deb:
+        if deb.path not in self._checked:
+            checked = open_deb(deb.path)
+            if checked.sha256 != deb.sha256:
+                raise Refused(f"{deb.given}: changed while it was being read")
+            self._checked[deb.path] = checked
+        return self._checked[deb.path]
+
+    def apply(self, target: Target, plan: Any, progress: Progress) -> dict[str, Any]:
+        assert isinstance(plan, PackagePlan)
+        debs = [a.pkg.deb for a in plan.actions if a.pkg.deb is not None]
+        mode = "--unpack" if self.defer else "--install"
+        with tempfile.TemporaryDirectory(prefix="imagefs-debs-") as tmp:
+            names = stage(debs, tmp)
+            progress.step(f"{'unpacking' if self.defer else 'installing'} {len(names)} "
+                          "package(s) with the image's dpkg")
+            _dpkg(target.root, [mode, *(f"{BIND}/{n}" for n in names)],
+                  binds=[(tmp, BIND)])
+        progress.step("checking with dpkg --audit and dpkg-query")
+        _check(target.root, plan, {a.pkg.key: {"iU " if self.defer else "ii "}
+                                   for a in plan.actions})
+        item = _queue(target.root) if self.defer else None
+        return {"added": [_done(a, "unpacked" if self.defer else "installed")
+                          for a in plan.actions], "first_boot_item": item}
 
 
-def _read(view: IndexView, path: str, missing_ok: bool = True) -> bytes | None:
-    try:
-        ino = view.lookup(path)
-    except NoSuchPath:
-        if missing_ok:
-            return None
-        raise UsageError(f"index {view.number} ({view.entry.name}) has no dpkg database "
-                         f"({path}): not a Debian root filesystem") from None
-    if ino.kind != F.REG:
-        raise CorruptImage(view.image.path, f"index {view.number}: {path} is not a file")
-    if ino.size > MAX_DATABASE:
-        raise CorruptImage(view.image.path, f"index {view.number}: {path} is "
-                                            f"{ino.size} bytes, more than a dpkg database")
-    out = bytearray()
-    while len(out) < ino.size:
-        data = view.read(ino, len(out), ino.size - len(out))
-        if not data:
-            break
-        out += data
-    return bytes(out)
+class PackageRemove:
+    """`package remove`: remove (or purge) packages, refusing what would break others."""
+
+    verb = "package remove"
+
+    def __init__(self, names: Sequence[str], purge: bool = False,
+                 with_dependents: bool = False) -> None:
+        if not names:
+            raise UsageError("no package to remove")
+        self.names, self.purge, self.with_dependents = list(names), purge, with_dependents
+
+    def arguments(self) -> dict[str, Any]:
+        return {"names": self.names, "purge": self.purge,
+                "with_dependents": self.with_dependents}
+
+    def plan(self, root: Root) -> PackagePlan:
+        return plan_remove(database(root), self.names, self.purge, self.with_dependents)
+
+    def apply(self, target: Target, plan: Any, progress: Progress) -> dict[str, Any]:
+        assert isinstance(plan, PackagePlan)
+        pkgs = [a.pkg for a in plan.actions]
+        progress.step(f"{'purging' if self.purge else 'removing'} {len(pkgs)} package(s) "
+                      "with the image's dpkg")
+        names = [Package(p.name, p.version, p.architecture, p.multi_arch, "", "")
+                 .qualified_name(plan.native) for p in pkgs]
+        _dpkg(target.root, ["--purge" if self.purge else "--remove", "--", *names])
+        progress.step("checking with dpkg --audit and dpkg-query")
+        _check(target.root, plan, {p.key: {"", "pn "} if self.purge else {"", "rc "}
+                                   for p in pkgs})
+        return {"removed": [_done(a, "purged" if self.purge else "removed")
+                            for a in plan.actions]}
+
+
+def _done(action: Action, state: str) -> dict[str, Any]:
+    p = action.pkg
+    return {"package": p.name, "version": p.version, "architecture": p.architecture,
+            "previous": action.previous, "state": state}
+
+
+def _dpkg(root: str, args: list[str], binds: Sequence[tuple[str, str]] = ()) -> Completed:
+    """Run the image's dpkg with args (its output and errors in one stream, in order);
+    ServicingFailed with that output when it fails."""
+    argv = ["dpkg", *dpkg_options(), *args]
+    out = run(root, ["sh", "-c", 'exec "$@" 2>&1', "sh", *argv], binds=binds,
+              timeout=DPKG_TIMEOUT)
+    if out.returncode != 0:
+        text = (out.stdout + out.stderr).decode(errors="replace")
+        lines = text.splitlines()
+        at = next((i for i, ln in enumerate(lines) if ln.startswith("dpkg: error")), None)
+        why = (" ".join(ln.strip() for ln in lines[at:at + 2]).removeprefix("dpkg: ")
+               if at is not None else f"exit code {out.returncode}")
+        raise ServicingFailed(f"dpkg {args[0]} failed: {why}", text)
+    return out
+
+
+def _check(root: str, plan: PackagePlan, want: dict[tuple[str, str], set[str]]) -> None:
+    """dpkg --audit reports nothing but what was reported before (and, with deferred
+    configuration, the packages left to configure); each package is in a wanted state
+    (db:Status-Abbrev; "" for not listed)."""
+    out = run(root, ["sh", "-c", CHECK_SCRIPT], timeout=DPKG_TIMEOUT)
+    audit, _sep, listing = out.stdout.partition(b"\x1e\n")
+    states: dict[tuple[str, str], tuple[str, str]] = {}
+    for line in listing.decode(errors="replace").splitlines():
+        parts = line.split("\t")
+        if len(parts) == 4:
+            states[(parts[0], parts[1])] = (parts[2], parts[3])
+    text = audit.decode(errors="replace")
+    reported = {ln.split()[0].split(":")[0] for ln in text.splitlines()
+                if ln.startswith(" ") and ln.strip()}
+    waiting = {k[0] for k, (_v, abbrev) in states.items() if abbrev[1:2] in ("U", "t", "W")}
+    allowed = set(plan.unclean) | (waiting if plan.defer else set())
+    if text.strip() and (not reported or reported - allowed):
+        raise ServicingFailed("dpkg --audit reports problems after the change", text)
+    wrong = [f"{name} is {states.get((name, arch), ('', 'gone'))[1].strip() or '?'}"
+             for (name, arch), ok in want.items()
+             if states.get((name, arch), ("", ""))[1] not in ok]
+    if out.returncode != 0 or wrong:
+        raise ServicingFailed("dpkg left packages in an unexpected state: "
+                              + (", ".join(wrong) or f"dpkg-query exited {out.returncode}"),
+                              (out.stdout + out.stderr).decode(errors="replace"))
+
+
+def _queue(root: str) -> str:
+    """Queue `dpkg --configure --pending` for the first boot (servicing.firstboot), unless
+    an earlier deferred add queued it and it has not run yet: it configures these too."""
+    from .firstboot import enqueue, pending
+    from .roots import MountRoot
+
+    for item in pending(MountRoot(root)):
+        if item.name == CONFIGURE_ITEM and item.state == "queued":
+            return item.id
+    return enqueue(root, CONFIGURE_ITEM, CONFIGURE_SCRIPT,
+                   origin="imagefs package add --defer-configure")

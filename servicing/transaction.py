@@ -105,7 +105,9 @@ class Change(Protocol):
 
 
 class Refused(UsageError):
-    """A change that cannot be made, said before anything changed."""
+    """{}"""
+
+    # A change that cannot be made, said before anything changed.
 
 
 class ServicingFailed(Error):

@@ -1,0 +1,236 @@
+"""`imagefs package add|remove` as whole transactions on bookworm-minbase with the real
+packages of ../shared/fixtures/debs, checked with the real tools: dpkg-query and dpkg
+--audit with --admindir on a read-only mount of the committed index, systemctl --root,
+the image's own jq run in its container, and the index's history."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import REPO, fixture_tree, kernel_imagefs_mounts, mounted, mounted_rw, run_imagefs
+
+from imagefs.image import Image
+from imagefs.places import run_dir
+from servicing.packages import CONFIGURE_SCRIPT
+from servicing.roots import IndexRoot
+from servicing.runner import run
+
+DEBS = Path(os.environ.get("IMAGEFS_FIXTURES", REPO.parent / "shared/fixtures")) / "debs"
+pytestmark = [
+    pytest.mark.skipif(shutil.which("systemd-nspawn") is None or os.geteuid() != 0,
+                       reason="needs root and systemd-nspawn (systemd-container)"),
+    pytest.mark.skipif(not DEBS.is_dir(), reason=f"no fixture packages in {DEBS}")]
+
+JQ_VERSION = "1.6-2.1+deb12u3"
+JQ = DEBS / f"jq_{JQ_VERSION}_amd64.deb"
+LIBJQ1 = DEBS / f"libjq1_{JQ_VERSION}_amd64.deb"
+LIBONIG5 = DEBS / "libonig5_6.9.8-1_amd64.deb"
+CHRONY = DEBS / "chrony_4.3-2+deb12u3_amd64.deb"
+HELLO = DEBS / "hello_2.10-3_amd64.deb"
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def left_behind() -> list[str]:
+    """Mounts of servicing workspaces, processes running in them (containers), and the
+    workspaces themselves."""
+    base = os.path.join(run_dir(), "servicing")
+    mounts = [m for m in kernel_imagefs_mounts() if m.startswith(base)]
+    procs = [f"{p.pid} {' '.join(p.info['cmdline'])}"
+             for p in psutil.process_iter(["cmdline"])
+             if any(a.startswith(base + "/") for a in p.info["cmdline"] or [])]
+    return mounts + procs + (os.listdir(base) if os.path.isdir(base) else [])
+
+
+def package(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess[bytes]:
+    return run_imagefs("package", *args, "--no-daemon", check=check)
+
+
+def states(mnt: Path, *names: str) -> dict[str, str]:
+    """dpkg-query's db:Status-Abbrev of names (absent: not listed) on a mount."""
+    out = subprocess.run(["dpkg-query", f"--admindir={mnt}/var/lib/dpkg", "-W",
+                          "-f=${Package} ${db:Status-Abbrev}\n"],
+                         capture_output=True, text=True, check=True).stdout
+    found = dict(line.split(" ", 1) for line in out.splitlines())
+    return {n: found[n].strip() for n in names if n in found}
+
+
+def audit(mnt: Path) -> str:
+    out = subprocess.run(["dpkg", f"--admindir={mnt}/var/lib/dpkg", "--audit"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def history(image: Path) -> list[dict]:
+    doc = json.loads(run_imagefs("info", image, "--json", "--history").stdout)
+    return doc["indices"][0]["history"]
+
+
+@pytest.fixture(scope="module")
+def minbase(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    image = tmp_path_factory.mktemp("add") / "minbase.imagefs"
+    run_imagefs("capture", fixture_tree("bookworm-minbase"), image, "--name", "minbase")
+    return image
+
+
+@pytest.fixture(scope="module")
+def with_jq(minbase: Path) -> Path:
+    """minbase with jq, libjq1 and libonig5 added in one transaction (never changed)."""
+    image = minbase.parent / "jq.imagefs"
+    shutil.copyfile(minbase, image)
+    package("add", image, "1", JQ, LIBJQ1, LIBONIG5)
+    return image
+
+
+@pytest.fixture
+def copy(tmp_path: Path) -> Iterator[object]:
+    """copy(image) -> a copy of image to change; nothing may be left behind."""
+    yield lambda image: Path(shutil.copyfile(image, tmp_path / image.name))
+    assert left_behind() == []
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    """A repository folder holding jq and its two libraries (and nothing else)."""
+    d = tmp_path / "repo"
+    d.mkdir()
+    for deb in (JQ, LIBJQ1, LIBONIG5):
+        shutil.copyfile(deb, d / deb.name)
+    return d
+
+
+def test_jq_with_its_libraries_is_installed(with_jq: Path, tmp_path: Path) -> None:
+    with mounted(with_jq, 1, tmp_path / "mnt"):
+        assert states(tmp_path / "mnt", "jq", "libjq1", "libonig5") == {
+            "jq": "ii", "libjq1": "ii", "libonig5": "ii"}
+        assert audit(tmp_path / "mnt") == ""
+    last = history(with_jq)[-1]
+    assert last["action"] == "package add"
+    assert [(p["package"], p["version"], p["state"]) for p in last["result"]["added"]] == [
+        ("jq", JQ_VERSION, "installed"), ("libjq1", JQ_VERSION, "installed"),
+        ("libonig5", "6.9.8-1", "installed")]
+    assert last["arguments"]["debs"] == [str(JQ), str(LIBJQ1), str(LIBONIG5)]
+    assert "/usr/bin/jq" in last["paths"]["first"]["added"]
+    assert left_behind() == []
+
+
+def test_dependencies_from_a_repository_in_a_callers_mount(minbase: Path, repo: Path,
+                                                           tmp_path: Path) -> None:
+    """jq alone and --repository: its libraries are found there; then jq runs in the
+    image's container (the mount is the caller's: nothing is committed)."""
+    before = sha(minbase)
+    mnt = tmp_path / "mnt"
+    with mounted_rw(minbase, 1, mnt):
+        out = package("add", "--mount", mnt, repo / JQ.name, "--repository", repo)
+        lines = out.stdout.decode().splitlines()
+        assert any(ln.strip().startswith(f"install libjq1 {JQ_VERSION}") and
+                   "from the repository" in ln for ln in lines), lines
+        assert any(ln.strip().startswith("install libonig5 6.9.8-1") for ln in lines)
+        assert states(mnt, "jq", "libjq1", "libonig5") == {
+            "jq": "ii", "libjq1": "ii", "libonig5": "ii"}
+        ran = run(mnt, ["jq", "--version"])
+        assert (ran.returncode, ran.stdout) == (0, b"jq-1.6\n"), ran.stderr
+        ran = run(mnt, ["jq", "-c", ".a"], input=b'{"a": [1, 2]}')
+        assert ran.stdout == b"[1,2]\n"
+    assert sha(minbase) == before
+
+
+def test_dry_run_prints_the_plan_and_changes_nothing(minbase: Path, repo: Path) -> None:
+    before = sha(minbase)
+    out = package("add", minbase, "1", JQ, "--repository", repo, "--dry-run")
+    text = out.stdout.decode()
+    assert f"  install jq {JQ_VERSION} (amd64, 111 KiB) from {JQ}" in text
+    assert f"  install libjq1 {JQ_VERSION} (amd64, 366 KiB) from the repository" in text
+    assert "  3 packages, 1143 KiB installed size in all" in text
+    assert text.endswith("Dry run: nothing was changed.\n")
+    doc = json.loads(package("add", minbase, "1", JQ, "--repository", repo, "--dry-run",
+                             "--json").stdout)
+    actions = doc["indices"][0]["plan"]["actions"]
+    assert [(a["action"], a["package"], a["installed_size_kib"]) for a in actions] == [
+        ("install", "jq", 111), ("install", "libjq1", 366), ("install", "libonig5", 666)]
+    out = package("remove", minbase, "1", "tree", "--dry-run", check=False)
+    assert out.returncode == 2 and b"tree is not installed" in out.stderr
+    assert sha(minbase) == before
+    assert left_behind() == []
+
+
+def test_an_installed_package_is_nothing_to_do(with_jq: Path) -> None:
+    before = sha(with_jq)
+    text = package("add", with_jq, "1", JQ).stdout.decode()
+    assert f"jq {JQ_VERSION} is already installed" in text
+    assert text.endswith("Nothing changed.\n")
+    assert sha(with_jq) == before
+
+
+def test_chrony_creates_its_user_and_is_enabled_then_removed(minbase: Path, copy,
+                                                              tmp_path: Path) -> None:
+    image = copy(minbase)
+    package("add", image, "1", CHRONY)
+    mnt = tmp_path / "mnt"
+    with mounted(image, 1, mnt):
+        passwd = (mnt / "etc/passwd").read_text().splitlines()
+        assert any(line.startswith("_chrony:") for line in passwd)
+        enabled = subprocess.run(["systemctl", f"--root={mnt}", "is-enabled", "chrony"],
+                                 capture_output=True, text=True)
+        assert enabled.stdout.strip() == "enabled", enabled
+        assert states(mnt, "chrony") == {"chrony": "ii"} and audit(mnt) == ""
+    package("remove", image, "1", "chrony")  # its conffiles stay: rc
+    with mounted(image, 1, mnt):
+        assert states(mnt, "chrony") == {"chrony": "rc"} and audit(mnt) == ""
+    last = history(image)[-1]
+    assert last["action"] == "package remove"
+    assert last["result"]["removed"] == [{"package": "chrony", "version": "4.3-2+deb12u3",
+                                          "architecture": "amd64", "previous": None,
+                                          "state": "removed"}]
+
+
+def test_remove_with_dependents_and_purge(with_jq: Path, copy, tmp_path: Path) -> None:
+    image = copy(with_jq)
+    before = sha(image)
+    out = package("remove", image, "1", "libjq1", check=False)
+    assert out.returncode == 2 and sha(image) == before
+    assert (f"removing libjq1 would break jq {JQ_VERSION} (needs libjq1 (= {JQ_VERSION}))"
+            in out.stderr.decode())
+    text = package("remove", image, "1", "libjq1", "--with-dependents").stdout.decode()
+    assert f"remove jq {JQ_VERSION}" in text and f"remove libjq1 {JQ_VERSION}" in text
+    package("remove", image, "1", "libonig5", "--purge")
+    with mounted(image, 1, tmp_path / "mnt"):
+        assert states(tmp_path / "mnt", "jq", "libjq1", "libonig5") == {}
+        assert audit(tmp_path / "mnt") == ""
+        assert not (tmp_path / "mnt/usr/bin/jq").exists()
+    removed = [[(p["package"], p["state"]) for p in h["result"]["removed"]]
+               for h in history(image)[-2:]]
+    assert removed == [[("libjq1", "removed"), ("jq", "removed")], [("libonig5", "purged")]]
+
+
+def test_defer_configure_unpacks_and_queues_the_configuration(minbase: Path, copy,
+                                                               tmp_path: Path) -> None:
+    from servicing.firstboot import list_items
+
+    image = copy(minbase)
+    text = package("add", image, "1", HELLO, "--defer-configure").stdout.decode()
+    assert "configuration deferred to the first boot" in text
+    with mounted(image, 1, tmp_path / "mnt"):
+        assert states(tmp_path / "mnt", "hello") == {"hello": "iU"}
+        assert (tmp_path / "mnt/usr/bin/hello").exists()
+    listed = json.loads(run_imagefs("package", "list", image, "1", "--json").stdout)
+    assert {p["name"]: p["state"] for p in listed["packages"]}["hello"] == "unpacked"
+    with Image.open(str(image)) as img:
+        root = IndexRoot(img.view("1"))
+        items = list_items(root)
+        assert [(i.name, i.state) for i in items] == [("configure-packages", "queued")]
+        assert root.read(f"{items[0].path}/run") == CONFIGURE_SCRIPT
+    result = history(image)[-1]["result"]
+    assert result["first_boot_item"] == items[0].id
+    assert result["added"][0]["state"] == "unpacked"
