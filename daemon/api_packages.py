@@ -9,7 +9,7 @@ from .access import DIRECTORY, IMAGE, READ, check_path
 from .calls import in_thread_as
 from .protocol import INVALID_PARAMS, RpcError
 from .rpc import Call, method, optional, required
-from .servicing_jobs import checked_paths, only_root, submit_change
+from .servicing_jobs import SERVICING, checked_paths, only_root, submit_change
 
 INDEX = (int, str)
 
@@ -23,11 +23,6 @@ async def list_(call: Call, image: str, index: int | str) -> Any:
     path = await check_path("image", image, call.peer, READ, IMAGE)
     found = await in_thread_as(call.peer, list_packages, path, str(index))
     return {**found.to_json(), "image": image}
-
-
-SERVICING = dict(image=optional(str), index=optional(*INDEX), session=optional(str),
-                 dry_run=optional(bool, default=False), new_index=optional(str),
-                 subscribe=optional(bool, default=False))
 
 
 @method("packages.add", debs=required(list), repository=optional(str),

@@ -42,7 +42,14 @@ from imagefs.errors import Error
 from imagefs.places import use_state_dir
 
 # The api_* modules register their methods as they are imported.
-from . import api_images, api_jobs, api_mounts, api_packages, api_sessions  # noqa: F401
+from . import (  # noqa: F401
+    api_firstboot,
+    api_images,
+    api_jobs,
+    api_mounts,
+    api_packages,
+    api_sessions,
+)
 from .access import admitted, group_id
 from .forkserver import MountForkServer
 from .jobs import JobManager

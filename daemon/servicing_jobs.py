@@ -27,9 +27,13 @@ from .calls import history_who, job_answer
 from .forkserver import MountRequest
 from .jobs import JobContext
 from .protocol import INVALID_PARAMS, RpcError
-from .rpc import Call
+from .rpc import Call, optional
 
-WHERE_PARAMS = ("image", "index", "session")
+# The parameters of every servicing method that changes an index (as the CLI's
+# IMAGE INDEX | --mount, --dry-run, --new-index).
+SERVICING = dict(image=optional(str), index=optional(int, str), session=optional(str),
+                 dry_run=optional(bool, default=False), new_index=optional(str),
+                 subscribe=optional(bool, default=False))
 
 
 class JobSteps:
