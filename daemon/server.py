@@ -44,6 +44,7 @@ from imagefs.places import use_state_dir
 # The api_* modules register their methods as they are imported.
 from . import (  # noqa: F401
     api_firstboot,
+    api_health,
     api_images,
     api_jobs,
     api_mounts,

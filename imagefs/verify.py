@@ -23,6 +23,7 @@ from imagefs.format.records import Inode, MetaReader
 from imagefs.format.view import IndexView
 
 from .errors import Error
+from .image import select_index
 
 MAX_PATHS = 20
 
@@ -85,6 +86,94 @@ def verify(path: str, progress: Callable[[int], None] | None = None) -> Report:
                         p.indices.append(number)
             _check_totals(number, entry, seen, report)
         return report
+
+
+@dataclass
+class IndexReport(Report):
+    """verify_index's report: which index, the root and digest it was checked at, and
+    every path of the index whose content uses a damaged chunk (path -> why)."""
+
+    number: int = 0
+    name: str = ""
+    root: int = 0
+    digest: str = ""
+    damaged: dict[str, str] = field(default_factory=dict)
+
+
+def verify_index(path: str, index_spec: str | int,
+                 progress: Callable[[int], None] | None = None) -> IndexReport:
+    """verify() limited to one index: every chunk its files use (in the packs that hold
+    them) and every record of its tree, its link counts, digests and totals.  The header,
+    the slots and the chunks of other indices are not read (`imagefs verify` does)."""
+    with ImageFile.open(path) as image:
+        commit = image.read_commit()
+        number, entry = select_index(commit, index_spec, path)
+        report = IndexReport(number=number, name=entry.name, root=entry.root,
+                             digest=entry.digest, indices=1)
+        table = _load_table(image, commit, report)
+        chunks = {(loc.pack_id(), loc.offset): loc for loc in table.all()}
+        view = IndexView(image, number, entry, meta=MetaReader(image))
+        used = _chunks_used(view)
+        bad = _check_used_chunks(image, chunks, used, report, progress)
+        seen = _check_index(view, chunks, bad, report, progress)
+        _check_totals(number, entry, seen, report)
+        for key, why in bad.items():
+            for shown in used.get(key, []):
+                report.damaged.setdefault(shown, why)
+        return report
+
+
+def _chunks_used(view: IndexView) -> dict[tuple[int, int], list[str]]:
+    """(pack, offset) of every chunk the index's files use -> the paths using it.  A walk
+    that breaks stops here; _check_index reports why."""
+    used: dict[tuple[int, int], list[str]] = {}
+    try:
+        for path, ino in view.walk():
+            if ino.kind == F.REG:
+                shown = path.decode("utf-8", "backslashreplace")
+                for ext in ino.extents:
+                    users = used.setdefault((ext[1], ext[2]), [])
+                    if not users or users[-1] != shown:
+                        users.append(shown)
+    except Error:
+        pass
+    return used
+
+
+def _check_used_chunks(image: ImageFile, chunks: dict[tuple[int, int], ChunkLoc],
+                       used: dict[tuple[int, int], list[str]], report: Report,
+                       progress: Callable[[int], None] | None) -> dict[tuple[int, int], str]:
+    """Read each pack holding a chunk in used once, check the frame and those chunks;
+    the bad ones, (pack, offset) -> why.  Chunks the table lacks are _walk_index's."""
+    by_pack: dict[int, list[ChunkLoc]] = {}
+    for key in used:
+        loc = chunks.get(key)
+        if loc is not None:
+            by_pack.setdefault(key[0], []).append(loc)
+    bad: dict[tuple[int, int], str] = {}
+    for pack in sorted(by_pack):
+        try:
+            info = image.frame_info(pack, F.KIND_PACK)
+            payload = _pread(image, info.offset + F.FRAME_HEADER, info.stored)
+            report.frames += 1
+            report.checked_bytes += F.FRAME_HEADER + info.stored
+            if progress:
+                progress(F.FRAME_HEADER + info.stored)
+            raw = image.decode_payload(info, payload)
+        except Error as e:
+            report.problems.append(Problem(str(e)))
+            bad.update({(pack, loc.offset): "pack damaged" for loc in by_pack[pack]})
+            continue
+        for loc in by_pack[pack]:
+            report.chunks += 1
+            data = raw[loc.offset:loc.offset + loc.length]
+            if len(data) != loc.length or fast_hash(data) != loc.xxh or \
+                    hashlib.sha256(data).digest() != loc.sha:
+                bad[(pack, loc.offset)] = "chunk checksum mismatch"
+    mismatched = sum(1 for why in bad.values() if why == "chunk checksum mismatch")
+    if mismatched:
+        report.problems.append(Problem(f"{mismatched} chunk(s) fail their checksums"))
+    return bad
 
 
 def _load_table(image: ImageFile, commit: Commit, report: Report) -> ChunkTable:
