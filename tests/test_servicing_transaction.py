@@ -1,8 +1,9 @@
 """servicing/transaction.py: plan, apply in writable sessions, one atomic commit of every
 index or none, history, --dry-run, --mount, and SIGKILL at random moments.
 
-The verb is tests/servicing_victim.py (it writes /etc/imagefs-victim and removes /etc/motd
-in the image's container), so these tests are about the transaction, not about packages."""
+The verb is mostly tests/servicing_victim.py (it writes /etc/imagefs-victim and removes
+/etc/motd in the image's container), so these tests are about the transaction, not about
+packages; the SIGKILL tests kill a real verb, `imagefs package add IMAGE all hello.deb`."""
 
 from __future__ import annotations
 
@@ -26,12 +27,15 @@ from imagefs.errors import NoSuchPath
 from imagefs.image import Image
 from imagefs.places import run_dir
 from imagefs.verify import verify
+from servicing.packages import list_packages
 from servicing.transaction import service_mount
 
 pytestmark = pytest.mark.skipif(shutil.which("systemd-nspawn") is None or os.geteuid() != 0,
                                 reason="needs root and systemd-nspawn (systemd-container)")
 
 VICTIM = Path(__file__).resolve().parent / "servicing_victim.py"
+HELLO = (Path(os.environ.get("IMAGEFS_FIXTURES", Path(__file__).resolve().parents[2]
+                             / "shared/fixtures")) / "debs/hello_2.10-3_amd64.deb")
 
 
 def sha(path: Path) -> str:
@@ -168,16 +172,37 @@ def test_in_a_callers_mount_the_commit_is_the_callers(image: Path, tmp_path: Pat
     assert state(image, "1") == "new"
 
 
+def hello_state(image: Path, index: str) -> str:
+    """'new' if hello is installed in the index (its file and its dpkg database agree),
+    'old' if neither has it; fails on anything in between."""
+    with Image.open(str(image)) as img:
+        try:
+            img.view(index).lookup("/usr/bin/hello")
+            has_file = True
+        except NoSuchPath:
+            has_file = False
+    installed = {p.name: p.state for p in list_packages(str(image), index).packages}
+    assert has_file == (installed.get("hello") == "installed"), (has_file, installed)
+    return "new" if has_file else "old"
+
+
 def kill_at_random(image: Path, rounds: int, seed: int) -> dict[str, int]:
-    """SIGKILL the verb at a random moment, `rounds` times; after `imagefs cleanup --all`
-    the image verifies clean, both indices are wholly old or wholly new, and nothing of the
-    verb is left (mounts, sessions, processes, workspaces)."""
+    """SIGKILL `imagefs package add IMAGE all hello.deb` at a random moment, `rounds`
+    times; after `imagefs cleanup --all` the image verifies clean, both indices are wholly
+    old or wholly new (never one without the other: one commit), and nothing of the verb is
+    left (mounts, sessions, containers, workspaces)."""
     rng = random.Random(seed)
     seen = {"old": 0, "new": 0}
+    argv = [sys.executable, "-m", "imagefs.cli", "package", "add", str(image), "all",
+            str(HELLO), "--no-daemon"]
+    # The moments are spread over the verb's whole run, as long as it takes here.
+    start = time.monotonic()
+    subprocess.run(argv, check=True, capture_output=True)
+    whole = time.monotonic() - start
+    shutil.copyfile(image.with_name("pristine.imagefs"), image)
     for _ in range(rounds):
-        proc = subprocess.Popen([sys.executable, str(VICTIM), str(image), "all"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        time.sleep(rng.uniform(0.0, 2.5))
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        time.sleep(rng.uniform(0.0, whole * 1.1))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         assert wait_until(lambda: not [m for m in kernel_imagefs_mounts()
@@ -185,8 +210,8 @@ def kill_at_random(image: Path, rounds: int, seed: int) -> dict[str, int]:
         run_imagefs("cleanup", "--all")
         assert left_behind() == []
         assert verify(str(image)).ok
-        now = (state(image, "1"), state(image, "2"))
-        assert now[0] == now[1], now  # one commit: never one index without the other
+        now = (hello_state(image, "1"), hello_state(image, "2"))
+        assert now[0] == now[1], now
         seen[now[0]] += 1
         if now[0] == "new":  # start again from the old state for the next round
             shutil.copyfile(image.with_name("pristine.imagefs"), image)
