@@ -136,8 +136,7 @@ def _measure_list(b: Any, image: str, wim: str, imagefs: str,
                    capture_output=True)
     try:
         for _run in range(RUNS):
-            timed(row, "imagefs", b.run([imagefs, "package", "list", image, "1",
-                                         "--no-daemon"]))
+            timed(row, "imagefs", b.run([imagefs, "package", "list", image, "1"]))
             timed(row, "wimlib", b.run(["dpkg-query", "--admindir=svc-mnt/var/lib/dpkg",
                                         "-W"]))
     finally:

@@ -53,6 +53,10 @@ CONFIGURE_SCRIPT = (b"#!/bin/sh\n"
 # One container run for the checks: dpkg --audit, a separator, every package's state.
 CHECK_SCRIPT = ("dpkg --audit; printf '\\036\\n'; exec dpkg-query -W -f "
                 "'${Package}\\t${Architecture}\\t${Version}\\t${db:Status-Abbrev}\\n'")
+# dpkg with its arguments ("$@"), its output and errors in one stream, then (if it
+# succeeded) the check, in the same container run: one container start, not two.
+RUN_THEN_CHECK = ('"$@" 2>&1; rc=$?; printf \'\\037%d\\n\' "$rc"; '
+                  '[ "$rc" = 0 ] || exit "$rc"; ' + CHECK_SCRIPT)
 STATES = ("not-installed", "config-files", "half-installed", "unpacked", "half-configured",
           "triggers-awaited", "triggers-pending", "installed")
 
@@ -223,11 +227,11 @@ class PackageAdd:
             names = stage(debs, tmp)
             progress.step(f"{'unpacking' if self.defer else 'installing'} {len(names)} "
                           "package(s) with the image's dpkg")
-            _dpkg(target.root, [mode, *(f"{BIND}/{n}" for n in names)],
-                  binds=[(tmp, BIND)])
+            checked = _dpkg(target.root, [mode, *(f"{BIND}/{n}" for n in names)],
+                            binds=[(tmp, BIND)])
         progress.step("checking with dpkg --audit and dpkg-query")
-        _check(target.root, plan, {a.pkg.key: {"iU " if self.defer else "ii "}
-                                   for a in plan.actions})
+        _check(checked, plan, {a.pkg.key: {"iU " if self.defer else "ii "}
+                               for a in plan.actions})
         item = _queue(target.root) if self.defer else None
         return {"added": [_done(a, "unpacked" if self.defer else "installed")
                           for a in plan.actions], "first_boot_item": item}
@@ -258,10 +262,10 @@ class PackageRemove:
                       "with the image's dpkg")
         names = [Package(p.name, p.version, p.architecture, p.multi_arch, "", "")
                  .qualified_name(plan.native) for p in pkgs]
-        _dpkg(target.root, ["--purge" if self.purge else "--remove", "--", *names])
+        checked = _dpkg(target.root, ["--purge" if self.purge else "--remove", "--", *names])
         progress.step("checking with dpkg --audit and dpkg-query")
-        _check(target.root, plan, {p.key: {"", "pn "} if self.purge else {"", "rc "}
-                                   for p in pkgs})
+        _check(checked, plan, {p.key: {"", "pn "} if self.purge else {"", "rc "}
+                               for p in pkgs})
         return {"removed": [_done(a, "purged" if self.purge else "removed")
                             for a in plan.actions]}
 
@@ -273,26 +277,29 @@ def _done(action: Action, state: str) -> dict[str, Any]:
 
 
 def _dpkg(root: str, args: list[str], binds: Sequence[tuple[str, str]] = ()) -> Completed:
-    """Run the image's dpkg with args (its output and errors in one stream, in order);
-    ServicingFailed with that output when it fails."""
+    """Run the image's dpkg with args (its output and errors in one stream, in order), then
+    the check (CHECK_SCRIPT) in the same container; ServicingFailed with dpkg's output when
+    it fails, else what the check printed (for _check)."""
     argv = ["dpkg", *dpkg_options(), *args]
-    out = run(root, ["sh", "-c", 'exec "$@" 2>&1', "sh", *argv], binds=binds,
+    out = run(root, ["sh", "-c", RUN_THEN_CHECK, "sh", *argv], binds=binds,
               timeout=DPKG_TIMEOUT)
-    if out.returncode != 0:
-        text = (out.stdout + out.stderr).decode(errors="replace")
+    dpkg_out, sep, checked = out.stdout.partition(b"\x1f")
+    code_text, _nl, checked = checked.partition(b"\n")
+    code = int(code_text) if sep and code_text.isdigit() else out.returncode or 1
+    if code != 0:
+        text = (dpkg_out + out.stderr).decode(errors="replace")
         lines = text.splitlines()
         at = next((i for i, ln in enumerate(lines) if ln.startswith("dpkg: error")), None)
         why = (" ".join(ln.strip() for ln in lines[at:at + 2]).removeprefix("dpkg: ")
-               if at is not None else f"exit code {out.returncode}")
+               if at is not None else f"exit code {code}")
         raise ServicingFailed(f"dpkg {args[0]} failed: {why}", text)
-    return out
+    return Completed(out.argv, out.returncode, checked, out.stderr)
 
 
-def _check(root: str, plan: PackagePlan, want: dict[tuple[str, str], set[str]]) -> None:
-    """dpkg --audit reports nothing but what was reported before (and, with deferred
-    configuration, the packages left to configure); each package is in a wanted state
-    (db:Status-Abbrev; "" for not listed)."""
-    out = run(root, ["sh", "-c", CHECK_SCRIPT], timeout=DPKG_TIMEOUT)
+def _check(out: Completed, plan: PackagePlan, want: dict[tuple[str, str], set[str]]) -> None:
+    """In what CHECK_SCRIPT printed: dpkg --audit reports nothing but what was reported
+    before (and, with deferred configuration, the packages left to configure); each
+    package is in a wanted state (db:Status-Abbrev; "" for not listed)."""
     audit, _sep, listing = out.stdout.partition(b"\x1e\n")
     states: dict[tuple[str, str], tuple[str, str]] = {}
     for line in listing.decode(errors="replace").splitlines():

@@ -224,6 +224,22 @@ def mounted_rw(image: StrPath, index: StrPath, mountpoint: StrPath, *options: st
         yield rec
 
 
+def servicing_leftovers() -> list[str]:
+    """What servicing verbs of this test session left behind: mounts in their workspaces
+    (RUN_DIR/servicing), processes running there (containers rooted at a workspace mount),
+    and the workspaces themselves.  [] when all is clean."""
+    import psutil
+
+    from imagefs.places import run_dir
+
+    base = os.path.join(run_dir(), "servicing")
+    mounts = [m for m in kernel_imagefs_mounts() if m.startswith(base)]
+    procs = [f"{p.pid} {' '.join(p.info['cmdline'])}"
+             for p in psutil.process_iter(["cmdline"])
+             if any(a.startswith(base + "/") for a in p.info["cmdline"] or [])]
+    return mounts + procs + (os.listdir(base) if os.path.isdir(base) else [])
+
+
 def kill_mount(rec: dict) -> None:
     """SIGKILL a mount process we started and wait until its mount is gone."""
     with contextlib.suppress(ProcessLookupError):

@@ -13,12 +13,17 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
-from conftest import REPO, fixture_tree, kernel_imagefs_mounts, mounted, mounted_rw, run_imagefs
+from conftest import (
+    REPO,
+    fixture_tree,
+    mounted,
+    mounted_rw,
+    run_imagefs,
+    servicing_leftovers,
+)
 
 from imagefs.image import Image
-from imagefs.places import run_dir
 from servicing.packages import CONFIGURE_SCRIPT
 from servicing.roots import IndexRoot
 from servicing.runner import run
@@ -41,15 +46,6 @@ def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def left_behind() -> list[str]:
-    """Mounts of servicing workspaces, processes running in them (containers), and the
-    workspaces themselves."""
-    base = os.path.join(run_dir(), "servicing")
-    mounts = [m for m in kernel_imagefs_mounts() if m.startswith(base)]
-    procs = [f"{p.pid} {' '.join(p.info['cmdline'])}"
-             for p in psutil.process_iter(["cmdline"])
-             if any(a.startswith(base + "/") for a in p.info["cmdline"] or [])]
-    return mounts + procs + (os.listdir(base) if os.path.isdir(base) else [])
 
 
 def package(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess[bytes]:
@@ -97,7 +93,7 @@ def with_jq(minbase: Path) -> Path:
 def copy(tmp_path: Path) -> Iterator[object]:
     """copy(image) -> a copy of image to change; nothing may be left behind."""
     yield lambda image: Path(shutil.copyfile(image, tmp_path / image.name))
-    assert left_behind() == []
+    assert servicing_leftovers() == []
 
 
 @pytest.fixture
@@ -122,7 +118,7 @@ def test_jq_with_its_libraries_is_installed(with_jq: Path, tmp_path: Path) -> No
         ("libonig5", "6.9.8-1", "installed")]
     assert last["arguments"]["debs"] == [str(JQ), str(LIBJQ1), str(LIBONIG5)]
     assert "/usr/bin/jq" in last["paths"]["first"]["added"]
-    assert left_behind() == []
+    assert servicing_leftovers() == []
 
 
 def test_dependencies_from_a_repository_in_a_callers_mount(minbase: Path, repo: Path,
@@ -162,7 +158,7 @@ def test_dry_run_prints_the_plan_and_changes_nothing(minbase: Path, repo: Path) 
     out = package("remove", minbase, "1", "tree", "--dry-run", check=False)
     assert out.returncode == 2 and b"tree is not installed" in out.stderr
     assert sha(minbase) == before
-    assert left_behind() == []
+    assert servicing_leftovers() == []
 
 
 def test_an_installed_package_is_nothing_to_do(with_jq: Path) -> None:

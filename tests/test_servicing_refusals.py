@@ -18,11 +18,9 @@ import subprocess
 import tarfile
 from pathlib import Path
 
-import psutil
 import pytest
-from conftest import REPO, fixture_tree, kernel_imagefs_mounts, run_imagefs
+from conftest import REPO, fixture_tree, run_imagefs, servicing_leftovers
 
-from imagefs.places import run_dir
 from servicing.debs import Deb
 from servicing.resolver import Database, pkg_of, plan_add, plan_remove
 from servicing.transaction import Refused
@@ -55,16 +53,6 @@ def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def left_behind() -> list[str]:
-    """Mounts of servicing workspaces, processes running in them (containers), and the
-    workspaces themselves."""
-    base = os.path.join(run_dir(), "servicing")
-    mounts = [m for m in kernel_imagefs_mounts() if m.startswith(base)]
-    procs = [f"{p.pid} {' '.join(p.info['cmdline'])}"
-             for p in psutil.process_iter(["cmdline"])
-             if any(a.startswith(base + "/") or a.startswith("--bind-ro=/tmp/imagefs-debs-")
-                    for a in p.info["cmdline"] or [])]
-    return mounts + procs + (os.listdir(base) if os.path.isdir(base) else [])
 
 
 def build_deb(where: Path, name: str, version: str = "1.0", arch: str = "amd64",
@@ -187,7 +175,7 @@ def refused(image: Path, *args: str | Path, code: int = 2) -> str:
     assert err.count("\n") == 1 and err.startswith("imagefs: "), err
     assert r.stdout == b""
     assert sha(image) == before
-    assert left_behind() == []
+    assert servicing_leftovers() == []
     return err.removeprefix("imagefs: ").strip()
 
 
@@ -275,7 +263,7 @@ def test_a_failing_postinst_fails_the_transaction(minbase: Path, crafted: dict[s
     assert "  | postinst of failing: refusing to configure" in err
     assert "  | on stderr too" in err
     assert sha(image) == before
-    assert left_behind() == []
+    assert servicing_leftovers() == []
     listed = run_imagefs("package", "list", image, "1").stdout.decode()
     assert "failing" not in listed
 

@@ -19,13 +19,18 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
-from conftest import fixture_tree, kernel_imagefs_mounts, mounted_rw, run_imagefs, wait_until
+from conftest import (
+    fixture_tree,
+    kernel_imagefs_mounts,
+    mounted_rw,
+    run_imagefs,
+    servicing_leftovers,
+    wait_until,
+)
 
 from imagefs.errors import NoSuchPath
 from imagefs.image import Image
-from imagefs.places import run_dir
 from imagefs.verify import verify
 from servicing.packages import list_packages
 from servicing.transaction import service_mount
@@ -71,17 +76,6 @@ def state(image: Path, index: str) -> str:
     return "new" if present[0] else "old"
 
 
-def left_behind() -> list[str]:
-    """Mounts and sessions of servicing workspaces, and processes running in them."""
-    base = os.path.join(run_dir(), "servicing")
-    mounts = [m for m in kernel_imagefs_mounts() if m.startswith(base)]
-    procs = []
-    for p in psutil.process_iter(["cmdline"]):
-        with_ws = [a for a in p.info["cmdline"] or [] if a.startswith(base + "/")]
-        if with_ws:
-            procs.append(f"{p.pid} {' '.join(p.info['cmdline'])}")
-    left = os.listdir(base) if os.path.isdir(base) else []
-    return mounts + procs + left
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +93,7 @@ def image(two_indices: Path, tmp_path: Path) -> Iterator[Path]:
     copy = tmp_path / "work.imagefs"
     shutil.copyfile(two_indices, copy)
     yield copy
-    assert left_behind() == []
+    assert servicing_leftovers() == []
 
 
 def test_dry_run_changes_nothing(image: Path) -> None:
@@ -208,7 +202,7 @@ def kill_at_random(image: Path, rounds: int, seed: int) -> dict[str, int]:
         assert wait_until(lambda: not [m for m in kernel_imagefs_mounts()
                                        if "/servicing/" in m], 15)
         run_imagefs("cleanup", "--all")
-        assert left_behind() == []
+        assert servicing_leftovers() == []
         assert verify(str(image)).ok
         now = (hello_state(image, "1"), hello_state(image, "2"))
         assert now[0] == now[1], now
