@@ -16,7 +16,7 @@ from typing import Any
 
 from imagefs.errors import DaemonRefused, UsageError, one_line
 
-from ._common import print_json
+from ._common import human, print_json
 from ._daemon import absolute, add_daemon_options, call, daemon_client, run_job
 
 TARGET_HELP = ("IMAGE INDEX: the verb opens its own writable session of INDEX (a number, a "
@@ -133,6 +133,12 @@ def show_outcome(doc: dict[str, Any]) -> None:
         plan = item["plan"]
         for ln in plan.get("lines") or ["nothing to do"]:
             print(f"  {one_line(ln)}")
+    say_committed(doc)
+
+
+def say_committed(doc: dict[str, Any]) -> None:
+    """The last line of an outcome: a dry run, left to the caller's commit, committed (in
+    which indices, with how much new content), or nothing changed."""
     if doc["dry_run"]:
         print("Dry run: nothing was changed.")
     elif doc.get("mount"):
@@ -141,6 +147,8 @@ def show_outcome(doc: dict[str, Any]) -> None:
         changed = [i for i in doc["indices"] if (i.get("commit") or {}).get("changed")]
         names = ", ".join(f"{i['commit']['index']} ({one_line(i['commit']['name'])})"
                           for i in changed)
-        print(f"Committed index{'es' if len(changed) > 1 else ''} {names} in one commit.")
+        new = sum(int(i["commit"].get("new_bytes") or 0) for i in changed)
+        print(f"Committed index{'es' if len(changed) > 1 else ''} {names} in one commit. "
+              f"New content: {human(new)}.")
     else:
         print("Nothing changed.")

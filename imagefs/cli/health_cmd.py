@@ -10,7 +10,7 @@ from imagefs.errors import UsageError, one_line
 
 from ._common import print_json
 from ._daemon import absolute, call, daemon_client, run_job
-from ._servicing import add_target, split_target, status_line
+from ._servicing import add_target, say_committed, split_target, status_line
 
 WORDS_HELP = ("IMAGE INDEX: one index of the image (a number or a name); scan and restore "
               "open a private writable session of it. --mount MNT: work in that writable "
@@ -262,11 +262,4 @@ def show_restore(doc: dict[str, Any]) -> None:
             for c in result["not_restored"]:
                 if c not in item["plan"].get("cannot", []):
                     print(f"  not restored: {_p(c['path'])}: {_p(c['why'])}")
-    if doc["dry_run"]:
-        print("Dry run: nothing was changed.")
-    elif doc.get("mount"):
-        print(f"Done in {_p(doc['mount'])}; commit it with: imagefs commit {_p(doc['mount'])}")
-    elif doc["committed"]:
-        commit = doc["indices"][0]["commit"]
-        print(f"Committed index {commit['index']} ({_p(commit['name'])}): "
-              f"{commit.get('new_bytes', 0)} bytes of new content.")
+    say_committed(doc)

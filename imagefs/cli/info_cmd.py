@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from imagefs.errors import one_line
 from imagefs.image import Image
 
 from ._common import add_json, human, print_json
@@ -57,8 +58,28 @@ def run(args: argparse.Namespace) -> int:
         print(f"Bytes:           {human(e['bytes'])} ({e['bytes']} bytes)")
         print(f"Digest:          sha256:{e['digest']}")
         for h in e.get("history", []):
-            extra = ", ".join(f"{k}={v}" for k, v in h.items()
+            extra = ", ".join(_detail(k, v) for k, v in h.items()
                               if k not in ("when", "uid", "user", "action"))
             print(f"  {h.get('when', '?')}  uid {h.get('uid', '?')}  "
                   f"{h.get('action', '?')}  {extra}")
     return 0
+
+
+HISTORY_VALUE = 160  # characters of one value of a history entry shown (--json: all)
+
+
+def _detail(key: str, value: Any) -> str:
+    """One detail of a history entry, on one line: a servicing verb's paths summary as
+    counts, packages as name=version, anything long cut short."""
+    if key == "paths" and isinstance(value, dict):
+        return (f"paths +{value.get('added', 0)} -{value.get('removed', 0)} "
+                f"~{value.get('changed', 0)}")
+    if key == "result" and isinstance(value, dict):
+        packages = [f"{p.get('package')}={p.get('version')}"
+                    for what in ("added", "removed") for p in value.get(what) or []
+                    if isinstance(p, dict) and "package" in p]
+        if packages:
+            verb = "added" if value.get("added") else "removed"
+            return f"{verb} {' '.join(packages)}"
+    text = one_line(f"{key}={value}")
+    return text if len(text) <= HISTORY_VALUE else text[:HISTORY_VALUE - 1] + "…"
