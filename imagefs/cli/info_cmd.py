@@ -72,14 +72,14 @@ def _detail(key: str, value: Any) -> str:
     """One detail of a history entry, on one line: a servicing verb's paths summary as
     counts, packages as name=version, anything long cut short."""
     if key == "paths" and isinstance(value, dict):
-        return (f"paths +{value.get('added', 0)} -{value.get('removed', 0)} "
-                f"~{value.get('changed', 0)}")
+        return one_line(f"paths +{value.get('added', 0)} -{value.get('removed', 0)} "
+                        f"~{value.get('changed', 0)}")[:HISTORY_VALUE]
     if key == "result" and isinstance(value, dict):
         packages = [f"{p.get('package')}={p.get('version')}"
                     for what in ("added", "removed") for p in value.get(what) or []
                     if isinstance(p, dict) and "package" in p]
         if packages:
             verb = "added" if value.get("added") else "removed"
-            return f"{verb} {' '.join(packages)}"
+            return one_line(f"{verb} {' '.join(packages)}")[:HISTORY_VALUE * 4]
     text = one_line(f"{key}={value}")
     return text if len(text) <= HISTORY_VALUE else text[:HISTORY_VALUE - 1] + "…"
