@@ -10,7 +10,14 @@ from .access import DIRECTORY, IMAGE, READ, check_path, path_param
 from .calls import history_who, in_thread_as, job_answer
 from .jobs import JobContext
 from .rpc import Call, method, optional, required
-from .servicing_jobs import SERVICING, JobSteps, fork_server_mounter, only_root, where
+from .servicing_jobs import (
+    SERVICING,
+    JobSteps,
+    fork_server_mounter,
+    only_root,
+    publishing,
+    where,
+)
 
 INDEX = (int, str)
 
@@ -86,7 +93,7 @@ async def restore(call: Call, source: str | None, debs: str | None, image: str |
         else:
             outcome = restore_index(path, spec, source=source, debs=debs,
                                     new_index=new_index, dry_run=dry_run, who=who,
-                                    progress=steps, publishing=ctx.publishing,
+                                    progress=steps, publishing=publishing(ctx),
                                     mounter=mounter)
         return outcome.to_json()
 

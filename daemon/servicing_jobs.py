@@ -51,7 +51,22 @@ class JobSteps:
 def only_root(call: Call, method: str) -> None:
     if not call.peer.is_root:
         raise RpcError(INVALID_PARAMS, f"{method}: runs the image's own programs as root in "
-                       "a container; only root may ask for it")
+                       "a container; only root may ask for it",
+                       {"type": UsageError.__name__, "exit_code": UsageError.exit_code})
+
+
+def publishing(ctx: JobContext) -> Callable[[], bool]:
+    """The transaction's question before its commit: True to go on (no cancel may land
+    from now on); a cancel that came first ends the job cancelled (JobCancelled), as a
+    cancel at any earlier step does."""
+
+    def ask() -> bool:
+        if not ctx.publishing():
+            ctx.check()
+            return False
+        return True
+
+    return ask
 
 
 async def where(call: Call, method: str, image: str | None, index: int | str | None,
@@ -110,7 +125,7 @@ async def submit_change(call: Call, method: str, image: str | None, index: int |
             outcome = service_mount(spec, change, dry_run=dry_run, progress=steps)
         else:
             outcome = service(path, spec, change, new_index=new_index, dry_run=dry_run,
-                              who=who, progress=steps, publishing=ctx.publishing,
+                              who=who, progress=steps, publishing=publishing(ctx),
                               mounter=mounter, wait=60.0)
         return outcome.to_json()
 

@@ -38,6 +38,7 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -439,6 +440,48 @@ def row_json(r: Row) -> dict[str, Any]:
             "ratio_imagefs_fuse_overlayfs": rounded(r.ratio_to("fuse-overlayfs")),
             "targets": r.target_text(), "pass": r.passed,
             "samples": r.samples}
+
+
+def run_alone(prog: str, tools: tuple[str, ...], title: str,
+              measure: Callable[[Bench, list[tuple[str, str, Path]]], None],
+              level: int | None = None, json_path: str | None = None) -> int:
+    """Run one group of rows alone on bookworm-minbase (a bench_*.py's main): its own work
+    dir and lock, then the table, the commands behind it, the targets and, with json_path,
+    the rows as JSON."""
+    for tool in tools:
+        if not shutil.which(tool):
+            print(f"{prog}: {tool} not found (see scripts/setup)", file=sys.stderr)
+            return 1
+    tmp = Path(os.environ.get("TMPDIR") or "/tmp")
+    work = tmp / f"imagefs-{prog}"
+    lock = os.open(tmp / f"imagefs-{prog}.lock", os.O_WRONLY | os.O_CREAT, 0o644)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    start = time.perf_counter()
+    name = "bookworm-minbase"
+    src = fixture_tree(name)
+    try:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        b = Bench(work, {str(src): "minbase"}, level)
+        warm_page_cache(src)
+        measure(b, [(name, "minbase", src)])
+    except CommandFailed as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 1
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"\n{title}, {os.cpu_count()} CPUs\n")
+    print(table([r for r in b.rows if r.in_table]))
+    print(f"\ncommands (run in work={shlex.quote(str(work))}, "
+          f"minbase={shlex.quote(str(src))}):")
+    for c in b.commands:
+        print(f"  {c}")
+    failed = [r.label for r in b.rows if r.passed is False]
+    print(f"\ntargets: {'all met' if not failed else 'FAILED: ' + '; '.join(failed)}")
+    print(f"took {time.perf_counter() - start:.0f} s")
+    if json_path:
+        Path(json_path).write_text(json.dumps([row_json(r) for r in b.rows], indent=2) + "\n")
+    return 0
 
 
 def main() -> int:

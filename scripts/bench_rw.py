@@ -300,8 +300,6 @@ def _measure_commit(b: Any, src: Path, image: str, wim: str, imagefs: str,
 def main() -> int:
     """Run the rw rows alone on bookworm-minbase, with bench.py's table."""
     import argparse
-    import fcntl
-    import json
 
     import bench  # not at the top: bench.py imports this module
 
@@ -314,49 +312,13 @@ def main() -> int:
     only = frozenset(g for g in args.only.split(",") if g)
     if not only or only - set(GROUPS):
         ap.error(f"--only: groups are {', '.join(GROUPS)}")
-    for tool in ("fuse-overlayfs", "fusermount3", "wimcapture", "wimmountrw", "wimunmount",
-                 "git", "tar"):
-        if not shutil.which(tool):
-            print(f"bench_rw: {tool} not found (see scripts/setup)", file=sys.stderr)
-            return 1
-    tmp = Path(os.environ.get("TMPDIR") or "/tmp")
-    work = tmp / "imagefs-bench-rw"
-    lock = os.open(tmp / "imagefs-bench-rw.lock", os.O_WRONLY | os.O_CREAT, 0o644)
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    start = time.perf_counter()
-    try:
-        name = "bookworm-minbase"
-        src = bench.fixture_tree(name)
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
-        b = bench.Bench(work, {str(src): "minbase"}, args.level)
-        bench.warm_page_cache(src)
-        measure_rw(b, [(name, "minbase", src)], str(bench.IMAGEFS), bench.timed, only)
-    except bench.CommandFailed as e:
-        print(f"bench_rw: {e}", file=sys.stderr)
-        return 1
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    print()
-    print(f"imagefs rw benchmark, {os.cpu_count()} CPUs; wimlib = wimmountrw + wimunmount "
-          f"--commit, plain = an empty directory on the work dir's disk")
-    print()
-    print(bench.table([r for r in b.rows if r.in_table]))
-    print()
-    print(f"commands (run in work={shlex.quote(str(work))}, "
-          f"minbase={shlex.quote(str(src))}):")
-    for c in b.commands:
-        print(f"  {c}")
-    failed = [r.label for r in b.rows if r.passed is False]
-    print()
-    print(f"targets: {'all met' if not failed else 'FAILED: ' + '; '.join(failed)}")
-    print(f"took {time.perf_counter() - start:.0f} s")
-    if args.json:
-        rows = [{"key": r.key, "label": r.label, "unit": r.unit, "values": r.values,
-                 "targets": r.target_text(), "pass": r.passed, "samples": r.samples}
-                for r in b.rows]
-        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
-    return 0
+    return bench.run_alone(
+        "bench-rw", ("fuse-overlayfs", "fusermount3", "wimcapture", "wimmountrw", "wimunmount",
+                     "git", "tar"),
+        "imagefs rw benchmark; wimlib = wimmountrw + wimunmount --commit, plain = an empty "
+        "directory on the work dir's disk",
+        lambda b, trees: measure_rw(b, trees, str(bench.IMAGEFS), bench.timed, only),
+        args.level, args.json)
 
 
 if __name__ == "__main__":

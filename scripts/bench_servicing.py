@@ -25,7 +25,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -146,7 +145,6 @@ def _measure_list(b: Any, image: str, wim: str, imagefs: str,
 def main() -> int:
     """Run the servicing rows alone, with bench.py's table."""
     import argparse
-    import fcntl
 
     import bench  # not at the top: bench.py imports this module
 
@@ -154,34 +152,13 @@ def main() -> int:
                                  description=__doc__.split("\n")[0])
     ap.add_argument("--json", metavar="PATH", help="also write the rows as JSON to PATH")
     args = ap.parse_args()
-    for tool in ("wimcapture", "wimmountrw", "wimunmount", "wimapply", "wimmount", "dpkg"):
-        if not shutil.which(tool):
-            print(f"bench_servicing: {tool} not found (see scripts/setup)", file=sys.stderr)
-            return 1
-    tmp = Path(os.environ.get("TMPDIR") or "/tmp")
-    work = tmp / "imagefs-bench-servicing"
-    lock = os.open(tmp / "imagefs-bench-servicing.lock", os.O_WRONLY | os.O_CREAT, 0o644)
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    start = time.perf_counter()
-    try:
-        name = "bookworm-minbase"
-        src = bench.fixture_tree(name)
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
-        b = bench.Bench(work, {str(src): "minbase"}, None)
-        measure_servicing(b, [(name, "minbase", src)], str(bench.IMAGEFS), bench.timed)
-    except bench.CommandFailed as e:
-        print(f"bench_servicing: {e}", file=sys.stderr)
-        return 1
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    print(bench.table(b.rows))
-    print(f"\n{time.perf_counter() - start:.0f} s")
-    if args.json:
-        import json
-
-        Path(args.json).write_text(json.dumps([bench.row_json(r) for r in b.rows], indent=2))
-    return 0
+    return bench.run_alone(
+        "bench-servicing", ("wimcapture", "wimmountrw", "wimunmount", "wimapply", "wimmount",
+                            "dpkg"),
+        "imagefs servicing benchmark; wimlib = wimmountrw, chroot dpkg -i, wimunmount "
+        "--commit; plain = wimapply, dpkg --root, wimcapture",
+        lambda b, trees: measure_servicing(b, trees, str(bench.IMAGEFS), bench.timed),
+        None, args.json)
 
 
 if __name__ == "__main__":

@@ -223,7 +223,7 @@ class PackageAdd:
         assert isinstance(plan, PackagePlan)
         debs = [a.pkg.deb for a in plan.actions if a.pkg.deb is not None]
         mode = "--unpack" if self.defer else "--install"
-        with tempfile.TemporaryDirectory(prefix="imagefs-debs-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="imagefs-debs-", dir=target.scratch) as tmp:
             names = stage(debs, tmp)
             progress.step(f"{'unpacking' if self.defer else 'installing'} {len(names)} "
                           "package(s) with the image's dpkg")
@@ -280,7 +280,9 @@ def _dpkg(root: str, args: list[str], binds: Sequence[tuple[str, str]] = ()) -> 
     """Run the image's dpkg with args (its output and errors in one stream, in order), then
     the check (CHECK_SCRIPT) in the same container; ServicingFailed with dpkg's output when
     it fails, else what the check printed (for _check)."""
-    argv = ["dpkg", *dpkg_options(), *args]
+    # --force-unsafe-io: dpkg's own fsyncs buy nothing in a session, whose changes become
+    # durable only by the commit (a crash before it discards them whole).
+    argv = ["dpkg", *dpkg_options(), "--force-unsafe-io", *args]
     out = run(root, ["sh", "-c", RUN_THEN_CHECK, "sh", *argv], binds=binds,
               timeout=DPKG_TIMEOUT)
     dpkg_out, sep, checked = out.stdout.partition(b"\x1f")

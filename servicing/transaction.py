@@ -68,6 +68,9 @@ class Target:
     root: str
     index: int
     name: str
+    # For the verb's own temporary files: the workspace (cleared with it, also by
+    # `imagefs cleanup --all` after a kill); None: the system's temporary directory.
+    scratch: str | None = None
 
 
 class Plan(Protocol):
@@ -283,7 +286,7 @@ def _open(image_path: str, todo: list[IndexOutcome], place: str, progress: Progr
         os.mkdir(mnt, 0o700)
         progress.step(f"opening a session of index {item.index} ({item.name})")
         (mounter or mount_here)(image_path, item.index, mnt)
-        targets.append(Target(mnt, item.index, item.name))
+        targets.append(Target(mnt, item.index, item.name, scratch=place))
     return targets
 
 

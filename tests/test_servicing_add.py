@@ -5,9 +5,7 @@ the image's own jq run in its container, and the index's history."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -15,35 +13,26 @@ from pathlib import Path
 
 import pytest
 from conftest import (
-    REPO,
     fixture_tree,
     mounted,
     mounted_rw,
     run_imagefs,
     servicing_leftovers,
 )
+from servicing_helpers import DEBS, HELLO, JQ, JQ_VERSION, NEEDS_DEBS, NEEDS_NSPAWN, sha
 
 from imagefs.image import Image
 from servicing.packages import CONFIGURE_SCRIPT
 from servicing.roots import IndexRoot
 from servicing.runner import run
 
-DEBS = Path(os.environ.get("IMAGEFS_FIXTURES", REPO.parent / "shared/fixtures")) / "debs"
-pytestmark = [
-    pytest.mark.skipif(shutil.which("systemd-nspawn") is None or os.geteuid() != 0,
-                       reason="needs root and systemd-nspawn (systemd-container)"),
-    pytest.mark.skipif(not DEBS.is_dir(), reason=f"no fixture packages in {DEBS}")]
+pytestmark = [NEEDS_NSPAWN, NEEDS_DEBS]
 
-JQ_VERSION = "1.6-2.1+deb12u3"
-JQ = DEBS / f"jq_{JQ_VERSION}_amd64.deb"
 LIBJQ1 = DEBS / f"libjq1_{JQ_VERSION}_amd64.deb"
 LIBONIG5 = DEBS / "libonig5_6.9.8-1_amd64.deb"
 CHRONY = DEBS / "chrony_4.3-2+deb12u3_amd64.deb"
-HELLO = DEBS / "hello_2.10-3_amd64.deb"
 
 
-def sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 

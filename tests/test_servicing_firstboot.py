@@ -8,7 +8,6 @@ a power cut mid-item runs it again; a second boot runs nothing.  Oracles: the bo
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -20,14 +19,14 @@ from pathlib import Path
 
 import pytest
 from conftest import fixture_tree, mounted, mounted_rw, run_imagefs, wait_until
+from servicing_helpers import HELLO, NEEDS_DEBS, NEEDS_NSPAWN, sha
 
 from servicing import firstboot
 from servicing.firstboot import enqueue, list_items, pending
 from servicing.firstboot_files import DONE, QUEUE, RUNNER_PATH, UNIT_NAME
 from servicing.roots import MountRoot
 
-pytestmark = pytest.mark.skipif(shutil.which("systemd-nspawn") is None or os.geteuid() != 0,
-                                reason="needs root and systemd-nspawn (systemd-container)")
+pytestmark = [NEEDS_NSPAWN, NEEDS_DEBS]
 
 BOOT_TIMEOUT = 120.0
 PROBE = "/var/tmp/imagefs-test-probe"
@@ -46,7 +45,6 @@ WantedBy=multi-user.target
 """
 FAILING = "echo 'first item here' >> /root/order; echo 'to stdout'; echo 'to stderr' >&2; exit 3"
 MARKING = "echo 'second item here' >> /root/order; echo done > /var/lib/imagefs-test-marker"
-HELLO_DEB = Path("/work/shared/fixtures/debs/hello_2.10-3_amd64.deb")
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +62,6 @@ def image(minbase: Path, tmp_path: Path) -> Path:
     return copy
 
 
-def sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def items_of(*where: str | Path) -> list[dict]:
@@ -161,7 +157,7 @@ def hello_status(mnt: Path) -> str:
 def test_boot_runs_the_queue_once_in_order(image: Path, tmp_path: Path) -> None:
     add(image, FAILING, "fails")
     add(image, MARKING, "marker")
-    run_imagefs("package", "add", image, "1", HELLO_DEB, "--defer-configure")
+    run_imagefs("package", "add", image, "1", HELLO, "--defer-configure")
     mnt = tmp_path / "mnt"
     with mounted_rw(image, 1, mnt):
         enabled = subprocess.run(["systemctl", f"--root={mnt}", "is-enabled", UNIT_NAME],

@@ -6,10 +6,8 @@ from the package's .deb, and what it cannot put back it lists, with exit code 1.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -17,16 +15,15 @@ from pathlib import Path
 
 import pytest
 from conftest import fixture_tree, kernel_imagefs_mounts, mounted, mounted_rw, run_imagefs
+from servicing_helpers import DEBS, NEEDS_DEBS, NEEDS_NSPAWN, sha
 
 from imagefs.verify import verify, verify_index
 from servicing.health import record_path
 from servicing.health_scan import parse_audit, parse_verify
 from servicing.runner import run
 
-pytestmark = pytest.mark.skipif(shutil.which("systemd-nspawn") is None or os.geteuid() != 0,
-                                reason="needs root and systemd-nspawn (systemd-container)")
+pytestmark = [NEEDS_NSPAWN, NEEDS_DEBS]
 
-DEBS = Path("/work/shared/fixtures/debs")
 TREE_DEB = "tree_2.1.0-1_amd64.deb"
 DAMAGED = {"/usr/bin/nl": "content differs", "/usr/bin/xargs": "missing"}
 OWNERS = {"/usr/bin/nl": ["coreutils"], "/usr/bin/xargs": ["findutils"],
@@ -56,8 +53,6 @@ def copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-def sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def health(*args: object, code: int | None = None) -> dict:

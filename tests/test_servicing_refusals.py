@@ -9,9 +9,7 @@ directly on small databases."""
 from __future__ import annotations
 
 import functools
-import hashlib
 import io
-import os
 import re
 import shutil
 import subprocess
@@ -19,19 +17,14 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from conftest import REPO, fixture_tree, run_imagefs, servicing_leftovers
+from conftest import fixture_tree, run_imagefs, servicing_leftovers
+from servicing_helpers import HELLO, JQ, NEEDS_DEBS, NEEDS_NSPAWN, sha
 
 from servicing.debs import Deb
 from servicing.resolver import Database, pkg_of, plan_add, plan_remove
 from servicing.transaction import Refused
 
-DEBS = Path(os.environ.get("IMAGEFS_FIXTURES", REPO.parent / "shared/fixtures")) / "debs"
-pytestmark = [
-    pytest.mark.skipif(shutil.which("systemd-nspawn") is None or os.geteuid() != 0,
-                       reason="needs root and systemd-nspawn (systemd-container)"),
-    pytest.mark.skipif(not DEBS.is_dir(), reason=f"no fixture packages in {DEBS}")]
-JQ = DEBS / "jq_1.6-2.1+deb12u3_amd64.deb"
-HELLO = DEBS / "hello_2.10-3_amd64.deb"
+pytestmark = [NEEDS_NSPAWN, NEEDS_DEBS]
 
 
 @functools.cache
@@ -49,8 +42,6 @@ def versions(text: str) -> str:
     return re.sub(r"<([^>]+)>", lambda m: installed(m[1]), text)
 
 
-def sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 

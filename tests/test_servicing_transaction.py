@@ -7,9 +7,7 @@ packages; the SIGKILL tests kill a real verb, `imagefs package add IMAGE all hel
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import random
 import shutil
 import signal
@@ -28,23 +26,18 @@ from conftest import (
     servicing_leftovers,
     wait_until,
 )
+from servicing_helpers import HELLO, NEEDS_DEBS, NEEDS_NSPAWN, hello_state, sha
 
 from imagefs.errors import NoSuchPath
 from imagefs.image import Image
 from imagefs.verify import verify
-from servicing.packages import list_packages
 from servicing.transaction import service_mount
 
-pytestmark = pytest.mark.skipif(shutil.which("systemd-nspawn") is None or os.geteuid() != 0,
-                                reason="needs root and systemd-nspawn (systemd-container)")
+pytestmark = [NEEDS_NSPAWN, NEEDS_DEBS]
 
 VICTIM = Path(__file__).resolve().parent / "servicing_victim.py"
-HELLO = (Path(os.environ.get("IMAGEFS_FIXTURES", Path(__file__).resolve().parents[2]
-                             / "shared/fixtures")) / "debs/hello_2.10-3_amd64.deb")
 
 
-def sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def info(image: Path) -> dict:
@@ -166,18 +159,6 @@ def test_in_a_callers_mount_the_commit_is_the_callers(image: Path, tmp_path: Pat
     assert state(image, "1") == "new"
 
 
-def hello_state(image: Path, index: str) -> str:
-    """'new' if hello is installed in the index (its file and its dpkg database agree),
-    'old' if neither has it; fails on anything in between."""
-    with Image.open(str(image)) as img:
-        try:
-            img.view(index).lookup("/usr/bin/hello")
-            has_file = True
-        except NoSuchPath:
-            has_file = False
-    installed = {p.name: p.state for p in list_packages(str(image), index).packages}
-    assert has_file == (installed.get("hello") == "installed"), (has_file, installed)
-    return "new" if has_file else "old"
 
 
 def kill_at_random(image: Path, rounds: int, seed: int) -> dict[str, int]:

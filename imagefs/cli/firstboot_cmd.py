@@ -19,6 +19,7 @@ from typing import Any
 from imagefs.errors import NotFound, UsageError, one_line
 
 from ._common import print_json
+from ._daemon import absolute, call, daemon_client
 from ._servicing import add_target, run_change, split_target
 
 MAX_SHOWN = 100  # characters of a listed field or output line on a terminal
@@ -117,7 +118,7 @@ def run_remove(args: argparse.Namespace) -> int:
 
 
 def run_list(args: argparse.Namespace) -> int:
-    from servicing.firstboot import list_items
+    from servicing.firstboot import Item, list_items
     from servicing.roots import IndexRoot, MountRoot
 
     image, index, words = split_target(args, 0)
@@ -131,6 +132,11 @@ def run_list(args: argparse.Namespace) -> int:
         items = list_items(root)
         label = root.label
     else:
+        with daemon_client(args) as c:
+            if c is not None:
+                doc = call(c, "firstboot.list", image=absolute(image), index=index)
+                return _print_list(args, doc, f"index {doc['index']} ({doc['name']})",
+                                   [Item(**i) for i in doc["items"]])
         from imagefs.image import Image
 
         with Image.open(image) as img:
@@ -141,6 +147,11 @@ def run_list(args: argparse.Namespace) -> int:
         label = iroot.label
     doc["items"] = [i.to_json() for i in items]
     doc["pending"] = sum(1 for i in items if i.pending)
+    return _print_list(args, doc, label, items)
+
+
+def _print_list(args: argparse.Namespace, doc: dict[str, Any], label: str,
+                items: list[Any]) -> int:
     if args.json:
         print_json(doc)
     else:
