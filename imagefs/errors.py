@@ -198,6 +198,25 @@ class DaemonRefused(SystemFailure):
         self.output = output
 
 
+class Refused(UsageError):
+    """{}"""
+
+    # A servicing change that cannot be made, said before anything changed.
+
+
+class ServicingFailed(Error):
+    """{}"""
+
+    # A program of the image (dpkg, a maintainer script) or the check after it failed
+    # while an index was being serviced; the transaction was discarded, nothing changed.
+    exit_code = 9
+
+    def __init__(self, what: str, output: str = "") -> None:
+        """what: one line; output: what the failing program printed (shown below it)."""
+        super().__init__(what)
+        self.what, self.output = what, output
+
+
 class Interrupted(Error):
     """interrupted; the image is unchanged"""
 

@@ -33,6 +33,8 @@ from imagefs.errors import (
     Error,
     Interrupted,
     NotAMountPoint,
+    Refused,
+    ServicingFailed,
     UsageError,
     one_line,
 )
@@ -112,23 +114,6 @@ class Change(Protocol):
         ...
 
 
-class Refused(UsageError):
-    """{}"""
-
-    # A change that cannot be made, said before anything changed.
-
-
-class ServicingFailed(Error):
-    """{}"""
-
-    exit_code = 1
-
-    def __init__(self, what: str, output: str = "") -> None:
-        """what: one line; output: what the failing program printed (shown below it)."""
-        super().__init__(what)
-        self.what, self.output = what, output
-
-
 @dataclass
 class IndexOutcome:
     """What happened to one index."""
@@ -190,7 +175,9 @@ def service(image_path: str, index_spec: str, change: Change, *,
         _unchanged_since_planned(image_path, todo)
         for item, target in zip(todo, targets, strict=True):
             progress.step(f"servicing index {item.index} ({item.name})")
-            item.result = _apply(change, target, item, progress)
+            # Nothing to do but a new index (--new-index): the index's tree as it is.
+            item.result = (_apply(change, target, item, progress) if not item.plan.empty()
+                           else {})
         progress.step("checking and committing")
         for target in targets:
             _detach(target.root)

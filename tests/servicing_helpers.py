@@ -31,7 +31,7 @@ def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def hello_state(image: Path, index: str) -> str:
+def hello_state(image: Path, index: str = "1") -> str:
     """'new' if hello is installed in the index (its file and its dpkg database agree),
     'old' if neither has it; fails on anything in between."""
     with Image.open(str(image)) as img:

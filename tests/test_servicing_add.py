@@ -158,6 +158,15 @@ def test_an_installed_package_is_nothing_to_do(with_jq: Path) -> None:
     assert sha(with_jq) == before
 
 
+def test_nothing_to_do_into_a_new_index_copies_the_index(with_jq: Path, copy) -> None:
+    image = copy(with_jq)
+    text = package("add", image, "1", JQ, "--new-index", "again").stdout.decode()
+    assert f"jq {JQ_VERSION} is already installed" in text
+    indices = json.loads(run_imagefs("info", image, "--json").stdout)["indices"]
+    assert [i["name"] for i in indices][-1] == "again"
+    assert indices[-1]["digest"] == indices[0]["digest"]
+
+
 def test_chrony_creates_its_user_and_is_enabled_then_removed(minbase: Path, copy,
                                                               tmp_path: Path) -> None:
     image = copy(minbase)

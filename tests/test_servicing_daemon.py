@@ -230,7 +230,7 @@ def test_a_failure_in_index_2_leaves_both_as_they_were(image: Path, tmp_path: Pa
     before = sha(image)
     r = here("package", "add", image, "all", HELLO, check=False)
     err = r.stderr.decode().splitlines()
-    assert r.returncode == 1, err
+    assert r.returncode == 9, err
     assert err[0].startswith("imagefs: index 2 (two): dpkg --install failed: "), err
     assert "trying to overwrite '/usr/bin/hello', which is also in package bash" in err[0]
     assert err[0].endswith("; nothing was changed"), err
@@ -301,7 +301,7 @@ def test_a_failing_postinst_through_the_daemon(d: DaemonProcess, image: Path,
     before = sha(image)
     r = via(d, "package", "add", image, "1", failing, check=False)
     err = r.stderr.decode().splitlines()
-    assert r.returncode == 1, err
+    assert r.returncode == 9, err
     assert err[0] == FAILING_FIRST_LINE, err
     assert all(line.startswith("  | ") for line in err[1:]), err
     assert "  | postinst of failing: refusing to configure" in err
@@ -309,7 +309,7 @@ def test_a_failing_postinst_through_the_daemon(d: DaemonProcess, image: Path,
     assert r.stdout == b""
     assert sha(image) == before
     alone = here("package", "add", image, "1", failing, check=False)
-    assert (alone.returncode, alone.stderr.decode().splitlines()) == (1, err)
+    assert (alone.returncode, alone.stderr.decode().splitlines()) == (9, err)
     assert sha(image) == before
 
 

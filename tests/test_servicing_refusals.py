@@ -245,7 +245,7 @@ def test_a_failing_postinst_fails_the_transaction(minbase: Path, crafted: dict[s
     r = run_imagefs("package", "add", image, "1", crafted["failing"], "--no-daemon",
                     check=False)
     err = r.stderr.decode().splitlines()
-    assert r.returncode == 1, err
+    assert r.returncode == 9, err
     assert err[0] == ("imagefs: index 1 (minbase): dpkg --install failed: error processing "
                       "package failing (--install): installed failing package "
                       "post-installation script subprocess returned error exit status 1; "

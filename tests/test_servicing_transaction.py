@@ -128,7 +128,7 @@ def test_every_index_in_one_commit(image: Path) -> None:
 def test_a_failure_in_one_index_leaves_every_index_as_it_was(image: Path) -> None:
     before = sha(image)
     proc = victim(image, "1,2", "--fail-in", "2", check=False)
-    assert proc.returncode == 1
+    assert proc.returncode == 9  # ServicingFailed
     err = json.loads(proc.stdout)
     assert err["error"].startswith("index 2 (two): the script exited 3")
     assert "nothing was changed" in err["error"]

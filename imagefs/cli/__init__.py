@@ -60,7 +60,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         epilog="An INDEX is a number (from 1) or a name. `imagefs VERB --help` explains a "
                "verb. Exit codes: 0 ok, 1 damage found, 2 usage, 3 not found, "
                "4 bad or damaged image, 5 newer format, 6 locked, 7 destination, "
-               "8 system error, 70 internal error, 130 interrupted.",
+               "8 system error, 9 servicing failed (nothing changed), 70 internal error, "
+               "130 interrupted.",
     )
     parser.add_argument("--version", action=_Version)
     sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)

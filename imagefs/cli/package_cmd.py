@@ -30,7 +30,7 @@ ADD_EPILOG = """examples:
 
 exit codes: 0 done (or nothing to do), 2 refused before anything changed (an unmet
 dependency, a conflict, a wrong architecture, a downgrade, a file that is not a valid
-package), 3 no such image, index or file, 1 dpkg or a maintainer script failed (the
+package), 3 no such image, index or file, 9 dpkg or a maintainer script failed (the
 image is unchanged; dpkg's output follows the error).
 """
 
@@ -46,7 +46,7 @@ REMOVE_EPILOG = """examples:
 
 exit codes: 0 done (or nothing to do), 2 refused (an essential package, a package others
 need without --with-dependents, a name that is not installed), 3 no such image or
-index, 1 dpkg or a maintainer script failed (the image is unchanged).
+index, 9 dpkg or a maintainer script failed (the image is unchanged).
 """
 
 
