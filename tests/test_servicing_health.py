@@ -279,6 +279,7 @@ def test_source_with_a_colon_and_a_source_lacking_the_file(image: Path,
     assert sha(img) == before
 
 
+@pytest.mark.slow  # a whole scan more; the default run keeps item 5's scans and restores
 def test_damaged_chunks_are_found_and_not_restorable(image: Path, tmp_path: Path) -> None:
     img = copy(image, tmp_path / "bad.imagefs")
     with open(img, "r+b") as fh:  # one bit of a pack in the middle of the file
@@ -308,6 +309,7 @@ def rw_mount(image: Path, tmp_path: Path) -> Iterator[tuple[Path, Path]]:
         yield img, tmp_path / "rw"
 
 
+@pytest.mark.slow  # two whole scans more in a caller's mount
 def test_scan_and_restore_in_a_mount_with_a_bad_state(rw_mount: tuple[Path, Path]) -> None:
     img, mnt = rw_mount
     status = mnt / "var/lib/dpkg/status"

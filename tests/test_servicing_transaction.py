@@ -8,6 +8,7 @@ packages; the SIGKILL tests kill a real verb, `imagefs package add IMAGE all hel
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import signal
@@ -30,8 +31,10 @@ from servicing_helpers import HELLO, NEEDS_DEBS, NEEDS_NSPAWN, hello_state, sha
 
 from imagefs.errors import NoSuchPath
 from imagefs.image import Image
+from imagefs.places import run_dir
+from imagefs.session.mounts import cleanup
 from imagefs.verify import verify
-from servicing.transaction import service_mount
+from servicing.transaction import cleanup_workspaces, service_mount
 
 pytestmark = [NEEDS_NSPAWN, NEEDS_DEBS]
 
@@ -161,11 +164,19 @@ def test_in_a_callers_mount_the_commit_is_the_callers(image: Path, tmp_path: Pat
 
 
 
+def cleaned_up() -> None:
+    """What `imagefs cleanup --all` does (imagefs/cli/cleanup_cmd.py), in this process:
+    stale sessions discarded, killed verbs' workspaces cleared."""
+    cleanup(None)
+    cleanup_workspaces()
+
+
 def kill_at_random(image: Path, rounds: int, seed: int) -> dict[str, int]:
     """SIGKILL `imagefs package add IMAGE all hello.deb` at a random moment, `rounds`
     times; after `imagefs cleanup --all` the image verifies clean, both indices are wholly
     old or wholly new (never one without the other: one commit), and nothing of the verb is
-    left (mounts, sessions, containers, workspaces)."""
+    left (mounts, sessions, containers, workspaces); test_cleanup_after_a_kill_is_the_cli
+    shows the CLI's cleanup does the same."""
     rng = random.Random(seed)
     seen = {"old": 0, "new": 0}
     argv = [sys.executable, "-m", "imagefs.cli", "package", "add", str(image), "all",
@@ -182,7 +193,7 @@ def kill_at_random(image: Path, rounds: int, seed: int) -> dict[str, int]:
         proc.wait()
         assert wait_until(lambda: not [m for m in kernel_imagefs_mounts()
                                        if "/servicing/" in m], 15)
-        run_imagefs("cleanup", "--all")
+        cleaned_up()
         assert servicing_leftovers() == []
         assert verify(str(image)).ok
         now = (hello_state(image, "1"), hello_state(image, "2"))
@@ -191,6 +202,24 @@ def kill_at_random(image: Path, rounds: int, seed: int) -> dict[str, int]:
         if now[0] == "new":  # start again from the old state for the next round
             shutil.copyfile(image.with_name("pristine.imagefs"), image)
     return seen
+
+
+def test_cleanup_after_a_kill_is_the_cli(image: Path) -> None:
+    """A verb killed while its indices are mounted: `imagefs cleanup --all` leaves nothing."""
+    argv = [sys.executable, "-m", "imagefs.cli", "package", "add", str(image), "all",
+            str(HELLO), "--no-daemon"]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = os.path.join(run_dir(), "servicing")
+    assert wait_until(lambda: any(m.startswith(base) for m in kernel_imagefs_mounts()), 30)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert wait_until(lambda: not [m for m in kernel_imagefs_mounts() if m.startswith(base)],
+                      15)
+    assert os.listdir(base)  # the killed verb's workspace, until the cleanup
+    run_imagefs("cleanup", "--all")
+    assert servicing_leftovers() == []
+    assert verify(str(image)).ok
+    assert hello_state(image, "1") == hello_state(image, "2") == "old"
 
 
 def test_sigkill_at_random_moments(image: Path) -> None:
