@@ -59,6 +59,7 @@ class MountRequest:
     owner: int | None = None  # with writable: whose session it is
     state_dir: str | None = None  # with writable: where the session lives (the daemon's)
     tied_to: int = 0  # a pid: the mount ends when that process does (servicing's mounts)
+    volatile: bool = False  # with writable: a session never fsynced (servicing's)
 
 
 class MountForkServer:
@@ -217,7 +218,7 @@ def _mount(message: bytes, answer_fd: int) -> dict[str, Any]:
         stale = SessionInfo.load(req.session) if req.session else None
         rec = start(req.image, req.index, req.mountpoint, req.options,
                     writable=req.writable, session=stale, owner=req.owner,
-                    not_inherited=(answer_fd,), tied_to=req.tied_to)
+                    not_inherited=(answer_fd,), tied_to=req.tied_to, volatile=req.volatile)
         return {"record": rec.to_json()}
     except Error as e:
         return {"error": e.message(), "exit_code": e.exit_code}

@@ -97,7 +97,7 @@ def fork_server_mounter(call: Call) -> Callable[[str, int, str], None]:
         call.daemon.fork_server.mount(MountRequest(
             image=image, index=str(number), mountpoint=mountpoint, options=confined,
             writable=True, owner=call.peer.uid, state_dir=state_dir(),
-            tied_to=os.getpid()))
+            tied_to=os.getpid(), volatile=True))
 
     return mount
 

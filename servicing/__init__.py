@@ -6,7 +6,7 @@ Each operation is pure: given an image's index (read without mounting) or a root
 
 - transaction.py: what every verb that changes an index runs in (plan, apply in writable
   sessions, check, one commit of every index or none); roots.py: what planning reads.
-- runner.py: the image's own programs in a container rooted at the root (systemd-nspawn,
+- runner.py: the image's own programs in a container rooted at the root (bubblewrap,
   no network, policy-rc.d 101, nothing left mounted).
 - packages.py (list, add, remove), debs.py (a .deb, checked), resolver.py (the plan).
 - health*.py (scan, check, restore); firstboot*.py (the first-boot queue in the image).

@@ -296,7 +296,8 @@ def mount_here(image_path: str, number: int, mountpoint: str) -> None:
     """The default Mounter: a session's mount process started by this process."""
     from imagefs.session.mounts import start
 
-    start(image_path, str(number), mountpoint, [], writable=True, tied_to=os.getpid())
+    start(image_path, str(number), mountpoint, [], writable=True, tied_to=os.getpid(),
+          volatile=True)
 
 
 def _detach(mnt: str) -> None:

@@ -17,6 +17,7 @@ import pytest
 from conftest import fixture_tree, kernel_imagefs_mounts, mounted, mounted_rw, run_imagefs
 from servicing_helpers import DEBS, NEEDS_DEBS, NEEDS_NSPAWN, sha
 
+from imagefs.places import run_dir
 from imagefs.verify import verify, verify_index
 from servicing.health import record_path
 from servicing.health_scan import parse_audit, parse_verify
@@ -28,6 +29,11 @@ TREE_DEB = "tree_2.1.0-1_amd64.deb"
 DAMAGED = {"/usr/bin/nl": "content differs", "/usr/bin/xargs": "missing"}
 OWNERS = {"/usr/bin/nl": ["coreutils"], "/usr/bin/xargs": ["findutils"],
           "/etc/adduser.conf": ["adduser"]}
+
+
+def workspace_mounts() -> list[str]:
+    """Mounts in this test session's servicing workspaces (not another run's)."""
+    return [m for m in kernel_imagefs_mounts() if m.startswith(f"{run_dir()}/servicing/")]
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +122,7 @@ def test_scan_finds_exactly_the_damage_as_dpkg_does(image: Path, tmp_path: Path)
     assert health("scan", image, "1", code=0)["counts"]["damaged"] == 0
     assert health("check", image, "minbase", code=0)["status"] == "healthy"
     assert sha(image) == before
-    assert not [m for m in kernel_imagefs_mounts() if "/servicing/" in m]  # nothing left
+    assert not workspace_mounts()  # nothing left
 
 
 def _uuid(path: Path) -> str:
@@ -142,7 +148,7 @@ def test_restore_from_another_index_stores_no_new_content(image: Path,
     assert {r["path"] for r in last["result"]["restored"]} == set(DAMAGED)
     # check knows the new state at once; a second scan is clean, the drift stays
     assert health("check", img, "2", code=0)["status"] == "healthy"
-    assert not [m for m in kernel_imagefs_mounts() if "/servicing/" in m]
+    assert not workspace_mounts()
     again = health("scan", img, "2", code=0)
     assert again["packages"]["damaged"] == []
     assert files(again["packages"]["drift"]) == {"/etc/adduser.conf": "content differs"}

@@ -19,8 +19,8 @@ from imagefs.errors import Busy, SystemFailure, UsageError
 from servicing import runner
 from servicing.runner import POLICY_SCRIPT, dpkg_options, run
 
-pytestmark = pytest.mark.skipif(shutil.which("systemd-nspawn") is None or os.geteuid() != 0,
-                                reason="needs root and systemd-nspawn (systemd-container)")
+pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None or os.geteuid() != 0,
+                                reason="needs root and bwrap (bubblewrap)")
 
 
 @pytest.fixture(scope="module")
@@ -67,14 +67,15 @@ def test_dpkg_query_inside_matches_the_database(root: Path) -> None:
 
 def test_private_namespaces_no_network(root: Path) -> None:
     kinds = ("mnt", "pid", "net", "uts", "ipc")
-    out = sh(root, "echo $$; hostname; ls /sys/class/net; tail -n +3 /proc/net/dev; "
+    out = sh(root, "echo $$; hostname; echo sys:$(ls -A /sys | wc -l); "
+             "tail -n +3 /proc/net/dev; "
              + "; ".join(f"readlink /proc/self/ns/{k}" for k in kinds))
     assert out.returncode == 0, out.stderr
     lines = out.stdout.decode().splitlines()
-    assert int(lines[0]) <= 2  # pid 2: nspawn's stub init is 1
+    assert int(lines[0]) <= 2  # pid 2: bwrap's init is 1
     assert lines[1] != socket.gethostname() and lines[1].startswith("imagefs-")
-    assert lines[2] == "lo"
-    assert lines[3].split(":")[0].strip() == "lo"
+    assert lines[2] == "sys:0"  # nothing of the host's hardware
+    assert lines[3].split(":")[0].strip() == "lo"  # the only network device
     namespaces = lines[4:]
     assert len(namespaces) == len(kinds)
     for kind, ns in zip(kinds, namespaces, strict=True):
@@ -82,6 +83,23 @@ def test_private_namespaces_no_network(root: Path) -> None:
     # a fresh /proc: the host's processes are not there
     count = sh(root, "ls -d /proc/[0-9]* | wc -l")
     assert int(count.stdout) < 10
+
+
+def test_root_in_the_container_cannot_reach_the_host(root: Path) -> None:
+    """A hostile maintainer script runs as root, but without the capabilities that would
+    reach the host: no device node (a host disk), no mount, no module, no clock."""
+    out = sh(root, "mknod /tmp/disk b 8 0 && echo made; "
+                   "mount -t tmpfs x /mnt && echo mounted; "
+                   "date -s 2000-01-01 >/dev/null 2>&1 && echo clock; "
+                   "grep -E 'CapPrm|NoNewPrivs' /proc/self/status")
+    assert b"made" not in out.stdout and b"mounted" not in out.stdout
+    assert b"clock" not in out.stdout
+    status = dict(line.split(b":\t") for line in out.stdout.splitlines())
+    permitted = int(status[b"CapPrm"], 16)
+    assert permitted & (1 << 21) == 0 and permitted & (1 << 27) == 0  # sys_admin, mknod
+    assert permitted & 1  # chown: dpkg still owns files to the image's users
+    assert status[b"NoNewPrivs"] == b"1"  # no setuid or file capability gives them back
+    assert not (root / "tmp/disk").exists()
 
 
 def test_host_configuration_does_not_leak_in(root: Path) -> None:
@@ -178,7 +196,7 @@ def test_timeout_kills_everything(root: Path) -> None:
     after = os.stat(root / "usr/sbin")
     assert time.monotonic() - start < 5
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-    assert f"sleep {tag}" not in ps and "systemd-nspawn" not in ps
+    assert tag not in ps  # in the argv of every process of the run, bwrap included
     assert not mounts_under(root)
     assert not (root / "usr/sbin/policy-rc.d").exists()
     assert (after.st_mtime_ns, after.st_nlink) == (before.st_mtime_ns, before.st_nlink)
@@ -200,9 +218,15 @@ def test_usage_errors(root: Path, tmp_path: Path) -> None:
     (symlinked / "usr/bin/env").touch()
     (symlinked / "usr/sbin").symlink_to(tmp_path / "host")
     (tmp_path / "host").mkdir()
+    for name in ("dev", "proc", "run", "tmp"):
+        (symlinked / name).mkdir()
     with pytest.raises(UsageError, match="usr/sbin is not a directory"):
         run(symlinked, ["true"])
     assert os.listdir(tmp_path / "host") == []
+    (symlinked / "tmp").rmdir()
+    (symlinked / "tmp").symlink_to(tmp_path / "host")
+    with pytest.raises(UsageError, match="/tmp is not a directory"):
+        run(symlinked, ["true"])
 
 
 def test_one_run_per_root(root: Path) -> None:
@@ -215,13 +239,12 @@ def test_one_run_per_root(root: Path) -> None:
         os.close(fd)
 
 
-def test_missing_nspawn_says_what_to_install(root: Path, tmp_path: Path,
+def test_missing_bwrap_says_what_to_install(root: Path, tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(runner, "HOST_PATH", str(tmp_path))
     with pytest.raises(SystemFailure) as e:
         run(root, ["true"])
-    assert str(e.value) == ("systemd-nspawn: not found; install the Debian package "
-                            "systemd-container")
+    assert str(e.value) == "bwrap: not found; install the Debian package bubblewrap"
 
 
 def test_a_writable_mount_of_an_image_is_a_root_to_run_in(tmp_path: Path) -> None:

@@ -192,7 +192,7 @@ def kill_at_random(image: Path, rounds: int, seed: int) -> dict[str, int]:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         assert wait_until(lambda: not [m for m in kernel_imagefs_mounts()
-                                       if "/servicing/" in m], 15)
+                                       if m.startswith(f"{run_dir()}/servicing/")], 15)
         cleaned_up()
         assert servicing_leftovers() == []
         assert verify(str(image)).ok

@@ -59,6 +59,7 @@ class SessionInfo:
     pid: int
     created: str
     uid: int
+    volatile: bool = False  # Staging(volatile): a servicing transaction's own session
 
     @property
     def dir(self) -> str:
@@ -70,7 +71,8 @@ class SessionInfo:
         with open(tmp, "w") as fh:
             json.dump(asdict(self), fh)
             fh.flush()
-            os.fsync(fh.fileno())
+            if not self.volatile:
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
 
     @classmethod
@@ -80,7 +82,8 @@ class SessionInfo:
         try:
             with open(os.path.join(sessions_dir(), session_id, "session.json")) as fh:
                 doc = json.load(fh)
-            return cls(**{k: doc[k] for k in cls.__dataclass_fields__})
+            return cls(**{k: doc[k] for k in cls.__dataclass_fields__
+                          if k in doc or k != "volatile"})
         except (OSError, ValueError, KeyError, TypeError):
             raise NoSuchSession(session_id) from None
 
@@ -141,8 +144,10 @@ class Session:
 
     @classmethod
     def create(cls, image_path: str, index_spec: str, mountpoint: str,
-               cache: int = 256 << 20, owner: int | None = None) -> Session:
-        """A new session of index_spec, owned by the caller (root: by owner, if given)."""
+               cache: int = 256 << 20, owner: int | None = None,
+               volatile: bool = False) -> Session:
+        """A new session of index_spec, owned by the caller (root: by owner, if given);
+        volatile: never fsynced (see Staging), for a session that is never resumed."""
         from imagefs.image import Image
 
         from .staging import NEW_INO_BASE, Staging
@@ -153,9 +158,9 @@ class Session:
             info = SessionInfo(id=secrets.token_hex(4), image=os.path.abspath(image_path),
                                uuid=_uuid(img.file), index=number, name=entry.name,
                                mountpoint=mountpoint, pid=0, created=now_iso(),
-                               uid=_owner(owner))
+                               uid=_owner(owner), volatile=volatile)
             os.makedirs(info.dir, mode=0o700)
-            staging = Staging(info.dir)
+            staging = Staging(info.dir, volatile)
             staging.meta_set("base_root", entry.root)
             staging.meta_set("commit_root", entry.root)
             staging.meta_set("index_name", entry.name)
@@ -180,7 +185,7 @@ class Session:
             if _uuid(img.file) != info.uuid:
                 raise UsageError(f"{info.image}: not the image session {info.id} was opened "
                                  "on (it was replaced); discard the session")
-            staging = Staging(info.dir)
+            staging = Staging(info.dir, info.volatile)
         except BaseException:
             img.close()
             raise

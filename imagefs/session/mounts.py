@@ -26,16 +26,17 @@ def start(image_path: str, index_spec: str, mountpoint: str, option_specs: list[
           announce: Callable[[MountRecord], None] | None = None,
           writable: bool = False, session: SessionInfo | None = None,
           owner: int | None = None, not_inherited: tuple[int, ...] = (),
-          tied_to: int = 0) -> MountRecord:
+          tied_to: int = 0, volatile: bool = False) -> MountRecord:
     """Mount an index at mountpoint: read-only, or writable as a session (a new one, or
     `session` again after a crash).  A new session is the caller's, or, when root starts
-    it, owner's (the daemon opens sessions for its clients).  See
+    it, owner's (the daemon opens sessions for its clients); volatile, it is never
+    fsynced (a servicing transaction's, discarded if anything fails).  See
     imagefs.mount.process.start."""
     rw = writable or session is not None
 
     def open_plan(path: str, cache: int) -> MountPlan:
         if rw:
-            return _writable(image_path, index_spec, path, cache, session, owner)
+            return _writable(image_path, index_spec, path, cache, session, owner, volatile)
         return process.read_only(image_path, index_spec, cache)
 
     return process.start(open_plan, mountpoint, option_specs, writable=rw,
@@ -44,7 +45,8 @@ def start(image_path: str, index_spec: str, mountpoint: str, option_specs: list[
 
 
 def _writable(image_path: str, index_spec: str, mountpoint: str, cache: int,
-              session: SessionInfo | None, owner: int | None) -> MountPlan:
+              session: SessionInfo | None, owner: int | None,
+              volatile: bool = False) -> MountPlan:
     """A session's mount.  The parent checks everything it can (and creates a new
     session's staging); the mount process opens the session again for itself (an SQLite
     connection must not cross a fork)."""
@@ -56,7 +58,8 @@ def _writable(image_path: str, index_spec: str, mountpoint: str, cache: int,
         Session.load(session, cache).close()
         info, created = session, False
     else:
-        new = Session.create(image_path, index_spec, mountpoint, cache, owner=owner)
+        new = Session.create(image_path, index_spec, mountpoint, cache, owner=owner,
+                             volatile=volatile)
         new.close()
         info, created = new.info, True
     label = f"image {info.image} index {info.index} ({info.name}) session {info.id}"

@@ -193,14 +193,17 @@ def _decode_xattrs(text: str | None) -> list[tuple[bytes, bytes]] | None:
 class Staging:
     """The session's durable store: SQLite rows and data files, written as sync() says."""
 
-    def __init__(self, directory: str) -> None:
+    def __init__(self, directory: str, volatile: bool = False) -> None:
         self.dir = directory
+        # volatile: a session nobody resumes after a crash (a servicing transaction's,
+        # discarded whole if anything fails): nothing is fsynced, fsync returns at once.
+        self.volatile = volatile
         self.data_dir = os.path.join(directory, "data")
         os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
         self.db = sqlite3.connect(os.path.join(directory, "staging.db"),
                                   isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute(f"PRAGMA synchronous={'OFF' if volatile else 'NORMAL'}")
         self.db.executescript(SCHEMA)
         self._nodes: dict[int, StagedInode] = {}  # changed since the last sync
         self._gone: set[int] = set()
@@ -244,8 +247,9 @@ class Staging:
 
     def sync(self, durable: bool = False) -> None:
         """Write every pending change in one transaction; durable: fsync data files first
-        and make the transaction itself survive power loss."""
+        and make the transaction itself survive power loss (never for a volatile staging)."""
         self.settle()
+        durable = durable and not self.volatile
         if durable:
             self._flush_data()
         if not self.pending and not durable:

@@ -1,0 +1,52 @@
+"""Volatile sessions: a servicing transaction's own sessions are never fsynced (a crash
+discards them whole), while every other session stays durable."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import fixture_tree, run_imagefs
+
+from imagefs.session.lifecycle import find_session
+from imagefs.session.staging import Staging
+from servicing.transaction import opened
+
+
+@pytest.mark.parametrize("volatile", [False, True])
+def test_a_volatile_staging_writes_everything_but_syncs_nothing(tmp_path: Path,
+                                                                volatile: bool) -> None:
+    staging = Staging(str(tmp_path / "s"), volatile)
+    try:
+        (mode,) = staging.db.execute("PRAGMA synchronous").fetchone()
+        assert mode == (0 if volatile else 1)  # OFF, or NORMAL
+        staging.meta_set("base_root", 42)
+        staging.sync(durable=True)
+    finally:
+        staging.close()
+    again = Staging(str(tmp_path / "s"))
+    try:
+        meta = again.load_meta()
+    finally:
+        again.close()
+    assert meta["base_root"] == 42  # written all the same
+    # 'synced' marks a durable sync; a volatile staging never makes one
+    assert ("synced" in meta) is not volatile
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("fusermount3") is None,
+                    reason="needs root and FUSE")
+def test_servicing_sessions_are_volatile_and_others_are_not(tmp_path: Path) -> None:
+    image = tmp_path / "m.imagefs"
+    run_imagefs("capture", fixture_tree("bookworm-minbase"), image, "--name", "minbase")
+    with opened(str(image), "1") as target:
+        assert find_session(target.root).volatile
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    run_imagefs("mount", "--rw", "--no-daemon", image, "1", mnt)
+    try:
+        assert not find_session(str(mnt)).volatile
+    finally:
+        run_imagefs("unmount", mnt, "--discard")
