@@ -35,6 +35,7 @@ from imagefs.image import Image
 from .health import recorded_or_fresh, save
 from .health_scan import (
     Database,
+    FileFinding,
     PackageFindings,
     ScanReport,
     deferred,
@@ -104,10 +105,28 @@ class RestoreChange:
             raise UsageError("give where the right files are: --source IMAGE:INDEX "
                              "and/or --debs DIR")
         self.index_source = IndexSource(source) if source is not None else None
-        self.deb_source = DebSource(debs) if debs is not None else None
+        try:
+            self.deb_source = DebSource(debs) if debs is not None else None
+        except BaseException:
+            if self.index_source is not None:
+                self.index_source.close()  # the caller gets no change to close
+            raise
         self.scan: ScanReport | None = None  # what to restore: set before planning
         self.after: PackageFindings | None = None  # the scan in the session, after
         self.firstboot: list[dict[str, str]] = []
+
+    def close(self) -> None:
+        """Close the sources (the source image, the .debs' kept members): when the change
+        is done, whatever happened."""
+        for source in (self.index_source, self.deb_source):
+            if source is not None:
+                source.close()
+
+    def __enter__(self) -> RestoreChange:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def arguments(self) -> dict[str, Any]:
         return {"source": self.index_source.spec if self.index_source else None,
@@ -127,10 +146,8 @@ class RestoreChange:
             plan.cannot.append(NotRestorable(path, db.owners(path), f"the image file's "
                                f"chunks of it are damaged ({why}); health restore cannot "
                                "replace chunks: restore the image file from a copy"))
-        for finding in scan.packages.damaged:
-            if finding.path in scan.chunk_files:
-                continue
-            got = self._find(db, owners, finding.path, finding.packages)
+        findings = [f for f in scan.packages.damaged if f.path not in scan.chunk_files]
+        for finding, got in zip(findings, self._find_all(db, owners, findings), strict=True):
             if isinstance(got, Restorable):
                 plan.restore.append(got)
             else:
@@ -141,33 +158,32 @@ class RestoreChange:
         plan.cannot += [NotRestorable("", [], e) for e in scan.packages.errors]
         return plan
 
-    def _find(self, db: Database, owners: Owners, path: str,
-              packages: list[str]) -> Restorable | str:
-        """Where the right content of path is, or why there is none."""
-        parts = path.split("/")
-        if not path.startswith("/") or not parts[-1] or {".", ".."} & set(parts):
-            return "not a plain absolute path"
-        if len(packages) != 1:
-            return ("no package owns it" if not packages else
-                    f"owned by several packages ({', '.join(packages)})")
-        pkg = packages[0]
-        md5 = db.expected_md5(path, pkg)
-        if md5 is None:
-            return f"{pkg}'s md5sums do not list it"
-        if not _has_parent(db.root, path):
-            return f"its directory {posixpath.dirname(path)} is missing"
-        reasons = []
+    def _find_all(self, db: Database, owners: Owners, findings: list[FileFinding]
+                  ) -> list[Restorable | str]:
+        """Where the right content of each file is, or why there is none.  Each source in
+        turn is asked about every file the ones before it did not hold (the .debs told
+        them all first, so that each .deb is read once)."""
+        got: list[Restorable | str | tuple[str, str]] = [
+            _askable(db, f.path, f.packages) for f in findings]
+        reasons: list[list[str]] = [[] for _ in findings]
         for source in (self.index_source, self.deb_source):
             if source is None:
                 continue
-            found = source.find(db, path, pkg, md5)
-            if isinstance(found, str):
-                reasons.append(found)
-                continue
-            uid, gid, mode = owners.resolve(found, db.package_path(path))
-            return Restorable(path, pkg, md5, found.source, found.member, uid, gid, mode,
-                              found.mtime_ns, found.size, found.xattrs, found.by_name)
-        return "; ".join(reasons)
+            todo = [(i, f.path, g) for i, (f, g) in enumerate(zip(findings, got, strict=True))
+                    if isinstance(g, tuple)]
+            if isinstance(source, DebSource):
+                source.want(db, [(path, md5) for _i, path, (_pkg, md5) in todo])
+            for i, path, (pkg, md5) in todo:
+                found = source.find(db, path, pkg, md5)
+                if isinstance(found, str):
+                    reasons[i].append(found)
+                    continue
+                uid, gid, mode = owners.resolve(found, db.package_path(path))
+                got[i] = Restorable(path, pkg, md5, found.source, found.member, uid, gid,
+                                    mode, found.mtime_ns, found.size, found.xattrs,
+                                    found.by_name)
+        return ["; ".join(why) if isinstance(g, tuple) else g
+                for g, why in zip(got, reasons, strict=True)]
 
     def apply(self, target: Target, plan: Any, progress: Progress) -> dict[str, Any]:
         assert isinstance(plan, RestorePlan)
@@ -205,6 +221,23 @@ class RestoreChange:
             return self.deb_source.content(item.source, item.member)
         assert self.index_source is not None
         return self.index_source.content(item.member)
+
+
+def _askable(db: Database, path: str, packages: list[str]) -> tuple[str, str] | str:
+    """(package, md5) to ask the sources about path with, or why there is no asking."""
+    parts = path.split("/")
+    if not path.startswith("/") or not parts[-1] or {".", ".."} & set(parts):
+        return "not a plain absolute path"
+    if len(packages) != 1:
+        return ("no package owns it" if not packages else
+                f"owned by several packages ({', '.join(packages)})")
+    pkg = packages[0]
+    md5 = db.expected_md5(path, pkg)
+    if md5 is None:
+        return f"{pkg}'s md5sums do not list it"
+    if not _has_parent(db.root, path):
+        return f"its directory {posixpath.dirname(path)} is missing"
+    return pkg, md5
 
 
 def _has_parent(root: Root, path: str) -> bool:
@@ -284,11 +317,11 @@ def restore(image_path: str, index_spec: str, *, source: str | None = None,
     """health restore IMAGE INDEX: plan from the index's last scan (a fresh one if the
     index changed since, or was never scanned), put back what can be, scan again, commit.
     The index's new state is recorded as its last scan."""
-    change = RestoreChange(source, debs)  # sources checked before anything else
-    change.scan = recorded_or_fresh(image_path, one_index(index_spec), progress, mounter)
-    outcome = service(image_path, str(change.scan.index), change, new_index=new_index,
-                      dry_run=dry_run, who=who, progress=progress, publishing=publishing,
-                      mounter=mounter)
+    with RestoreChange(source, debs) as change:  # sources checked before anything else
+        change.scan = recorded_or_fresh(image_path, one_index(index_spec), progress, mounter)
+        outcome = service(image_path, str(change.scan.index), change, new_index=new_index,
+                          dry_run=dry_run, who=who, progress=progress,
+                          publishing=publishing, mounter=mounter)
     if outcome.committed and change.after is not None:
         _record_after(image_path, outcome, change, progress)
     return outcome
@@ -300,9 +333,9 @@ def restore_mount(mountpoint: str, *, source: str | None = None, debs: str | Non
     the commit is the caller's."""
     from .health_scan import scan_mount
 
-    change = RestoreChange(source, debs)
-    change.scan = scan_mount(mountpoint, progress)
-    return service_mount(mountpoint, change, dry_run=dry_run, progress=progress)
+    with RestoreChange(source, debs) as change:
+        change.scan = scan_mount(mountpoint, progress)
+        return service_mount(mountpoint, change, dry_run=dry_run, progress=progress)
 
 
 def _record_after(image_path: str, outcome: Outcome, change: RestoreChange,

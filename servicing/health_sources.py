@@ -20,9 +20,11 @@ import lzma
 import os
 import posixpath
 import tarfile
+import tempfile
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import IO
 
 from debian.arfile import ArError
 from debian.debfile import DebError, DebFile
@@ -60,7 +62,11 @@ class Found:
 
 
 class IndexSource:
-    """--source IMAGE:INDEX, split at the last colon (an image path may hold colons)."""
+    """--source IMAGE:INDEX, split at the last colon (an image path may hold colons).
+
+    The image is opened once, here, and kept open until close(): every file the plan looks
+    up and every file apply reads comes from the index as it was checked here (readers of
+    an image take no lock, and what a commit refers to is never rewritten)."""
 
     def __init__(self, spec: str) -> None:
         image, sep, index = spec.rpartition(":")
@@ -68,26 +74,47 @@ class IndexSource:
             raise UsageError(f"--source {spec!r}: give IMAGE:INDEX (an image file and an "
                              "index of it, a number or a name)")
         self.spec, self.image = spec, os.path.abspath(image)
-        with Image.open(self.image) as img:
-            view = img.view(index)
+        self._img: Image | None = Image.open(self.image)
+        try:
+            view = self._img.view(index)
             self.number, self.name = view.number, view.entry.name
             require_debian(IndexRoot(view), f"--source {spec}: ")
+        except BaseException:
+            self.close()
+            raise
+        self._view: IndexView | None = view
         self.label = f"{self.image}:{self.number}"
+
+    def close(self) -> None:
+        """Close the source image (again: nothing)."""
+        img, self._img, self._view = self._img, None, None
+        if img is not None:
+            img.close()
+
+    def __enter__(self) -> IndexSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _opened(self) -> IndexView:
+        if self._view is None:
+            raise ValueError(f"the source {self.label} is closed")
+        return self._view
 
     def find(self, db: Database, path: str, pkg: str, md5: str) -> Found | str:
         """path's content in the source if its md5 is md5, else why not."""
+        view = self._opened()
         try:
-            with Image.open(self.image) as img:
-                view = img.view(self.number)
-                try:
-                    ino = view.lookup(path)
-                except Error:
-                    return f"not in the source {self.label}"
-                if ino.kind != F.REG:
-                    return f"not a regular file in the source {self.label}"
-                digest = hashlib.md5(usedforsecurity=False)
-                for data in _read(view, ino):
-                    digest.update(data)
+            try:
+                ino = view.lookup(path)
+            except Error:
+                return f"not in the source {self.label}"
+            if ino.kind != F.REG:
+                return f"not a regular file in the source {self.label}"
+            digest = hashlib.md5(usedforsecurity=False)
+            for data in _read(view, ino):
+                digest.update(data)
         except Error as e:
             return f"the source {self.label} cannot be read: {e}"
         if digest.hexdigest() != md5:
@@ -97,9 +124,8 @@ class IndexSource:
                      ino.size, xattrs, by_name=False)
 
     def content(self, member: str) -> Iterator[bytes]:
-        with Image.open(self.image) as img:
-            view = img.view(self.number)
-            yield from _read(view, view.lookup(member))
+        view = self._opened()
+        yield from _read(view, view.lookup(member))
 
 
 def _read(view: IndexView, ino: Inode) -> Iterator[bytes]:
@@ -115,7 +141,13 @@ def _read(view: IndexView, ino: Inode) -> Iterator[bytes]:
 
 class DebSource:
     """--debs DIR: the .deb files in DIR (not its subfolders), by package, version and
-    architecture."""
+    architecture.
+
+    Each .deb's data is read once, the first time a file is looked up in it: every member
+    listed with the md5 of its content, and the members of the files the plan is about
+    (want) kept in a temporary file until apply writes them.  Memory holds the listings,
+    not the contents (but for a data.tar.zst, which python-debian decompresses whole in
+    memory for each read); close() drops the kept contents."""
 
     def __init__(self, directory: str) -> None:
         self.directory = os.path.abspath(directory)
@@ -138,6 +170,27 @@ class DebSource:
                 self.notes.append(f"{name}: not a readable package ({_why(e)}); not used")
                 continue
             self.debs.setdefault(key, []).append(path)
+        self._listings: dict[str, _Listing] = {}  # .deb -> its members, read once
+        self._wanted: dict[str, set[str]] = {}  # member (normalised) -> md5s to keep
+        self._given: dict[str, set[str]] = {}  # .deb -> members find() handed out
+        self._kept = _Kept()
+
+    def close(self) -> None:
+        """Drop the kept contents (again: nothing)."""
+        self._kept.close()
+        self._listings.clear()
+
+    def __enter__(self) -> DebSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def want(self, db: Database, files: list[tuple[str, str]]) -> None:
+        """The files (path in the image, md5 its package records) that find() is about to
+        be asked for: their members are kept while each .deb is read, for content()."""
+        for path, md5 in files:
+            self._wanted.setdefault(_norm(db.package_path(path)), set()).add(md5)
 
     def find(self, db: Database, path: str, pkg: str, md5: str) -> Found | str:
         """path's content in the installed version's .deb if its md5 is md5, else why
@@ -158,27 +211,188 @@ class DebSource:
         return "; ".join(reasons)
 
     def _look(self, deb: str, path: str, md5: str) -> Found | str:
-        try:
-            with _data(deb) as tar:
-                info = _member(tar, path)
-                if info is None:
-                    return f"has no {path}"
-                digest = hashlib.md5(usedforsecurity=False)
-                for data in _extract(tar, info):
-                    digest.update(data)
-        except BAD_DEB as e:
-            return f"not a readable package ({_why(e)}); not used"
-        if digest.hexdigest() != md5:
+        listing = self._listing(deb)
+        if listing.error is not None:
+            return f"not a readable package ({listing.error}); not used"
+        name = listing.regular(path)
+        if name is None:
+            return f"has no {path}"
+        if name in listing.bad:
+            return f"not a readable package ({_why(listing.bad[name])}); not used"
+        if listing.md5[name] != md5:
             return f"its {path} differs from the image's md5sums; not used"
-        return Found(deb, info.name, info.uid, info.gid, info.uname, info.gname, info.mode,
-                     int(info.mtime) * 1_000_000_000, info.size, None, by_name=True)
+        info = listing.members[name]
+        self._given.setdefault(deb, set()).add(name)
+        return Found(deb, str(info.name), info.uid, info.gid, info.uname, info.gname,
+                     info.mode, int(info.mtime) * 1_000_000_000, info.size, None,
+                     by_name=True)
+
+    def _listing(self, deb: str) -> _Listing:
+        if deb not in self._listings:
+            self._listings[deb] = self._read_deb(deb, self._wanted)
+        return self._listings[deb]
 
     def content(self, deb: str, member: str) -> Iterator[bytes]:
-        with _data(deb) as tar:
-            info = _member(tar, "/" + _norm(member))
+        """A member find() handed out, as kept when its .deb was read (else read again,
+        with every other member handed out and not kept: a hard link's target, say)."""
+        name = _norm(member)
+        if not self._kept.has(deb, name):
+            given = self._given.get(deb, set()) | {name}
+            again = self._read_deb(deb, {n: set() for n in given
+                                         if not self._kept.has(deb, n)}, strict=True)
+            if name in again.bad:
+                raise again.bad[name]
+        if self._kept.has(deb, name):
+            yield from self._kept.read(deb, name)
+            return
+        with _data(deb) as tar:  # gone, or no room to keep it: straight from the .deb
+            info = _member(tar, name)
             if info is None:
                 raise UsageError(f"{deb}: {member} went away")
             yield from _extract(tar, info)
+
+    def _read_deb(self, deb: str, keep: dict[str, set[str]], strict: bool = False
+                  ) -> _Listing:
+        """One pass over deb's data: its members, each regular one's md5, and the members
+        named in keep kept (when their md5 is one of keep's, or keep gives none).  A .deb
+        whose data cannot be read is noted in the listing (strict: raises)."""
+        listing = _Listing()
+        try:
+            with _data(deb) as tar:
+                for info in tar:
+                    name = _norm(info.name)
+                    listing.add(name, info)
+                    md5s = keep.get(name)
+                    if md5s is not None:
+                        self._kept.drop(deb, name)  # a later member of the same name wins
+                    if info.isreg():
+                        self._take(deb, name, _extract(tar, info), listing, md5s)
+        except BAD_DEB as e:
+            if strict:
+                raise
+            listing.error = _why(e)
+        return listing
+
+    def _take(self, deb: str, name: str, content: Iterator[bytes], listing: _Listing,
+              md5s: set[str] | None) -> None:
+        """Read a regular member through: its md5 into listing, its content kept when
+        wanted.  A member shorter than its size is noted as such; the data not reading
+        (not decompressing, cut short) stops the pass: the whole .deb is unreadable."""
+        digest = hashlib.md5(usedforsecurity=False)
+        keeping = self._kept.start() if md5s is not None else None
+        try:
+            for data in content:
+                digest.update(data)
+                if keeping is not None:
+                    self._kept.write(data)
+        except _BadMember as e:
+            listing.bad[name] = e
+            self._kept.abandon(keeping)
+            return
+        except BaseException:
+            self._kept.abandon(keeping)
+            raise
+        listing.md5[name] = digest.hexdigest()
+        if md5s is not None and (not md5s or listing.md5[name] in md5s):
+            self._kept.finish(keeping, deb, name)
+        else:
+            self._kept.abandon(keeping)
+
+
+class _Listing:
+    """A .deb's data members by their normalised names (the last of a name wins), with each
+    regular member's md5 or what reading it raised."""
+
+    def __init__(self) -> None:
+        self.members: dict[str, tarfile.TarInfo] = {}
+        self.md5: dict[str, str] = {}
+        self.bad: dict[str, BaseException] = {}  # what reading the member raised
+        self.error: str | None = None  # the data cannot be read (listed) at all
+
+    def add(self, name: str, info: tarfile.TarInfo) -> None:
+        self.members[name] = info
+        self.md5.pop(name, None)
+        self.bad.pop(name, None)
+
+    def regular(self, path: str) -> str | None:
+        """The name of the regular member at path (a hard link resolved to its target),
+        or None."""
+        name = _norm(path)
+        info = self.members.get(name)
+        if info is not None and info.islnk():
+            name = _norm(info.linkname)
+            info = self.members.get(name)
+        return name if info is not None and info.isreg() else None
+
+
+class _Kept:
+    """Members' contents kept between the plan that checked them and the apply that writes
+    them, one after the other in one unnamed temporary file (created on first use): their
+    size costs disk, not memory.  A kept content that cannot be written is not kept (it is
+    read again from its .deb when needed)."""
+
+    def __init__(self) -> None:
+        self._file: IO[bytes] | None = None
+        self._where: dict[tuple[str, str], tuple[int, int]] = {}  # -> (offset, size)
+        self._end = 0
+        self._failed = False  # the member being kept could not be written whole
+
+    def has(self, deb: str, name: str) -> bool:
+        return (deb, name) in self._where
+
+    def drop(self, deb: str, name: str) -> None:
+        self._where.pop((deb, name), None)
+
+    def start(self) -> int:
+        self._failed = False
+        return self._end
+
+    def write(self, data: bytes) -> None:
+        if self._failed:
+            return
+        try:
+            if self._file is None:
+                # Lives until close(), as long as the source.
+                self._file = tempfile.TemporaryFile()  # noqa: SIM115
+            view = memoryview(data)
+            while view:
+                done = os.pwrite(self._file.fileno(), view, self._end)
+                self._end += done
+                view = view[done:]
+        except OSError:
+            self._failed = True
+
+    def finish(self, start: int | None, deb: str, name: str) -> None:
+        if start is None or self._failed:
+            self.abandon(start)
+        else:
+            self._where[(deb, name)] = (start, self._end - start)
+
+    def abandon(self, start: int | None) -> None:
+        """Forget what was written since start (the file's end goes back there)."""
+        if start is not None:
+            self._end = start
+            if self._file is not None:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._file.fileno(), start)
+
+    def read(self, deb: str, name: str) -> Iterator[bytes]:
+        assert self._file is not None
+        pos, left = self._where[(deb, name)]
+        while left > 0:
+            data = os.pread(self._file.fileno(), min(READ_STEP, left), pos)
+            if not data:
+                raise EOFError(f"{name}: the kept copy ends early")
+            pos += len(data)
+            left -= len(data)
+            yield data
+
+    def close(self) -> None:
+        file, self._file = self._file, None
+        self._where.clear()
+        self._end = 0
+        if file is not None:
+            file.close()
 
 
 @contextlib.contextmanager
@@ -194,23 +408,27 @@ def _norm(name: str) -> str:
 
 def _member(tar: tarfile.TarFile, path: str) -> tarfile.TarInfo | None:
     """The regular file member at path (a hard link resolved to its target), or None."""
-    want = _norm(path)
-    members = {_norm(m.name): m for m in tar.getmembers()}
-    info = members.get(want)
-    if info is not None and info.islnk():
-        info = members.get(_norm(info.linkname))
-    return info if info is not None and info.isreg() else None
+    listing = _Listing()
+    for info in tar.getmembers():
+        listing.add(_norm(info.name), info)
+    name = listing.regular(path)
+    return None if name is None else listing.members[name]
+
+
+class _BadMember(tarfile.TarError):
+    """A member that cannot be read while the data around it can: the member's own fault
+    (the rest of the .deb stays usable)."""
 
 
 def _extract(tar: tarfile.TarFile, info: tarfile.TarInfo) -> Iterator[bytes]:
     fh = tar.extractfile(info)
     if fh is None:
-        raise tarfile.TarError(f"{info.name} is not a file")
+        raise _BadMember(f"{info.name} is not a file")
     left = info.size
     while left > 0:
         data = fh.read(min(READ_STEP, left))
         if not data:
-            raise EOFError(f"{info.name} ends early")
+            raise _BadMember(f"{info.name} ends early")
         left -= len(data)
         yield data
 
