@@ -68,6 +68,11 @@ def run(args: argparse.Namespace) -> int:
 HISTORY_VALUE = 160  # characters of one value of a history entry shown (--json: all)
 
 
+def _listed(value: Any) -> list[Any]:
+    """value if it is a list, else nothing: a history entry is the image's, not ours."""
+    return value if isinstance(value, list) else []
+
+
 def _detail(key: str, value: Any) -> str:
     """One detail of a history entry, on one line: a servicing verb's paths summary as
     counts, packages as name=version, anything long cut short."""
@@ -76,7 +81,7 @@ def _detail(key: str, value: Any) -> str:
                         f"~{value.get('changed', 0)}")[:HISTORY_VALUE]
     if key == "result" and isinstance(value, dict):
         packages = [f"{p.get('package')}={p.get('version')}"
-                    for what in ("added", "removed") for p in value.get(what) or []
+                    for what in ("added", "removed") for p in _listed(value.get(what))
                     if isinstance(p, dict) and "package" in p]
         if packages:
             verb = "added" if value.get("added") else "removed"
