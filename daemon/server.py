@@ -43,7 +43,10 @@ from imagefs.places import use_state_dir
 
 # The api_* modules register their methods as they are imported.
 from . import (  # noqa: F401
+    api_drivers,
+    api_features,
     api_firstboot,
+    api_generalize,
     api_health,
     api_images,
     api_jobs,

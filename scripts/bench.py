@@ -44,6 +44,9 @@ from pathlib import Path
 from typing import Any
 
 from bench_daemon import measure_daemon
+from bench_drivers import measure_drivers
+from bench_features import measure_features
+from bench_generalize import measure_generalize
 from bench_mount import measure_mounts
 from bench_rw import measure_rw
 from bench_servicing import measure_servicing
@@ -310,7 +313,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--no-rw", action="store_true", help="skip the writable-mount rows")
     ap.add_argument("--no-daemon", action="store_true", help="skip the daemon rows")
     ap.add_argument("--no-servicing", action="store_true",
-                    help="skip the servicing rows (package add/list beside wimlib)")
+                    help="skip the servicing rows (package, feature, generalize, driver "
+                         "beside wimlib)")
     return ap.parse_args()
 
 
@@ -368,7 +372,9 @@ def run_all(args: argparse.Namespace, work: Path) -> Run:
     if not args.no_daemon:
         measure_daemon(b, trees, str(IMAGEFS), timed)
     if not args.no_servicing:
-        measure_servicing(b, trees, str(IMAGEFS), timed)
+        for part in (measure_servicing, measure_features, measure_generalize,
+                     measure_drivers):
+            part(b, trees, str(IMAGEFS), timed)
     return Run(args, work, b, trees, started, load_start, os.getloadavg())
 
 
@@ -440,6 +446,17 @@ def row_json(r: Row) -> dict[str, Any]:
             "ratio_imagefs_fuse_overlayfs": rounded(r.ratio_to("fuse-overlayfs")),
             "targets": r.target_text(), "pass": r.passed,
             "samples": r.samples}
+
+
+def standalone(script: str, doc: str, tools: tuple[str, ...], title: str,
+               measure: Callable[..., None]) -> int:
+    """The main of a scripts/bench_*.py: its rows alone (run_alone) on bookworm-minbase,
+    measure(b, trees, imagefs, timed) as scripts/bench calls it; --json PATH keeps them."""
+    ap = argparse.ArgumentParser(prog=f"scripts/{script}", description=doc.split("\n")[0])
+    ap.add_argument("--json", metavar="PATH", help="also write the rows as JSON to PATH")
+    args = ap.parse_args()
+    return run_alone(script.removesuffix(".py").replace("_", "-"), tools, title,
+                     lambda b, trees: measure(b, trees, str(IMAGEFS), timed), None, args.json)
 
 
 def run_alone(prog: str, tools: tuple[str, ...], title: str,

@@ -150,22 +150,15 @@ def _measure_list(b: Any, image: str, wim: str, imagefs: str,
 
 
 def main() -> int:
-    """Run the servicing rows alone, with bench.py's table."""
-    import argparse
+    """Run these rows alone, with bench.py's table."""
+    import bench  # not at the top: bench.py imports the bench_*.py modules
 
-    import bench  # not at the top: bench.py imports this module
-
-    ap = argparse.ArgumentParser(prog="scripts/bench_servicing.py",
-                                 description=__doc__.split("\n")[0])
-    ap.add_argument("--json", metavar="PATH", help="also write the rows as JSON to PATH")
-    args = ap.parse_args()
-    return bench.run_alone(
-        "bench-servicing", ("wimcapture", "wimmountrw", "wimunmount", "wimapply", "wimmount",
-                            "dpkg"),
+    return bench.standalone(
+        "bench_servicing.py", __doc__ or "",
+        ("wimcapture", "wimmountrw", "wimunmount", "wimapply", "wimmount", "dpkg"),
         "imagefs servicing benchmark; wimlib = wimmountrw, chroot dpkg -i, wimunmount "
         "--commit; plain = wimapply, dpkg --root, wimcapture",
-        lambda b, trees: measure_servicing(b, trees, str(bench.IMAGEFS), bench.timed),
-        None, args.json)
+        measure_servicing)
 
 
 if __name__ == "__main__":

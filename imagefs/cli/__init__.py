@@ -23,7 +23,7 @@ from imagefs.errors import INTERNAL_ERROR, Error, Interrupted, SystemFailure, on
 # others' imports would cost every command a tenth of a second).
 VERBS = ["capture", "info", "ls", "cat", "extract", "apply", "verify", "delete", "export",
          "diff", "mount", "unmount", "mounts", "commit", "remount", "cleanup", "package",
-         "health", "firstboot", "daemon"]
+         "health", "firstboot", "generalize", "feature", "driver", "daemon"]
 
 
 
