@@ -204,6 +204,13 @@ class Refused(UsageError):
     # A servicing change that cannot be made, said before anything changed.
 
 
+class NotAModule(Refused):
+    """{}"""
+
+    # A file given or found as a kernel module is not one (not ELF, truncated, damaged
+    # compressed data, no .modinfo): said before anything changed.
+
+
 class ServicingFailed(Error):
     """{}"""
 

@@ -20,7 +20,7 @@ import zlib
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from imagefs.errors import UsageError, one_line
+from imagefs.errors import NotAModule, one_line
 
 MAX_MODULE = 256 << 20  # bytes of a module, compressed or not (the largest are ~30 MB)
 SIGNATURE = b"~Module signature appended~\n"
@@ -29,10 +29,6 @@ NAME = re.compile(r"[A-Za-z0-9_-]{1,55}\Z")  # MODULE_NAME_LEN is 56 with the NU
 MAX_FIELD = 4096  # characters of one .modinfo value we keep
 MAX_FIRMWARE_NAME = 255
 _XZ, _ZSTD, _GZIP = b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd", b"\x1f\x8b"
-
-
-class NotAModule(UsageError):
-    """{}"""
 
 
 @dataclass

@@ -39,10 +39,14 @@ STABLE = {
 
 
 def _all_modules() -> None:
-    for mod in pkgutil.walk_packages(imagefs.__path__, "imagefs."):
-        if mod.name.endswith("__main__"):
-            continue
-        importlib.import_module(mod.name)
+    import daemon
+    import servicing
+
+    for package in (imagefs, servicing, daemon):
+        for mod in pkgutil.walk_packages(package.__path__, f"{package.__name__}."):
+            if mod.name.endswith("__main__"):
+                continue
+            importlib.import_module(mod.name)
 
 
 def _placeholders(template: str) -> int:
