@@ -25,8 +25,10 @@ session's temp directories is unmounted and reported.  Tests leave nothing in /t
 
 Session fixtures: minbase_slice (a copy of parts of bookworm-minbase), every_type_tree
 (tests/treegen.py), many_files_image (an image whose index 1 "many" holds 1000
-directories /dNNNN x 500 files fNNNNN, built with the writer API in ~20 s).  All are
-shared: never modify them.
+directories /dNNNN x 500 files fNNNNN, built with the writer API in ~20 s), minbase_image
+(bookworm-minbase captured as index "minbase") and minbase_two_image (captured twice, as
+"one" and "two"): the servicing tests copy them (copy_image) instead of capturing the
+fixture again in every module.  All are shared: never modify them.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import cli_zygote  # noqa: E402
 from treegen import build_many_files_image, make_every_type_tree  # noqa: E402
 
 StrPath = str | bytes | os.PathLike
@@ -58,10 +61,9 @@ StrPath = str | bytes | os.PathLike
 def run_imagefs(*args: StrPath, check: bool = True, input: bytes | None = None,
                 env: dict[str, str] | None = None, timeout: float = 600,
                 ) -> subprocess.CompletedProcess[bytes]:
-    """Run the CLI in a child process; stdout and stderr are bytes."""
-    argv = [sys.executable, "-m", "imagefs.cli",
-            *(a if isinstance(a, bytes) else os.fspath(a) for a in args)]
-    proc = subprocess.run(argv, input=input, capture_output=True,
+    """Run the CLI in a child process (`python -m imagefs.cli ARGS`, forked from a zygote
+    that skips Python's start-up: tests/cli_zygote.py); stdout and stderr are bytes."""
+    proc = cli_zygote.run([os.fsdecode(a) for a in args], input=input,
                           env={**os.environ, **(env or {})} if env else None,
                           timeout=timeout)
     err = proc.stderr.decode(errors="replace")
@@ -201,11 +203,39 @@ def unmount_hard(mountpoint: StrPath, pid: int | None) -> None:
         wait_until(lambda: not pid_alive(pid), 10)
 
 
+def guardians_of(mountpoint: StrPath) -> list[int]:
+    """Pids of the mount guardians (imagefs.mount.fuse.start_guardian) watching a mount at
+    mountpoint, found by the title they give themselves."""
+    title = b"imagefs mount guardian " + os.fsencode(os.path.abspath(os.fsdecode(mountpoint)))
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/cmdline", "rb") as fh:
+                    cmdline = fh.read()
+            except OSError:
+                continue
+            if cmdline.rstrip(b"\0") == title and pid_alive(int(name)):
+                found.append(int(name))
+    return found
+
+
+def settle(mountpoint: StrPath, timeout: float = 10) -> None:
+    """Before a new mount at a place where a mount just ended: wait until the guardian of
+    that mount has ended too.  A guardian wakes when its mount process ends and detaches
+    what is mounted there if its device number is its mount's; the kernel gives the next
+    FUSE mount the same number at once, so a new mount made before the old guardian
+    looked would be detached by it."""
+    if not is_mounted(mountpoint):
+        wait_until(lambda: not guardians_of(mountpoint), timeout)
+
+
 @contextlib.contextmanager
 def mounted(image: StrPath, index: StrPath, mountpoint: StrPath, *options: str,
             env: dict[str, str] | None = None) -> Iterator[dict]:
     """Mount an index (background), yield its record, always unmount."""
     os.makedirs(mountpoint, exist_ok=True)
+    settle(mountpoint)
     proc = run_imagefs("mount", image, str(index), mountpoint, "--json", *options, env=env,
                        timeout=60)
     rec = json.loads(proc.stdout)
@@ -275,6 +305,17 @@ def _public_dirs_removed() -> Iterator[None]:
     assert not left, f"the test left imagefs mounts behind: {left}"
 
 
+def _compile_sources() -> None:
+    """Write the bytecode of imagefs, daemon and servicing into their __pycache__ (what
+    Python itself does where PYTHONDONTWRITEBYTECODE is not set): otherwise every command
+    the tests run compiles every module of ours it imports, again (0.03-0.2 s each)."""
+    import compileall
+
+    for package in ("imagefs", "daemon", "servicing"):
+        with contextlib.suppress(OSError):
+            compileall.compile_dir(REPO / package, quiet=2)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_run_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Mount records and logs of this session in a directory of its own; at the end no
@@ -287,9 +328,12 @@ def _isolated_run_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None
     old_socket = os.environ.get("IMAGEFS_SOCKET")  # a daemon of the machine's is not asked
     os.environ["IMAGEFS_SOCKET"] = os.path.join(run, "no-daemon.sock")
     base = str(tmp_path_factory.getbasetemp())
+    _compile_sources()
+    cli_zygote.start()
     try:
         yield
     finally:
+        cli_zygote.shutdown()
         left = [m for m in kernel_imagefs_mounts() if m.startswith((base, run))]
         for m in left:
             unmount_hard(m, None)
@@ -347,6 +391,33 @@ def every_type_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """tests/treegen.py's tree of every inode kind and metadata.  Shared: do not modify."""
     root = tmp_path_factory.mktemp("every-type") / "tree"
     return make_every_type_tree(root)
+
+
+@pytest.fixture(scope="session")
+def minbase_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """bookworm-minbase captured once for the session, as index 1 "minbase".  Shared:
+    never change it; test modules take their own copy (copy_image)."""
+    path = tmp_path_factory.mktemp("minbase-image") / "minbase.imagefs"
+    run_imagefs("capture", fixture_tree("bookworm-minbase"), path, "--name", "minbase")
+    return path
+
+
+@pytest.fixture(scope="session")
+def minbase_two_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """bookworm-minbase captured twice for the session: indices 1 (one) and 2 (two).
+    Shared: never change it; test modules take their own copy (copy_image)."""
+    path = tmp_path_factory.mktemp("minbase-two") / "two.imagefs"
+    src = fixture_tree("bookworm-minbase")
+    run_imagefs("capture", src, path, "--name", "one")
+    run_imagefs("capture", src, path, "--name", "two")
+    return path
+
+
+def copy_image(src: Path, dst: Path) -> Path:
+    """A copy of an image file (a shared session image made a module's or a test's own)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dst)
+    return dst
 
 
 MANY_DIRS = 1000

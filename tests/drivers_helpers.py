@@ -21,12 +21,12 @@ import shutil
 import signal
 import struct
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import cli_zygote
 import pytest
 from conftest import (
     REPO,
@@ -197,16 +197,17 @@ def kill_at_random(image: Path, argv: list[str], state: Callable[[Path], str], r
     as done)."""
     rng = random.Random(seed)
     seen = {"old": 0, "new": 0}
-    cmd = [sys.executable, "-m", "imagefs.cli", *argv, "--no-daemon"]
+    args = [*map(str, argv), "--no-daemon"]
     shutil.copyfile(pristine, image)
     start = time.monotonic()
-    subprocess.run(cmd, check=True, capture_output=True)
+    done_run = cli_zygote.run(args)
+    assert done_run.returncode == 0, done_run.stderr.decode(errors="replace")
     whole = time.monotonic() - start
     if done is not None:
         shutil.copyfile(image, done)
     for _ in range(rounds):
         shutil.copyfile(pristine, image)
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = cli_zygote.popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         time.sleep(rng.uniform(0.0, whole * 1.1))
         proc.send_signal(signal.SIGKILL)
         proc.wait()

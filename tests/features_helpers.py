@@ -1,7 +1,7 @@
-"""What the feature tests share: a minbase image captured once per session, a crafted root
-whose unit directories hold every unit-file state systemctl knows, the oracles (the host's
-`systemctl --root` on a directory or a mount), a repacked chrony (an upgrade), and a
-SIGKILL loop for feature verbs."""
+"""What the feature tests share (the minbase image they copy is conftest's minbase_image,
+captured once per session): a crafted root whose unit directories hold every unit-file
+state systemctl knows, the oracles (the host's `systemctl --root` on a directory or a
+mount), a repacked chrony (an upgrade), and a SIGKILL loop for feature verbs."""
 
 from __future__ import annotations
 
@@ -16,27 +16,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
-from conftest import fixture_tree, kernel_imagefs_mounts, run_imagefs, wait_until
+import cli_zygote
+from conftest import kernel_imagefs_mounts, run_imagefs, wait_until
 from servicing_helpers import DEBS
 
 CHRONY = DEBS / "chrony_4.3-2+deb12u3_amd64.deb"
 ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8",
        "SYSTEMCTL_SKIP_SYSV": "1"}
-
-
-_captured: dict[str, Path] = {}
-
-
-@pytest.fixture(scope="session")
-def minbase_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """bookworm-minbase captured as index 1 "minbase", once for every module that imports
-    this fixture (pytest would run it once per module).  Shared: copy it to change it."""
-    if "minbase" not in _captured:
-        image = tmp_path_factory.mktemp("features") / "minbase.imagefs"
-        run_imagefs("capture", fixture_tree("bookworm-minbase"), image, "--name", "minbase")
-        _captured["minbase"] = image
-    return _captured["minbase"]
 
 
 def systemctl(root: Path | str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -151,12 +137,15 @@ def kill_at_random(argv: list[str], image: Path, pristine: Path, rounds: int, se
 
     rng = random.Random(seed)
     seen = {"old": 0, "new": 0}
+    assert argv[:3] == [sys.executable, "-m", "imagefs.cli"], argv  # cli(): the zygote's
+    args = argv[3:]
     start = time.monotonic()
-    subprocess.run(argv, check=True, capture_output=True)
+    done = cli_zygote.run(args)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
     whole = time.monotonic() - start
     shutil.copyfile(pristine, image)
     for _ in range(rounds):
-        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = cli_zygote.popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         # Past the end too: the commit is the last tenth of a feature verb's run, and a
         # loaded machine runs it slower than the measured run.
         time.sleep(rng.uniform(0.0, whole * 1.3))

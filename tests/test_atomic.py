@@ -15,10 +15,10 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
+import cli_zygote
 import pytest
 
 from imagefs.format import layout as F
@@ -39,14 +39,9 @@ def _env(crash_at: str | None = None) -> dict[str, str]:
     return env
 
 
-def cli_cmd(*args: object) -> list[str]:
-    return [sys.executable, "-m", "imagefs.cli", *map(str, args)]
-
-
 def run_cli(*args: object, crash_at: str | None = None, timeout: float = 60
             ) -> subprocess.CompletedProcess[bytes]:
-    p = subprocess.run(cli_cmd(*args), capture_output=True, timeout=timeout,
-                       env=_env(crash_at))
+    p = cli_zygote.run([str(a) for a in args], timeout=timeout, env=_env(crash_at))
     assert b"Traceback" not in p.stderr, p.stderr.decode(errors="replace")
     assert p.returncode != INTERNAL_ERROR, p.stderr.decode(errors="replace")
     return p
@@ -247,8 +242,8 @@ class Killer:
         return elapsed
 
     def _kill_after(self, args: list[object], delay: float) -> int:
-        proc = subprocess.Popen(cli_cmd(*args), env=_env(), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE)
+        proc = cli_zygote.popen([str(a) for a in args], env=_env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             proc.wait(timeout=delay)
         except subprocess.TimeoutExpired:

@@ -52,6 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cli_zygote
 import pytest
 from conftest import is_mounted, pid_alive, unmount_hard
 from crafted import (
@@ -78,7 +79,7 @@ from crafted import (
 )
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from test_hostile import _limit_memory, digest_file
+from test_hostile import MEMORY_LIMIT, digest_file
 
 from imagefs.format import layout as F
 from imagefs.format.records import check_name
@@ -129,10 +130,9 @@ def run_verb(*args: object, timeout: float = TIME_LIMIT + 10, limit: int = 64 <<
     sargs = tuple(a if isinstance(a, str) else os.fsdecode(a) if isinstance(a, bytes)
                   else str(a) for a in args)
     start = time.monotonic()
-    p = subprocess.Popen([sys.executable, "-m", "imagefs.cli", *sargs],
-                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+    p = cli_zygote.popen(sargs, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, env=_env(),
-                         preexec_fn=_limit_memory if memory else None)
+                         rlimit_as=MEMORY_LIMIT if memory else None)
     out: list[bytes] = []
     err: list[bytes] = []
     cut = [False]

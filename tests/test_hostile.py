@@ -19,13 +19,13 @@ import random
 import resource
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import cli_zygote
 import pytest
 import xxhash
 import zstandard
@@ -70,9 +70,8 @@ def run_cli(*args: object, timeout: float = 30, limit_memory: bool = True) -> Re
     env["MALLOC_ARENA_MAX"] = "2"  # so that the address-space limit counts real allocations
     sargs = tuple(map(str, args))
     start = time.monotonic()
-    p = subprocess.run([sys.executable, "-m", "imagefs.cli", *sargs], capture_output=True,
-                       timeout=timeout, env=env, stdin=subprocess.DEVNULL,
-                       preexec_fn=_limit_memory if limit_memory else None)
+    p = cli_zygote.run(sargs, timeout=timeout, env=env, stdin=subprocess.DEVNULL,
+                       rlimit_as=MEMORY_LIMIT if limit_memory else None)
     r = Result(sargs, p.returncode, p.stdout, p.stderr.decode(errors="replace"),
                time.monotonic() - start)
     assert "Traceback" not in r.stderr, str(r)

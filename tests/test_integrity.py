@@ -12,9 +12,9 @@ import os
 import random
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
+import cli_zygote
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -33,8 +33,7 @@ def run_cli(*args: object, timeout: float = 30, env: dict[str, str] | None = Non
     """`python -m imagefs.cli ARGS`; never a traceback, never an internal error."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEFS_TEST_")}
     full_env.update(env or {})
-    p = subprocess.run([sys.executable, "-m", "imagefs.cli", *map(str, args)],
-                       capture_output=True, timeout=timeout, env=full_env)
+    p = cli_zygote.run([str(a) for a in args], timeout=timeout, env=full_env)
     assert b"Traceback" not in p.stderr, p.stderr.decode(errors="replace")
     assert p.returncode != INTERNAL_ERROR, p.stderr.decode(errors="replace")
     return p

@@ -12,10 +12,10 @@ import json
 import os
 import random
 import subprocess
-import sys
 import time
 from pathlib import Path
 
+import cli_zygote
 import pytest
 
 from imagefs.image import Image
@@ -25,27 +25,23 @@ INTERNAL_ERROR = 70
 BUSY = 6
 
 
-def cli_cmd(*args: object) -> list[str]:
-    return [sys.executable, "-m", "imagefs.cli", *map(str, args)]
-
-
 def _env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("IMAGEFS_TEST_")}
 
 
 def run_cli(*args: object, timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
-    p = subprocess.run(cli_cmd(*args), capture_output=True, timeout=timeout, env=_env())
+    p = cli_zygote.run([str(a) for a in args], timeout=timeout, env=_env())
     assert b"Traceback" not in p.stderr, p.stderr.decode(errors="replace")
     assert p.returncode != INTERNAL_ERROR, p.stderr.decode(errors="replace")
     return p
 
 
-def start(*args: object) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(cli_cmd(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=_env())
+def start(*args: object) -> cli_zygote.Process:
+    return cli_zygote.popen([str(a) for a in args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=_env())
 
 
-def finish(proc: subprocess.Popen[bytes], timeout: float = 60) -> tuple[int, str]:
+def finish(proc: cli_zygote.Process, timeout: float = 60) -> tuple[int, str]:
     _, err = proc.communicate(timeout=timeout)
     text = err.decode(errors="replace")
     assert "Traceback" not in text, text

@@ -140,16 +140,9 @@ def test_missing_names_and_kinds(every_type_tree: Path, tmp_path: Path) -> None:
 
 # --- real use ------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def minbase_image(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    src = fixture_tree("bookworm-minbase")
-    image = tmp_path_factory.mktemp("minbase-image") / "minbase.imagefs"
-    capture(src, image, "minbase")
-    return src, image
-
-
-def test_chroot_find_grep(minbase_image: tuple[Path, Path], tmp_path: Path) -> None:
-    src, image = minbase_image
+def test_chroot_find_grep(minbase_image: Path, tmp_path: Path) -> None:
+    """On a read-only mount of the session's capture of bookworm-minbase (conftest)."""
+    src, image = fixture_tree("bookworm-minbase"), minbase_image
     mnt = tmp_path / "mnt"
     with mounted(image, "minbase", mnt):
         def dpkg_count(root: Path) -> str:

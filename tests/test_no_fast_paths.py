@@ -18,7 +18,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import REPO
+from test_rw_model import EXAMPLES_ENV
 
 from imagefs.mount.shim import ENV_OFF, OFF
 
@@ -78,8 +80,9 @@ def mount_logs(tmp_path: Path) -> dict[Path, str]:
     return {p: p.read_text(errors="replace") for p in sorted((tmp_path / "logs").glob("*.log"))}
 
 
-def test_exactness_and_rw_model_without_fast_paths(tmp_path: Path) -> None:
-    run_tests_in_subprocess(EXACTNESS_AND_MODEL, tmp_path, {ENV_OFF: "1"})
+def check_without_fast_paths(tmp_path: Path, model_examples: int) -> None:
+    run_tests_in_subprocess(EXACTNESS_AND_MODEL, tmp_path,
+                            {ENV_OFF: "1", EXAMPLES_ENV: str(model_examples)})
     logs = mount_logs(tmp_path)
     # two exactness mounts, and the model's writable mounts and read-only checks
     assert len(logs) >= 3, f"expected the mount logs of the run, found {sorted(logs)}"
@@ -88,3 +91,14 @@ def test_exactness_and_rw_model_without_fast_paths(tmp_path: Path) -> None:
         assert said in text, f"{path} does not say the fast paths were off:\n{text[-2000:]}"
         # once per mount process: as many lines as the log has mounts
         assert text.count(said) == text.count(" mounted "), text[-2000:]
+
+
+def test_exactness_and_rw_model_without_fast_paths(tmp_path: Path) -> None:
+    """The model with half its examples (10 of the 20 the fast paths get by default)."""
+    check_without_fast_paths(tmp_path, 10)
+
+
+@pytest.mark.slow
+def test_exactness_and_rw_model_without_fast_paths_full(tmp_path: Path) -> None:
+    """The model with as many examples as with the fast paths (20)."""
+    check_without_fast_paths(tmp_path, 20)

@@ -12,9 +12,9 @@ import json
 import os
 import random
 import subprocess
-import sys
 from pathlib import Path
 
+import cli_zygote
 import pytest
 from conftest import rsync_diff
 
@@ -31,8 +31,7 @@ def run_cli(*args: object, env: dict[str, str] | None = None, timeout: float = 6
             ) -> subprocess.CompletedProcess[bytes]:
     full = {k: v for k, v in os.environ.items() if not k.startswith("IMAGEFS_TEST_")}
     full.update(env or {})
-    p = subprocess.run([sys.executable, "-m", "imagefs.cli", *map(str, args)],
-                       capture_output=True, timeout=timeout, env=full)
+    p = cli_zygote.run([str(a) for a in args], timeout=timeout, env=full)
     assert b"Traceback" not in p.stderr, p.stderr.decode(errors="replace")
     assert p.returncode != INTERNAL_ERROR, p.stderr.decode(errors="replace")
     return p

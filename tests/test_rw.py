@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import cli_zygote
 import pytest
 from conftest import (
     is_mounted,
@@ -630,7 +631,7 @@ def test_commit_killed_anywhere_leaves_old_or_new(tmp_path: Path, minbase_slice:
         restore()
         point = CRASH_POINTS[i] if i < len(CRASH_POINTS) else None
         env = {**os.environ, "IMAGEFS_TEST_CRASH_AT": point} if point else None
-        proc = subprocess.Popen([*_cli(), "commit", session], env=env,
+        proc = cli_zygote.popen(["commit", session], env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         if point is None:
             time.sleep(rng.uniform(0.05, full))
@@ -649,12 +650,6 @@ def test_commit_killed_anywhere_leaves_old_or_new(tmp_path: Path, minbase_slice:
     assert outcomes["old"] and outcomes["new"]
     restore()
     run_imagefs("cleanup", session)
-
-
-def _cli() -> list[str]:
-    import sys
-
-    return [sys.executable, "-m", "imagefs.cli"]
 
 
 # --- 8. concurrency -----------------------------------------------------------------------

@@ -655,6 +655,11 @@ def context(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Context
                 unmount_hard(mnt, None)
 
 
+# Examples per run: 20, unless the run asks for another number (test_no_fast_paths runs
+# this test again with the shim's fast paths off, with fewer in the default run).
+EXAMPLES_ENV = "IMAGEFS_TEST_MODEL_EXAMPLES"
+
+
 def test_rw_mount_matches_plain_directory(context: Context) -> None:
     """Random operation sequences: the same outcomes and trees as a plain directory."""
 
@@ -662,6 +667,7 @@ def test_rw_mount_matches_plain_directory(context: Context) -> None:
         ctx = context
 
     run_state_machine_as_test(Machine, settings=settings(
-        max_examples=20, stateful_step_count=35, deadline=None, database=None,
+        max_examples=int(os.environ.get(EXAMPLES_ENV, "20")), stateful_step_count=35,
+        deadline=None, database=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                HealthCheck.filter_too_much]))

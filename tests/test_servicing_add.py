@@ -12,13 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import (
-    fixture_tree,
-    mounted,
-    mounted_rw,
-    run_imagefs,
-    servicing_leftovers,
-)
+from conftest import copy_image, mounted, mounted_rw, run_imagefs, servicing_leftovers
 from servicing_helpers import DEBS, HELLO, JQ, JQ_VERSION, NEEDS_DEBS, NEEDS_NSPAWN, sha
 
 from imagefs.image import Image
@@ -63,10 +57,9 @@ def history(image: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def minbase(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    image = tmp_path_factory.mktemp("add") / "minbase.imagefs"
-    run_imagefs("capture", fixture_tree("bookworm-minbase"), image, "--name", "minbase")
-    return image
+def minbase(minbase_image: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """bookworm-minbase as index 1 (minbase): the module's copy of the session's capture."""
+    return copy_image(minbase_image, tmp_path_factory.mktemp("add") / "minbase.imagefs")
 
 
 @pytest.fixture(scope="module")

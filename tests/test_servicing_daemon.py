@@ -32,7 +32,7 @@ from typing import Any
 import psutil
 import pytest
 from conftest import (
-    fixture_tree,
+    copy_image,
     kernel_imagefs_mounts,
     mounted,
     mounted_rw,
@@ -131,13 +131,11 @@ def build_deb(where: Path, name: str, scripts: dict[str, str]) -> Path:
 
 
 @pytest.fixture(scope="module")
-def two_indices(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """bookworm-minbase captured twice: indices 1 (one) and 2 (two).  Shared: copy it."""
-    image = tmp_path_factory.mktemp("svc-daemon") / "two.imagefs"
-    src = fixture_tree("bookworm-minbase")
-    run_imagefs("capture", src, image, "--name", "one")
-    run_imagefs("capture", src, image, "--name", "two")
-    return image
+def two_indices(minbase_two_image: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """bookworm-minbase captured twice: indices 1 (one) and 2 (two) (the module's copy of
+    the session's capture).  Shared: copy it."""
+    return copy_image(minbase_two_image,
+                      tmp_path_factory.mktemp("svc-daemon") / "two.imagefs")
 
 
 @pytest.fixture(scope="module")

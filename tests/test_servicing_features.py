@@ -20,7 +20,6 @@ from features_helpers import (
     feature_list,
     is_enabled,
     kill_at_random,
-    minbase_image,  # noqa: F401  (a fixture)
     oracle_list,
 )
 from servicing_helpers import NEEDS_DEBS, NEEDS_NSPAWN, sha
@@ -39,7 +38,7 @@ EVERY_STATE = {"enabled", "disabled", "static", "masked", "masked-runtime", "ali
 
 
 @pytest.fixture
-def image(minbase_image: Path, tmp_path: Path) -> Iterator[Path]:  # noqa: F811
+def image(minbase_image: Path, tmp_path: Path) -> Iterator[Path]:
     copy = tmp_path / "work.imagefs"
     shutil.copyfile(minbase_image, copy)
     yield copy
@@ -66,7 +65,7 @@ def extracted(image: Path, dest: Path) -> Path:
 
 # -- list ------------------------------------------------------------------------------
 
-def test_list_is_systemctls_list_unit_files(minbase_image: Path) -> None:  # noqa: F811
+def test_list_is_systemctls_list_unit_files(minbase_image: Path) -> None:
     oracle = oracle_list(fixture_tree("bookworm-minbase"))
     assert feature_list(minbase_image, "1") == oracle
     text = feature("list", minbase_image, "minbase", "--state", "masked,static"

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 from conftest import mounted_rw
-from features_helpers import minbase_image  # noqa: F401  (a fixture)
 from servicing_helpers import NEEDS_DEBS, NEEDS_NSPAWN
 
 from servicing.feature_dsh import (
@@ -91,7 +90,7 @@ def compare(mnt: Path, units: list[str]) -> None:
     assert mine[1] == real[1]
 
 
-def test_update_state_and_was_enabled_as_the_real_helper(minbase_image: Path,  # noqa: F811
+def test_update_state_and_was_enabled_as_the_real_helper(minbase_image: Path,
                                                          tmp_path: Path) -> None:
     image = tmp_path / "dsh.imagefs"
     shutil.copyfile(minbase_image, image)
@@ -108,7 +107,7 @@ def test_update_state_and_was_enabled_as_the_real_helper(minbase_image: Path,  #
         compare(mnt, ["ssh.service"])  # one link gone: was-enabled says no, as it does
 
 
-def test_forget_mask_as_unmask_leaves_the_state_directory(minbase_image: Path,  # noqa: F811
+def test_forget_mask_as_unmask_leaves_the_state_directory(minbase_image: Path,
                                                           tmp_path: Path) -> None:
     image = tmp_path / "mask.imagefs"
     shutil.copyfile(minbase_image, image)
@@ -135,7 +134,7 @@ def test_forget_mask_as_unmask_leaves_the_state_directory(minbase_image: Path,  
 
 
 @pytest.mark.slow
-def test_every_installable_unit_of_minbase(minbase_image: Path,  # noqa: F811
+def test_every_installable_unit_of_minbase(minbase_image: Path,
                                            tmp_path: Path) -> None:
     image = tmp_path / "all.imagefs"
     shutil.copyfile(minbase_image, image)

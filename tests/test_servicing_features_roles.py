@@ -20,7 +20,6 @@ from daemon_helpers import TEST_GID, call_as
 from features_helpers import (
     CHRONY,
     is_enabled,
-    minbase_image,  # noqa: F401  (a fixture)
     repacked,
     systemctl,
 )
@@ -67,7 +66,7 @@ def dpkg_versions(mnt: Path, *names: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def with_chrony(minbase_image: Path, tmp_path_factory: pytest.TempPathFactory  # noqa: F811
+def with_chrony(minbase_image: Path, tmp_path_factory: pytest.TempPathFactory
                 ) -> Path:
     """minbase with chrony installed (its postinst enabled chrony.service), then two
     shapes Debian's bookkeeping can take: chrony.service enabled without
@@ -100,7 +99,7 @@ def chrony_image(with_chrony: Path, tmp_path: Path) -> Iterator[Path]:
 
 
 @pytest.fixture
-def image(minbase_image: Path, tmp_path: Path) -> Iterator[Path]:  # noqa: F811
+def image(minbase_image: Path, tmp_path: Path) -> Iterator[Path]:
     copy = tmp_path / "work.imagefs"
     shutil.copyfile(minbase_image, copy)
     yield copy

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import fixture_tree, mounted, mounted_rw, run_imagefs, wait_until
+from conftest import copy_image, mounted, mounted_rw, run_imagefs, wait_until
 from servicing_helpers import HELLO, NEEDS_DEBS, NEEDS_NSPAWN, sha
 
 from servicing import firstboot
@@ -48,11 +48,11 @@ MARKING = "echo 'second item here' >> /root/order; echo done > /var/lib/imagefs-
 
 
 @pytest.fixture(scope="module")
-def minbase(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """bookworm-minbase (systemd, systemd-sysv) captured as index 1.  Shared: copy it."""
-    image = tmp_path_factory.mktemp("firstboot") / "minbase.imagefs"
-    run_imagefs("capture", fixture_tree("bookworm-minbase"), image, "--name", "minbase")
-    return image
+def minbase(minbase_image: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """bookworm-minbase (systemd, systemd-sysv) as index 1: the module's copy of the
+    session's capture.  Shared: copy it."""
+    return copy_image(minbase_image,
+                      tmp_path_factory.mktemp("firstboot") / "minbase.imagefs")
 
 
 @pytest.fixture

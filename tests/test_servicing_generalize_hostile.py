@@ -16,10 +16,10 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
+import cli_zygote
 import pytest
 from conftest import kernel_imagefs_mounts, run_imagefs, servicing_leftovers, wait_until
 from generalize_helpers import sha, specialised_copy, state
@@ -216,16 +216,17 @@ def kill_at_random(image: Path, rounds: int, seed: int) -> dict[str, int]:
     the verb is left (mounts, sessions, workspaces, containers)."""
     pristine = image.with_name("pristine.imagefs")
     shutil.copyfile(image, pristine)
-    argv = [sys.executable, "-m", "imagefs.cli", "generalize", str(image), "1", "--no-daemon"]
+    args = ["generalize", str(image), "1", "--no-daemon"]
     start = time.monotonic()
-    subprocess.run(argv, check=True, capture_output=True)
+    done = cli_zygote.run(args)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
     whole = time.monotonic() - start
     assert state(image) == "new"
     shutil.copyfile(pristine, image)
     rng = random.Random(seed)
     seen = {"old": 0, "new": 0}
     for _ in range(rounds):
-        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = cli_zygote.popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(rng.uniform(0.0, whole * 1.1))
         proc.send_signal(signal.SIGKILL)
         proc.wait()

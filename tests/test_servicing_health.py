@@ -14,7 +14,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import fixture_tree, kernel_imagefs_mounts, mounted, mounted_rw, run_imagefs
+from conftest import (
+    copy_image,
+    fixture_tree,
+    kernel_imagefs_mounts,
+    mounted,
+    mounted_rw,
+    run_imagefs,
+)
 from servicing_helpers import DEBS, NEEDS_DEBS, NEEDS_NSPAWN, sha
 
 from imagefs.places import run_dir
@@ -37,13 +44,13 @@ def workspace_mounts() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """bookworm-minbase as index 1 (minbase, pristine) and, committed from a writable
-    session of it, index 2 (damaged): /usr/bin/xargs deleted, /usr/bin/nl overwritten,
-    /etc/adduser.conf edited.  Shared: tests that change it work on a copy."""
+def image(minbase_image: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """bookworm-minbase as index 1 (minbase, pristine: a copy of the session's capture)
+    and, committed from a writable session of it, index 2 (damaged): /usr/bin/xargs
+    deleted, /usr/bin/nl overwritten, /etc/adduser.conf edited.  Shared: tests that change
+    it work on a copy."""
     work = tmp_path_factory.mktemp("health")
-    path = work / "minbase.imagefs"
-    run_imagefs("capture", fixture_tree("bookworm-minbase"), path, "--name", "minbase")
+    path = copy_image(minbase_image, work / "minbase.imagefs")
     mnt = work / "rw"
     with mounted_rw(path, "1", mnt):
         os.unlink(mnt / "usr/bin/xargs")

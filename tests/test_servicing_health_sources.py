@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import fixture_tree, mounted_rw, run_imagefs
+from conftest import copy_image, mounted_rw, run_imagefs
 from servicing_helpers import DEBS, NEEDS_DEBS, NEEDS_NSPAWN
 
 from imagefs.errors import Error, UsageError
@@ -290,11 +290,11 @@ def test_nothing_stays_open_when_restore_fails(source_image: Path, damaged: Path
 
 
 @pytest.fixture(scope="module")
-def minbase(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """bookworm-minbase (index 1) and a damaged copy of it (index 2)."""
+def minbase(minbase_image: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """bookworm-minbase (index 1, a copy of the session's capture) and a damaged copy of it
+    (index 2)."""
     work = tmp_path_factory.mktemp("minbase")
-    path = work / "minbase.imagefs"
-    run_imagefs("capture", fixture_tree("bookworm-minbase"), path, "--name", "minbase")
+    path = copy_image(minbase_image, work / "minbase.imagefs")
     with mounted_rw(path, "1", work / "rw"):
         os.unlink(work / "rw/usr/bin/xargs")
         (work / "rw/usr/bin/nl").write_bytes(b"damaged\n")

@@ -17,7 +17,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from conftest import fixture_tree, run_imagefs, servicing_leftovers
+from conftest import copy_image, fixture_tree, run_imagefs, servicing_leftovers
 from servicing_helpers import HELLO, JQ, NEEDS_DEBS, NEEDS_NSPAWN, sha
 
 from servicing.debs import Deb
@@ -109,10 +109,10 @@ def member(name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> tarfile.
 
 
 @pytest.fixture(scope="module")
-def minbase(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    image = tmp_path_factory.mktemp("refusals") / "minbase.imagefs"
-    run_imagefs("capture", fixture_tree("bookworm-minbase"), image, "--name", "minbase")
-    return image
+def minbase(minbase_image: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """bookworm-minbase as index 1 (minbase): the module's copy of the session's capture."""
+    return copy_image(minbase_image,
+                      tmp_path_factory.mktemp("refusals") / "minbase.imagefs")
 
 
 @pytest.fixture(scope="module")

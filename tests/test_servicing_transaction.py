@@ -18,9 +18,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import cli_zygote
 import pytest
 from conftest import (
-    fixture_tree,
+    copy_image,
     kernel_imagefs_mounts,
     mounted_rw,
     run_imagefs,
@@ -75,13 +76,10 @@ def state(image: Path, index: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def two_indices(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """bookworm-minbase captured twice: indices 1 (one) and 2 (two)."""
-    image = tmp_path_factory.mktemp("tx") / "two.imagefs"
-    src = fixture_tree("bookworm-minbase")
-    run_imagefs("capture", src, image, "--name", "one")
-    run_imagefs("capture", src, image, "--name", "two")
-    return image
+def two_indices(minbase_two_image: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """bookworm-minbase captured twice: indices 1 (one) and 2 (two) (the module's copy of
+    the session's capture)."""
+    return copy_image(minbase_two_image, tmp_path_factory.mktemp("tx") / "two.imagefs")
 
 
 @pytest.fixture
@@ -179,15 +177,15 @@ def kill_at_random(image: Path, rounds: int, seed: int) -> dict[str, int]:
     shows the CLI's cleanup does the same."""
     rng = random.Random(seed)
     seen = {"old": 0, "new": 0}
-    argv = [sys.executable, "-m", "imagefs.cli", "package", "add", str(image), "all",
-            str(HELLO), "--no-daemon"]
+    args = ["package", "add", str(image), "all", str(HELLO), "--no-daemon"]
     # The moments are spread over the verb's whole run, as long as it takes here.
     start = time.monotonic()
-    subprocess.run(argv, check=True, capture_output=True)
+    done = cli_zygote.run(args)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
     whole = time.monotonic() - start
     shutil.copyfile(image.with_name("pristine.imagefs"), image)
     for _ in range(rounds):
-        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = cli_zygote.popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         time.sleep(rng.uniform(0.0, whole * 1.1))
         proc.send_signal(signal.SIGKILL)
         proc.wait()

@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import fixture_tree, run_imagefs
+from conftest import copy_image, run_imagefs
 
 from imagefs.session.lifecycle import find_session
 from imagefs.session.staging import Staging
@@ -38,9 +38,9 @@ def test_a_volatile_staging_writes_everything_but_syncs_nothing(tmp_path: Path,
 
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("fusermount3") is None,
                     reason="needs root and FUSE")
-def test_servicing_sessions_are_volatile_and_others_are_not(tmp_path: Path) -> None:
-    image = tmp_path / "m.imagefs"
-    run_imagefs("capture", fixture_tree("bookworm-minbase"), image, "--name", "minbase")
+def test_servicing_sessions_are_volatile_and_others_are_not(minbase_image: Path,
+                                                            tmp_path: Path) -> None:
+    image = copy_image(minbase_image, tmp_path / "m.imagefs")
     with opened(str(image), "1") as target:
         assert find_session(target.root).volatile
     mnt = tmp_path / "mnt"
