@@ -1,4 +1,4 @@
-"""Build the one C helper (imagefs/mount/_fuseshim.c: what pyfuse3 lacks, and fast paths beneath it).
+"""Build the one C helper (imagefs/mount/_fuseshim.c: what pyfuse3 lacks, and fast paths).
 
 Everything else is in pyproject.toml.  The extension is optional for pip: without a
 compiler or the libfuse3 headers the install still succeeds and mounts work without

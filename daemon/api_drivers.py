@@ -79,13 +79,14 @@ async def add(call: Call, repository: str | None, hardware: list[Any], model: st
         lambda: DriverAdd(sel, initramfs, missing_firmware_ok), subscribe)
 
 
-@method("drivers.remove", names=required(list), **SERVICING)
-async def remove(call: Call, names: list[Any], image: str | None, index: int | str | None,
-                 session: str | None, dry_run: bool, new_index: str | None,
-                 subscribe: bool) -> Any:
+@method("drivers.remove", names=required(list), initramfs=optional(bool, default=False),
+        **SERVICING)
+async def remove(call: Call, names: list[Any], initramfs: bool, image: str | None,
+                 index: int | str | None, session: str | None, dry_run: bool,
+                 new_index: str | None, subscribe: bool) -> Any:
     """Job: remove modules `driver add` added (module names), with the firmware no other
-    added module needs, and run the image's own depmod, as `imagefs driver remove`.
-    Root only."""
+    added module needs, and run the image's own depmod (and with `initramfs` its
+    update-initramfs), as `imagefs driver remove`.  Root only."""
     from servicing.driver_remove import DriverRemove
 
     only_root(call, "drivers.remove")
@@ -95,4 +96,5 @@ async def remove(call: Call, names: list[Any], image: str | None, index: int | s
                        "of module names")
     return await submit_change(
         call, "drivers.remove", image, index, session, dry_run, new_index,
-        {"names": names}, lambda: DriverRemove(names), subscribe)
+        {"names": names, "initramfs": initramfs}, lambda: DriverRemove(names, initramfs),
+        subscribe)

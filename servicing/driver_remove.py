@@ -19,7 +19,7 @@ from imagefs.errors import Refused, one_line
 from .driver_kernels import find_kernels
 from .driver_modinfo import NAME
 from .driver_record import Record, read_record, remove_file, write_record
-from .drivers import depmod_and_check, need_tool
+from .drivers import depmod_and_check, need_tool, rebuild_initramfs
 from .roots import MountRoot, Root
 from .transaction import Progress, Target
 
@@ -29,6 +29,7 @@ class RemovePlan:
     modules: list[dict[str, str]] = field(default_factory=list)  # kernel, name, path
     firmware: list[str] = field(default_factory=list)
     kernels: list[str] = field(default_factory=list)  # depmod runs for these
+    initramfs: bool = False
 
     def empty(self) -> bool:
         return not self.modules
@@ -41,7 +42,8 @@ class RemovePlan:
                  f"(/lib/modules/{m['kernel']}/{m['path']})" for m in self.modules]
                 + [f"remove firmware {one_line(f)} (no other added module needs it)"
                    for f in self.firmware]
-                + [f"run depmod {k}" for k in self.kernels])
+                + [f"run depmod {k}" for k in self.kernels]
+                + [f"rebuild the initramfs of {k}" for k in self.kernels if self.initramfs])
 
 
 class DriverRemove:
@@ -49,7 +51,8 @@ class DriverRemove:
 
     verb = "driver remove"
 
-    def __init__(self, names: Sequence[str]) -> None:
+    def __init__(self, names: Sequence[str], initramfs: bool = False) -> None:
+        self.initramfs = initramfs
         self.names = []
         for name in names:
             if not NAME.match(name):
@@ -59,12 +62,14 @@ class DriverRemove:
             raise Refused("name the drivers to remove (imagefs driver list shows them)")
 
     def arguments(self) -> dict[str, Any]:
-        return {"names": self.names}
+        return {"names": self.names, "initramfs": self.initramfs}
 
     def plan(self, root: Root) -> RemovePlan:
         rec = read_record(root)
         need_tool(root, "depmod", "depmod must index the modules left")
-        plan = RemovePlan()
+        if self.initramfs:
+            need_tool(root, "update-initramfs", "--initramfs rebuilds the initramfs with it")
+        plan = RemovePlan(initramfs=self.initramfs)
         for name in self.names:
             mine = [m for m in rec.modules if m["name"] == name]
             if not mine:
@@ -98,7 +103,11 @@ class DriverRemove:
             mods = [m for m in plan.modules if m["kernel"] == kernel]
             depmod_and_check(target.root, kernel, "remove", [m["name"] for m in mods],
                               {m["name"]: f"/lib/modules/{kernel}/{m['path']}" for m in mods})
-        return {"removed": plan.modules, "firmware": plan.firmware}
+            if plan.initramfs:
+                progress.step(f"rebuilding the initramfs of {kernel}")
+                rebuild_initramfs(target.root, kernel)
+        return {"removed": plan.modules, "firmware": plan.firmware,
+                "initramfs": plan.initramfs}
 
 
 def _forget(rec: Record, gone: set[str], firmware: list[str]) -> None:

@@ -297,7 +297,7 @@ class DriverAdd:
                 if m.kernel == kernel})
             if plan.initramfs:
                 progress.step(f"rebuilding the initramfs of {kernel}")
-                _initramfs(target.root, kernel)
+                rebuild_initramfs(target.root, kernel)
         return {"modules": [{"kernel": m.kernel, "name": m.name, "version": m.version,
                              "path": f"/lib/modules/{m.kernel}/{m.dest}", "action": m.action,
                              "source": m.rel} for m in plan.modules],
@@ -398,7 +398,28 @@ def depmod_and_check(root: str, kernel: str, how: str, names: list[str],
                                   f"{name} at {paths[name]}", text)
 
 
-def _initramfs(root: str, kernel: str) -> None:
+# initramfs-tools copies modules by its MODULES= policy, which only looks under kernel/:
+# this hook brings every module imagefs added (updates/imagefs, read at build time, so a
+# later driver remove takes them out again) with the firmware and dependencies they need.
+INITRAMFS_HOOK = "/etc/initramfs-tools/hooks/imagefs-drivers"
+INITRAMFS_HOOK_TEXT = f"""#!/bin/sh
+# Written by imagefs driver add --initramfs: the drivers it added go into the initramfs.
+case "$1" in prereqs) exit 0 ;; esac
+. /usr/share/initramfs-tools/hook-functions
+for ko in "${{MODULESDIR}}/{UPDATES}"/*.ko*; do
+	[ -e "$ko" ] || continue
+	name=${{ko##*/}}
+	manual_add_modules "${{name%%.ko*}}"
+done
+"""
+
+
+def rebuild_initramfs(root: str, kernel: str) -> None:
+    """The image's update-initramfs for kernel, in its container, with the hook that
+    brings the added drivers along."""
+    mroot = MountRoot(root)
+    hooks = make_dirs(mroot, os.path.dirname(INITRAMFS_HOOK), [])
+    write_file(hooks, os.path.basename(INITRAMFS_HOOK), INITRAMFS_HOOK_TEXT.encode(), 0o755)
     done = run(root, ["update-initramfs", "-u", "-k", kernel], timeout=INITRAMFS_TIMEOUT)
     if done.returncode != 0:
         out = (done.stdout + done.stderr).decode("utf-8", "replace")

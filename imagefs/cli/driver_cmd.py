@@ -90,6 +90,9 @@ def register(sub: Any) -> None:
         epilog=f"example: imagefs driver remove golden.imagefs 1 ifs_demo_nic\n{ADD_EXITS}",
         formatter_class=FMT)
     add_target(rm, "NAME", "NAME: module names, as `driver list` shows them.")
+    rm.add_argument("--initramfs", action="store_true",
+                    help="rebuild each kernel's initramfs afterwards (initramfs-tools), so the "
+                         "removed modules leave it too")
     rm.set_defaults(func=run_remove)
 
 
@@ -226,8 +229,8 @@ def run_remove(args: argparse.Namespace) -> int:
     from servicing.driver_remove import DriverRemove
 
     image, index, names = split_target(args, 1)
-    return run_change(args, image, index, lambda: DriverRemove(names), "drivers.remove",
-                      {"names": names})
+    return run_change(args, image, index, lambda: DriverRemove(names, args.initramfs),
+                      "drivers.remove", {"names": names, "initramfs": args.initramfs})
 
 
 def run_list(args: argparse.Namespace) -> int:
