@@ -108,7 +108,7 @@ def test_a_stale_build_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "imagefs.mount._fuseshim", stale)
     module, why = shim._load()
     assert module is None
-    assert "out of date (API 1, not 2" in why
+    assert f"out of date (API 1, not {shim.API}" in why
 
 
 def small_image(tmp_path: Path) -> Path:

@@ -21,6 +21,12 @@
  * directory listings cached (FOPEN_KEEP_CACHE | FOPEN_CACHE_DIR, the kernel's defaults
  * without open); reads and directory reads then carry handle 0, which is replaced by the
  * inode number before pyfuse3 sees them, so the handle pyfuse3 passes on is the inode.
+ * A writable mount makes file opens free the same way (its file handle is the inode
+ * anyway, and the kernel's lookup count keeps an unlinked file alive while it is open):
+ * writes, flushes and fsyncs then carry handle 0 too, and atomic O_TRUNC is turned off,
+ * so that an open with O_TRUNC arrives as a SETATTR of size 0.  Its directories keep their
+ * opens (a listing is a snapshot that must stay stable while entries change).  The kernel
+ * sends no RELEASE for a file opened without OPEN; a file made by CREATE still gets one.
  *
  * Fast paths: pyfuse3 answers every request with a coroutine on its trio loop, which costs
  * more than the handlers themselves.  Requests whose handlers never wait (lookup, getattr,
@@ -77,7 +83,7 @@
 
 /* The interface shim.py expects (configure's arguments, the functions below); a build
  * with another number is stale and not used (shim.py: API). */
-#define SHIM_API 2
+#define SHIM_API 3
 
 /* lseek (3.8) and FUSE_CAP_CACHE_SYMLINKS (3.10) are needed. */
 #if FUSE_MAJOR_VERSION != 3 || FUSE_MINOR_VERSION < 10
@@ -124,9 +130,19 @@ static long drain_wait_us;
 static int handled_fast;          /* set by every request this module answers itself */
 static int cache_symlinks;
 static int dont_mask;             /* the kernel leaves the umask to us (ACL inheritance) */
-static int handles_are_inodes;    /* no open/opendir: reads get fh = inode */
+/* Free opens: 0 none; FREE_OPENS_ALL no open/opendir (an immutable index); FREE_OPENS_FILES
+ * no open of files (a writable mount).  Requests then carry fh 0, replaced by the inode. */
+enum { FREE_OPENS_ALL = 1, FREE_OPENS_FILES = 2 };
+static int handles_are_inodes;
 typedef void (*read_fn)(fuse_req_t, fuse_ino_t, size_t, off_t, struct fuse_file_info *);
+typedef void (*write_buf_fn)(fuse_req_t, fuse_ino_t, struct fuse_bufvec *, off_t,
+                             struct fuse_file_info *);
+typedef void (*file_fn)(fuse_req_t, fuse_ino_t, struct fuse_file_info *);
+typedef void (*fsync_fn)(fuse_req_t, fuse_ino_t, int, struct fuse_file_info *);
 static read_fn pyfuse3_read, pyfuse3_readdirplus;
+static write_buf_fn pyfuse3_write_buf;
+static file_fn pyfuse3_flush;
+static fsync_fn pyfuse3_fsync;
 static int installed;             /* set once fuse_session_new() went through here */
 static reply_lseek_fn reply_lseek;
 static reply_err_fn reply_err;
@@ -390,8 +406,16 @@ static void (*process_buf)(struct fuse_session *, const struct fuse_buf *);
 
 /* pyfuse3's loop and drain() process every request through here: all but GETXATTR (which
  * the kernel sends before each write) wait for the write in flight. */
+/* Requests served, by FUSE opcode (request_counts(): what a workload asks of the mount). */
+#define OPCODES 64
+static unsigned long long request_count[OPCODES];
+
 void fuse_session_process_buf(struct fuse_session *se, const struct fuse_buf *buf)
 {
+    if (!(buf->flags & FUSE_BUF_IS_FD) && buf->size >= sizeof(struct in_header)) {
+        uint32_t op = ((const struct in_header *)buf->mem)->opcode;
+        request_count[op < OPCODES ? op : 0]++;
+    }
     if (process_buf == NULL) {  /* no session made through here: libfuse's own */
         void *lib = dlopen("libfuse3.so.3", RTLD_LAZY | RTLD_NOLOAD);
         process_buf = lib == NULL ? NULL : dlsym(lib, "fuse_session_process_buf");
@@ -778,6 +802,29 @@ static void shim_no_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *
     reply_err(req, ENOSYS);
 }
 
+/* pyfuse3's own handlers of a writable mount with free opens: handle 0 becomes the inode. */
+static void shim_write_buf(fuse_req_t req, fuse_ino_t ino, struct fuse_bufvec *bufv,
+                           off_t off, struct fuse_file_info *fi)
+{
+    if (fi->fh == 0)
+        fi->fh = ino;
+    pyfuse3_write_buf(req, ino, bufv, off, fi);
+}
+
+static void shim_flush(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+    if (fi->fh == 0)
+        fi->fh = ino;
+    pyfuse3_flush(req, ino, fi);
+}
+
+static void shim_fsync(fuse_req_t req, fuse_ino_t ino, int datasync, struct fuse_file_info *fi)
+{
+    if (fi->fh == 0)
+        fi->fh = ino;
+    pyfuse3_fsync(req, ino, datasync, fi);
+}
+
 static void shim_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
                       struct fuse_file_info *fi)
 {
@@ -870,6 +917,8 @@ static void shim_init(void *userdata, struct fuse_conn_info *conn)
         conn->want |= FUSE_CAP_CACHE_SYMLINKS;
     if (dont_mask && (conn->capable & FUSE_CAP_DONT_MASK))
         conn->want |= FUSE_CAP_DONT_MASK;
+    if (handles_are_inodes == FREE_OPENS_FILES)  /* O_TRUNC as a SETATTR: no OPEN to do it */
+        conn->want &= ~FUSE_CAP_ATOMIC_O_TRUNC;
 }
 
 struct fuse_session *fuse_session_new(struct fuse_args *args,
@@ -928,7 +977,7 @@ struct fuse_session *fuse_session_new(struct fuse_args *args,
     }
     if (setxattr_handler != NULL && reply_err != NULL)
         ops.setxattr = shim_setxattr;
-    if (handles_are_inodes && reply_err != NULL && ops.read != NULL
+    if (handles_are_inodes == FREE_OPENS_ALL && reply_err != NULL && ops.read != NULL
             && ops.readdirplus != NULL) {
         pyfuse3_read = ops.read;
         pyfuse3_readdirplus = ops.readdirplus;
@@ -937,6 +986,23 @@ struct fuse_session *fuse_session_new(struct fuse_args *args,
         ops.read = shim_read;
         ops.readdirplus = shim_readdirplus;
         ops.readdir = NULL;
+    }
+    if (handles_are_inodes == FREE_OPENS_FILES && reply_err != NULL && ops.read != NULL
+            && (ops.write != NULL || ops.write_buf != NULL) && ops.flush != NULL
+            && ops.fsync != NULL) {
+        pyfuse3_read = ops.read;
+        ops.read = shim_read;
+        if (ops.write_buf != NULL) {
+            pyfuse3_write_buf = ops.write_buf;
+            ops.write_buf = shim_write_buf;
+        }
+        if (ops.flush != fast_flush) {
+            pyfuse3_flush = ops.flush;
+            ops.flush = shim_flush;
+        }
+        pyfuse3_fsync = ops.fsync;
+        ops.fsync = shim_fsync;
+        ops.open = shim_no_open;
     }
     pyfuse3_init = ops.init;
     ops.init = shim_init;
@@ -963,9 +1029,9 @@ static int set_handler(PyObject **slot, PyObject *handler)
 static PyObject *configure(PyObject *self, PyObject *args)
 {
     PyObject *handler, *fallocate = Py_None, *setxattr = Py_None, *fast_handlers = Py_None;
-    int symlinks, inodes, nomask = 0;
+    int symlinks, inodes, nomask = 0;  /* inodes: 0, FREE_OPENS_ALL or FREE_OPENS_FILES */
     (void)self;
-    if (!PyArg_ParseTuple(args, "Opp|OOpO", &handler, &symlinks, &inodes, &fallocate,
+    if (!PyArg_ParseTuple(args, "Opi|OOpO", &handler, &symlinks, &inodes, &fallocate,
                           &setxattr, &nomask, &fast_handlers))
         return NULL;
     if (fast_handlers != Py_None && !PyDict_Check(fast_handlers)) {
@@ -983,6 +1049,10 @@ static PyObject *configure(PyObject *self, PyObject *args)
             || set_handler(&fallocate_handler, fallocate) < 0
             || set_handler(&setxattr_handler, setxattr) < 0)
         return NULL;
+    if (inodes < 0 || inodes > FREE_OPENS_FILES) {
+        PyErr_SetString(PyExc_ValueError, "free opens: 0, 1 (all) or 2 (files)");
+        return NULL;
+    }
     cache_symlinks = symlinks;
     handles_are_inodes = inodes;
     Py_RETURN_NONE;
@@ -1024,7 +1094,26 @@ static PyObject *libfuse_version(PyObject *self, PyObject *unused)
     return r;
 }
 
+static PyObject *request_counts(PyObject *self, PyObject *args)
+{
+    (void)self;
+    (void)args;
+    PyObject *d = PyDict_New();
+    for (int op = 0; d != NULL && op < OPCODES; op++) {
+        if (request_count[op] == 0)
+            continue;
+        PyObject *k = PyLong_FromLong(op), *v = PyLong_FromUnsignedLongLong(request_count[op]);
+        if (k == NULL || v == NULL || PyDict_SetItem(d, k, v) < 0)
+            Py_CLEAR(d);
+        Py_XDECREF(k);
+        Py_XDECREF(v);
+    }
+    return d;
+}
+
 static PyMethodDef methods[] = {
+    {"request_counts", request_counts, METH_NOARGS,
+     "{FUSE opcode: requests served} since the mount began (0: an unknown opcode)"},
     {"configure", configure, METH_VARARGS,
      "configure(lseek, cache_symlinks, handles_are_inodes[, fallocate[, setxattr[, "
      "dont_mask[, fast]]]]): before pyfuse3.init(); fast: {request name: callable}"},

@@ -103,7 +103,8 @@ class BaseOperations(pyfuse3.Operations):
 
     def shim_handlers(self) -> tuple[Any, ...]:
         """_fuseshim.configure's arguments."""
-        return (self.lseek, True, True, None, None, False, self.fast_handlers())
+        return (self.lseek, True, shim.FREE_OPENS_ALL, None, None, False,
+                self.fast_handlers())
 
     # --- fast paths (through _fuseshim: synchronous, in the loop's thread) ---------------
     #
@@ -392,8 +393,8 @@ def serve(ops: BaseOperations, mountpoint: str, options: set[str],
     finally:
         pyfuse3.close(unmount=True)
         ops.finished()
-        log.info("%s: unmounted from %s (%d pack decompressions)", ops.label, mountpoint,
-                 ops.packs.decompressions)
+        log.info("%s: unmounted from %s (%d pack decompressions); requests %s", ops.label,
+                 mountpoint, ops.packs.decompressions, shim.request_summary())
 
 
 async def _serve(ops: BaseOperations, mountpoint: str,

@@ -25,7 +25,11 @@ from collections.abc import Mapping
 from typing import Any
 
 # The interface of _fuseshim this module speaks (SHIM_API in _fuseshim.c).
-API = 2
+API = 3
+# configure()'s free-opens argument (handles_are_inodes in _fuseshim.c): 0 none, all opens
+# (an immutable index: files and directories), or file opens only (a writable mount).
+FREE_OPENS_ALL = 1
+FREE_OPENS_FILES = 2
 # (major, minor) versions the fast paths were written against and tested with; any
 # patch release of these.  Add one only after running the tests against it with the fast
 # paths on and under the sanitizers (docs/shim.md, "Supporting another version").
@@ -140,3 +144,25 @@ def say_once(label: str) -> None:
         log.info("%s: %s: %s; pyfuse3's handlers answer every request", label, OFF, why)
     else:
         log.warning("%s: %s: %s; pyfuse3's handlers answer every request", label, OFF, why)
+
+
+# FUSE opcodes (linux/fuse.h) by name, for the request counts a mount logs when it ends.
+OPCODES = {1: "lookup", 2: "forget", 3: "getattr", 4: "setattr", 5: "readlink", 6: "symlink",
+           8: "mknod", 9: "mkdir", 10: "unlink", 11: "rmdir", 12: "rename", 13: "link",
+           14: "open", 15: "read", 16: "write", 17: "statfs", 18: "release", 20: "fsync",
+           21: "setxattr", 22: "getxattr", 23: "listxattr", 24: "removexattr", 25: "flush",
+           26: "init", 27: "opendir", 28: "readdir", 29: "releasedir", 30: "fsyncdir",
+           32: "setlk", 34: "access", 35: "create", 36: "interrupt", 37: "bmap",
+           38: "destroy", 39: "ioctl", 40: "poll", 42: "batch_forget", 43: "fallocate",
+           44: "readdirplus", 45: "rename2", 46: "lseek", 47: "copy_file_range"}
+
+
+def request_summary() -> str:
+    """The requests this process served, most first ("4181: 807 flush, ..."), from the
+    shim's counters; "not counted" without the shim."""
+    if _fuseshim is None or not hasattr(_fuseshim, "request_counts"):
+        return "not counted"
+    counts = sorted(_fuseshim.request_counts().items(), key=lambda kv: -kv[1])
+    total = sum(n for _op, n in counts)
+    return f"{total}: " + ", ".join(f"{n} {OPCODES.get(op, f'opcode {op}')}"
+                                    for op, n in counts)

@@ -25,6 +25,7 @@ import pyfuse3
 import trio
 
 from imagefs.format import layout as F
+from imagefs.mount import shim
 from imagefs.mount.fuse import _fuseshim, boundary
 from imagefs.mount.tree import Refusal
 
@@ -50,8 +51,8 @@ class WritableOperations(DirectoryHandles):
             session.staging.settle = _fuseshim.settle
 
     def shim_handlers(self) -> tuple[Any, ...]:
-        return (self.lseek, True, False, self.fallocate_sync, self.setxattr_sync, True,
-                self.fast_handlers())
+        return (self.lseek, True, shim.FREE_OPENS_FILES, self.fallocate_sync,
+                self.setxattr_sync, True, self.fast_handlers())
 
     def fast_functions(self) -> dict[str, Callable[..., Any]]:
         tree = self.tree
