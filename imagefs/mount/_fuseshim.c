@@ -27,6 +27,7 @@
  * so that an open with O_TRUNC arrives as a SETATTR of size 0.  Its directories keep their
  * opens (a listing is a snapshot that must stay stable while entries change).  The kernel
  * sends no RELEASE for a file opened without OPEN; a file made by CREATE still gets one.
+ * A writable mount also asks for the writeback cache (see shim_init).
  *
  * Fast paths: pyfuse3 answers every request with a coroutine on its trio loop, which costs
  * more than the handlers themselves.  Requests whose handlers never wait (lookup, getattr,
@@ -919,6 +920,11 @@ static void shim_init(void *userdata, struct fuse_conn_info *conn)
         conn->want |= FUSE_CAP_DONT_MASK;
     if (handles_are_inodes == FREE_OPENS_FILES)  /* O_TRUNC as a SETATTR: no OPEN to do it */
         conn->want &= ~FUSE_CAP_ATOMIC_O_TRUNC;
+    /* The writeback cache: the kernel keeps written pages and sends them in batches (at the
+     * latest on close, fsync and syncfs), keeping size and times itself and sending them
+     * with SETATTR.  For a writable mount only: every change comes through this mount. */
+    if (handles_are_inodes == FREE_OPENS_FILES && (conn->capable & FUSE_CAP_WRITEBACK_CACHE))
+        conn->want |= FUSE_CAP_WRITEBACK_CACHE;
 }
 
 struct fuse_session *fuse_session_new(struct fuse_args *args,

@@ -15,7 +15,10 @@ writer holds the image's lock the loop keeps serving and the commit polls for th
 
 from __future__ import annotations
 
+import ctypes
 import json
+import logging
+import os
 import socket
 import time
 from typing import TYPE_CHECKING, Any, Protocol
@@ -27,6 +30,8 @@ if TYPE_CHECKING:  # trio is the server's: `imagefs commit`, a client, starts wi
     import trio
 
     from .lifecycle import Session
+
+log = logging.getLogger("imagefs.mount")
 
 MAX_REQUEST = 64 * 1024
 LOCK_POLL = 0.05
@@ -116,6 +121,7 @@ async def _answer(ops: Served, request: dict[str, Any]) -> dict[str, Any]:
         wait = request.get("wait")
         deadline = None if not isinstance(wait, (int, float)) else time.monotonic() + wait
         async with ops.commit_lock:
+            await written_back(ops.session.info.mountpoint)
             while True:
                 try:
                     return {"ok": True, "result": ops.session.commit(new_index, wait=0,
@@ -137,6 +143,35 @@ async def _answer(ops: Served, request: dict[str, Any]) -> dict[str, Any]:
         info = ops.session.info
         return {"ok": True, "result": {"session": info.id, "pid": info.pid}}
     return {"ok": False, "code": REFUSED, "error": f"unknown request {op!r}"}
+
+
+async def written_back(mountpoint: str) -> None:
+    """Have the kernel write back what it still holds of the mount (the writeback cache
+    keeps written pages and times until close, fsync or syncfs), so that a commit takes
+    every write that returned.  syncfs(2) runs in a thread: the loop must go on serving
+    the WRITE and SETATTR requests it sends.  An error it returns is a write that failed
+    here and was already reported to its writer (at its fsync or close, as a local
+    filesystem reports writeback errors): the commit goes on without it, as it would
+    without the cache, and the log says so."""
+    import trio
+
+    def sync() -> None:
+        try:
+            fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            return  # not reachable (unmounting): nothing can be left to write back
+        try:
+            if _libc.syncfs(fd) != 0:
+                log.warning("syncfs of %s before the commit: %s (a write that failed and "
+                            "was reported to its writer)", mountpoint,
+                            os.strerror(ctypes.get_errno()))
+        finally:
+            os.close(fd)
+
+    await trio.to_thread.run_sync(sync)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def request(session_id: str, doc: dict[str, Any], timeout: float | None = None

@@ -6,7 +6,9 @@ to the kernel counts; forget subtracts), so that a removed file lives while the 
 an opener holds it, and it writes the staging to disk every SYNC_INTERVAL and on fsync.
 Directory handles are fuse_dirs.py's.
 Large writes are answered before their bytes reach the data file (write-behind in
-_fuseshim; see there), which every other request and every staging sync waits for.
+_fuseshim; see there), which every other request and every staging sync waits for.  The
+kernel's writeback cache holds written pages until close, fsync or syncfs (a commit first
+has them written back: control.written_back).
 
 A commit arrives on the session's control socket (control.py) and runs in the loop's
 thread, between two requests: the tree it writes is the tree as it stands, and no request
