@@ -186,7 +186,8 @@ def test_eight_tar_readers_single_flight(minbase_slice: Path, tmp_path: Path) ->
                                              check=True).stdout).hexdigest()
     mnt = tmp_path / "mnt"
     digests: list[str] = []
-    with mounted(image, 1, mnt) as rec:
+    # a cache that holds every pack: what is checked is single flight, not eviction
+    with mounted(image, 1, mnt, "-o", "cache=256M") as rec:
         def reader() -> None:
             out = subprocess.run(tar, cwd=mnt, capture_output=True, check=True).stdout
             digests.append(hashlib.sha256(out).hexdigest())

@@ -31,7 +31,7 @@ def register(sub: Any) -> None:
             "`imagefs remount` brings it back, `imagefs cleanup` removes it.", 79),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="""options for -o (comma-separated, -o may repeat):
-  cache=SIZE      bound the cache of decompressed chunks (default 256M)
+  cache=SIZE      bound the cache of decompressed chunks (default 8M)
   anything else   passed to FUSE: noatime, nosuid, nodev, noexec, allow_other, ...
 
 examples:
