@@ -27,14 +27,13 @@ import datetime
 import json
 import os
 import re
-import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
 from imagefs.errors import CorruptImage, Refused, one_line
 
 from .driver_modinfo import NAME, NotAModule, check_firmware_name
-from .roots import MountRoot, Root
+from .roots import MountRoot, Root, make_dirs, write_file
 
 RECORD = "/var/lib/imagefs/drivers.json"
 UPDATES = "updates/imagefs"  # under lib/modules/KVER
@@ -114,46 +113,6 @@ def now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def make_dirs(root: MountRoot, path: str, made: list[str]) -> str:
-    """The host path of directory path inside root, made (0755) where missing; each one
-    made is appended to made.  Every existing component is resolved inside the root."""
-    parts = [p for p in path.split("/") if p]
-    real = root.path
-    for i, part in enumerate(parts):
-        sub = "/" + "/".join(parts[: i + 1])
-        found = root.resolve(sub)
-        if found is None:
-            found = os.path.join(real, part)
-            try:
-                os.mkdir(found, 0o755)
-            except FileExistsError:
-                raise Refused(f"{sub} in the image is a broken symlink") from None
-            os.chmod(found, 0o755)
-            made.append(sub)
-        elif not os.path.isdir(found) or os.path.islink(found):
-            raise Refused(f"{sub} in the image is not a directory")
-        real = found
-    return real
-
-
-def write_file(directory: str, name: str, data: bytes, mode: int = 0o644) -> None:
-    """Write name in directory (a host path inside the root) whole: a new file renamed
-    over any old one, never through a symlink."""
-    tmp = os.path.join(directory, f".{name}.imagefs-{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            os.fchmod(fh.fileno(), mode)
-        os.rename(tmp, os.path.join(directory, name))
-    except BaseException as e:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-        if isinstance(e, IsADirectoryError):
-            raise Refused(f"{name} in the image is a directory") from None
-        raise
-
-
 def remove_file(root: MountRoot, path: str) -> bool:
     """Remove the file at path in root (the last component itself, never what a symlink
     there points to); False when there was none."""
@@ -193,6 +152,6 @@ def write_record(root: MountRoot, rec: Record) -> None:
         prune_dirs(root, rec)
         return
     prune_dirs(root, rec)
-    where = make_dirs(root, os.path.dirname(RECORD), made)
+    where = make_dirs(root, os.path.dirname(RECORD), made=made)
     rec.directories = sorted(set(rec.directories) | set(made))
     write_file(where, os.path.basename(RECORD), rec.to_bytes())

@@ -39,10 +39,8 @@ from .driver_modinfo import MAX_MODULE, decompress
 from .driver_record import (
     UPDATES,
     Record,
-    make_dirs,
     now,
     read_record,
-    write_file,
     write_record,
 )
 from .driver_repository import (
@@ -55,7 +53,7 @@ from .driver_repository import (
     scan_repository,
     with_dependencies,
 )
-from .roots import MountRoot, Root
+from .roots import MountRoot, Root, make_dirs, write_file
 from .runner import run
 from .transaction import Progress, Target
 
@@ -340,7 +338,8 @@ def _source(path: str, sha256: str, limit: int) -> bytes:
 def _install_module(mroot: MountRoot, m: ModulePlan, rec: Record, made: list[str]) -> None:
     data = _source(m.source, m.sha256, MAX_MODULE)
     raw, _compression = decompress(data, m.source)
-    where = make_dirs(mroot, f"/lib/modules/{m.kernel}/{os.path.dirname(m.dest)}", made)
+    where = make_dirs(mroot, f"/lib/modules/{m.kernel}/{os.path.dirname(m.dest)}",
+                      made=made)
     write_file(where, os.path.basename(m.dest), raw)
     rec.modules = [e for e in rec.modules if (e["kernel"], e["name"]) != (m.kernel, m.name)]
     rec.modules.append({"kernel": m.kernel, "name": m.name, "path": m.dest,
@@ -356,7 +355,7 @@ def _record_firmware(mroot: MountRoot, f: FirmwarePlan, rec: Record, made: list[
     entry = rec.firmware_entry(f.name)
     if f.action == "add":
         data = _source(f.source, f.sha256, MAX_FIRMWARE)
-        where = make_dirs(mroot, os.path.dirname(f"/lib/firmware/{f.name}"), made)
+        where = make_dirs(mroot, os.path.dirname(f"/lib/firmware/{f.name}"), made=made)
         write_file(where, os.path.basename(f.name), data)
         if entry is None:
             entry = {"name": f.name, "sha256": f.sha256, "size": f.size,
@@ -418,7 +417,7 @@ def rebuild_initramfs(root: str, kernel: str) -> None:
     """The image's update-initramfs for kernel, in its container, with the hook that
     brings the added drivers along."""
     mroot = MountRoot(root)
-    hooks = make_dirs(mroot, os.path.dirname(INITRAMFS_HOOK), [])
+    hooks = make_dirs(mroot, os.path.dirname(INITRAMFS_HOOK))
     write_file(hooks, os.path.basename(INITRAMFS_HOOK), INITRAMFS_HOOK_TEXT.encode(), 0o755)
     done = run(root, ["update-initramfs", "-u", "-k", kernel], timeout=INITRAMFS_TIMEOUT)
     if done.returncode != 0:

@@ -26,12 +26,10 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import secrets
 import stat
 
 from .feature_tree import DirSource, peek
-from .firstboot import ensure_dir
-from .roots import MountRoot
+from .roots import MountRoot, make_dirs, write_file
 
 ENABLED = "/var/lib/systemd/deb-systemd-helper-enabled"
 MASKED = "/var/lib/systemd/deb-systemd-helper-masked"
@@ -124,8 +122,8 @@ def update_state(root: MountRoot, unit: str) -> list[bytes]:
     """update-state UNIT: its .dsh-also rewritten with the links enabling it makes (none
     created); the links.  Unreadable as deb-systemd-helper would fail."""
     links = link_closure(root, find_unit(root, unit))
-    directory = ensure_dir(root, ENABLED, 0o755)
-    _write(directory, os.path.basename(state_path(unit)), b"".join(x + b"\n" for x in links))
+    directory = make_dirs(root, ENABLED, 0o755)
+    write_file(directory, os.path.basename(state_path(unit)), b"".join(x + b"\n" for x in links))
     return links
 
 
@@ -168,16 +166,3 @@ def _rmdir_if_empty(directory: str) -> None:
         os.rmdir(directory)
 
 
-def _write(directory: str, name: str, data: bytes) -> None:
-    """As deb-systemd-helper writes a state file: a new file (mode 0644) renamed over."""
-    tmp = os.path.join(directory, f".state{secrets.token_hex(3)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            os.fchmod(fh.fileno(), 0o644)
-        os.rename(tmp, os.path.join(directory, name))
-    except BaseException:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-        raise

@@ -48,7 +48,7 @@ from .firstboot_files import (
     WANTS_DIR,
     WANTS_LINK,
 )
-from .roots import MountRoot, Root
+from .roots import MountRoot, Root, make_dirs, write_file
 from .transaction import Progress, Refused, ServicingFailed, Target
 
 MAX_SCRIPT = 1 << 20  # bytes of an item's script
@@ -237,10 +237,10 @@ def install(root: str) -> list[str]:
     todo = installed(mroot)
     for path, data, mode in ((RUNNER_PATH, RUNNER, 0o755), (UNIT_PATH, UNIT, 0o644)):
         if path in todo:
-            _write(ensure_dir(mroot, os.path.dirname(path), 0o755), os.path.basename(path),
+            write_file(make_dirs(mroot, os.path.dirname(path), 0o755), os.path.basename(path),
                    data, mode)
     if WANTS_LINK in todo:
-        link = os.path.join(ensure_dir(mroot, WANTS_DIR, 0o755), UNIT_NAME)
+        link = os.path.join(make_dirs(mroot, WANTS_DIR, 0o755), UNIT_NAME)
         if os.path.lexists(link):
             if os.path.isdir(link) and not os.path.islink(link):
                 raise Refused(f"{WANTS_LINK} is a directory")
@@ -259,18 +259,18 @@ def enqueue(root: str, name: str, script: bytes, origin: str = "") -> str:
         raise Refused("no systemd in this root (no /lib/systemd/systemd): nothing would "
                       "run the first-boot queue")
     install(root)
-    ensure_dir(mroot, DONE, 0o700)
-    queue = ensure_dir(mroot, QUEUE, 0o700)
+    make_dirs(mroot, DONE, 0o700)
+    queue = make_dirs(mroot, QUEUE, 0o700)
     number = next_id(mroot)
     tmp = os.path.join(queue, f".new-{secrets.token_hex(4)}")  # not matched by the runner
     os.mkdir(tmp, 0o700)
     try:
-        _write(tmp, "run", script, 0o700)
+        write_file(tmp, "run", script, 0o700)
         origin = one_line(origin)[:MAX_ORIGIN]
         meta = (f"id={number}\nname={name}\norigin={origin}\nadded={_now()}\n"
                 f"script_bytes={len(script)}\n"
                 f"script_sha256={hashlib.sha256(script).hexdigest()}\n")
-        _write(tmp, "meta", meta.encode(), 0o600)
+        write_file(tmp, "meta", meta.encode(), 0o600)
         os.rename(tmp, os.path.join(queue, f"{number}-{name}"))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -290,45 +290,6 @@ def next_id(root: Root) -> str:
     if number > LAST_ID:
         raise Refused(f"the first-boot queue has used every id up to {LAST_ID}")
     return f"{number:04d}"
-
-
-def ensure_dir(root: MountRoot, path: str, mode: int) -> str:
-    """The host path of the directory path inside root, made (with mode) where missing;
-    every existing component's symlinks resolved inside the root."""
-    parts = [p for p in path.split("/") if p]
-    real = root.path
-    for i, part in enumerate(parts):
-        sub = "/" + "/".join(parts[: i + 1])
-        found = root.resolve(sub)
-        if found is None:
-            found = os.path.join(real, part)
-            try:
-                os.mkdir(found, mode)
-            except FileExistsError:  # a symlink that leads nowhere
-                raise Refused(f"{sub} in the image is a broken symlink") from None
-            os.chmod(found, mode)
-        elif not os.path.isdir(found) or os.path.islink(found):
-            raise Refused(f"{sub} in the image is not a directory")
-        real = found
-    return real
-
-
-def _write(directory: str, name: str, data: bytes, mode: int) -> None:
-    """Write name in directory (a host path inside the root) whole: a new file renamed
-    over any old one."""
-    tmp = os.path.join(directory, f".{name}.imagefs-{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            os.fchmod(fh.fileno(), mode)
-        os.rename(tmp, os.path.join(directory, name))
-    except BaseException as e:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-        if isinstance(e, IsADirectoryError):
-            raise Refused(f"{name} in the image is a directory") from None
-        raise
 
 
 def _now() -> str:

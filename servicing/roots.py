@@ -10,10 +10,11 @@ crafted image cannot make planning read gigabytes.
 from __future__ import annotations
 
 import os
+import secrets
 import stat
 from typing import Protocol
 
-from imagefs.errors import CorruptImage, NoSuchPath, NotADirectory
+from imagefs.errors import CorruptImage, NoSuchPath, NotADirectory, Refused
 from imagefs.format import layout as F
 from imagefs.format.view import IndexView
 
@@ -132,3 +133,46 @@ class MountRoot:
         if real is None or not os.path.isdir(real) or os.path.islink(real):
             return None
         return sorted(os.listdir(real))
+
+
+def make_dirs(root: MountRoot, path: str, mode: int = 0o755,
+              made: list[str] | None = None) -> str:
+    """The host path of directory path inside root, made (with mode) where missing, each
+    one made appended to made; every existing component's symlinks resolved inside the
+    root, and one that is not a directory refused."""
+    parts = [p for p in path.split("/") if p]
+    real = root.path
+    for i, part in enumerate(parts):
+        sub = "/" + "/".join(parts[: i + 1])
+        found = root.resolve(sub)
+        if found is None:
+            found = os.path.join(real, part)
+            try:
+                os.mkdir(found, mode)
+            except FileExistsError:  # a symlink that leads nowhere
+                raise Refused(f"{sub} in the image is a broken symlink") from None
+            os.chmod(found, mode)
+            if made is not None:
+                made.append(sub)
+        elif not os.path.isdir(found) or os.path.islink(found):
+            raise Refused(f"{sub} in the image is not a directory")
+        real = found
+    return real
+
+
+def write_file(directory: str, name: str, data: bytes, mode: int = 0o644) -> None:
+    """Write name in directory (a host path inside the root, from make_dirs) whole: a new
+    file renamed over any old one, never through a symlink."""
+    tmp = os.path.join(directory, f".{name}.imagefs-{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            os.fchmod(fh.fileno(), mode)
+        os.rename(tmp, os.path.join(directory, name))
+    except BaseException as e:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        if isinstance(e, IsADirectoryError):
+            raise Refused(f"{name} in the image is a directory") from None
+        raise
