@@ -21,8 +21,14 @@ wimcapture (each tree alone), apply time <= 1.5x wimapply; for mounts: tar pass 
 squashfuse_ll and <= 0.3x wimmount, pass 2 <= 1.5x squashfuse_ll, find -ls fresh <= 1.0x
 squashfuse_ll, dd throughput >= 1.0x squashfuse_ll, mount time <= 0.2 s.  A missed target
 is reported as FAIL and still exits 0; a failing command exits 1.
-Last the writable-mount rows (scripts/bench_rw.py; --no-rw skips them): imagefs mount --rw
-beside fuse-overlayfs and the plain directory, and imagefs commit beside wimunmount --commit.
+The mount rows also have the kernel's squashfs (column kernel-squashfs: `mount -t squashfs
+-o loop,ro` of the same .sqfs; read-all fresh <= 1.2x it, find -ls fresh <= 2x) and the mount
+process's peak RSS after the fresh read-all (<= 64 MB).
+Then the writable-mount rows (scripts/bench_rw.py; --no-rw skips them): imagefs mount --rw
+beside fuse-overlayfs and the plain directory, and imagefs commit beside wimunmount --commit;
+and issue 17's I/O workloads on a writable mount of bookworm-web (scripts/bench_io.py; --no-io
+skips them): fio 4 KiB randrw with verify, dbench, scripts/smallfiles, fio sequential write,
+beside fuse-overlayfs with the same mount options and a copy of the tree on local disk.
 """
 from __future__ import annotations
 
@@ -47,6 +53,7 @@ from bench_daemon import measure_daemon
 from bench_drivers import measure_drivers
 from bench_features import measure_features
 from bench_generalize import measure_generalize
+from bench_io import measure_io
 from bench_mount import measure_mounts
 from bench_rw import measure_rw
 from bench_servicing import measure_servicing
@@ -66,17 +73,18 @@ class CommandFailed(Exception):
 class Sample:
     seconds: float
     cpu_seconds: float  # user + system time of the command and its children
+    output: str = field(default="", repr=False)  # the command's stdout
 
 
-TOOLS = ("imagefs", "wimlib", "squashfs", "fuse-overlayfs", "plain")
-PEERS = ("wimlib", "squashfs", "fuse-overlayfs")  # the ratio columns
+TOOLS = ("imagefs", "wimlib", "squashfs", "kernel-squashfs", "fuse-overlayfs", "plain")
+PEERS = ("wimlib", "squashfs", "kernel-squashfs", "fuse-overlayfs")  # the ratio columns
 
 
 @dataclass
 class Row:
     key: str
     label: str
-    unit: str  # "s", "bytes" or "MB/s"
+    unit: str  # "s", "ms", "bytes", "MB" (10^6 B), or a rate: "MB/s", "MiB/s", "IOPS", "/s"
     values: dict[str, float | None] = field(default_factory=dict)  # tool -> value
     samples: dict[str, list[dict]] = field(default_factory=dict)  # tool -> all timed runs
     # (peer, limit): imagefs/peer ratio at most limit (at least, if higher_is_better);
@@ -125,6 +133,11 @@ class Bench:
         self.level = level
         self.commands: list[str] = []
         self.rows: list[Row] = []
+        self.notes: list[str] = []  # printed under the table (e.g. a column skipped, and why)
+
+    def note(self, text: str) -> None:
+        print(f"  note: {text}", file=sys.stderr)
+        self.notes.append(text)
 
     def show(self, argv: list[str]) -> str:
         words = []
@@ -154,7 +167,7 @@ class Bench:
             raise CommandFailed(f"command failed (exit {proc.returncode}): {shown}\n{out}")
         cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
         print(f"  {seconds:7.2f} s  {shown}", file=sys.stderr)
-        return Sample(seconds, cpu)
+        return Sample(seconds, cpu, proc.stdout)
 
     def row(self, key: str, label: str, unit: str, target: float | None = None,
             in_table: bool = True, targets: list[tuple[str, float]] | None = None,
@@ -283,7 +296,9 @@ def fmt(row: Row, tool: str) -> str:
         return "-"
     if row.unit == "bytes":
         return f"{v / MIB:.2f}"
-    return f"{v:.0f}" if row.unit == "MB/s" else f"{v:.2f}"
+    if row.unit == "MB":
+        return f"{v:.1f}"
+    return f"{v:.0f}" if row.unit in ("MB/s", "MiB/s", "IOPS", "files/s") else f"{v:.2f}"
 
 
 def table(rows: list[Row]) -> str:
@@ -311,6 +326,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--level", type=int, help="zstd level for imagefs capture and export")
     ap.add_argument("--no-mount", action="store_true", help="skip the mount rows")
     ap.add_argument("--no-rw", action="store_true", help="skip the writable-mount rows")
+    ap.add_argument("--no-io", action="store_true",
+                    help="skip the writable I/O workloads (fio, dbench, small files)")
     ap.add_argument("--no-daemon", action="store_true", help="skip the daemon rows")
     ap.add_argument("--no-servicing", action="store_true",
                     help="skip the servicing rows (package, feature, generalize, driver "
@@ -321,7 +338,7 @@ def parse_args() -> argparse.Namespace:
 def missing_tool() -> str | None:
     for tool in ("wimcapture", "wimappend", "wimapply", "wimverify", "wimexport", "mksquashfs",
                  "wimmount", "wimunmount", "squashfuse_ll", "fusermount3", "wimmountrw",
-                 "fuse-overlayfs"):
+                 "fuse-overlayfs", "fio", "dbench"):
         if not shutil.which(tool):
             return tool
     return None
@@ -369,6 +386,8 @@ def run_all(args: argparse.Namespace, work: Path) -> Run:
         measure_mounts(b, trees, str(IMAGEFS), timed)
     if not args.no_rw:
         measure_rw(b, trees, str(IMAGEFS), timed)
+    if not args.no_io:
+        measure_io(b, trees, str(IMAGEFS), timed)
     if not args.no_daemon:
         measure_daemon(b, trees, str(IMAGEFS), timed)
     if not args.no_servicing:
@@ -385,14 +404,18 @@ def report(run: Run, versions: dict[str, str]) -> list[str]:
     print(f"imagefs benchmark{' (--quick)' if run.args.quick else ''}: "
           f"{run.started:%Y-%m-%d %H:%M} UTC, {os.cpu_count()} CPUs, load average "
           f"{run.load_start[0]:.2f} at start, {run.load_end[0]:.2f} at end")
-    print("mount rows: wimlib = wimmount, squashfs = squashfuse_ll, plain = the source "
-          "directory")
+    print("mount rows: wimlib = wimmount, squashfs = squashfuse_ll, kernel-squashfs = mount -t "
+          "squashfs -o loop,ro, plain = the source directory")
     print("rw rows: wimlib = wimmountrw + wimunmount --commit, plain = an empty directory on "
           "the work dir's disk")
+    print("rw io rows: fuse-overlayfs with allow_other,default_permissions as imagefs has, "
+          "plain = a copy of the tree on the work dir's disk")
     print(f"times in seconds (wall clock), sizes in MiB; versions: {versions['imagefs']}; "
           f"{versions['wimlib']}; {versions['squashfs']}")
     print()
     print(table([r for r in b.rows if r.in_table]))
+    for n in b.notes:
+        print(f"note: {n}")
     print()
     print("commands (run in $work; each timed alone; apply into an empty dir removed after "
           "each run):")
@@ -425,6 +448,7 @@ def write_json(run: Run, versions: dict[str, str], failed: list[str], where: str
         "work": str(run.work),
         "trees": {name: str(src) for name, _s, src in run.trees},
         "commands": run.bench.commands,
+        "notes": run.bench.notes,
         "all_targets_met": not failed,
         "measurements": [row_json(r) for r in run.bench.rows],
     }
@@ -443,6 +467,7 @@ def row_json(r: Row) -> dict[str, Any]:
             **{t: r.values.get(t) for t in TOOLS},
             "ratio_imagefs_wimlib": rounded(r.ratio),
             "ratio_imagefs_squashfs": rounded(r.ratio_to("squashfs")),
+            "ratio_imagefs_kernel_squashfs": rounded(r.ratio_to("kernel-squashfs")),
             "ratio_imagefs_fuse_overlayfs": rounded(r.ratio_to("fuse-overlayfs")),
             "targets": r.target_text(), "pass": r.passed,
             "samples": r.samples}
@@ -461,10 +486,11 @@ def standalone(script: str, doc: str, tools: tuple[str, ...], title: str,
 
 def run_alone(prog: str, tools: tuple[str, ...], title: str,
               measure: Callable[[Bench, list[tuple[str, str, Path]]], None],
-              level: int | None = None, json_path: str | None = None) -> int:
-    """Run one group of rows alone on bookworm-minbase (a bench_*.py's main): its own work
-    dir and lock, then the table, the commands behind it, the targets and, with json_path,
-    the rows as JSON."""
+              level: int | None = None, json_path: str | None = None,
+              tree: str = "bookworm-minbase") -> int:
+    """Run one group of rows alone on one fixture tree, bookworm-minbase unless `tree` (a
+    bench_*.py's main): its own work dir and lock, then the table, the commands behind it,
+    the targets and, with json_path, the rows as JSON."""
     for tool in tools:
         if not shutil.which(tool):
             print(f"{prog}: {tool} not found (see scripts/setup)", file=sys.stderr)
@@ -474,14 +500,14 @@ def run_alone(prog: str, tools: tuple[str, ...], title: str,
     lock = os.open(tmp / f"imagefs-{prog}.lock", os.O_WRONLY | os.O_CREAT, 0o644)
     fcntl.flock(lock, fcntl.LOCK_EX)
     start = time.perf_counter()
-    name = "bookworm-minbase"
+    name, short = tree, dict(TREES)[tree]
     src = fixture_tree(name)
     try:
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
-        b = Bench(work, {str(src): "minbase"}, level)
+        b = Bench(work, {str(src): short}, level)
         warm_page_cache(src)
-        measure(b, [(name, "minbase", src)])
+        measure(b, [(name, short, src)])
     except CommandFailed as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 1
@@ -489,8 +515,10 @@ def run_alone(prog: str, tools: tuple[str, ...], title: str,
         shutil.rmtree(work, ignore_errors=True)
     print(f"\n{title}, {os.cpu_count()} CPUs\n")
     print(table([r for r in b.rows if r.in_table]))
+    for n in b.notes:
+        print(f"note: {n}")
     print(f"\ncommands (run in work={shlex.quote(str(work))}, "
-          f"minbase={shlex.quote(str(src))}):")
+          f"{short}={shlex.quote(str(src))}):")
     for c in b.commands:
         print(f"  {c}")
     failed = [r.label for r in b.rows if r.passed is False]
@@ -507,7 +535,7 @@ def main() -> int:
     tool = missing_tool()
     if tool:
         print(f"bench: {tool} not found (scripts/setup installs wimtools, squashfs-tools, "
-              "squashfuse, fuse3, fuse-overlayfs)", file=sys.stderr)
+              "squashfuse, fuse3, fuse-overlayfs, fio, dbench)", file=sys.stderr)
         return 1
     tmp = Path(os.environ.get("TMPDIR") or "/tmp")
     work = tmp / "imagefs-bench"

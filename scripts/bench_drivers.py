@@ -36,7 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench_mount import RUNS, shell
+from bench_mount import RUNS, environment, shell
 
 FIXTURES = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures"
 DRIVERS = FIXTURES / "drivers"
@@ -54,17 +54,10 @@ SBIN = "PATH=/usr/sbin:/sbin:$PATH"
 def measure_drivers(b: Any, trees: list[tuple[str, str, Path]], imagefs: str,
                     timed: Callable[..., None]) -> None:
     _name, _short, src = next((t for t in trees if t[0] == "bookworm-minbase"), trees[0])
-    saved = {k: os.environ.get(k) for k in ENV}
-    for k, v in ENV.items():
-        os.environ[k] = str(b.work / v)
     try:
-        _measure(b, src, imagefs, timed)
+        with environment(b.work, ENV):
+            _measure(b, src, imagefs, timed)
     finally:
-        for k, old in saved.items():
-            if old is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = old
         for mp in ("drv-mnt",):
             if os.path.ismount(b.work / mp):
                 subprocess.run(["umount", "-l", str(b.work / mp)], capture_output=True)

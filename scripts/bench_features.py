@@ -33,7 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench_mount import RUNS, shell
+from bench_mount import RUNS, environment, shell
 
 WIM_OPTS = ["--unix-data", "--compress=LZX"]
 PEERS = ("imagefs", "wimlib", "plain")
@@ -48,17 +48,10 @@ WORK = ("feat-mnt", "feat-dir", "feat-state", "feat-run", "feat-ro")
 def measure_features(b: Any, trees: list[tuple[str, str, Path]], imagefs: str,
                      timed: Callable[..., None]) -> None:
     name, short, src = next((t for t in trees if t[0] == "bookworm-minbase"), trees[0])
-    saved = {k: os.environ.get(k) for k in ENV}
-    for k, v in ENV.items():
-        os.environ[k] = str(b.work / v)
     try:
-        _measure(b, name, short, src, imagefs, timed)
+        with environment(b.work, ENV):
+            _measure(b, name, short, src, imagefs, timed)
     finally:
-        for k, old in saved.items():
-            if old is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = old
         for mp in ("feat-mnt", "feat-ro"):
             if os.path.ismount(b.work / mp):
                 subprocess.run(["umount", "-l", str(b.work / mp)], capture_output=True)

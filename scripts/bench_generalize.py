@@ -24,7 +24,6 @@ Run inside scripts/bench or alone:
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import shutil
 import subprocess
@@ -33,7 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench_mount import RUNS, shell
+from bench_mount import RUNS, environment, shell
 
 WIM_OPTS = ["--unix-data", "--compress=LZX"]
 GROWTH_LIMIT = 64 << 10
@@ -57,17 +56,10 @@ IDENTITY = {
 def measure_generalize(b: Any, trees: list[tuple[str, str, Path]], imagefs: str,
                        timed: Callable[..., None]) -> None:
     _name, _short, src = next((t for t in trees if t[0] == "bookworm-minbase"), trees[0])
-    saved = {k: os.environ.get(k) for k in ENV}
-    for k, v in ENV.items():
-        os.environ[k] = str(b.work / v)
     try:
-        _measure(b, src, imagefs, timed)
+        with environment(b.work, ENV):
+            _measure(b, src, imagefs, timed)
     finally:
-        for k, old in saved.items():
-            if old is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = old
         for d in ("gen-src", "gen-dir", "gen-state", "gen-run", "gen-stage"):
             shutil.rmtree(b.work / d, ignore_errors=True)
         for f in ("gen.imagefs", "gen.wim", "gen-run.imagefs", "gen-run.wim",

@@ -14,8 +14,18 @@ process's CPU seconds (utime + stime from /proc/PID/stat) are recorded for each 
 measurement is the best of RUNS (of DD_RUNS for dd), every run on its own fresh mount, the
 tools interleaved: on 2 cores, where the kernel places the driver and the reader varies a
 run's time by up to 2x for every driver.  The image files are the ones bench.py captured
-(same zstd level, LZX, mksquashfs -comp zstd); the page cache is not dropped, so "fresh"
-means a new mount (empty FUSE caches), not a cold disk.
+(same zstd level, LZX, mksquashfs -comp zstd), read once before the rows so they are in
+the page cache; the page cache is not dropped, so "fresh" means a new mount (empty FUSE
+caches), not a cold disk.
+
+Beside them the kernel's own squashfs (`mount -t squashfs -o loop,ro` of the same .sqfs
+file; column kernel-squashfs; skipped with a note where loop mounts are refused) and, after
+the fresh read-all, the mount process's peak RSS (VmHWM of the process holding /dev/fuse,
+MB; kernel squashfs has none).  Targets (issue 17): read-all fresh <= 1.2x and find -ls
+fresh <= 2x the kernel's squashfs, peak RSS <= 64 MB.
+
+Run inside scripts/bench (--no-mount skips these rows), or the read rows of one tree (no
+wimmount, no dd) with scripts/bench_io.py's --only ro.
 """
 
 from __future__ import annotations
@@ -25,7 +35,8 @@ import random
 import shutil
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +47,30 @@ from imagefs.mount.kernel import find_mount
 BIG_SIZE = 1 << 30
 RUNS = 2
 DD_RUNS = 3
-PEERS = ("imagefs", "wimlib", "squashfs", "plain")  # wimlib = wimmount, squashfs = squashfuse_ll
+# wimlib = wimmount, squashfs = squashfuse_ll, kernel-squashfs = mount -t squashfs -o loop
+PEERS = ("imagefs", "wimlib", "squashfs", "kernel-squashfs", "plain")
+KSQUASH = "kernel-squashfs"
+GROUPS = ("read", "dd")  # mount time, tar, find -ls, peak RSS | dd of the 1 GiB file
+RSS_LIMIT_MB = 64
+
+
+@contextmanager
+def environment(work: Path, dirs: dict[str, str],
+                other: dict[str, str] | None = None) -> Iterator[None]:
+    """os.environ for the block: each variable of dirs set to work/VALUE (IMAGEFS_STATE_DIR,
+    IMAGEFS_RUN_DIR: sessions and mount records under the work dir), each of other to
+    VALUE; afterwards every one is as before (unset again if it was unset)."""
+    new = {k: str(work / v) for k, v in dirs.items()} | (other or {})
+    saved = {k: os.environ.get(k) for k in new}
+    os.environ.update(new)
+    try:
+        yield
+    finally:
+        for k, old in saved.items():
+            if old is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = old
 
 
 def make_big_tree(root: Path) -> Path:
@@ -81,6 +115,37 @@ def mounted(path: Path) -> bool:
     return find_mount(str(path)) is not None
 
 
+def peak_rss_mb(pid: int) -> float | None:
+    """VmHWM (peak resident set) of pid in MB (10^6 bytes), or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024 / 1e6
+    except OSError:
+        pass
+    return None
+
+
+def loop_mount_refused(b: Any, image: str) -> str | None:
+    """Why `mount -t squashfs -o loop,ro` of image is refused here, or None if it works."""
+    probe = b.work / "mnt-probe"
+    probe.mkdir(exist_ok=True)
+    try:
+        proc = subprocess.run(["mount", "-t", "squashfs", "-o", "loop,ro", image, str(probe)],
+                              cwd=b.work, capture_output=True, text=True)
+        if proc.returncode != 0:
+            return (proc.stderr.strip() or f"exit {proc.returncode}").splitlines()[-1]
+        subprocess.run(["umount", str(probe)], capture_output=True)
+        return None
+    except OSError as e:
+        return str(e)
+    finally:
+        if mounted(probe):
+            subprocess.run(["umount", "-l", str(probe)], capture_output=True)
+        probe.rmdir()
+
+
 def cpu_seconds(pid: int | None) -> float:
     if pid is None:
         return 0.0
@@ -108,6 +173,7 @@ class Mounter:
         self.mnt.mkdir(exist_ok=True)
         argv = {"imagefs": [self.imagefs, "mount", image, "1", str(self.mnt), *self.extra],
                 "squashfs": ["squashfuse_ll", image, str(self.mnt)],
+                KSQUASH: ["mount", "-t", "squashfs", "-o", "loop,ro", image, str(self.mnt)],
                 "wimlib": ["wimmount", image, "1", str(self.mnt), "--unix-data"]}[self.tool]
         start = time.perf_counter()
         self.b.run(argv)
@@ -121,6 +187,7 @@ class Mounter:
             return
         argv = {"imagefs": [self.imagefs, "unmount", str(self.mnt)],
                 "squashfs": ["fusermount3", "-u", str(self.mnt)],
+                KSQUASH: ["umount", str(self.mnt)],
                 "wimlib": ["wimunmount", str(self.mnt)]}[self.tool]
         for _ in range(50):
             if subprocess.run(argv, capture_output=True).returncode == 0:
@@ -140,42 +207,70 @@ def shell(b: Any, command: str) -> float:
 
 
 def measure_mounts(b: Any, trees: list[tuple[str, str, Path]], imagefs: str,
-                   timed: Callable[..., None]) -> None:
+                   timed: Callable[..., None], groups: frozenset[str] = frozenset(GROUPS),
+                   peers: tuple[str, ...] = PEERS) -> None:
+    """The mount rows of `groups` (see GROUPS) with the tools in `peers` (see PEERS), on the
+    images bench.py made (SHORT.imagefs, .wim, .sqfs in the work dir)."""
     images = {short: {"imagefs": f"{short}.imagefs", "wimlib": f"{short}.wim",
-                      "squashfs": f"{short}.sqfs"} for _n, short, _s in trees}
-    big_src = make_big_tree(b.work / "bigtree")
-    b.run([imagefs, "capture", str(big_src), "big.imagefs", "--name", "big"]
-          + (["--level", str(b.level)] if b.level is not None else []))
-    b.run(["wimcapture", str(big_src), "big.wim", "big", "--unix-data", "--compress=LZX"])
-    b.run(["mksquashfs", str(big_src), "big.sqfs", "-comp", "zstd", "-noappend", "-quiet"])
-    images["big"] = {"imagefs": "big.imagefs", "wimlib": "big.wim", "squashfs": "big.sqfs"}
+                      "squashfs": f"{short}.sqfs", KSQUASH: f"{short}.sqfs"}
+              for _n, short, _s in trees}
+    big_src = b.work / "bigtree"
+    try:
+        if "dd" in groups:
+            make_big_tree(big_src)
+            images["big"] = {"imagefs": "big.imagefs", "wimlib": "big.wim",
+                             "squashfs": "big.sqfs", KSQUASH: "big.sqfs"}
+            b.run([imagefs, "capture", str(big_src), "big.imagefs", "--name", "big"]
+                  + (["--level", str(b.level)] if b.level is not None else []))
+            if "wimlib" in peers:
+                b.run(["wimcapture", str(big_src), "big.wim", "big", "--unix-data",
+                       "--compress=LZX"])
+            if "squashfs" in peers or KSQUASH in peers:
+                b.run(["mksquashfs", str(big_src), "big.sqfs", "-comp", "zstd", "-noappend",
+                       "-quiet"])
+        if KSQUASH in peers:
+            why = loop_mount_refused(b, next(iter(images.values()))[KSQUASH])
+            if why:
+                b.note(f"{KSQUASH} column skipped: mount -t squashfs -o loop,ro is refused "
+                       f"here ({why})")
+                peers = tuple(p for p in peers if p != KSQUASH)
+        # The image files in the page cache (a mount reads its image through it).
+        for path in {images[s][t] for s in images for t in peers if t in images[s]}:
+            with open(b.work / path, "rb", buffering=0) as fh:
+                while fh.read(1 << 20):
+                    pass
+        with (daemon_child(imagefs, b.work, dict(os.environ)) as sock,
+              environment(b.work, {}, {"IMAGEFS_SOCKET": str(sock)})):
+            if "read" in groups:
+                _read_rows(b, trees, imagefs, timed, images, peers)
+            if "dd" in groups:
+                _dd_rows(b, imagefs, timed, images["big"], big_src, peers)
+    finally:
+        shutil.rmtree(big_src, ignore_errors=True)
 
-    with daemon_child(imagefs, b.work, dict(os.environ)) as sock:
-        os.environ["IMAGEFS_SOCKET"] = str(sock)
-        try:
-            _measure_mounts(b, trees, imagefs, timed, images, big_src)
-        finally:
-            del os.environ["IMAGEFS_SOCKET"]
-    shutil.rmtree(big_src, ignore_errors=True)
 
+def _read_rows(b: Any, trees: list[tuple[str, str, Path]], imagefs: str,
+               timed: Callable[..., None], images: dict[str, dict[str, str]],
+               peers: tuple[str, ...]) -> None:
+    def vs(*targets: tuple[str, float]) -> list[tuple[str, float]]:
+        return [t for t in targets if t[0] in peers or t[0] == "abs"]
 
-def _measure_mounts(b: Any, trees: list[tuple[str, str, Path]], imagefs: str,
-                    timed: Callable[..., None], images: dict[str, dict[str, str]],
-                    big_src: Path) -> None:
     mount_row = b.row("mount.time", "mount: command until the folder answers, daemon "
                       "listening (s)", "s", targets=[("abs", 0.2)])
     alone_row = b.row("mount.time.alone", "mount: the same, --no-daemon (s)", "s")
     for name, short, src in trees:
         p1 = b.row(f"mount.tar1.{name}", f"mount {name}: tar read-all, fresh (s)", "s",
-                   targets=[("squashfs", 1.3), ("wimlib", 0.3)])
+                   targets=vs(("squashfs", 1.3), ("wimlib", 0.3), (KSQUASH, 1.2)))
         p2 = b.row(f"mount.tar2.{name}", f"mount {name}: tar read-all, again (s)", "s",
-                   targets=[("squashfs", 1.5)])
+                   targets=vs(("squashfs", 1.5)))
         c1 = b.row(f"mount.cpu1.{name}", f"mount {name}: driver CPU, tar fresh (s)", "s")
         c2 = b.row(f"mount.cpu2.{name}", f"mount {name}: driver CPU, tar again (s)", "s")
+        rss = b.row(f"mount.rss.{name}", f"mount {name}: mount process peak RSS after the "
+                    "fresh read-all (MB)", "MB", targets=[("abs", RSS_LIMIT_MB)])
         f1 = b.row(f"mount.find1.{name}", f"mount {name}: find -ls, fresh (s)", "s",
-                   targets=[("squashfs", 1.0)])
+                   targets=vs(("squashfs", 1.0), (KSQUASH, 2.0)))
         f2 = b.row(f"mount.find2.{name}", f"mount {name}: find -ls, again (s)", "s")
-        for _run, tool in ((r, t) for r in range(RUNS) for t in PEERS):
+        for _run, tool in ((r, t) for r in range(RUNS) for t in peers):
             m = Mounter(b, tool, imagefs)
             image = images[short].get(tool, "")
             mnt, seconds, pid = m.mount(image, src)
@@ -186,11 +281,15 @@ def _measure_mounts(b: Any, trees: list[tuple[str, str, Path]], imagefs: str,
                 cpu0 = cpu_seconds(pid)
                 timed(p1, tool, shell(b, tar))
                 cpu1 = cpu_seconds(pid)
+                peak = peak_rss_mb(pid) if pid is not None else None
                 timed(p2, tool, shell(b, tar))
                 cpu2 = cpu_seconds(pid)
                 if pid is not None:
                     timed(c1, tool, cpu1 - cpu0)
                     timed(c2, tool, cpu2 - cpu1)
+                if peak is not None:  # the largest of the runs: a peak is a worst case
+                    rss.samples.setdefault(tool, []).append({"MB": round(peak, 2)})
+                    rss.values[tool] = max(s["MB"] for s in rss.samples[tool])
             finally:
                 m.unmount()
             mnt, _s, pid = m.mount(image, src)
@@ -205,12 +304,15 @@ def _measure_mounts(b: Any, trees: list[tuple[str, str, Path]], imagefs: str,
                 alone.unmount()
                 timed(alone_row, tool, seconds)
 
+
+def _dd_rows(b: Any, imagefs: str, timed: Callable[..., None], images: dict[str, str],
+             big_src: Path, peers: tuple[str, ...]) -> None:
     big = b.row("mount.dd", "mount: dd bs=1M of a 1 GiB file, fresh (MB/s)", "MB/s",
                 targets=[("squashfs", 1.0)], higher_is_better=True)
     cpu = b.row("mount.dd.cpu", "mount: driver CPU for that dd (s)", "s")
-    for _run, tool in ((r, t) for r in range(DD_RUNS) for t in PEERS):
+    for _run, tool in ((r, t) for r in range(DD_RUNS) for t in peers):
         m = Mounter(b, tool, imagefs)
-        mnt, _s, pid = m.mount(images["big"].get(tool, ""), big_src)
+        mnt, _s, pid = m.mount(images.get(tool, ""), big_src)
         try:
             cpu0 = cpu_seconds(pid)
             seconds = shell(b, f"dd if={mnt}/big.bin of=/dev/null bs=1M status=none")

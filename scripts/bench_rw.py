@@ -32,7 +32,6 @@ Run inside scripts/bench (--no-rw skips these rows) or alone:
 
 from __future__ import annotations
 
-import os
 import shlex
 import shutil
 import subprocess
@@ -42,7 +41,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench_mount import BIG_SIZE, RUNS, make_big_tree, mounted, shell
+from bench_mount import BIG_SIZE, RUNS, environment, make_big_tree, mounted, shell
 
 # Column keys of bench.py's table: "fuse-overlayfs" for rows 1-4, "wimlib" = wimmountrw +
 # wimunmount --commit for the commit rows, "plain" = an empty directory on the work disk.
@@ -58,31 +57,38 @@ WRITE_SMALL = ("import os, sys; d = sys.argv[1]; os.mkdir(d); "
                "b'%099d\\n' % i) and os.close(fd) for i in range(int(sys.argv[2]))]")
 # The environment of the measurement: sessions and mount records under the work dir; git
 # with no user or system config.
-ENV = {"IMAGEFS_STATE_DIR": "rw-state", "IMAGEFS_RUN_DIR": "rw-run",
-       "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": "/dev/null",
-       "GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@example.invalid",
-       "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@example.invalid"}
+ENV = {"IMAGEFS_STATE_DIR": "rw-state", "IMAGEFS_RUN_DIR": "rw-run"}
+GIT_ENV = {"GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": "/dev/null",
+           "GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@example.invalid",
+           "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@example.invalid"}
 
 
 class RwMount:
     """One writable mount at work/rwmnt (or a plain directory), undone by close().  open()
-    returns the path relative to the work dir, where b.run runs its commands."""
+    returns the path relative to the work dir, where b.run runs its commands.
+    overlay_opts: more fuse-overlayfs -o options (e.g. allow_other,default_permissions);
+    plain: a directory under the work dir to use as is for "plain" (say a copy of the tree;
+    kept by close()), instead of a new empty one removed by close()."""
 
-    def __init__(self, b: Any, tool: str, imagefs: str, lower: Path) -> None:
+    def __init__(self, b: Any, tool: str, imagefs: str, lower: Path, overlay_opts: str = "",
+                 plain: Path | None = None) -> None:
         self.b = b
         self.tool = tool
         self.imagefs = imagefs
         self.lower = lower
+        self.overlay_opts = overlay_opts
         self.mnt = b.work / "rwmnt"
         self.ovl = b.work / "ovl"  # fuse-overlayfs upperdir and workdir
-        self.plain = b.work / "plainrw"
+        self.plain = plain or b.work / "plainrw"
+        self.keep_plain = plain is not None
         self.is_mounted = False
 
     def open(self, image: str = "") -> Path:
         if self.tool == "plain":
-            shutil.rmtree(self.plain, ignore_errors=True)
-            self.plain.mkdir()
-            return Path(self.plain.name)
+            if not self.keep_plain:
+                shutil.rmtree(self.plain, ignore_errors=True)
+                self.plain.mkdir()
+            return self.plain.relative_to(self.b.work)
         self.mnt.mkdir(exist_ok=True)
         if mounted(self.mnt):
             raise RuntimeError(f"{self.mnt} is still mounted from an earlier step")
@@ -93,8 +99,10 @@ class RwMount:
             (self.ovl / "upper").mkdir(parents=True)
             (self.ovl / "work").mkdir()
             ovl = self.ovl.name
-            argv = ["fuse-overlayfs", "-o", f"lowerdir={self.lower},upperdir={ovl}/upper,"
-                    f"workdir={ovl}/work", self.mnt.name]
+            opts = f"lowerdir={self.lower},upperdir={ovl}/upper,workdir={ovl}/work"
+            if self.overlay_opts:
+                opts += f",{self.overlay_opts}"
+            argv = ["fuse-overlayfs", "-o", opts, self.mnt.name]
         else:  # wimlib
             argv = ["wimmountrw", image, "1", self.mnt.name, "--unix-data"]
         self.is_mounted = True  # from here on close() must try, even if the command failed
@@ -119,7 +127,8 @@ class RwMount:
     def close(self) -> None:
         """Unmount, dropping uncommitted changes; never raises."""
         if self.tool == "plain":
-            shutil.rmtree(self.plain, ignore_errors=True)
+            if not self.keep_plain:
+                shutil.rmtree(self.plain, ignore_errors=True)
             return
         if not self.is_mounted:
             return
@@ -160,6 +169,15 @@ def leftover_mounts(root: Path) -> list[str]:
     return found
 
 
+def detach_leftovers(root: Path, who: str) -> None:
+    """Detach (umount -l) every mount left at or under root, and say which."""
+    left = leftover_mounts(root)
+    for mp in reversed(left):
+        subprocess.run(["umount", "-l", mp], capture_output=True)
+    if left:
+        print(f"{who}: detached mounts left behind: {', '.join(left)}", file=sys.stderr)
+
+
 def write_small(mnt: Path, name: str = "small") -> list[str]:
     return [sys.executable, "-c", WRITE_SMALL, str(mnt / name), str(SMALL_FILES)]
 
@@ -171,23 +189,11 @@ def measure_rw(b: Any, trees: list[tuple[str, str, Path]], imagefs: str,
                timed: Callable[..., None], only: frozenset[str] = frozenset(GROUPS)) -> None:
     """The rw rows, or only the groups named in `only` (see GROUPS)."""
     name, short, src = next((t for t in trees if t[0] == "bookworm-minbase"), trees[0])
-    saved = {k: os.environ.get(k) for k in ENV}
-    os.environ.update(ENV)
-    os.environ["IMAGEFS_STATE_DIR"] = str(b.work / ENV["IMAGEFS_STATE_DIR"])
-    os.environ["IMAGEFS_RUN_DIR"] = str(b.work / ENV["IMAGEFS_RUN_DIR"])
     try:
-        _measure(b, name, short, src, imagefs, timed, only)
+        with environment(b.work, ENV, GIT_ENV):
+            _measure(b, name, short, src, imagefs, timed, only)
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        left = leftover_mounts(b.work)
-        for mp in reversed(left):
-            subprocess.run(["umount", "-l", mp], capture_output=True)
-        if left:
-            print(f"bench_rw: detached mounts left behind: {', '.join(left)}", file=sys.stderr)
+        detach_leftovers(b.work, "bench_rw")
         for d in ("rwbig", "ovl", "plainrw", "rw-state", "rw-run"):
             shutil.rmtree(b.work / d, ignore_errors=True)
         for f in ("rw-tree.tar", "rw-commit.imagefs", "rw-commit.wim"):
