@@ -84,7 +84,7 @@
 
 /* The interface shim.py expects (configure's arguments, the functions below); a build
  * with another number is stale and not used (shim.py: API). */
-#define SHIM_API 3
+#define SHIM_API 4
 
 /* lseek (3.8) and FUSE_CAP_CACHE_SYMLINKS (3.10) are needed. */
 #if FUSE_MAJOR_VERSION != 3 || FUSE_MINOR_VERSION < 10
@@ -108,10 +108,10 @@ static PyObject *setxattr_handler;  /* callable(ino, name, value, flags) -> 0 or
  * never block.  Each returns its answer or a negative errno (an int). */
 enum { FAST_LOOKUP, FAST_GETATTR, FAST_READLINK, FAST_GETXATTR, FAST_LISTXATTR, FAST_READ,
        FAST_WRITE, FAST_RELEASE, FAST_FORGET, FAST_FLUSH, FAST_WRITE_TO, FAST_WRITE_FAILED,
-       FAST_READDIR, FAST_COUNT };
+       FAST_READDIR, FAST_OPENDIR, FAST_RELEASEDIR, FAST_COUNT };
 static const char *fast_names[FAST_COUNT] = {
     "lookup", "getattr", "readlink", "getxattr", "listxattr", "read", "write", "release",
-    "forget", "flush", "write_to", "write_failed", "readdir"};
+    "forget", "flush", "write_to", "write_failed", "readdir", "opendir", "releasedir"};
 static PyObject *fast[FAST_COUNT];
 
 /* Draining: after a fast request is answered, the requests already waiting on /dev/fuse
@@ -154,6 +154,7 @@ static int (*reply_buf)(fuse_req_t, const char *, size_t);
 static int (*reply_write)(fuse_req_t, size_t);
 static int (*reply_xattr)(fuse_req_t, size_t);
 static void (*reply_none)(fuse_req_t);
+static int (*reply_open)(fuse_req_t, const struct fuse_file_info *);
 static size_t (*add_direntry_plus)(fuse_req_t, char *, size_t, const char *,
                                    const struct fuse_entry_param *, off_t);
 static void (*pyfuse3_init)(void *, struct fuse_conn_info *);
@@ -763,6 +764,47 @@ static void fast_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *
     PyGILState_Release(gil);
 }
 
+/* opendir of a writable mount (its directory handles): the handler answers (handle,), or
+ * -errno. */
+static void fast_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+    PyGILState_STATE gil = PyGILState_Ensure();
+    handled_fast = 1;
+    PyObject *h = fast[FAST_OPENDIR];
+    PyObject *r = PyObject_CallFunction(h, "K", (unsigned long long)ino);
+    if (!replied_error(req, r, h)) {
+        unsigned long long fh = (unsigned long long)-1;
+        if (PyTuple_Check(r) && PyTuple_GET_SIZE(r) == 1)
+            fh = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(r, 0));
+        else
+            PyErr_SetString(PyExc_TypeError, "opendir answers (handle,) or -errno");
+        Py_DECREF(r);
+        if (PyErr_Occurred()) {
+            PyErr_WriteUnraisable(h);
+            reply_err(req, EIO);
+        } else {
+            fi->fh = fh;
+            reply_open(req, fi);
+        }
+    }
+    drain();
+    PyGILState_Release(gil);
+}
+
+static void fast_releasedir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+    PyGILState_STATE gil = PyGILState_Ensure();
+    handled_fast = 1;
+    PyObject *h = fast[FAST_RELEASEDIR];
+    PyObject *r = PyObject_CallFunction(h, "K", (unsigned long long)(fi ? fi->fh : ino));
+    if (r == NULL)
+        PyErr_WriteUnraisable(h);
+    Py_XDECREF(r);
+    reply_err(req, 0);
+    drain();
+    PyGILState_Release(gil);
+}
+
 static void fast_forget(fuse_req_t req, fuse_ino_t ino, uint64_t nlookup)
 {
     PyGILState_STATE gil = PyGILState_Ensure();
@@ -946,6 +988,7 @@ struct fuse_session *fuse_session_new(struct fuse_args *args,
     reply_write = dlsym(lib, "fuse_reply_write");
     reply_xattr = dlsym(lib, "fuse_reply_xattr");
     reply_none = dlsym(lib, "fuse_reply_none");
+    reply_open = dlsym(lib, "fuse_reply_open");
     add_direntry_plus = dlsym(lib, "fuse_add_direntry_plus");
     session_fd = dlsym(lib, "fuse_session_fd");
     receive_buf = dlsym(lib, "fuse_session_receive_buf");
@@ -976,6 +1019,10 @@ struct fuse_session *fuse_session_new(struct fuse_args *args,
         }
         if (fast[FAST_FLUSH] != NULL) ops.flush = fast_flush;
         if (fast[FAST_RELEASE] != NULL) ops.release = fast_release;
+        if (fast[FAST_OPENDIR] != NULL && fast[FAST_RELEASEDIR] != NULL && reply_open != NULL) {
+            ops.opendir = fast_opendir;
+            ops.releasedir = fast_releasedir;
+        }
         if (fast[FAST_FORGET] != NULL) {
             ops.forget = fast_forget;
             ops.forget_multi = fast_forget_multi;

@@ -87,6 +87,7 @@ class WritableOperations(DirectoryHandles):
             "flush": tree.flush,
             "release": tree.released_file,
             "forget": tree.forget,
+            **self.dir_fast_functions(),
         }
 
     async def background(self, nursery: trio.Nursery) -> None:

@@ -44,12 +44,21 @@ class DirectoryHandles(BaseOperations):
 
     @boundary
     async def opendir(self, inode: int, ctx: Any = None) -> int:
+        return self.open_dir(inode)
+
+    def open_dir(self, inode: int) -> int:
+        """A new handle of directory inode (also the fast path's opendir)."""
         if self.tree.attrs(inode).kind != F.DIR:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         fh = self._next_dir_handle
         self._next_dir_handle += 1
         self._dirs[fh] = DirHandle(inode)
         return fh
+
+    def dir_fast_functions(self) -> dict[str, Any]:
+        """opendir and releasedir for the fast paths: they never wait."""
+        return {"opendir": lambda ino: (self.open_dir(ino),),
+                "releasedir": self.release_dir}
 
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
         # Not under @boundary: its first argument is a handle, and what goes wrong is
@@ -95,6 +104,9 @@ class DirectoryHandles(BaseOperations):
             tree.remember(ino, parent)  # every entry handed out counts as a lookup
 
     async def releasedir(self, fh: int) -> None:
+        self.release_dir(fh)
+
+    def release_dir(self, fh: int) -> None:
         self._dirs.pop(fh, None)
 
     @boundary

@@ -117,9 +117,7 @@ class TreeReading:
             return 0
         if a.inline is not None:
             return -(-len(a.inline) // BLOCK) * (BLOCK // 512)
-        total = 0
-        if self.st.has_data(a.ino):
-            total += os.fstat(self.st.data_fd(a.ino)).st_blocks
+        total = self.st.data_blocks(a.ino)
         if a.base is not None:
             for s, e in self._kept_base(a):
                 total += (-(-e // BLOCK) - s // BLOCK) * (BLOCK // 512)

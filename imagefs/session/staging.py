@@ -352,6 +352,16 @@ class Staging:
             self._room, self._room_seen = v.f_bavail * v.f_frsize - size, now
         return self._room >= self._room_min
 
+    def data_blocks(self, ino: int) -> int:
+        """512-byte blocks of ino's data file (0 without one), by its open descriptor or
+        its name: a listing of many staged files must not open each one (and close the
+        descriptors of files in use, MAX_FDS at most stay open)."""
+        fd = self._fds.get(ino)
+        try:
+            return (os.fstat(fd) if fd is not None else os.stat(self.data_path(ino))).st_blocks
+        except FileNotFoundError:
+            return 0
+
     def has_data(self, ino: int) -> bool:
         return ino in self._fds or os.path.exists(self.data_path(ino))
 
