@@ -1056,6 +1056,10 @@ struct fuse_session *fuse_session_new(struct fuse_args *args,
         pyfuse3_fsync = ops.fsync;
         ops.fsync = shim_fsync;
         ops.open = shim_no_open;
+        /* Directory handles are real here; the handler counts each entry it answers as a
+         * lookup and answers only what fits (FUSE_DIRENTPLUS_SIZE), so all are packed. */
+        if (fast[FAST_READDIR] != NULL && add_direntry_plus != NULL && reply_buf != NULL)
+            ops.readdirplus = fast_readdirplus;
     }
     pyfuse3_init = ops.init;
     ops.init = shim_init;
