@@ -211,6 +211,7 @@ class Staging:
         self._meta: dict[str, object] = {}  # serialized at sync: the latest values win
         self._fds: dict[int, int] = {}
         self._written: set[int] = set()  # data files written since the last durable sync
+        self._blocks: dict[int, int] = {}  # st_blocks of data files unchanged since read
         self.settle: Callable[[], None] = _nothing  # waits for a write in flight (session.fuse)
         self._room = 0  # free bytes on the staging disk, as last seen, minus writes since
         self._room_seen = -ROOM_RECHECK
@@ -353,20 +354,29 @@ class Staging:
         return self._room >= self._room_min
 
     def data_blocks(self, ino: int) -> int:
-        """512-byte blocks of ino's data file (0 without one), by its open descriptor or
-        its name: a listing of many staged files must not open each one (and close the
-        descriptors of files in use, MAX_FDS at most stay open)."""
-        fd = self._fds.get(ino)
-        try:
-            return (os.fstat(fd) if fd is not None else os.stat(self.data_path(ino))).st_blocks
-        except FileNotFoundError:
-            return 0
+        """512-byte blocks of ino's data file (0 without one), kept until the file changes
+        (wrote): every getattr and listing of a staged file asks.  Read by its open
+        descriptor or its name: a listing of many staged files must not open each one (and
+        close the descriptors of files in use, MAX_FDS at most stay open)."""
+        blocks = self._blocks.get(ino)
+        if blocks is None:
+            fd = self._fds.get(ino)
+            try:
+                blocks = (os.fstat(fd) if fd is not None
+                          else os.stat(self.data_path(ino))).st_blocks
+            except FileNotFoundError:
+                blocks = 0
+            self._blocks[ino] = blocks
+        return blocks
 
     def has_data(self, ino: int) -> bool:
         return ino in self._fds or os.path.exists(self.data_path(ino))
 
     def wrote(self, ino: int) -> None:
+        """ino's data file changed (or is about to: a write-behind lands before the next
+        request but GETXATTR is served)."""
         self._written.add(ino)
+        self._blocks.pop(ino, None)
 
     def release_fd(self, ino: int) -> None:
         """Close a data file no opener uses (it is opened again on demand, and fsynced
@@ -378,6 +388,7 @@ class Staging:
     def drop_data(self, ino: int) -> None:
         fd = self._fds.pop(ino, None)
         self._written.discard(ino)
+        self._blocks.pop(ino, None)
         if fd is not None:
             os.close(fd)
         with contextlib.suppress(FileNotFoundError):
