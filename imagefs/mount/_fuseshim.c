@@ -23,8 +23,8 @@
  * inode number before pyfuse3 sees them, so the handle pyfuse3 passes on is the inode.
  * A writable mount makes file opens free the same way (its file handle is the inode
  * anyway, and the kernel's lookup count keeps an unlinked file alive while it is open):
- * writes, flushes and fsyncs then carry handle 0 too, and atomic O_TRUNC is turned off,
- * so that an open with O_TRUNC arrives as a SETATTR of size 0.  Its directories keep their
+ * writes and fsyncs then carry handle 0 too (FLUSH is answered ENOSYS), and atomic
+ * O_TRUNC is turned off, so that an open with O_TRUNC arrives as a SETATTR of size 0.  Its directories keep their
  * opens (a listing is a snapshot that must stay stable while entries change).  The kernel
  * sends no RELEASE for a file opened without OPEN; a file made by CREATE still gets one.
  * A writable mount also asks for the writeback cache (see shim_init).
@@ -138,11 +138,9 @@ static int handles_are_inodes;
 typedef void (*read_fn)(fuse_req_t, fuse_ino_t, size_t, off_t, struct fuse_file_info *);
 typedef void (*write_buf_fn)(fuse_req_t, fuse_ino_t, struct fuse_bufvec *, off_t,
                              struct fuse_file_info *);
-typedef void (*file_fn)(fuse_req_t, fuse_ino_t, struct fuse_file_info *);
 typedef void (*fsync_fn)(fuse_req_t, fuse_ino_t, int, struct fuse_file_info *);
 static read_fn pyfuse3_read, pyfuse3_readdirplus;
 static write_buf_fn pyfuse3_write_buf;
-static file_fn pyfuse3_flush;
 static fsync_fn pyfuse3_fsync;
 static int installed;             /* set once fuse_session_new() went through here */
 static reply_lseek_fn reply_lseek;
@@ -837,7 +835,8 @@ static void fast_forget_multi(fuse_req_t req, size_t count, struct fuse_forget_d
     reply_none(req);
 }
 
-static void shim_no_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+/* ENOSYS: the kernel does without this request from then on (OPEN, OPENDIR, FLUSH). */
+static void shim_enosys(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
     (void)ino;
     (void)fi;
@@ -852,13 +851,6 @@ static void shim_write_buf(fuse_req_t req, fuse_ino_t ino, struct fuse_bufvec *b
     if (fi->fh == 0)
         fi->fh = ino;
     pyfuse3_write_buf(req, ino, bufv, off, fi);
-}
-
-static void shim_flush(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
-{
-    if (fi->fh == 0)
-        fi->fh = ino;
-    pyfuse3_flush(req, ino, fi);
 }
 
 static void shim_fsync(fuse_req_t req, fuse_ino_t ino, int datasync, struct fuse_file_info *fi)
@@ -1034,8 +1026,8 @@ struct fuse_session *fuse_session_new(struct fuse_args *args,
             && ops.readdirplus != NULL) {
         pyfuse3_read = ops.read;
         pyfuse3_readdirplus = ops.readdirplus;
-        ops.open = shim_no_open;
-        ops.opendir = shim_no_open;
+        ops.open = shim_enosys;
+        ops.opendir = shim_enosys;
         ops.read = shim_read;
         ops.readdirplus = shim_readdirplus;
         ops.readdir = NULL;
@@ -1049,13 +1041,13 @@ struct fuse_session *fuse_session_new(struct fuse_args *args,
             pyfuse3_write_buf = ops.write_buf;
             ops.write_buf = shim_write_buf;
         }
-        if (ops.flush != fast_flush) {
-            pyfuse3_flush = ops.flush;
-            ops.flush = shim_flush;
-        }
+        /* FLUSH only reported a failed write-behind, which a writable mount no longer
+         * uses (the writeback cache writes behind): ENOSYS, and the kernel stops sending
+         * it; a close still writes the file's pages back and reports their errors. */
+        ops.flush = shim_enosys;
         pyfuse3_fsync = ops.fsync;
         ops.fsync = shim_fsync;
-        ops.open = shim_no_open;
+        ops.open = shim_enosys;
         /* Directory handles are real here; the handler counts each entry it answers as a
          * lookup and answers only what fits (FUSE_DIRENTPLUS_SIZE), so all are packed. */
         if (fast[FAST_READDIR] != NULL && add_direntry_plus != NULL && reply_buf != NULL)

@@ -5,10 +5,9 @@ Besides answering requests it keeps the kernel's lookup counts exact (every entr
 to the kernel counts; forget subtracts), so that a removed file lives while the kernel or
 an opener holds it, and it writes the staging to disk every SYNC_INTERVAL and on fsync.
 Directory handles are fuse_dirs.py's.
-Large writes are answered before their bytes reach the data file (write-behind in
-_fuseshim; see there), which every other request and every staging sync waits for.  The
-kernel's writeback cache holds written pages until close, fsync or syncfs (a commit first
-has them written back: control.written_back).
+The kernel's writeback cache holds written pages until close, fsync or syncfs (a commit
+first has them written back: control.written_back), so the shim's write-behind is not
+offered (write_to): the kernel writes behind already, and faster.
 
 A commit arrives on the session's control socket (control.py) and runs in the loop's
 thread, between two requests: the tree it writes is the tree as it stands, and no request
@@ -82,9 +81,6 @@ class WritableOperations(DirectoryHandles):
             "listxattr": lambda ino: b"".join(n + b"\0" for n, _v in tree.xattrs(ino)),
             "read": tree.read,
             "write": tree.write,
-            "write_to": tree.write_target,
-            "write_failed": self.write_failed,
-            "flush": tree.flush,
             "release": tree.released_file,
             "forget": tree.forget,
             **self.dir_fast_functions(),
