@@ -748,11 +748,12 @@ static void fast_flush(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
     PyGILState_Release(gil);
 }
 
-static void fast_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+/* release and releasedir: the handler (slot) is told the handle; the answer is always 0. */
+static void fast_released(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi, int slot)
 {
     PyGILState_STATE gil = PyGILState_Ensure();
     handled_fast = 1;
-    PyObject *h = fast[FAST_RELEASE];
+    PyObject *h = fast[slot];
     PyObject *r = PyObject_CallFunction(h, "K", (unsigned long long)(fi ? fi->fh : ino));
     if (r == NULL)
         PyErr_WriteUnraisable(h);
@@ -760,6 +761,11 @@ static void fast_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *
     reply_err(req, 0);
     drain();
     PyGILState_Release(gil);
+}
+
+static void fast_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
+{
+    fast_released(req, ino, fi, FAST_RELEASE);
 }
 
 /* opendir of a writable mount (its directory handles): the handler answers (handle,), or
@@ -791,16 +797,7 @@ static void fast_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *
 
 static void fast_releasedir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
-    PyGILState_STATE gil = PyGILState_Ensure();
-    handled_fast = 1;
-    PyObject *h = fast[FAST_RELEASEDIR];
-    PyObject *r = PyObject_CallFunction(h, "K", (unsigned long long)(fi ? fi->fh : ino));
-    if (r == NULL)
-        PyErr_WriteUnraisable(h);
-    Py_XDECREF(r);
-    reply_err(req, 0);
-    drain();
-    PyGILState_Release(gil);
+    fast_released(req, ino, fi, FAST_RELEASEDIR);
 }
 
 static void fast_forget(fuse_req_t req, fuse_ino_t ino, uint64_t nlookup)
