@@ -31,29 +31,10 @@
  *
  * Fast paths: pyfuse3 answers every request with a coroutine on its trio loop, which costs
  * more than the handlers themselves.  Requests whose handlers never wait (lookup, getattr,
- * getxattr, listxattr, readlink, read, readdirplus of an immutable index, write, flush,
- * release, forget) can instead be
- * answered here by plain Python callables, and the requests already waiting are then
+ * getxattr, listxattr, readlink, read, readdirplus, write, flush, release, forget, and a
+ * writable mount's opendir and releasedir) can instead be answered here by plain Python
+ * callables, and the requests already waiting are then
  * drained in the same call (see drain()).  The rest still go through pyfuse3.
- *
- * Write-behind (writable mounts): a FUSE write is synchronous for the writer, and before
- * each one the kernel asks for security.capability (a GETXATTR round trip), so the writer
- * and the driver take turns.  For a large write the `write_to` callable does the
- * bookkeeping and names the data file and offset (or declines: the bytes path then writes
- * before answering, as for small writes); the bytes are copied into this module's aligned
- * buffer, the write is answered, and a worker thread writes them while the writer prepares
- * its next request: with O_DIRECT when aligned (the mount's page cache already holds
- * them; a second copy in the staging file's cache would cost the copy into it, most of
- * the driver's time, and twice the memory), else through the page cache.
- * fuse_session_process_buf() is defined here too, so every request but GETXATTR first
- * waits for that write (`settle`): nothing reads, truncates or syncs around it, and
- * Python code outside requests calls settle() first (Staging.sync).  A failed background
- * write goes to `write_failed` and is answered on the file's next write, flush or fsync,
- * as a local filesystem reports writeback errors; only with plenty of free space on the
- * staging disk does write_to accept, so a full disk still fails the write itself.  (The
- * bytes are not spliced: that needs a pipe of the request size, 1 MiB + 4 KiB, and without
- * CAP_SYS_RESOURCE pipes stop at /proc/sys/fs/pipe-max-size, 1 MiB; libfuse then falls
- * back to read() for good, as it does for fuse-overlayfs.)
  *
  * Nothing else of pyfuse3 is touched.  If this module is missing, mounts still work (more
  * slowly); holes then read as zeros but are not reported by lseek, fallocate fails with
@@ -75,7 +56,6 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <stdio.h>
-#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -84,7 +64,7 @@
 
 /* The interface shim.py expects (configure's arguments, the functions below); a build
  * with another number is stale and not used (shim.py: API). */
-#define SHIM_API 4
+#define SHIM_API 5
 
 /* lseek (3.8) and FUSE_CAP_CACHE_SYMLINKS (3.10) are needed. */
 #if FUSE_MAJOR_VERSION != 3 || FUSE_MINOR_VERSION < 10
@@ -107,11 +87,11 @@ static PyObject *setxattr_handler;  /* callable(ino, name, value, flags) -> 0 or
  * per-request coroutine (most of a request's cost in the driver).  Only for handlers that
  * never block.  Each returns its answer or a negative errno (an int). */
 enum { FAST_LOOKUP, FAST_GETATTR, FAST_READLINK, FAST_GETXATTR, FAST_LISTXATTR, FAST_READ,
-       FAST_WRITE, FAST_RELEASE, FAST_FORGET, FAST_FLUSH, FAST_WRITE_TO, FAST_WRITE_FAILED,
-       FAST_READDIR, FAST_OPENDIR, FAST_RELEASEDIR, FAST_COUNT };
+       FAST_WRITE, FAST_RELEASE, FAST_FORGET, FAST_FLUSH, FAST_READDIR, FAST_OPENDIR,
+       FAST_RELEASEDIR, FAST_COUNT };
 static const char *fast_names[FAST_COUNT] = {
     "lookup", "getattr", "readlink", "getxattr", "listxattr", "read", "write", "release",
-    "forget", "flush", "write_to", "write_failed", "readdir", "opendir", "releasedir"};
+    "forget", "flush", "readdir", "opendir", "releasedir"};
 static PyObject *fast[FAST_COUNT];
 
 /* Draining: after a fast request is answered, the requests already waiting on /dev/fuse
@@ -225,178 +205,10 @@ static void shim_setxattr(fuse_req_t req, fuse_ino_t ino, const char *name,
 }
 
 
-/* --- write-behind --------------------------------------------------------------------- */
-
-#define BEHIND_MIN (64 * 1024)  /* smaller writes are answered after they are written */
-#define DIRECT_ALIGN 4096       /* O_DIRECT for writes aligned to this (offset, size, memory) */
-#define OPCODE_GETXATTR 22      /* <linux/fuse.h>; the only request that passes a pending write */
-
 struct in_header {              /* struct fuse_in_header, as far as needed here */
     uint32_t len;
     uint32_t opcode;
 };
-
-/* One write in flight at most: the worker owns the fields below `queued` while it is set. */
-static struct {
-    pthread_mutex_t lock;
-    pthread_cond_t cond;
-    int started, failed_to_start;
-    int queued;                 /* set by the loop, cleared by the worker when written */
-    int fd;                     /* a dup of the data file's descriptor: closed by the worker */
-    char *data;
-    size_t size, capacity;
-    off_t pos;
-    unsigned long long fh;
-    long long off;
-    int err;                    /* errno of the failed write, 0 if written */
-} behind = {.lock = PTHREAD_MUTEX_INITIALIZER, .cond = PTHREAD_COND_INITIALIZER};
-
-/* Write size bytes at pos, all of them: 0, or an errno; *done counts what was written. */
-static int pwrite_counted(int fd, const char *data, size_t size, off_t pos, size_t *done)
-{
-    *done = 0;
-    while (*done < size) {
-        ssize_t n = pwrite(fd, data + *done, size - *done, pos + (off_t)*done);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            return errno;
-        }
-        if (n == 0)
-            return EIO;
-        *done += (size_t)n;
-    }
-    return 0;
-}
-
-static int pwrite_all(int fd, const char *data, size_t size, off_t pos)
-{
-    size_t done;
-    return pwrite_counted(fd, data, size, pos, &done);
-}
-
-/* The worker's write: with O_DIRECT when aligned (a second open of the data file, so the
- * driver's own descriptor stays buffered), else (or if the filesystem refuses it) through
- * the page cache. */
-static int write_out(int fd, const char *data, size_t size, off_t pos)
-{
-    size_t done = 0;
-    if (size % DIRECT_ALIGN == 0 && pos % DIRECT_ALIGN == 0
-            && (uintptr_t)data % DIRECT_ALIGN == 0) {
-        char path[64];
-        snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
-        int direct = open(path, O_WRONLY | O_DIRECT | O_CLOEXEC);
-        if (direct >= 0) {
-            int err = pwrite_counted(direct, data, size, pos, &done);
-            close(direct);
-            if (err != EINVAL)
-                return err;
-        }
-    }
-    return pwrite_all(fd, data + done, size - done, pos + (off_t)done);
-}
-
-static void *behind_worker(void *unused)
-{
-    (void)unused;
-    pthread_mutex_lock(&behind.lock);
-    for (;;) {
-        while (!behind.queued)
-            pthread_cond_wait(&behind.cond, &behind.lock);
-        pthread_mutex_unlock(&behind.lock);
-        int err = write_out(behind.fd, behind.data, behind.size, behind.pos);
-        close(behind.fd);
-        pthread_mutex_lock(&behind.lock);
-        behind.err = err;
-        behind.queued = 0;
-        pthread_cond_broadcast(&behind.cond);
-    }
-    return NULL;
-}
-
-/* Wait for the write in flight, if any; a failure goes to write_failed.  Any thread state:
- * the GIL is taken only to report a failure, and let go (if held) while waiting. */
-static void settle(void)
-{
-    if (!behind.started)
-        return;
-    pthread_mutex_lock(&behind.lock);
-    int busy = behind.queued;
-    pthread_mutex_unlock(&behind.lock);
-    if (busy) {
-        PyThreadState *ts = PyGILState_Check() ? PyEval_SaveThread() : NULL;
-        pthread_mutex_lock(&behind.lock);
-        while (behind.queued)
-            pthread_cond_wait(&behind.cond, &behind.lock);
-        pthread_mutex_unlock(&behind.lock);
-        if (ts != NULL)
-            PyEval_RestoreThread(ts);
-    }
-    if (behind.err) {
-        int err = behind.err;
-        behind.err = 0;
-        PyGILState_STATE gil = PyGILState_Ensure();
-        PyObject *h = fast[FAST_WRITE_FAILED];
-        if (h != NULL) {
-            PyObject *r = PyObject_CallFunction(h, "KLni", behind.fh, behind.off,
-                                                (Py_ssize_t)behind.size, err);
-            if (r == NULL)
-                PyErr_WriteUnraisable(h);
-            Py_XDECREF(r);
-        }
-        PyGILState_Release(gil);
-    }
-}
-
-/* Hand a write to the worker (after settle()): 0, or -1 if it cannot take it (no thread,
- * no memory, no descriptor), and the caller writes it itself. */
-static int write_behind(int fd, const char *data, size_t size, off_t pos,
-                        unsigned long long fh, long long off)
-{
-    if (behind.failed_to_start)
-        return -1;
-    if (!behind.started) {
-        pthread_t t;
-        if (pthread_create(&t, NULL, behind_worker, NULL) != 0) {
-            behind.failed_to_start = 1;
-            return -1;
-        }
-        pthread_detach(t);
-        behind.started = 1;
-    }
-    if (behind.capacity < size) {
-        void *p = NULL;
-        if (posix_memalign(&p, 4096, size) != 0)
-            return -1;
-        free(behind.data);
-        behind.data = p;
-        behind.capacity = size;
-    }
-    int own = fcntl(fd, F_DUPFD_CLOEXEC, 3);  /* Python may close fd meanwhile */
-    if (own < 0)
-        return -1;
-    memcpy(behind.data, data, size);
-    pthread_mutex_lock(&behind.lock);
-    behind.fd = own;
-    behind.size = size;
-    behind.pos = pos;
-    behind.fh = fh;
-    behind.off = off;
-    behind.err = 0;
-    behind.queued = 1;
-    pthread_cond_signal(&behind.cond);
-    pthread_mutex_unlock(&behind.lock);
-    return 0;
-}
-
-static PyObject *settle_py(PyObject *self, PyObject *unused)
-{
-    (void)self;
-    (void)unused;
-    settle();
-    Py_RETURN_NONE;
-}
-
 
 /* --- fast paths ------------------------------------------------------------------------ */
 
@@ -404,9 +216,8 @@ static int (*session_fd)(struct fuse_session *);
 static int (*receive_buf)(struct fuse_session *, struct fuse_buf *);
 static void (*process_buf)(struct fuse_session *, const struct fuse_buf *);
 
-/* pyfuse3's loop and drain() process every request through here: all but GETXATTR (which
- * the kernel sends before each write) wait for the write in flight. */
-/* Requests served, by FUSE opcode (request_counts(): what a workload asks of the mount). */
+/* pyfuse3's loop and drain() process every request through here.
+ * Requests served, by FUSE opcode (request_counts(): what a workload asks of the mount). */
 #define OPCODES 64
 static unsigned long long request_count[OPCODES];
 
@@ -421,12 +232,6 @@ void fuse_session_process_buf(struct fuse_session *se, const struct fuse_buf *bu
         process_buf = lib == NULL ? NULL : dlsym(lib, "fuse_session_process_buf");
         if (process_buf == NULL)
             abort();  /* nothing could serve the request */
-    }
-    if (behind.started) {
-        const struct in_header *h = (const struct in_header *)buf->mem;
-        if ((buf->flags & FUSE_BUF_IS_FD) || buf->size < sizeof *h
-                || h->opcode != OPCODE_GETXATTR)
-            settle();
     }
     process_buf(se, buf);
 }
@@ -655,42 +460,6 @@ static void fast_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
     PyGILState_Release(gil);
 }
 
-/* Write-behind, if write_to names a place: 1 when the request is answered, else 0. */
-static int write_to(fuse_req_t req, unsigned long long fh, const char *buf, size_t size,
-                    off_t off)
-{
-    PyObject *h = fast[FAST_WRITE_TO];
-    settle();  /* done already by fuse_session_process_buf(); a no-op then */
-    PyObject *r = PyObject_CallFunction(h, "KLn", fh, (long long)off, (Py_ssize_t)size);
-    if (r == Py_None) {
-        Py_DECREF(r);
-        return 0;
-    }
-    if (replied_error(req, r, h))
-        return 1;
-    int fd;
-    long long pos;
-    if (!PyArg_ParseTuple(r, "iL", &fd, &pos)) {
-        Py_DECREF(r);
-        PyErr_WriteUnraisable(h);
-        reply_err(req, EIO);
-        return 1;
-    }
-    Py_DECREF(r);
-    if (write_behind(fd, buf, size, (off_t)pos, fh, (long long)off) == 0) {
-        reply_write(req, size);
-        return 1;
-    }
-    /* No worker (no thread, memory or descriptor for it): write it now.  A failure is
-     * answered; the bookkeeping write_to did stays, as after a partial write. */
-    int err = pwrite_all(fd, buf, size, (off_t)pos);
-    if (err)
-        reply_err(req, err);
-    else
-        reply_write(req, size);
-    return 1;
-}
-
 static void fast_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t size,
                        off_t off, struct fuse_file_info *fi)
 {
@@ -698,12 +467,6 @@ static void fast_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t s
     handled_fast = 1;
     PyObject *h = fast[FAST_WRITE];
     unsigned long long fh = (fi != NULL && fi->fh != 0) ? fi->fh : ino;
-    if (size >= BEHIND_MIN && fast[FAST_WRITE_TO] != NULL
-            && write_to(req, fh, buf, size, off)) {
-        drain();
-        PyGILState_Release(gil);
-        return;
-    }
     PyObject *mv = PyMemoryView_FromMemory((char *)buf, (Py_ssize_t)size, PyBUF_READ);
     PyObject *r = mv == NULL ? NULL : PyObject_CallFunction(h, "KLO", fh, (long long)off, mv);
     if (mv != NULL) {
@@ -733,7 +496,7 @@ static void fast_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t s
     PyGILState_Release(gil);
 }
 
-/* flush (each close): the handler answers 0, or -errno (a background write that failed). */
+/* flush (each close): the handler answers 0 or -errno. */
 static void fast_flush(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
     PyGILState_STATE gil = PyGILState_Ensure();
@@ -1038,9 +801,8 @@ struct fuse_session *fuse_session_new(struct fuse_args *args,
             pyfuse3_write_buf = ops.write_buf;
             ops.write_buf = shim_write_buf;
         }
-        /* FLUSH only reported a failed write-behind, which a writable mount no longer
-         * uses (the writeback cache writes behind): ENOSYS, and the kernel stops sending
-         * it; a close still writes the file's pages back and reports their errors. */
+        /* FLUSH has nothing to do here: ENOSYS, and the kernel stops sending it; a close
+         * still has the kernel write the file's pages back and report their error. */
         ops.flush = shim_enosys;
         pyfuse3_fsync = ops.fsync;
         ops.fsync = shim_fsync;
@@ -1163,8 +925,6 @@ static PyMethodDef methods[] = {
     {"configure", configure, METH_VARARGS,
      "configure(lseek, cache_symlinks, handles_are_inodes[, fallocate[, setxattr[, "
      "dont_mask[, fast]]]]): before pyfuse3.init(); fast: {request name: callable}"},
-    {"settle", settle_py, METH_NOARGS,
-     "wait until the write in flight (write-behind) is on disk, or its failure reported"},
     {"set_drain_wait", set_drain_wait, METH_VARARGS,
      "set_drain_wait(microseconds): how long a drain waits for the next request"},
     {"active", active, METH_NOARGS,

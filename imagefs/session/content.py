@@ -1,4 +1,4 @@
-"""The bytes of files in a writable mount: write, write-behind, truncate and fallocate.
+"""The bytes of files in a writable mount: write, truncate and fallocate.
 
 A new file keeps its bytes inline (in its staging row) while it is small; a larger one,
 and any base file that is written, has a sparse data file in staging.  The first write
@@ -41,7 +41,7 @@ def _punch(fd: int, offset: int, length: int) -> None:
 
 
 class FileContent(TreeChanges):
-    """File content: inline bytes, copy-up, write-behind, fallocate, truncate."""
+    """File content: inline bytes, copy-up, fallocate, truncate."""
 
     def file_for_change(self, ino: int) -> StagedInode:
         node = self._own(ino)
@@ -72,7 +72,6 @@ class FileContent(TreeChanges):
         self.st.wrote(node.ino)
 
     def write(self, ino: int, offset: int, data: bytes) -> int:
-        self._check_write_error(ino)
         if offset + len(data) > MAX_FILE_SIZE:
             raise Refusal(errno.EFBIG, "file too large")
         node = self.file_for_change(ino)
@@ -88,37 +87,8 @@ class FileContent(TreeChanges):
         self._wrote(node, offset, end)
         return len(data)
 
-    def write_target(self, ino: int, offset: int, size: int) -> tuple[int, int] | None:
-        """For a caller that writes a write's bytes itself, after answering it (write-behind,
-        _fuseshim): (data file descriptor, offset), the bookkeeping done as if they were
-        written.  None: write() must do it, before the answer (inline bytes, or a staging
-        disk nearly full, where ENOSPC must reach this very write)."""
-        self._check_write_error(ino)
-        if offset + size > MAX_FILE_SIZE:
-            raise Refusal(errno.EFBIG, "file too large")
-        node = self.file_for_change(ino)
-        if node.inline is not None or not self.st.room_for(size):
-            return None
-        self._copy_up(node, offset, offset + size)
-        fd = self.st.data_fd(ino)
-        self._wrote(node, offset, offset + size)
-        return fd, offset
-
-    def write_failed(self, ino: int, err: int) -> None:
-        """A write answered before its bytes were written failed (write-behind): the file's
-        next write, flush or fsync reports it, as a local filesystem reports a failed
-        writeback."""
-        if ino in self.nodes:
-            self.write_errors[ino] = err
-
-    def _check_write_error(self, ino: int) -> None:
-        err = self.write_errors.pop(ino, None) if self.write_errors else None
-        if err is not None:
-            raise Refusal(err, "an earlier write failed")
-
     def flush(self, ino: int) -> int:
-        """A close: 0, or the error of a write that failed after it was answered."""
-        self._check_write_error(ino)
+        """A close (pyfuse3's own handlers only: the shim answers FLUSH with ENOSYS)."""
         return 0
 
     def _wrote(self, node: StagedInode, offset: int, end: int) -> None:
@@ -225,5 +195,3 @@ class FileContent(TreeChanges):
 
     def fsync(self, ino: int | None = None) -> None:
         self.st.sync(durable=True)
-        if ino is not None:
-            self._check_write_error(ino)

@@ -6,8 +6,7 @@ to the kernel counts; forget subtracts), so that a removed file lives while the 
 an opener holds it, and it writes the staging to disk every SYNC_INTERVAL and on fsync.
 Directory handles are fuse_dirs.py's.
 The kernel's writeback cache holds written pages until close, fsync or syncfs (a commit
-first has them written back: control.written_back), so the shim's write-behind is not
-offered (write_to): the kernel writes behind already, and faster.
+first has them written back: control.written_back).
 
 A commit arrives on the session's control socket (control.py) and runs in the loop's
 thread, between two requests: the tree it writes is the tree as it stands, and no request
@@ -27,7 +26,7 @@ import trio
 
 from imagefs.format import layout as F
 from imagefs.mount import shim
-from imagefs.mount.fuse import _fuseshim, boundary
+from imagefs.mount.fuse import boundary
 from imagefs.mount.tree import Refusal
 
 from .fuse_dirs import DirectoryHandles
@@ -48,8 +47,6 @@ class WritableOperations(DirectoryHandles):
         self.packs = self.tree.view.packs
         self.commit_lock = trio.Lock()
         self.discarding = False
-        if _fuseshim is not None:  # every staging sync first waits for a write in flight
-            session.staging.settle = _fuseshim.settle
 
     def shim_handlers(self) -> tuple[Any, ...]:
         return (self.lseek, True, shim.FREE_OPENS_FILES, self.fallocate_sync,
@@ -285,13 +282,6 @@ class WritableOperations(DirectoryHandles):
     @boundary
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         return self.tree.write(fh, off, buf)
-
-    def write_failed(self, fh: int, offset: int, size: int, err: int) -> None:
-        """A write answered before it was written (write-behind) failed."""
-        log.error("%s: writing %d bytes at %d of inode %d failed after the write was "
-                  "answered: %s; reported at the file's next write, flush or fsync",
-                  self.label, size, offset, fh, os.strerror(err))
-        self.tree.write_failed(fh, err)
 
     @boundary
     async def flush(self, fh: int) -> None:

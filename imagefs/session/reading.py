@@ -56,7 +56,6 @@ class TreeReading:
         self.lookups: dict[int, int] = {}
         self.parents: dict[int, int] = {}
         self.opened: dict[int, int] = {}
-        self.write_errors: dict[int, int] = {}  # ino -> errno of a failed write-behind
         self.inline_bytes = sum(len(n.inline) for n in nodes.values() if n.inline is not None)
 
     def attrs(self, ino: int) -> Attrs:
@@ -237,7 +236,6 @@ class TreeReading:
                 and ino not in self.lookups:
             if node.inline is not None:
                 self.inline_bytes -= len(node.inline)
-            self.write_errors.pop(ino, None)
             del self.nodes[ino]
             self.st.node_gone(ino)
 

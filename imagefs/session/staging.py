@@ -12,9 +12,6 @@ What is written in which order, and why a crash at any moment is safe:
 - File bytes go straight into `data/<ino>` with pwrite, but for a new file while it is
   small (content.INLINE_MAX; INLINE_TOTAL for all of them): its bytes are kept in memory
   and written with its row, so untarring 10 000 small files makes no 10 000 data files.
-  A large write may be answered first and written right after by _fuseshim's worker
-  thread (write-behind): `settle` waits for it, and sync() calls it first, so no
-  transaction records bytes still in flight.
   Which byte ranges of a data file are the truth (`staged` ranges; the rest still comes
   from the base index) is metadata.
 - Metadata changes are kept in memory and written to SQLite in one transaction per
@@ -42,8 +39,6 @@ import ctypes
 import json
 import os
 import sqlite3
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from imagefs.format import layout as F
@@ -54,8 +49,6 @@ from .ranges import Ranges
 SYNC_INTERVAL = 0.5
 MAX_FDS = 256  # data files kept open
 SYNCFS_ABOVE = 64  # data files to make durable at once: above this, syncfs instead
-BEHIND_ROOM = 256 << 20  # write-behind only while the staging disk has this much free
-ROOM_RECHECK = 1.0  # seconds a free-space figure is trusted (others may fill the disk)
 _libc = ctypes.CDLL(None, use_errno=True)
 NEW_INO_BASE = 1 << 62  # numbers of inodes created in a session; record refs stay below
 
@@ -212,11 +205,6 @@ class Staging:
         self._fds: dict[int, int] = {}
         self._written: set[int] = set()  # data files written since the last durable sync
         self._blocks: dict[int, int] = {}  # st_blocks of data files unchanged since read
-        self.settle: Callable[[], None] = _nothing  # waits for a write in flight (session.fuse)
-        self._room = 0  # free bytes on the staging disk, as last seen, minus writes since
-        self._room_seen = -ROOM_RECHECK
-        # IMAGEFS_TEST_BEHIND_ROOM (bytes; negative: always) forces write-behind in tests
-        self._room_min = int(os.environ.get("IMAGEFS_TEST_BEHIND_ROOM", BEHIND_ROOM))
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -249,7 +237,6 @@ class Staging:
     def sync(self, durable: bool = False) -> None:
         """Write every pending change in one transaction; durable: fsync data files first
         and make the transaction itself survive power loss (never for a volatile staging)."""
-        self.settle()
         durable = durable and not self.volatile
         if durable:
             self._flush_data()
@@ -342,17 +329,6 @@ class Staging:
         self._fds[ino] = fd  # (re)inserted last: the dict's order is the LRU order
         return fd
 
-    def room_for(self, size: int) -> bool:
-        """Whether a write of size bytes may be answered before it is written: only with
-        plenty of free space (statvfs, rechecked when low or stale), so that a nearly full
-        disk gives ENOSPC to the write itself."""
-        self._room -= size
-        now = time.monotonic()
-        if self._room < self._room_min or now - self._room_seen > ROOM_RECHECK:
-            v = os.statvfs(self.data_dir)
-            self._room, self._room_seen = v.f_bavail * v.f_frsize - size, now
-        return self._room >= self._room_min
-
     def data_blocks(self, ino: int) -> int:
         """512-byte blocks of ino's data file (0 without one), kept until the file changes
         (wrote): every getattr and listing of a staged file asks.  Read by its open
@@ -373,8 +349,7 @@ class Staging:
         return ino in self._fds or os.path.exists(self.data_path(ino))
 
     def wrote(self, ino: int) -> None:
-        """ino's data file changed (or is about to: a write-behind lands before the next
-        request but GETXATTR is served)."""
+        """ino's data file changed."""
         self._written.add(ino)
         self._blocks.pop(ino, None)
 
@@ -396,10 +371,6 @@ class Staging:
 
     def staged_bytes(self) -> int:
         return directory_bytes(self.dir)
-
-
-def _nothing() -> None:
-    pass
 
 
 def directory_bytes(path: str) -> int:

@@ -21,7 +21,7 @@ SessionTree is assembled here from one class per concern, each in its own module
 
     reading.py     TreeReading    state, reads (attrs, lookup, read, xattrs), kernel refs
     changes.py     TreeChanges    copy on first change, dirty marking up to the root
-    content.py     FileContent    write, write-behind, copy-up, truncate, fallocate
+    content.py     FileContent    write, copy-up, truncate, fallocate
     attributes.py  Attributes     setattr, extended attributes and ACLs
     namespace.py   Namespace      make, link, unlink, rmdir, rename
 
