@@ -103,9 +103,8 @@ class DriverRemove:
             mods = [m for m in plan.modules if m["kernel"] == kernel]
             depmod_and_check(target.root, kernel, "remove", [m["name"] for m in mods],
                               {m["name"]: f"/lib/modules/{kernel}/{m['path']}" for m in mods})
-            if plan.initramfs:
-                progress.step(f"rebuilding the initramfs of {kernel}")
-                rebuild_initramfs(target.root, kernel)
+        if plan.initramfs:
+            rebuild_initramfs(target.root, plan.kernels, progress)
         return {"removed": plan.modules, "firmware": plan.firmware,
                 "initramfs": plan.initramfs}
 

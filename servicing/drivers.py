@@ -293,9 +293,8 @@ class DriverAdd:
             depmod_and_check(target.root, kernel, "add", names, {
                 m.name: f"/lib/modules/{kernel}/{m.dest}" for m in plan.modules
                 if m.kernel == kernel})
-            if plan.initramfs:
-                progress.step(f"rebuilding the initramfs of {kernel}")
-                rebuild_initramfs(target.root, kernel)
+        if plan.initramfs:
+            rebuild_initramfs(target.root, plan.kernels, progress)
         return {"modules": [{"kernel": m.kernel, "name": m.name, "version": m.version,
                              "path": f"/lib/modules/{m.kernel}/{m.dest}", "action": m.action,
                              "source": m.rel} for m in plan.modules],
@@ -413,14 +412,15 @@ done
 """
 
 
-def rebuild_initramfs(root: str, kernel: str) -> None:
-    """The image's update-initramfs for kernel, in its container, with the hook that
-    brings the added drivers along."""
-    mroot = MountRoot(root)
-    hooks = make_dirs(mroot, os.path.dirname(INITRAMFS_HOOK))
+def rebuild_initramfs(root: str, kernels: Sequence[str], progress: Progress) -> None:
+    """The image's update-initramfs for each kernel, in its container, with the hook that
+    brings the added drivers along (written once, before the first)."""
+    hooks = make_dirs(MountRoot(root), os.path.dirname(INITRAMFS_HOOK))
     write_file(hooks, os.path.basename(INITRAMFS_HOOK), INITRAMFS_HOOK_TEXT.encode(), 0o755)
-    done = run(root, ["update-initramfs", "-u", "-k", kernel], timeout=INITRAMFS_TIMEOUT)
-    if done.returncode != 0:
-        out = (done.stdout + done.stderr).decode("utf-8", "replace")
-        raise ServicingFailed(f"update-initramfs -u -k {kernel} failed in the image (exit "
-                              f"code {done.returncode})", out)
+    for kernel in kernels:
+        progress.step(f"rebuilding the initramfs of {kernel}")
+        done = run(root, ["update-initramfs", "-u", "-k", kernel], timeout=INITRAMFS_TIMEOUT)
+        if done.returncode != 0:
+            out = (done.stdout + done.stderr).decode("utf-8", "replace")
+            raise ServicingFailed(f"update-initramfs -u -k {kernel} failed in the image "
+                                  f"(exit code {done.returncode})", out)

@@ -1,8 +1,10 @@
 """Small file-system primitives: write all of a buffer at an offset, make a directory's
-entries durable, open an image file without blocking, and name a file's type."""
+entries durable, sync a whole filesystem, open an image file without blocking, and name a
+file's type."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import stat
 
@@ -23,6 +25,21 @@ def fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def syncfs_path(path: str) -> None:
+    """syncfs(2) of the filesystem holding directory path (Python has no os.syncfs): every
+    dirty page and inode of it written out; OSError if that fails."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if _libc.syncfs(fd) != 0:
+            e = ctypes.get_errno()
+            raise OSError(e, os.strerror(e), path)
     finally:
         os.close(fd)
 

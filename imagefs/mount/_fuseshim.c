@@ -24,9 +24,10 @@
  * A writable mount makes file opens free the same way (its file handle is the inode
  * anyway, and the kernel's lookup count keeps an unlinked file alive while it is open):
  * writes and fsyncs then carry handle 0 too (FLUSH is answered ENOSYS), and atomic
- * O_TRUNC is turned off, so that an open with O_TRUNC arrives as a SETATTR of size 0.  Its directories keep their
- * opens (a listing is a snapshot that must stay stable while entries change).  The kernel
- * sends no RELEASE for a file opened without OPEN; a file made by CREATE still gets one.
+ * O_TRUNC is turned off, so that an open with O_TRUNC arrives as a SETATTR of size 0.
+ * Its directories keep their opens (a listing is a snapshot that must stay stable while
+ * entries change).  The kernel sends no RELEASE for a file opened without OPEN; a file
+ * made by CREATE still gets one.
  * A writable mount also asks for the writeback cache (see shim_init).
  *
  * Fast paths: pyfuse3 answers every request with a coroutine on its trio loop, which costs
@@ -793,16 +794,16 @@ struct fuse_session *fuse_session_new(struct fuse_args *args,
         ops.readdir = NULL;
     }
     if (handles_are_inodes == FREE_OPENS_FILES && reply_err != NULL && ops.read != NULL
-            && (ops.write != NULL || ops.write_buf != NULL) && ops.flush != NULL
-            && ops.fsync != NULL) {
+            && (ops.write != NULL || ops.write_buf != NULL) && ops.fsync != NULL) {
         pyfuse3_read = ops.read;
         ops.read = shim_read;
         if (ops.write_buf != NULL) {
             pyfuse3_write_buf = ops.write_buf;
             ops.write_buf = shim_write_buf;
         }
-        /* FLUSH has nothing to do here: ENOSYS, and the kernel stops sending it; a close
-         * still has the kernel write the file's pages back and report their error. */
+        /* FLUSH has nothing to do (pyfuse3's default answers ENOSYS too, without the trip
+         * into Python); a close still has the kernel write the file's pages back and report
+         * their error. */
         ops.flush = shim_enosys;
         pyfuse3_fsync = ops.fsync;
         ops.fsync = shim_fsync;

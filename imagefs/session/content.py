@@ -87,10 +87,6 @@ class FileContent(TreeChanges):
         self._wrote(node, offset, end)
         return len(data)
 
-    def flush(self, ino: int) -> int:
-        """A close (pyfuse3's own handlers only: the shim answers FLUSH with ENOSYS)."""
-        return 0
-
     def _wrote(self, node: StagedInode, offset: int, end: int) -> None:
         """Bookkeeping of bytes written at [offset, end)."""
         if node.inline is None:

@@ -15,15 +15,14 @@ writer holds the image's lock the loop keeps serving and the commit polls for th
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
-import os
 import socket
 import time
 from typing import TYPE_CHECKING, Any, Protocol
 
 from imagefs.errors import Busy, Error, MountRefused, SystemFailure, UsageError
+from imagefs.format.files import syncfs_path
 from imagefs.mount.kernel import peer_credentials
 
 if TYPE_CHECKING:  # trio is the server's: `imagefs commit`, a client, starts without it
@@ -157,21 +156,13 @@ async def written_back(mountpoint: str) -> None:
 
     def sync() -> None:
         try:
-            fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError:
-            return  # not reachable (unmounting): nothing can be left to write back
-        try:
-            if _libc.syncfs(fd) != 0:
-                log.warning("syncfs of %s before the commit: %s (a write that failed and "
-                            "was reported to its writer)", mountpoint,
-                            os.strerror(ctypes.get_errno()))
-        finally:
-            os.close(fd)
+            syncfs_path(mountpoint)
+        except OSError as e:  # also: not reachable (unmounting), nothing left to write back
+            log.warning("syncfs of %s before the commit: %s (a write that failed and was "
+                        "reported to its writer)", mountpoint, e.strerror)
 
     await trio.to_thread.run_sync(sync)
 
-
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def request(session_id: str, doc: dict[str, Any], timeout: float | None = None

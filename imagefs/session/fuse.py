@@ -283,10 +283,6 @@ class WritableOperations(DirectoryHandles):
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         return self.tree.write(fh, off, buf)
 
-    @boundary
-    async def flush(self, fh: int) -> None:
-        self.tree.flush(fh)
-
     async def release(self, fh: int) -> None:
         try:
             self.tree.released_file(fh)

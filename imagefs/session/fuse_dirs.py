@@ -11,7 +11,7 @@ kept from the first read could be gone (removed and forgotten) by then.
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pyfuse3
@@ -25,6 +25,10 @@ from .tree import SessionTree
 # struct fuse_direntplus up to its name: fuse_entry_out (128 bytes) and fuse_dirent's fixed
 # part (24); each entry of a READDIRPLUS reply is that, the name, padded to 8 bytes.
 DIRENTPLUS_HEADER = 152
+
+
+def _direntplus_size(name: bytes) -> int:
+    return (DIRENTPLUS_HEADER + len(name) + 7) & ~7
 
 
 class DirHandle:
@@ -76,38 +80,49 @@ class DirectoryHandles(BaseOperations):
         if handle is None:
             return -errno.EBADF
         out: list[tuple[bytes, tuple[Any, ...], int]] = []
-        used = 0
-        for i, name in self._names_from(handle, start_id):
-            need = (DIRENTPLUS_HEADER + len(name) + 7) & ~7
-            if used + need > size:
-                break
-            ino: int | None = None
-            try:
-                ino = self.tree.lookup(handle.ino, name)
-                if ino is None:
-                    continue  # removed since
-                attrs = self.attr_tuple(ino, self.tree.attrs(ino))
-            except Refusal:
-                continue  # gone since
-            except Exception as e:
-                if out:  # the entries given stand; the next readdir reports it
-                    break
-                if ino is not None:
-                    return -self.errno_for(e, "readdir", (ino, name))
-                raise
-            out.append((name, attrs, i + 1))
-            used += need
+        room = [size]  # bytes of the reply still free, as the entries are taken
+        for nxt, name, ino, attrs in self._entries(
+                handle, start_id, self.attr_tuple,
+                lambda name: _direntplus_size(name) <= room[0]):
+            out.append((name, attrs, nxt))
+            room[0] -= _direntplus_size(name)
             self.tree.remember(ino, handle.ino)
         return out
 
-    def _names_from(self, handle: DirHandle, start_id: int) -> Iterator[tuple[int, bytes]]:
-        """(offset, name) of the handle's names from start_id; from the start, the names
-        as they are now."""
-        if start_id == 0 or handle.names is None:
-            handle.names = [name for name, _ino in self.tree.listing(handle.ino)]
+    def _entries(self, handle: DirHandle, start_id: int, attrs_of: Callable[[int, Any], Any],
+                 fits: Callable[[bytes], bool] = lambda _name: True
+                 ) -> Iterator[tuple[int, bytes, int, Any]]:
+        """(next offset, name, inode, attrs_of(inode, node)) of the handle's entries from
+        start_id, each looked up again now: one removed since is skipped; stops before the
+        first that does not fit.  An entry that fails ends the listing once entries were
+        taken (they stand, and count; the next readdir, starting at this one, reports it),
+        else is the error of this readdir."""
+        tree = self.tree
+        if start_id == 0 or handle.names is None:  # from the start: the names as they are
+            handle.names = [name for name, _ino in tree.listing(handle.ino)]
         names = handle.names
+        given = False
         for i in range(start_id, len(names)):
-            yield i, names[i]
+            name = names[i]
+            if not fits(name):
+                return
+            ino: int | None = None
+            try:
+                ino = tree.lookup(handle.ino, name)
+                if ino is None:
+                    continue  # removed since
+                attrs = attrs_of(ino, tree.attrs(ino))
+            except Refusal:
+                continue  # gone since
+            except Exception as e:
+                if given:
+                    return
+                if ino is not None:
+                    raise pyfuse3.FUSEError(self.errno_for(e, "readdir", (ino, name))
+                                            ) from None
+                raise
+            yield i + 1, name, ino, attrs
+            given = True
 
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
         # Not under @boundary: its first argument is a handle, and what goes wrong is
@@ -124,29 +139,10 @@ class DirectoryHandles(BaseOperations):
                                     ) from None
 
     def _readdir(self, handle: DirHandle, start_id: int, token: Any) -> None:
-        tree = self.tree
-        parent = handle.ino
-        given = 0
-        for i, name in self._names_from(handle, start_id):
-            ino: int | None = None
-            try:
-                ino = tree.lookup(parent, name)
-                if ino is None:
-                    continue  # removed since
-                attrs = self.attributes(ino, tree.attrs(ino))
-            except Refusal:
-                continue  # gone since
-            except Exception as e:
-                if given:  # the entries given stand (and count); the next readdir,
-                    return  # starting at this one, reports it
-                if ino is not None:
-                    raise pyfuse3.FUSEError(self.errno_for(e, "readdir", (ino, name))
-                                            ) from None
-                raise
-            if not pyfuse3.readdir_reply(token, name, attrs, i + 1):
+        for nxt, name, ino, attrs in self._entries(handle, start_id, self.attributes):
+            if not pyfuse3.readdir_reply(token, name, attrs, nxt):
                 break
-            given += 1
-            tree.remember(ino, parent)  # every entry handed out counts as a lookup
+            self.tree.remember(ino, handle.ino)  # every entry handed out counts as a lookup
 
     async def releasedir(self, fh: int) -> None:
         self.release_dir(fh)

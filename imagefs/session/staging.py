@@ -35,13 +35,13 @@ directory is removed), and a data file as soon as its inode has no name and no o
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import sqlite3
 from dataclasses import dataclass
 
 from imagefs.format import layout as F
+from imagefs.format.files import syncfs_path
 from imagefs.format.records import Inode
 
 from .ranges import Ranges
@@ -49,7 +49,6 @@ from .ranges import Ranges
 SYNC_INTERVAL = 0.5
 MAX_FDS = 256  # data files kept open
 SYNCFS_ABOVE = 64  # data files to make durable at once: above this, syncfs instead
-_libc = ctypes.CDLL(None, use_errno=True)
 NEW_INO_BASE = 1 << 62  # numbers of inodes created in a session; record refs stay below
 
 SCHEMA = """
@@ -277,13 +276,7 @@ class Staging:
         """Make every data file written since the last durable sync durable: one fsync
         each when they are few, one syncfs of the staging's filesystem when many."""
         if len(self._written) > SYNCFS_ABOVE:
-            fd = os.open(self.data_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                if _libc.syncfs(fd) != 0:
-                    e = ctypes.get_errno()
-                    raise OSError(e, os.strerror(e))
-            finally:
-                os.close(fd)
+            syncfs_path(self.data_dir)
         else:
             for ino in list(self._written):
                 open_fd = self._fds.get(ino)
