@@ -234,3 +234,19 @@ def test_the_shim_under_sanitizers(tmp_path: Path) -> None:
     for path, text in logs.items():
         assert shim.OFF not in text, f"{path}:\n{text[-2000:]}"
         assert "Traceback" not in text, f"{path}:\n{text[-3000:]}"
+
+
+def test_a_mount_process_starts_without_ldconfig() -> None:
+    """trio asks ctypes.util.find_library for libpthread at import, which runs ldconfig -p
+    (a fork and exec in every mount process's start); shim.py answers from libc."""
+    code = ("import ctypes.util\n"
+            "def refuse(name):\n"
+            "    raise SystemExit('ldconfig asked for ' + name)\n"
+            "ctypes.util._findSoname_ldconfig = refuse\n"
+            "import imagefs.mount.fuse, trio._core._thread_cache as c\n"
+            "assert c.set_os_thread_name is not None  # threads still named\n"
+            "import ctypes.util as u\n"
+            "assert u.find_library.__module__ == 'ctypes.util'\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=REPO)
+    assert done.returncode == 0, done.stderr

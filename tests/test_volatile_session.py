@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import copy_image, run_imagefs
 
+from imagefs.session.content import FileContent
 from imagefs.session.lifecycle import find_session
 from imagefs.session.staging import Staging
 from servicing.transaction import opened
@@ -34,6 +35,21 @@ def test_a_volatile_staging_writes_everything_but_syncs_nothing(tmp_path: Path,
     assert meta["base_root"] == 42  # written all the same
     # 'synced' marks a durable sync; a volatile staging never makes one
     assert ("synced" in meta) is not volatile
+
+
+@pytest.mark.parametrize("volatile", [False, True])
+def test_fsync_in_a_volatile_session_writes_nothing(tmp_path: Path, volatile: bool) -> None:
+    """dpkg fsyncs its database a dozen times per package: in a servicing transaction
+    those answer at once, and the staging is written at the interval and at the end."""
+    staging = Staging(str(tmp_path / "s"), volatile)
+    try:
+        staging.meta_set("base_root", 42)
+        content = FileContent.__new__(FileContent)  # fsync needs nothing but the staging
+        content.st = staging
+        content.fsync()
+        assert staging.pending is volatile
+    finally:
+        staging.close()
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("fusermount3") is None,

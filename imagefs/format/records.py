@@ -223,6 +223,10 @@ class MetaWriter:
         self._block_at = None
 
 
+_DIGEST_AT = F.INODE.size - 64  # the digest field: the last 64 bytes of the head are
+# the digest and a reserved 32 (layout.INODE)
+
+
 class MetaReader:
     """Reads records by ref through a bounded cache of decompressed metadata blocks."""
 
@@ -256,12 +260,29 @@ class MetaReader:
         return entry
 
     def get(self, ref: int) -> Inode:
+        raw, start, end = self._record(ref)
+        ino = decode_inode(raw[start:end], f"{self.image.path}: record {ref:#x}")
+        ino.ref = ref
+        return ino
+
+    def kind_and_digest(self, ref: int) -> tuple[int, bytes]:
+        """The kind and digest of a record, read from its fixed head without decoding the
+        rest: a commit names every unchanged entry of a rewritten directory by these."""
+        raw, start, end = self._record(ref)
+        if end - start < F.INODE.size:
+            raise CorruptImage(f"{self.image.path}: record {ref:#x}",
+                               "record shorter than an inode")
+        kind = raw[start]
+        if kind not in F.KIND_NAMES:
+            raise CorruptImage(f"{self.image.path}: record {ref:#x}",
+                               f"unknown inode kind {kind}")
+        at = start + _DIGEST_AT
+        return kind, raw[at:at + 32]
+
+    def _record(self, ref: int) -> tuple[bytes, int, int]:
         offset, number = ref >> 16, ref & 0xFFFF
         raw, offsets = self.block(offset)
         if number + 1 >= len(offsets):
             raise CorruptImage(f"{self.image.path}: metadata block at offset {offset}",
                                f"no record {number}")
-        ino = decode_inode(raw[offsets[number]:offsets[number + 1]],
-                           f"{self.image.path}: record {ref:#x}")
-        ino.ref = ref
-        return ino
+        return raw, offsets[number], offsets[number + 1]

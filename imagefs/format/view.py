@@ -41,6 +41,9 @@ class IndexView:
     def get(self, ref: int) -> Inode:
         return self.meta.get(ref)
 
+    def kind_and_digest(self, ref: int) -> tuple[int, bytes]:
+        return self.meta.kind_and_digest(ref)
+
     def child(self, directory: Inode, name: bytes) -> Inode | None:
         entries = directory.entries
         i = bisect.bisect_left(entries, (name,))

@@ -18,10 +18,11 @@ __version__ (already known once pyfuse3 is imported) and libfuse's fuse_pkgversi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 # The interface of _fuseshim this module speaks (SHIM_API in _fuseshim.c).
@@ -61,7 +62,29 @@ def _load() -> tuple[Any, str]:
 
 _fuseshim, _unusable = _load()
 
-import pyfuse3  # noqa: E402  (after the shim: see _load)
+
+@contextlib.contextmanager
+def _no_ldconfig() -> Iterator[None]:
+    """While trio is imported (by pyfuse3), ctypes.util.find_library("pthread") answers
+    from the C library already loaded instead of running `ldconfig -p`: trio asks only to
+    name its threads, and the fork and exec cost every mount process ~25 ms at start.
+    Since glibc 2.34 the pthread functions are libc's own."""
+    import ctypes.util
+
+    real = ctypes.util.find_library
+
+    def find_library(name: str) -> str | None:
+        return "libc.so.6" if name == "pthread" else real(name)
+
+    ctypes.util.find_library = find_library
+    try:
+        yield
+    finally:
+        ctypes.util.find_library = real
+
+
+with _no_ldconfig():
+    import pyfuse3  # noqa: E402  (after the shim: see _load)
 
 
 def version_tuple(text: str | None) -> tuple[int, int] | None:

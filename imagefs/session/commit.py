@@ -143,8 +143,7 @@ class ChangeWriter:
                 kind = tree.attrs(child).kind
             else:
                 ref = self._clean_ref(child)
-                clean = tree.view.get(ref)
-                kind, digest = clean.kind, clean.digest
+                kind, digest = tree.view.kind_and_digest(ref)
             entries.append((name, kind, ref))
             child_digests.append(digest)
         rec = node.to_record(tree.xattrs(node.ino))

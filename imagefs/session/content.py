@@ -190,4 +190,8 @@ class FileContent(TreeChanges):
             self.truncate(node, 0)
 
     def fsync(self, ino: int | None = None) -> None:
-        self.st.sync(durable=True)
+        """fsync and fsyncdir: the staging made durable.  A volatile staging (a servicing
+        transaction's) has nothing to make durable, since a crash discards it whole: its
+        fsync answers at once (as eatmydata would), and the interval's sync still writes."""
+        if not self.st.volatile:
+            self.st.sync(durable=True)
