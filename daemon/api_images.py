@@ -148,17 +148,19 @@ def until_not_busy(ctx: JobContext, attempt: Callable[[], T]) -> T:
 
 
 @method("images.export", image=required(str), index=required(int, str, list),
-        dest=required(str), level=optional(int, default=DEFAULT_LEVEL),
+        dest=required(str), level=optional(int, default=None),
         subscribe=optional(bool, default=False))
 async def export_indices(call: Call, image: str, index: int | str | list[Any], dest: str,
-                         level: int, subscribe: bool) -> Any:
+                         level: int | None, subscribe: bool) -> Any:
     """Job: copy indices (a number, a name, a list of them, or "all") of `image` into the
-    compacted file `dest` (new, or an image to add them to).  Cancelled, a new `dest`
+    compacted file `dest` (new, or an image to add them to).  Packs they use whole are
+    copied as stored; `level` recompresses everything at it.  Cancelled, a new `dest`
     never appears."""
     from imagefs.export import export
 
     call.daemon.check_accepting()
-    check_level(level)
+    if level is not None:
+        check_level(level)
     if isinstance(index, list):
         if not index or not all(isinstance(i, (int, str)) and not isinstance(i, bool)
                                 for i in index):

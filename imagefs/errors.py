@@ -174,6 +174,14 @@ class SessionLive(Busy):
     """session {}: mounted by process {} at {}; unmount it first"""
 
 
+class ImageReplaced(Busy):
+    """{}: replaced (imagefs optimize) or removed while this waited for it; run the command again"""  # noqa: E501
+
+
+class SessionsOpen(Busy):
+    """{}: {} session(s) of it are open ({}); commit or discard them first (imagefs mounts)"""  # noqa: E501
+
+
 class MountRefused(SystemFailure):
     """{}"""
 

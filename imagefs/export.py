@@ -1,10 +1,17 @@
 """Export: chosen indices into another image file, holding only what they reference.
 
-Chunks are read back, checked, and re-packed and recompressed at the level asked; indices
-keep their names, descriptions, creation times, history and digests (an export whose
-digest differs from its source is refused).  A new DEST appears whole or not at all: it is
-written as an unnamed file (O_TMPFILE) and linked into place at the end.  An existing DEST
-gets the indices appended, in one commit.
+Packs move as they are stored whenever they can: a pack every chunk of which the exported
+indices use is copied as its bytes (its frame checksum checked as it is read, so a damaged
+pack is reported, never copied), with the chunks' checksums and offsets as they were.  Only
+the chunks of partly used packs are read back, checked and repacked (at DEFAULT_LEVEL), and
+so is every chunk when a level is asked (`--level`: recompress everything at it).  Memory
+holds the tree of records and the chunk tables, never the content.
+
+Indices keep their names, descriptions, creation times, history and digests (an export
+whose digest differs from its source is refused).  A new DEST appears whole or not at all:
+it is written as an unnamed file (O_TMPFILE) and linked into place at the end.  An existing
+DEST gets the indices appended, in one commit; there a pack is copied only when none of its
+chunks is already stored, so nothing is stored twice.
 """
 
 from __future__ import annotations
@@ -17,19 +24,31 @@ from typing import Any
 from imagefs.format import layout as F
 from imagefs.format.container import ImageFile
 from imagefs.format.files import pwrite_all
-from imagefs.format.packs import PackWriter
+from imagefs.format.pack_copy import PackCopier
+from imagefs.format.packs import ChunkLoc, ChunkTable, PackReader, PackWriter
+from imagefs.format.records import MetaReader
 from imagefs.format.view import IndexView
-from imagefs.format.writer import PendingInode, Transaction, add_index, history_entry
+from imagefs.format.writer import (
+    PendingInode,
+    Transaction,
+    TreeStats,
+    add_index,
+    history_entry,
+)
 
 from .errors import CorruptImage, DestinationError, UsageError
-from .image import Image, check_level, check_new_name, is_image_file
+from .image import DEFAULT_LEVEL, Image, check_level, check_new_name, is_image_file
+
+REPACK_CACHE = 4 << 20  # decompressed packs kept while partly used ones are repacked
+META_CACHE = 4 << 20  # decompressed metadata blocks kept while the trees are read
 
 
-def copy_tree(view: IndexView, packs: PackWriter,
-              progress: Callable[[int], None] | None = None) -> PendingInode:
-    """The index as a PendingInode tree whose content is (re)stored through packs."""
+def read_tree(view: IndexView) -> tuple[PendingInode, list[PendingInode]]:
+    """The index as a PendingInode tree (each inode once, its content not yet placed), and
+    its regular files."""
     root = PendingInode(view.root())
     nodes = {root.ino.ref: root}
+    files = []
     stack = [root]
     while stack:
         node = stack.pop()
@@ -41,29 +60,93 @@ def copy_tree(view: IndexView, packs: PackWriter,
                 if child.ino.kind == F.DIR:
                     stack.append(child)
                 elif child.ino.kind == F.REG:
-                    for foff, data in view.iter_data(child.ino):
-                        child.locs.append((foff, packs.add_chunk(data)))
-                        if progress:
-                            progress(len(data))
+                    files.append(child)
             elif child.ino.kind == F.DIR:
                 raise CorruptImage(view.image.path, "a directory appears twice in the tree")
             kids.append((name, child))
         node.children = kids
-    return root
+        node.ino.entries = []  # children says it all; finish_directory writes them again
+    return root, files
+
+
+def place_content(view: IndexView, files: list[PendingInode], packs: PackWriter,
+                  moved: dict[tuple[int, int], ChunkLoc],
+                  progress: Callable[[int], None] | None = None) -> None:
+    """Where each file's chunks are in the destination: those moved names ((source pack,
+    offset in it) -> new place) stay as they are; every other one is read, checked and
+    stored through packs, and added to moved, so that a chunk is read once."""
+    for node in files:
+        locs = []
+        for foff, pack, poff, length, xxh in node.ino.extents:
+            loc = moved.get((pack, poff))
+            if loc is None or loc.length != length or loc.xxh != xxh:
+                loc = moved[(pack, poff)] = packs.add_chunk(
+                    view.packs.read_chunk(pack, poff, length, xxh))
+            locs.append((foff, loc))
+        node.locs = locs
+        node.ino.extents = []  # locs says it all; finish_leaf writes them again
+        if progress:
+            progress(node.ino.size)
+
+
+def used_chunks(views: list[IndexView]) -> dict[int, set[int]]:
+    """The chunks the views' files use: pack -> offsets in it.  Each record is read once,
+    also when indices share subtrees (or, crafted, when a directory holds an ancestor)."""
+    seen: set[int] = set()
+    used: dict[int, set[int]] = {}
+    for view in views:
+        stack = [view.entry.root]
+        while stack:
+            ref = stack.pop()
+            if ref in seen:
+                continue
+            seen.add(ref)
+            ino = view.get(ref)
+            if ino.kind == F.DIR:
+                stack.extend(child for _name, _kind, child in ino.entries)
+            for _foff, pack, poff, _length, _xxh in ino.extents:
+                used.setdefault(pack, set()).add(poff)
+    return used
+
+
+def move_whole_packs(image: Image, used: dict[int, set[int]], copier: PackCopier,
+                     progress: Callable[[int], None] | None = None
+                     ) -> dict[tuple[int, int], ChunkLoc]:
+    """Copy, as stored, every pack of image all of whose chunks are used (pack -> offsets)
+    and none of which the destination holds already.  Returns where each chunk of them
+    now is, by (source pack, offset in it).  progress(0) after each pack: a chance to
+    cancel."""
+    chunks: dict[int, list[ChunkLoc]] = {}
+    for loc in ChunkTable.load(image.file, image.commit).all():
+        chunks.setdefault(loc.pack_id(), []).append(loc)
+    moved: dict[tuple[int, int], ChunkLoc] = {}
+    for pack in sorted(used):  # file order: the copy reads the source front to back
+        have = chunks.get(pack, [])
+        if used[pack] != {c.offset for c in have} or len(have) != len(used[pack]) \
+                or any(copier.table.find(c.xxh, c.sha) is not None for c in have):
+            continue
+        for c, loc in zip(have, copier.copy(pack, have), strict=True):
+            moved[(pack, c.offset)] = loc
+        if progress:
+            progress(0)
+    return moved
 
 
 def parse_selection(image: Image, selection: str) -> list[int]:
     return [number for number, _entry in image.select_many(selection)]
 
 
-def export(src: str, selection: str, dest: str, level: int = 9,
+def export(src: str, selection: str, dest: str, level: int | None = None,
            progress: Callable[[int], None] | None = None,
            on_total: Callable[[int], None] | None = None,
            who: dict[str, Any] | None = None, wait: float | None = None) -> list[int]:
     """Export the selected indices of src into dest; the new index numbers in dest.
     `wait`: how long to wait for another writer of an existing dest (None: as long as it
-    takes; 0: Busy at once, for a caller that retries cancellably)."""
-    check_level(level)
+    takes; 0: Busy at once, for a caller that retries cancellably).  level: recompress
+    every chunk at it; None: move whole packs as they are, repack the rest at
+    DEFAULT_LEVEL."""
+    if level is not None:
+        check_level(level)
     with Image.open(src) as image:
         numbers = parse_selection(image, selection)
         if not numbers:
@@ -76,12 +159,12 @@ def export(src: str, selection: str, dest: str, level: int = 9,
             if not is_image_file(dest):
                 raise DestinationError(dest, "exists and is not an imagefs image")
             with ImageFile.open(dest, writable=True) as out:
-                return _export_into(image, numbers, out, level, progress, who, wait)
-        out = _new_unnamed(dest)
+                return export_all_into(image, numbers, out, level, progress, who, wait)
+        out = new_unnamed(dest)
         try:
-            result = _export_into(image, numbers, out, level, progress, who)
+            result = export_all_into(image, numbers, out, level, progress, who)
             try:
-                _link_unnamed(out.fd, dest)
+                link_unnamed(out.fd, dest)
             except FileExistsError:
                 raise DestinationError(dest, "appeared while exporting; nothing was "
                                              "written") from None
@@ -90,32 +173,62 @@ def export(src: str, selection: str, dest: str, level: int = 9,
             out.close()
 
 
-def _export_into(image: Image, numbers: list[int], out: ImageFile, level: int,
-                 progress: Callable[[int], None] | None,
-                 who: dict[str, Any] | None = None, wait: float | None = None) -> list[int]:
-    new = []
-    with Transaction(out, level, wait=wait) as tx:
-        for n in numbers:
-            packs = tx.pack_writer()
-            entry = image.indices[n - 1]
-            check_new_name(tx.commit, entry.name)
-            root = copy_tree(IndexView(image.file, n, entry), packs, progress)
-            stats = tx.write_tree(root)
-            if stats.digest.hex() != entry.digest:
-                raise CorruptImage(image.path, f"index {n} does not match its digest; "
-                                               "run `imagefs verify`")
-            new.append(add_index(tx.commit, entry.name, entry.description, stats,
-                                 history_entry("export", who, source=os.path.abspath(image.path),
-                                               source_index=n, level=level,
-                                               result={"index": len(tx.commit.indices) + 1,
-                                                       "files": stats.files,
-                                                       "bytes": stats.bytes}),
-                                 created=entry.created, old_history=entry.history))
+def export_all_into(image: Image, numbers: list[int], out: ImageFile, level: int | None,
+                    progress: Callable[[int], None] | None,
+                    who: dict[str, Any] | None = None, wait: float | None = None,
+                    action: str = "export") -> list[int]:
+    """The indices numbers of image written into out in one transaction; their numbers
+    there.  action names the history entry each gets (export, optimize).  One index's
+    tree is in memory at a time; indices with the same root share its records."""
+    # One compressing thread: the main one reads and checks beside it, and memory stays
+    # below 64 MB (a compressor context is ~11 MB at level 9).
+    with Transaction(out, level or DEFAULT_LEVEL, wait=wait, pack_threads=1) as tx:
+        meta, packs = MetaReader(image.file, META_CACHE), PackReader(image.file, REPACK_CACHE)
+        views = [IndexView(image.file, n, image.indices[n - 1], meta, packs) for n in numbers]
+        names = {e.name for e in tx.commit.indices}
+        for view in views:
+            check_new_name(tx.commit, view.entry.name, taken=names)
+            names.add(view.entry.name)
+        copier = PackCopier(image.file, out, tx.pack_writer().table)
+        try:
+            moved = {} if level is not None else move_whole_packs(
+                image, used_chunks(views), copier, progress)
+            written: dict[int, TreeStats] = {}  # source root -> the tree as written
+            new = []
+            for view in views:
+                stats = written.get(view.entry.root)
+                if stats is None:
+                    stats = written[view.entry.root] = _write_tree(view, tx, moved, progress)
+                elif progress:
+                    progress(view.entry.bytes)
+                if stats.digest.hex() != view.entry.digest:
+                    raise CorruptImage(image.path, f"index {view.number} does not match its "
+                                                   "digest; run `imagefs verify`")
+                history = history_entry(action, who, source=os.path.abspath(image.path),
+                                        source_index=view.number,
+                                        **({} if level is None else {"level": level}))
+                history["result"] = {"index": len(tx.commit.indices) + 1,
+                                     "files": stats.files, "bytes": stats.bytes}
+                new.append(add_index(tx.commit, view.entry.name, view.entry.description,
+                                     stats, history, created=view.entry.created,
+                                     old_history=view.entry.history))
+            copier.finish()  # every copied pack's chunks checked before anything is published
+        finally:
+            copier.abort()
+        tx.copied_packs(copier.stored_bytes)
         tx.publish()
     return new
 
 
-def _link_unnamed(fd: int, dest: str) -> None:
+def _write_tree(view: IndexView, tx: Transaction, moved: dict[tuple[int, int], ChunkLoc],
+                progress: Callable[[int], None] | None) -> TreeStats:
+    """The index's tree read, its content placed and its records written."""
+    root, files = read_tree(view)
+    place_content(view, files, tx.pack_writer(), moved, progress)
+    return tx.write_tree(root)
+
+
+def link_unnamed(fd: int, dest: str) -> None:
     """Give the O_TMPFILE file fd the name dest; FileExistsError if dest exists.  os.link
     with a dst_dir_fd calls linkat(2) with AT_SYMLINK_FOLLOW, which links the file that
     /proc/self/fd/FD names, not the magic link itself."""
@@ -129,7 +242,8 @@ def _link_unnamed(fd: int, dest: str) -> None:
         os.close(dirfd)
 
 
-def _new_unnamed(dest: str) -> ImageFile:
+def new_unnamed(dest: str) -> ImageFile:
+    """A new, empty image file without a name yet (O_TMPFILE in dest's directory)."""
     directory = os.path.dirname(os.path.abspath(dest))
     try:
         fd = os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o644)
@@ -140,7 +254,9 @@ def _new_unnamed(dest: str) -> ImageFile:
     try:
         header = ImageFile.new_header()
         pwrite_all(fd, header, 0)
-        return ImageFile(dest, fd, ImageFile.parse_header(dest, fd), writable=True)
+        out = ImageFile(dest, fd, ImageFile.parse_header(dest, fd), writable=True)
+        out.unnamed = True
+        return out
     except BaseException:
         with contextlib.suppress(OSError):
             os.close(fd)

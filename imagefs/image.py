@@ -132,11 +132,13 @@ def select_index(commit: Commit, spec: str | int, path: str) -> tuple[int, Index
     return found
 
 
-def check_new_name(commit: Commit, name: str) -> None:
+def check_new_name(commit: Commit, name: str, taken: set[str] | None = None) -> None:
+    """Refuse a name no index may have, or one the commit's indices (or taken, when the
+    caller keeps them in a set) already use."""
     if not name or name.isdigit() or "\n" in name or len(name) > 255:
         raise UsageError(f"{name!r}: an index name must be 1-255 characters, not all digits "
                          "(numbers name indices by position), without newlines")
-    if any(e.name == name for e in commit.indices):
+    if name in taken if taken is not None else any(e.name == name for e in commit.indices):
         raise UsageError(f"an index named {name!r} already exists; choose another name")
 
 

@@ -8,6 +8,9 @@ One run measures, on the fixture trees bookworm-minbase and bookworm-web:
     each, interleaved, the destination removed between runs (the page cache is not dropped);
   * verify time of the two-index file (imagefs verify vs wimverify);
   * export time (and size) of index 2 (imagefs export vs wimexport).
+Then the export and optimize rows (scripts/bench_export.py; --no-export skips them): export
+of index 2 (time, peak RSS) beside wimexport, delete + optimize beside wimoptimize, and the
+most compact two-index file beside wimoptimize --solid and tar | zstd -19 --long=27.
 With --quick only bookworm-minbase is used: no two-index rows, and apply/verify/export run on
 its one-index files (index 1).  Then the mount rows (scripts/bench_mount.py: imagefs mount
 beside squashfuse_ll, wimmount and the plain directory; --no-mount skips them): in those
@@ -51,6 +54,7 @@ from typing import Any
 
 from bench_daemon import measure_daemon
 from bench_drivers import measure_drivers
+from bench_export import measure_export
 from bench_features import measure_features
 from bench_generalize import measure_generalize
 from bench_io import measure_io
@@ -324,6 +328,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--json", metavar="PATH",
                     help="write all numbers as JSON to PATH (a directory gets PATH/bench.json)")
     ap.add_argument("--level", type=int, help="zstd level for imagefs capture and export")
+    ap.add_argument("--no-export", action="store_true",
+                    help="skip the export and optimize rows (scripts/bench_export.py)")
     ap.add_argument("--no-mount", action="store_true", help="skip the mount rows")
     ap.add_argument("--no-rw", action="store_true", help="skip the writable-mount rows")
     ap.add_argument("--no-io", action="store_true",
@@ -336,7 +342,8 @@ def parse_args() -> argparse.Namespace:
 
 
 def missing_tool() -> str | None:
-    for tool in ("wimcapture", "wimappend", "wimapply", "wimverify", "wimexport", "mksquashfs",
+    for tool in ("wimcapture", "wimappend", "wimapply", "wimverify", "wimexport", "wimdelete",
+                 "wimoptimize", "zstd", "mksquashfs",
                  "wimmount", "wimunmount", "squashfuse_ll", "fusermount3", "wimmountrw",
                  "fuse-overlayfs", "fio", "dbench"):
         if not shutil.which(tool):
@@ -382,6 +389,8 @@ def run_all(args: argparse.Namespace, work: Path) -> Run:
     for _n, _s, src in trees:
         warm_page_cache(src)
     measure(b, trees)
+    if not args.no_export:
+        measure_export(b, trees, str(IMAGEFS), timed)
     if not args.no_mount:
         measure_mounts(b, trees, str(IMAGEFS), timed)
     if not args.no_rw:

@@ -17,7 +17,10 @@ def register(sub: Any) -> None:
     p = sub.add_parser(
         "export", help="copy chosen indices into another image file, compacted",
         description="Write the chosen indices into DEST holding only the content they "
-                    "reference, recompressed at --level. Indices keep their names, "
+                    "reference. Packs they use whole are copied as stored (their checksums "
+                    "checked on the way); the chunks of partly used packs are repacked at "
+                    f"level {DEFAULT_LEVEL}, and --level recompresses everything. Indices "
+                    "keep their names, "
                     "descriptions, creation times, history and digests. A new DEST appears "
                     "whole or not at all; an existing DEST gets the indices appended.",
         epilog="examples: imagefs export golden.imagefs 2 web.imagefs; "
@@ -26,8 +29,9 @@ def register(sub: Any) -> None:
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("selection", metavar="INDEX[,INDEX...]|all")
     p.add_argument("dest", metavar="DEST")
-    p.add_argument("--level", type=int, default=DEFAULT_LEVEL,
-                   help=f"zstd level 1-22 (default {DEFAULT_LEVEL})")
+    p.add_argument("--level", type=int,
+                   help="recompress every chunk at this zstd level, 1-22 (default: copy "
+                        "whole packs as stored)")
     add_json(p)
     add_daemon_options(p)
     p.set_defaults(func=run)

@@ -49,6 +49,7 @@ from imagefs.errors import (
     Busy,
     ChecksumMismatch,
     CorruptImage,
+    ImageReplaced,
     NoSuchImage,
     NotAnImage,
     SystemFailure,
@@ -110,6 +111,7 @@ class ImageFile:
         self._append_pos: int | None = None
         self.slot_written = False  # set the moment a publication's slot write returned
         self._local = threading.local()  # a ZstdDecompressor is not thread-safe
+        self.unnamed = False  # an O_TMPFILE file that path will name once it is whole
 
     # ---- opening -------------------------------------------------------------------------
 
@@ -298,15 +300,32 @@ class ImageFile:
             dctx = self._local.dctx = zstandard.ZstdDecompressor()
         return dctx
 
-    def decode_payload(self, info: FrameInfo, payload: bytes) -> bytes:
+    def read_stored(self, offset: int, kind: bytes) -> tuple[FrameInfo, bytes]:
+        """The frame at offset as stored (still compressed), its checksum and sizes checked:
+        what a copy of the frame into another file takes (export), without decompressing."""
+        info = self.frame_info(offset, kind)
+        payload = os.pread(self.fd, info.stored, offset + F.FRAME_HEADER)
+        self._check_stored(info, payload)
+        return info, payload
+
+    def _check_stored(self, info: FrameInfo, payload: bytes) -> None:
         where = f"{_KIND_WORDS[info.kind]} at offset {info.offset}"
         if len(payload) != info.stored or xxhash.xxh3_64_intdigest(payload) != info.check:
             raise ChecksumMismatch(self.path, where)
+        if info.codec != F.CODEC_STORED:
+            try:
+                size = zstandard.frame_content_size(payload)
+            except zstandard.ZstdError as e:
+                raise CorruptImage(self.path, f"{where}: not a zstd frame ({e})") from None
+            if size != info.raw:
+                raise CorruptImage(self.path, f"{where}: zstd frame size differs from header")
+
+    def decode_payload(self, info: FrameInfo, payload: bytes) -> bytes:
+        where = f"{_KIND_WORDS[info.kind]} at offset {info.offset}"
+        self._check_stored(info, payload)
         if info.codec == F.CODEC_STORED:
             return payload
         try:
-            if zstandard.frame_content_size(payload) != info.raw:
-                raise CorruptImage(self.path, f"{where}: zstd frame size differs from header")
             raw = self._decompressor().decompress(payload, max_output_size=info.raw)
         except zstandard.ZstdError as e:
             raise CorruptImage(self.path, f"{where}: cannot decompress ({e})") from None
@@ -334,11 +353,27 @@ class ImageFile:
         while True:
             try:
                 fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self._still_named()
                 return
             except BlockingIOError:
                 if deadline is not None and time.monotonic() >= deadline:
                     raise Busy(self.path, "try again later, or pass --wait") from None
                 time.sleep(0.05)
+
+    def _still_named(self) -> None:
+        """Refuse (and unlock) when path no longer names this file: `imagefs optimize`
+        replaced it while this writer waited, and a commit into the old file is lost."""
+        if self.unnamed:
+            return
+        mine = os.fstat(self.fd)
+        try:
+            now = os.stat(self.path)
+            same = (now.st_dev, now.st_ino) == (mine.st_dev, mine.st_ino)
+        except OSError:
+            same = False
+        if not same:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            raise ImageReplaced(self.path)
 
     def begin_append(self, commit: Commit) -> None:
         """Start appending after the committed end, cutting a dead writer's leftovers."""
@@ -404,7 +439,7 @@ class ImageFile:
 _KIND_WORDS = {F.KIND_PACK: "pack", F.KIND_META: "metadata block",
                F.KIND_TABLE: "chunk table", F.KIND_COMMIT: "commit record"}
 
-_cctx: dict[int, zstandard.ZstdCompressor] = {}
+_cctx = threading.local()  # this thread's compressors, by level; freed with the thread
 
 
 def compress(raw: bytes, level: int) -> bytes:
@@ -413,9 +448,13 @@ def compress(raw: bytes, level: int) -> bytes:
 
 
 def compressor(level: int) -> zstandard.ZstdCompressor:
-    """A compressor for this thread and level (a ZstdCompressor is not shared by threads)."""
-    key = (threading.get_ident() << 8) | (level & 0xFF)
-    c = _cctx.get(key)
+    """A compressor for this thread and level (a ZstdCompressor is not shared by threads).
+    Thread-local, so that a writer's worker threads take their contexts (~11 MB each at
+    level 9) with them when they end, in a long-lived daemon as in one export."""
+    mine: dict[int, zstandard.ZstdCompressor] | None = getattr(_cctx, "by_level", None)
+    if mine is None:
+        mine = _cctx.by_level = {}
+    c = mine.get(level)
     if c is None:
-        c = _cctx[key] = zstandard.ZstdCompressor(level=level, write_content_size=True)
+        c = mine[level] = zstandard.ZstdCompressor(level=level, write_content_size=True)
     return c

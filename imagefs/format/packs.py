@@ -151,6 +151,9 @@ class PackWriter:
         self._buf = bytearray()
         self._pack = _PendingPack()
         self._pool = ThreadPoolExecutor(max_workers=threads or os.cpu_count() or 2)
+        # packs sealed but not yet written: each holds its raw bytes and a compressor
+        # context (~11 MB at level 9) busy, so fewer threads keep fewer waiting
+        self.max_pending = self.MAX_PENDING if threads is None else 2 * threads
         self._pending: list[tuple[_PendingPack, int, Future[bytes]]] = []
         self.stored_bytes = 0
         self.new_bytes = 0
@@ -180,7 +183,7 @@ class PackWriter:
         self._pending.append((self._pack, len(raw), fut))
         self._buf = bytearray()
         self._pack = _PendingPack()
-        while len(self._pending) > self.MAX_PENDING:
+        while len(self._pending) > self.max_pending:
             self._write_oldest()
 
     def _write_oldest(self) -> None:

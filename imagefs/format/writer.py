@@ -127,8 +127,10 @@ class Transaction:
 
     def __init__(self, image: ImageFile, level: int = 3, wait: float | None = None,
                  on_wait: Callable[[], None] | None = None,
-                 on_pack: Callable[[int, int], None] | None = None) -> None:
+                 on_pack: Callable[[int, int], None] | None = None,
+                 pack_threads: int | None = None) -> None:
         self.image = image
+        self._pack_threads = pack_threads  # None: a compressing thread per CPU
         self.level = level
         self._wait = wait
         self._on_wait = on_wait
@@ -158,7 +160,7 @@ class Transaction:
             self._table = ChunkTable.load(self.image, self.commit)
         if self.packs is None:
             self.packs = PackWriter(self.image, self._table, self.level,
-                                    on_written=self._on_pack)
+                                    threads=self._pack_threads, on_written=self._on_pack)
         return self.packs
 
     def finish_packs(self) -> None:
@@ -168,6 +170,11 @@ class Transaction:
             self._stored += self.packs.stored_bytes
             self.packs = None
         crash_point("after-packs")
+
+    def copied_packs(self, stored_bytes: int) -> None:
+        """Count pack frames appended as they were (pack_copy.PackCopier) in the commit's
+        stored bytes, as the packs this transaction compresses are."""
+        self._stored += stored_bytes
 
     def write_tree(self, root: PendingInode) -> TreeStats:
         """Finish the packs, then write root's records; returns what to put in the index."""

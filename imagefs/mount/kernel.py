@@ -29,6 +29,7 @@ class KernelMount:
     fstype: str
     source: str
     device: str  # "major:minor", the bdi name
+    writable: bool = False  # mounted rw (a session, for imagefs)
 
 
 def _unescape(field_: str) -> str:
@@ -56,7 +57,8 @@ def kernel_mounts() -> list[KernelMount]:
             except ValueError:
                 continue
             found.append(KernelMount(_unescape(parts[4]), parts[sep + 1],
-                                     _unescape(parts[sep + 2]), parts[2]))
+                                     _unescape(parts[sep + 2]), parts[2],
+                                     "rw" in parts[5].split(",")))
     return found
 
 

@@ -1,0 +1,149 @@
+"""imagefs optimize (issue 16): the file rewritten in place without what no index uses;
+exact, atomic (killed anywhere, the name holds the old file or the new one, whole), and
+refused while sessions are written against the old layout."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import cli_zygote
+import pytest
+from conftest import assert_same_tree, mounted_rw, run_imagefs
+from test_atomic import CONTAINER_POINTS, WRITER_POINTS, _env, assert_clean, run_cli, state
+from test_hostile import assert_clear_failure
+from test_hostile import run_cli as run_hostile
+
+from imagefs.errors import ImageReplaced
+from imagefs.format.container import ImageFile
+from imagefs.optimize import TEMP_PREFIX, optimize
+
+OPTIMIZE_POINTS = ["optimize-linked", "optimize-replaced"]
+REPLACED = {"optimize-replaced"}  # the rename is done: the name holds the new file
+
+
+def _files(root: Path, seed: int, count: int) -> Path:
+    rng = random.Random(seed)
+    root.mkdir(parents=True)
+    for i in range(count):
+        (root / f"f{i}").write_bytes(rng.randbytes(96 << 10) * 2)
+    (root / "small").write_text(f"tree {seed}\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def trees(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("optimize")
+    return {"gone": _files(base / "gone", 1, 24), "kept": _files(base / "kept", 2, 12)}
+
+
+@pytest.fixture(scope="module")
+def deleted(trees: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An image whose first index was deleted: its content is still in the file."""
+    img = tmp_path_factory.mktemp("optimize-img") / "deleted.imagefs"
+    run_imagefs("capture", trees["gone"], img, "--name", "gone")
+    run_imagefs("capture", trees["kept"], img, "--name", "kept")
+    run_imagefs("delete", img, "gone")
+    return img
+
+
+def _copy(src: Path, tmp_path: Path) -> Path:
+    return shutil.copyfile(src, tmp_path / "image.imagefs")
+
+
+def test_what_delete_left_is_dropped(trees: dict[str, Path], deleted: Path,
+                                     tmp_path: Path) -> None:
+    img = _copy(deleted, tmp_path)
+    os.chmod(img, 0o600)
+    os.chown(img, 1234, 2345)
+    before, size = state(img), img.stat().st_size
+    doc = json.loads(run_imagefs("optimize", img, "--json").stdout)
+    assert doc["size_before"] == size and doc["size_after"] == img.stat().st_size
+    assert doc["size_after"] < size - (24 * 96 << 10)  # gone's content, ~2.3 MiB, is gone
+    assert state(img) == before  # names and digests
+    assert_clean(img)
+    st = img.stat()
+    assert (st.st_mode & 0o7777, st.st_uid, st.st_gid) == (0o600, 1234, 2345)
+    applied = tmp_path / "applied"
+    run_imagefs("apply", img, "kept", applied)
+    assert_same_tree(trees["kept"], applied)
+    history = json.loads(run_imagefs("info", img, "1", "--history", "--json").stdout)
+    assert "optimize" in json.dumps(history)
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(TEMP_PREFIX)]
+
+
+def test_a_level_recompresses(deleted: Path, tmp_path: Path) -> None:
+    img = _copy(deleted, tmp_path)
+    before = state(img)
+    run_imagefs("optimize", img, "--level", "1")
+    assert state(img) == before
+    assert_clean(img)
+
+
+@pytest.mark.parametrize("point", CONTAINER_POINTS + WRITER_POINTS + OPTIMIZE_POINTS)
+def test_killed_at(point: str, deleted: Path, tmp_path: Path) -> None:
+    img = _copy(deleted, tmp_path)
+    before, inode = state(img), img.stat().st_ino
+    p = run_cli("optimize", img, crash_at=point)
+    assert p.returncode == -signal.SIGKILL, (p.returncode, p.stderr)
+    assert_clean(img)
+    assert state(img) == before
+    assert (img.stat().st_ino != inode) == (point in REPLACED)
+    # the next optimize removes what the dead one left beside the file, and goes on
+    p = run_cli("optimize", img)
+    assert p.returncode == 0, p.stderr
+    assert_clean(img)
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(TEMP_PREFIX)]
+
+
+def test_random_kills(deleted: Path, tmp_path: Path) -> None:
+    rng = random.Random(int(os.environ.get("IMAGEFS_KILL_SEED", "3")))
+    img = _copy(deleted, tmp_path)
+    before, outcomes = state(img), {"old": 0, "new": 0}
+    for _ in range(20):
+        inode = img.stat().st_ino
+        proc = cli_zygote.popen(["optimize", str(img)], env=_env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            proc.wait(timeout=rng.uniform(0.02, 0.6))
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+        _, err = proc.communicate(timeout=60)
+        assert b"Traceback" not in err and proc.returncode in (0, -signal.SIGKILL), err
+        assert_clean(img)
+        assert state(img) == before
+        outcomes["new" if img.stat().st_ino != inode else "old"] += 1
+    assert run_cli("optimize", img).returncode == 0
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(TEMP_PREFIX)]
+    print(f"\n20 kills of optimize: {outcomes}")
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("fusermount3") is None,
+                    reason="needs root and FUSE")
+def test_refused_while_a_session_is_open(deleted: Path, tmp_path: Path) -> None:
+    img = _copy(deleted, tmp_path)
+    data = img.read_bytes()
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with mounted_rw(img, "1", mnt):
+        (mnt / "new").write_text("staged\n")
+        line = assert_clear_failure(run_hostile("optimize", img), (6,))
+        assert "session(s) of it are open" in line
+        assert img.read_bytes() == data
+    run_imagefs("optimize", img)
+    assert_clean(img)
+
+
+def test_a_writer_that_waited_on_the_replaced_file_refuses(deleted: Path,
+                                                           tmp_path: Path) -> None:
+    img = _copy(deleted, tmp_path)
+    with ImageFile.open(str(img), writable=True) as waiting:
+        optimize(str(img))
+        with pytest.raises(ImageReplaced):
+            waiting.lock(wait=0)
+    assert_clean(img)
