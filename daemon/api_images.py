@@ -187,6 +187,33 @@ async def export_indices(call: Call, image: str, index: int | str | list[Any], d
     return job_answer(call, job, subscribe)
 
 
+@method("images.optimize", image=required(str), level=optional(int, default=None),
+        subscribe=optional(bool, default=False))
+async def optimize_image(call: Call, image: str, level: int | None, subscribe: bool) -> Any:
+    """Job: rewrite `image` in place holding only what its indices reference (a new file
+    beside it takes its name in one rename; its directory must be writable).  Packs used
+    whole are copied as stored; `level` recompresses everything at it.  Refused while the
+    image has sessions.  Cancelled, the image stays as it was."""
+    from imagefs.optimize import optimize
+
+    call.daemon.check_accepting()
+    if level is not None:
+        check_level(level)
+    path = await check_path("image", image, call.peer, CREATE, IMAGE)
+    params = {"image": image, "level": level}
+    who = history_who(call, "images.optimize", params)
+
+    def work(ctx: JobContext) -> dict[str, Any]:
+        with acting_as(call.peer):
+            done = until_not_busy(ctx, lambda: optimize(
+                path, level, progress=ctx.advance, on_total=ctx.set_total, who=who, wait=0))
+        return {**done.to_json(), "image": image}
+
+    job = call.daemon.jobs.submit("images.optimize", params, call.peer.uid, work,
+                                  lock_key=path)
+    return job_answer(call, job, subscribe)
+
+
 @method("images.verify", image=required(str), subscribe=optional(bool, default=False))
 async def verify_image(call: Call, image: str, subscribe: bool) -> Any:
     """Job: read and check every byte of `image`; the result is the report (`ok`, and

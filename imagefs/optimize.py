@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from imagefs.errors import SessionsOpen
+from imagefs.errors import DestinationError, SessionsOpen
 from imagefs.export import export_all_into, link_unnamed, new_unnamed
 from imagefs.format.container import crash_point
 from imagefs.format.files import fsync_dir
@@ -65,8 +65,7 @@ def optimize(path: str, level: int | None = None,
         before = os.fstat(image.file.fd)
         out = new_unnamed(path)
         try:
-            os.fchmod(out.fd, before.st_mode & 0o7777)
-            os.fchown(out.fd, before.st_uid, before.st_gid)
+            _keep_owner(out.fd, path, before)
             export_all_into(image, numbers, out, level, progress, who, action="optimize")
             _replace(out.fd, path)
             after = os.fstat(out.fd).st_size
@@ -79,7 +78,10 @@ def _refuse_sessions(path: str, uuid: str, mine: os.stat_result) -> None:
     """SessionsOpen if a session of the image is known here (live or waiting for its
     commit), or if the kernel has a writable imagefs mount of the file (a session kept in
     another state directory: another user's, the daemon's)."""
-    sessions = [s for s in list_sessions() if s.uuid == uuid]
+    try:
+        sessions = [s for s in list_sessions() if s.uuid == uuid]
+    except OSError:  # a state directory this user may not read: the kernel's table says
+        sessions = []
     found = [s.id for s in sessions]
     for m in kernel_mounts():
         if m.fstype != FSTYPE or not m.writable or m.mountpoint in {
@@ -91,6 +93,18 @@ def _refuse_sessions(path: str, uuid: str, mine: os.stat_result) -> None:
                 found.append(m.mountpoint)
     if found:
         raise SessionsOpen(path, len(found), ", ".join(found))
+
+
+def _keep_owner(fd: int, path: str, old: os.stat_result) -> None:
+    """The new file gets the old one's owner and mode, or optimize refuses: replacing
+    an image must not hand it to whoever optimized it."""
+    try:
+        os.fchown(fd, old.st_uid, old.st_gid)
+    except PermissionError:
+        raise DestinationError(path, f"its owner (uid {old.st_uid}, gid {old.st_gid}) "
+                                     "cannot be kept by this user; optimize it as its "
+                                     "owner or as root") from None
+    os.fchmod(fd, old.st_mode & 0o7777)
 
 
 def _replace(fd: int, path: str) -> None:

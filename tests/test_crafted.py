@@ -243,6 +243,7 @@ VERBS: dict[str, Verb] = {
     "info-json": lambda img, w, e: ["info", img, "--json"],
     "info-history": lambda img, w, e: ["info", img, "--history"],
     "info-history-json": lambda img, w, e: ["info", img, e.index, "--history", "--json"],
+    "info-space-json": lambda img, w, e: ["info", img, "--space", "--json"],
     "ls-R": lambda img, w, e: ["ls", img, e.index, "/", "-R"],
     "ls-lR": lambda img, w, e: ["ls", img, e.index, "/", "-lR"],
     "extract": lambda img, w, e: ["extract", img, e.index, "/", "--dest", w / "extract"],
@@ -258,7 +259,7 @@ VERBS: dict[str, Verb] = {
     # in place: on a copy, so that the other verbs read the image as crafted
     "optimize": lambda img, w, e: ["optimize", shutil.copyfile(img, w / "optimize.ifs")],
 }
-JSON_VERBS = ("info-json", "info-history-json", "verify-json")
+JSON_VERBS = ("info-json", "info-history-json", "info-space-json", "verify-json")
 ALLOWED_IN_WORK = {"image.ifs", "outside", "extract", "apply", "export.ifs",
                    "export-moved.ifs", "optimize.ifs", "mnt"}
 

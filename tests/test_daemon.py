@@ -470,3 +470,30 @@ async def test_a_thousand_idle_connections(tmp_path: Path, state: Path) -> None:
         with trio.fail_after(30):
             while d.connections > 0:
                 await trio.sleep(0.05)
+
+
+@pytest.mark.trio
+async def test_optimize_as_a_job_keeps_the_image_until_it_is_whole(tmp_path: Path,
+                                                                   state: Path) -> None:
+    image = tmp_path / "o.imagefs"
+    run_imagefs("capture", big_tree(tmp_path / "tree"), image, "--name", "big", "--level", "1")
+    run_imagefs("capture", tmp_path / "tree", image, "--name", "again")
+    run_imagefs("delete", image, "big")
+    before = image.read_bytes()
+    async with daemon_in_process(tmp_path / "d.sock"), client(tmp_path / "d.sock") as c:
+        job = await c.call("images.optimize", image=str(image), subscribe=True)
+        await c.next_notification()
+        await c.call("jobs.cancel", job=job["job"])
+        done = await c.call("jobs.wait", job=job["job"], timeout=60)
+        assert done["state"] in ("cancelled", "done"), done
+        if done["state"] == "cancelled":
+            assert image.read_bytes() == before
+        job = await c.call("images.optimize", image=str(image))
+        done = await c.call("jobs.wait", job=job["job"], timeout=60)
+        assert done["state"] == "done", done
+        assert done["result"]["image"] == str(image) and done["result"]["indices"] == 1
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".imagefs-optimize-")]
+    run_imagefs("verify", image)
+    history = json.loads(run_imagefs("info", image, "1", "--history", "--json").stdout)
+    last = history["indices"][0]["history"][-1]
+    assert last["action"] == "optimize" and last["method"] == "images.optimize"

@@ -103,6 +103,7 @@ def digest_file(path: Path) -> str | None:
 VERBS: dict[str, Callable[[Path, Path, str], list[object]]] = {
     "info": lambda img, w, v: ["info", img],
     "info-json": lambda img, w, v: ["info", img, "2", "--json"],
+    "info-space": lambda img, w, v: ["info", img, "--space"],
     "ls": lambda img, w, v: ["ls", img, "2"],
     "ls-l": lambda img, w, v: ["ls", img, "2", "/", "-l"],
     "ls-R": lambda img, w, v: ["ls", img, "2", "/", "-R"],
@@ -124,9 +125,9 @@ FILE_VERBS = ["info", "ls", "cat", "extract", "apply", "verify", "delete", "expo
               "export-moved", "optimize", "diff", "capture"]
 # Crafted records: every verb that reads them (info and delete read only the commit).
 READ_ALL = ["ls", "cat", "extract-root", "apply", "verify", "export", "export-moved",
-            "optimize", "diff"]
+            "optimize", "info-space", "diff"]
 CHILD = ["ls-l", "cat", "extract-root", "apply", "verify", "export", "export-moved",
-         "optimize", "diff"]
+         "optimize", "info-space", "diff"]
 DATA = ["cat", "extract", "apply", "verify", "export", "export-moved", "optimize"]
 # Variants of a case above that take the same path through the code: the writing verbs.
 FEW = ["ls-R", "extract-root", "apply", "verify-json"]

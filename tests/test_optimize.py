@@ -14,12 +14,12 @@ from pathlib import Path
 
 import cli_zygote
 import pytest
-from conftest import assert_same_tree, mounted_rw, run_imagefs
+from conftest import assert_same_tree, mounted_rw, public_dir, run_imagefs
 from test_atomic import CONTAINER_POINTS, WRITER_POINTS, _env, assert_clean, run_cli, state
 from test_hostile import assert_clear_failure
 from test_hostile import run_cli as run_hostile
 
-from imagefs.errors import ImageReplaced
+from imagefs.errors import DestinationError, ImageReplaced
 from imagefs.format.container import ImageFile
 from imagefs.optimize import TEMP_PREFIX, optimize
 
@@ -147,3 +147,56 @@ def test_a_writer_that_waited_on_the_replaced_file_refuses(deleted: Path,
         with pytest.raises(ImageReplaced):
             waiting.lock(wait=0)
     assert_clean(img)
+
+
+def test_info_space_says_what_optimize_would_drop(deleted: Path, tmp_path: Path) -> None:
+    img = _copy(deleted, tmp_path)
+
+    def space() -> dict:
+        return json.loads(run_imagefs("info", img, "--space", "--json").stdout)
+
+    before = space()
+    # gone's 24 files of 2 x 96 KiB random halves: ~2.3 MiB stored, no index uses them
+    assert before["reclaimable_chunks"] >= 24
+    assert before["reclaimable_bytes"] > 24 * 96 << 10
+    (index,) = before["indices"]
+    assert 12 * 96 << 10 < index["stored_bytes"] <= before["stored_bytes"]
+    assert index["content_bytes"] >= 12 * 96 << 10
+    shrunk = img.stat().st_size
+    run_imagefs("optimize", img)
+    after = space()
+    assert after["reclaimable_bytes"] == after["reclaimable_chunks"] == 0
+    assert shrunk - img.stat().st_size >= before["reclaimable_bytes"]
+    assert after["indices"][0]["content_bytes"] == index["content_bytes"]
+    text = run_imagefs("info", img, "--space").stdout.decode()
+    assert "Reclaimable:     0 B in 0 chunks" in text and "Stored:" in text
+
+
+def test_a_user_who_cannot_keep_the_owner_is_refused(deleted: Path) -> None:
+    """Replacing the file must not hand it over: a user who may write the image and its
+    directory, but is not its owner, cannot give the new file the old owner."""
+    where = public_dir("imagefs-optimize-owner-")
+    where.chmod(0o777)
+    img = shutil.copyfile(deleted, where / "image.imagefs")
+    os.chown(img, 4321, 4321)
+    os.chmod(img, 0o666)
+    data = img.read_bytes()
+    pid = os.fork()
+    if pid == 0:  # the child: user 1234, optimize in process, say how it ended
+        code = 99
+        try:
+            os.setgroups([])
+            os.setgid(1234)
+            os.setuid(1234)
+            optimize(str(img))
+            code = 0
+        except DestinationError as e:
+            code = 7 if "cannot be kept" in str(e) else 98
+        except BaseException:  # noqa: BLE001 - reported as a code the test names
+            code = 97
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 7
+    assert img.read_bytes() == data and img.stat().st_uid == 4321
+    assert not [n for n in os.listdir(where) if n.startswith(TEMP_PREFIX)]

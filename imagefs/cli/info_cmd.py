@@ -1,4 +1,4 @@
-"""imagefs info IMAGE [INDEX]: what the file holds (reads only the commit record)."""
+"""imagefs info IMAGE [INDEX]: what the file holds (the commit record; --space: the records)."""
 
 from __future__ import annotations
 
@@ -17,11 +17,16 @@ def register(sub: Any) -> None:
         description="Show each index (number, name, description, creation time, file count, "
                     "logical bytes) and, for the file, its size on disk, unique stored "
                     "bytes, the dedup and compression ratios and the format version. "
-                    "Reads only the header and the commit record, however large the image.",
+                    "Reads only the header and the commit record, however large the image "
+                    "(--space reads every index's records too).",
         epilog="example: imagefs info golden.imagefs 2 --json")
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("index", metavar="INDEX", nargs="?", help="only this index")
     p.add_argument("--history", action="store_true", help="also show each index's history")
+    p.add_argument("--space", action="store_true",
+                   help="also read every index's records to say what each index's content "
+                        "takes on disk and what no index uses any more (what `imagefs "
+                        "optimize` would drop); costs about an `ls -R` of every index")
     add_json(p)
     p.set_defaults(func=run)
 
@@ -30,6 +35,8 @@ def run(args: argparse.Namespace) -> int:
     with Image.open(args.image) as img:
         doc = img.describe(args.index, args.history)
         count = len(img.indices)
+        if args.space:
+            _add_space(img, doc)
     doc["image"] = args.image
     if args.json:
         print_json(doc)
@@ -47,6 +54,10 @@ def run(args: argparse.Namespace) -> int:
              else ""))
     if logical and size:
         print(f"Savings:         {100 * (1 - size / logical):.1f}% of the logical bytes")
+    if args.space:
+        print(f"Reclaimable:     {human(doc['reclaimable_bytes'])} in "
+              f"{doc['reclaimable_chunks']} chunks no index uses (imagefs optimize drops "
+              "them)")
     for e in doc["indices"]:
         print()
         print(f"Index:           {e['index']}")
@@ -56,6 +67,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"Modified:        {e['modified']}")
         print(f"Files:           {e['files']} (and {e['dirs']} directories)")
         print(f"Bytes:           {human(e['bytes'])} ({e['bytes']} bytes)")
+        if args.space:
+            print(f"Stored:          {human(e['stored_bytes'])} for its "
+                  f"{human(e['content_bytes'])} of distinct content (shared content counts "
+                  "in each index)")
         print(f"Digest:          sha256:{e['digest']}")
         for h in e.get("history", []):
             extra = ", ".join(_detail(k, v) for k, v in h.items()
@@ -63,6 +78,18 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {h.get('when', '?')}  uid {h.get('uid', '?')}  "
                   f"{h.get('action', '?')}  {extra}")
     return 0
+
+
+def _add_space(img: Image, doc: dict[str, Any]) -> None:
+    """info --space's figures, into what describe() gave."""
+    from imagefs.space import space
+
+    found = space(img)
+    doc["reclaimable_bytes"] = found.reclaimable_bytes
+    doc["reclaimable_chunks"] = found.reclaimable_chunks
+    for e in doc["indices"]:
+        e["stored_bytes"] = found.index_stored[e["index"] - 1]
+        e["content_bytes"] = found.index_content[e["index"] - 1]
 
 
 HISTORY_VALUE = 160  # characters of one value of a history entry shown (--json: all)

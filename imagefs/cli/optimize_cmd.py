@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 from ._common import add_json, human, print_json, progress
+from ._daemon import absolute, add_daemon_options, call, daemon_client, run_job
 
 
 def register(sub: Any) -> None:
@@ -22,7 +23,9 @@ def register(sub: Any) -> None:
                     "their numbers, names, history and digests; the file's mode and owner "
                     "stay. Refused while the image has sessions (writable mounts, or ones "
                     "waiting for their commit): commit or discard them first. Read-only "
-                    "mounts go on reading the old file until they are unmounted.",
+                    "mounts go on reading the old file until they are unmounted. Exit "
+                    "codes: 6 sessions open or the lock held past --wait, 4 a damaged "
+                    "pack or record (the file is left as it was), 8 no space.",
         epilog="examples: imagefs optimize golden.imagefs; "
                "imagefs optimize golden.imagefs --level 19 --json")
     p.add_argument("image", metavar="IMAGE")
@@ -32,18 +35,24 @@ def register(sub: Any) -> None:
     p.add_argument("--wait", type=float, default=None, metavar="SECONDS",
                    help="wait at most this long for another writer (default: wait)")
     add_json(p)
+    add_daemon_options(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from imagefs.optimize import optimize
+    from imagefs.optimize import optimize  # not at the top: the daemon path needs none of it
 
-    with progress("optimizing", not args.json) as bar:
-        done = optimize(args.image, args.level, progress=bar.advance, on_total=bar.total,
-                        wait=args.wait)
+    with progress("optimizing", not args.json) as bar, daemon_client(args) as c:
+        if c is not None:
+            job = call(c, "images.optimize", image=absolute(args.image), level=args.level,
+                       subscribe=True)
+            doc = run_job(c, job, bar)
+        else:
+            doc = optimize(args.image, args.level, progress=bar.advance, on_total=bar.total,
+                           wait=args.wait).to_json()
     if args.json:
-        print_json(done.to_json())
+        print_json(doc)
     else:
-        print(f"optimized {args.image}: {human(done.size_before)} -> "
-              f"{human(done.size_after)} ({done.indices} indices)", file=sys.stderr)
+        print(f"optimized {args.image}: {human(doc['size_before'])} -> "
+              f"{human(doc['size_after'])} ({doc['indices']} indices)", file=sys.stderr)
     return 0
