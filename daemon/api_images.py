@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from imagefs.errors import Busy, UsageError
 from imagefs.format.files import open_regular
 from imagefs.format.lru import WeightedLRU
-from imagefs.image import DEFAULT_LEVEL, Image, capture, check_level, delete
+from imagefs.image import Image, capture, check_level, delete
 
 from .access import (
     CREATE,
@@ -103,14 +103,16 @@ async def delete_index(call: Call, image: str, index: int | str) -> Any:
 
 
 @method("images.capture", image=required(str), source=required(str), name=required(str),
-        description=optional(str, default=""), level=optional(int, default=DEFAULT_LEVEL),
-        subscribe=optional(bool, default=False))
+        description=optional(str, default=""), level=optional(int, default=None),
+        compact=optional(bool, default=False), subscribe=optional(bool, default=False))
 async def capture_tree(call: Call, image: str, source: str, name: str, description: str,
-                       level: int, subscribe: bool) -> Any:
+                       level: int | None, compact: bool, subscribe: bool) -> Any:
     """Job: capture the directory `source` as a new index `name` of `image` (created if
-    missing).  Cancelled, it leaves the image as it was."""
+    missing, with the compact profile's packs if `compact`).  `level`: default 9, or 19
+    with `compact`.  Cancelled, it leaves the image as it was."""
     call.daemon.check_accepting()
-    check_level(level)
+    if level is not None:
+        check_level(level)
     if not name.strip():
         raise UsageError("`name` must not be empty")
     path_param("image", image)  # the form of both paths first
@@ -118,14 +120,14 @@ async def capture_tree(call: Call, image: str, source: str, name: str, descripti
     path = await check_path("image", image, call.peer, CREATE, IMAGE)
     src = await check_path("source", source, call.peer, READ, DIRECTORY)
     params = {"image": image, "source": source, "name": name, "description": description,
-              "level": level}
+              "level": level, "compact": compact}
     who = history_who(call, "images.capture", params)
 
     def work(ctx: JobContext) -> dict[str, Any]:
         with acting_as(call.peer):
             r = until_not_busy(ctx, lambda: capture(
                 path, src, name, description, level, progress=ctx.advance,
-                on_total=ctx.set_total, wait=0, who=who))
+                on_total=ctx.set_total, wait=0, who=who, compact=compact))
         return {"index": r.index, "name": r.name, "files": r.files, "bytes": r.bytes,
                 "new_bytes": r.new_bytes, "stored_bytes": r.stored_bytes}
 
@@ -149,13 +151,13 @@ def until_not_busy(ctx: JobContext, attempt: Callable[[], T]) -> T:
 
 @method("images.export", image=required(str), index=required(int, str, list),
         dest=required(str), level=optional(int, default=None),
-        subscribe=optional(bool, default=False))
+        compact=optional(bool, default=False), subscribe=optional(bool, default=False))
 async def export_indices(call: Call, image: str, index: int | str | list[Any], dest: str,
-                         level: int | None, subscribe: bool) -> Any:
+                         level: int | None, compact: bool, subscribe: bool) -> Any:
     """Job: copy indices (a number, a name, a list of them, or "all") of `image` into the
     compacted file `dest` (new, or an image to add them to).  Packs they use whole are
-    copied as stored; `level` recompresses everything at it.  Cancelled, a new `dest`
-    never appears."""
+    copied as stored; `level` recompresses everything at it, `compact` into the compact
+    profile's packs (a new `dest` gets them).  Cancelled, a new `dest` never appears."""
     from imagefs.export import export
 
     call.daemon.check_accepting()
@@ -173,14 +175,15 @@ async def export_indices(call: Call, image: str, index: int | str | list[Any], d
     path_param("dest", dest)
     src = await check_path("image", image, call.peer, READ, IMAGE)
     out = await check_path("dest", dest, call.peer, CREATE, DEST)
-    params = {"image": image, "index": index, "dest": dest, "level": level}
+    params = {"image": image, "index": index, "dest": dest, "level": level,
+              "compact": compact}
     who = history_who(call, "images.export", params)
 
     def work(ctx: JobContext) -> dict[str, Any]:
         with acting_as(call.peer):
             numbers = until_not_busy(ctx, lambda: export(
                 src, selection, out, level, progress=ctx.advance, on_total=ctx.set_total,
-                who=who, wait=0))
+                who=who, wait=0, compact=compact))
         return {"dest": dest, "indices": numbers}
 
     job = call.daemon.jobs.submit("images.export", params, call.peer.uid, work, lock_key=out)
@@ -188,25 +191,28 @@ async def export_indices(call: Call, image: str, index: int | str | list[Any], d
 
 
 @method("images.optimize", image=required(str), level=optional(int, default=None),
-        subscribe=optional(bool, default=False))
-async def optimize_image(call: Call, image: str, level: int | None, subscribe: bool) -> Any:
+        compact=optional(bool, default=False), subscribe=optional(bool, default=False))
+async def optimize_image(call: Call, image: str, level: int | None, compact: bool,
+                         subscribe: bool) -> Any:
     """Job: rewrite `image` in place holding only what its indices reference (a new file
     beside it takes its name in one rename; its directory must be writable).  Packs used
-    whole are copied as stored; `level` recompresses everything at it.  Refused while the
-    image has sessions.  Cancelled, the image stays as it was."""
+    whole are copied as stored; `level` recompresses everything at it, `compact` into the
+    compact profile's packs.  Refused while the image has sessions.  Cancelled, the image
+    stays as it was."""
     from imagefs.optimize import optimize
 
     call.daemon.check_accepting()
     if level is not None:
         check_level(level)
     path = await check_path("image", image, call.peer, CREATE, IMAGE)
-    params = {"image": image, "level": level}
+    params = {"image": image, "level": level, "compact": compact}
     who = history_who(call, "images.optimize", params)
 
     def work(ctx: JobContext) -> dict[str, Any]:
         with acting_as(call.peer):
             done = until_not_busy(ctx, lambda: optimize(
-                path, level, progress=ctx.advance, on_total=ctx.set_total, who=who, wait=0))
+                path, level, progress=ctx.advance, on_total=ctx.set_total, who=who, wait=0,
+                compact=compact))
         return {**done.to_json(), "image": image}
 
     job = call.daemon.jobs.submit("images.optimize", params, call.peer.uid, work,

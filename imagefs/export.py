@@ -37,7 +37,7 @@ from imagefs.format.writer import (
 )
 
 from .errors import CorruptImage, DestinationError, UsageError
-from .image import DEFAULT_LEVEL, Image, check_level, check_new_name, is_image_file
+from .image import Image, check_level, check_new_name, is_image_file, profile_level
 
 REPACK_CACHE = 4 << 20  # decompressed packs kept while partly used ones are repacked
 META_CACHE = 4 << 20  # decompressed metadata blocks kept while the trees are read
@@ -139,7 +139,8 @@ def parse_selection(image: Image, selection: str) -> list[int]:
 def export(src: str, selection: str, dest: str, level: int | None = None,
            progress: Callable[[int], None] | None = None,
            on_total: Callable[[int], None] | None = None,
-           who: dict[str, Any] | None = None, wait: float | None = None) -> list[int]:
+           who: dict[str, Any] | None = None, wait: float | None = None,
+           compact: bool = False) -> list[int]:
     """Export the selected indices of src into dest; the new index numbers in dest.
     `wait`: how long to wait for another writer of an existing dest (None: as long as it
     takes; 0: Busy at once, for a caller that retries cancellably).  level: recompress
@@ -159,10 +160,12 @@ def export(src: str, selection: str, dest: str, level: int | None = None,
             if not is_image_file(dest):
                 raise DestinationError(dest, "exists and is not an imagefs image")
             with ImageFile.open(dest, writable=True) as out:
-                return export_all_into(image, numbers, out, level, progress, who, wait)
-        out = new_unnamed(dest)
+                return export_all_into(image, numbers, out, level, progress, who, wait,
+                                       compact=compact)
+        out = new_unnamed(dest, F.COMPACT_PACK_TARGET if compact else F.PACK_TARGET)
         try:
-            result = export_all_into(image, numbers, out, level, progress, who)
+            result = export_all_into(image, numbers, out, level, progress, who,
+                                     compact=compact)
             try:
                 link_unnamed(out.fd, dest)
             except FileExistsError:
@@ -176,13 +179,17 @@ def export(src: str, selection: str, dest: str, level: int | None = None,
 def export_all_into(image: Image, numbers: list[int], out: ImageFile, level: int | None,
                     progress: Callable[[int], None] | None,
                     who: dict[str, Any] | None = None, wait: float | None = None,
-                    action: str = "export") -> list[int]:
+                    action: str = "export", compact: bool = False) -> list[int]:
     """The indices numbers of image written into out in one transaction; their numbers
     there.  action names the history entry each gets (export, optimize).  One index's
-    tree is in memory at a time; indices with the same root share its records."""
-    # One compressing thread: the main one reads and checks beside it, and memory stays
-    # below 64 MB (a compressor context is ~11 MB at level 9).
-    with Transaction(out, level or DEFAULT_LEVEL, wait=wait, pack_threads=1) as tx:
+    tree is in memory at a time; indices with the same root share its records.  compact:
+    every chunk recompressed (at COMPACT_LEVEL unless level says) into out's packs."""
+    recompress = level is not None or compact
+    level = profile_level(level, compact)
+    # Moving packs, one compressing thread repacks the few partly used ones while the main
+    # one reads and checks, and memory stays low (a compressor context is ~11 MB at level
+    # 9); recompressing everything takes one per CPU.
+    with Transaction(out, level, wait=wait, pack_threads=None if recompress else 1) as tx:
         meta, packs = MetaReader(image.file, META_CACHE), PackReader(image.file, REPACK_CACHE)
         views = [IndexView(image.file, n, image.indices[n - 1], meta, packs) for n in numbers]
         names = {e.name for e in tx.commit.indices}
@@ -191,7 +198,7 @@ def export_all_into(image: Image, numbers: list[int], out: ImageFile, level: int
             names.add(view.entry.name)
         copier = PackCopier(image.file, out, tx.pack_writer().table)
         try:
-            moved = {} if level is not None else move_whole_packs(
+            moved = {} if recompress else move_whole_packs(
                 image, used_chunks(views), copier, progress)
             written: dict[int, TreeStats] = {}  # source root -> the tree as written
             new = []
@@ -206,7 +213,8 @@ def export_all_into(image: Image, numbers: list[int], out: ImageFile, level: int
                                                    "digest; run `imagefs verify`")
                 history = history_entry(action, who, source=os.path.abspath(image.path),
                                         source_index=view.number,
-                                        **({} if level is None else {"level": level}))
+                                        **({"level": level} if recompress else {}),
+                                        **({"profile": "compact"} if compact else {}))
                 history["result"] = {"index": len(tx.commit.indices) + 1,
                                      "files": stats.files, "bytes": stats.bytes}
                 new.append(add_index(tx.commit, view.entry.name, view.entry.description,
@@ -242,7 +250,7 @@ def link_unnamed(fd: int, dest: str) -> None:
         os.close(dirfd)
 
 
-def new_unnamed(dest: str) -> ImageFile:
+def new_unnamed(dest: str, pack_target: int = F.PACK_TARGET) -> ImageFile:
     """A new, empty image file without a name yet (O_TMPFILE in dest's directory)."""
     directory = os.path.dirname(os.path.abspath(dest))
     try:
@@ -252,7 +260,7 @@ def new_unnamed(dest: str) -> ImageFile:
     except OSError as e:
         raise DestinationError(dest, e.strerror) from None
     try:
-        header = ImageFile.new_header()
+        header = ImageFile.new_header(pack_target)
         pwrite_all(fd, header, 0)
         out = ImageFile(dest, fd, ImageFile.parse_header(dest, fd), writable=True)
         out.unnamed = True

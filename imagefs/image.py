@@ -132,6 +132,14 @@ def select_index(commit: Commit, spec: str | int, path: str) -> tuple[int, Index
     return found
 
 
+def profile_level(level: int | None, compact: bool) -> int:
+    """The zstd level a writer uses: the one asked (checked), else the profile's."""
+    if level is not None:
+        check_level(level)
+        return level
+    return F.COMPACT_LEVEL if compact else DEFAULT_LEVEL
+
+
 def check_new_name(commit: Commit, name: str, taken: set[str] | None = None) -> None:
     """Refuse a name no index may have, or one the commit's indices (or taken, when the
     caller keeps them in a set) already use."""
@@ -142,27 +150,32 @@ def check_new_name(commit: Commit, name: str, taken: set[str] | None = None) -> 
         raise UsageError(f"an index named {name!r} already exists; choose another name")
 
 
-def open_for_writing(path: str) -> ImageFile:
-    """Open path for appending, creating an empty image first if there is none."""
+def open_for_writing(path: str, pack_target: int = F.PACK_TARGET) -> ImageFile:
+    """Open path for appending, creating an empty image first if there is none (with
+    pack_target in its header)."""
     if not os.path.exists(path):
         # Another writer may create it meanwhile: then append to theirs.
         with contextlib.suppress(FileExistsError):
-            ImageFile.create(path)
+            ImageFile.create(path, pack_target)
     return ImageFile.open(path, writable=True)
 
 
 def capture(image_path: str, src: str, name: str, description: str = "",
-            level: int = DEFAULT_LEVEL, progress: Callable[[int], None] | None = None,
+            level: int | None = None, progress: Callable[[int], None] | None = None,
             on_total: Callable[[int], None] | None = None,
             on_wait: Callable[[], None] | None = None,
-            wait: float | None = None, who: dict[str, Any] | None = None) -> CaptureResult:
-    """Capture the directory src as a new index of image_path (created if missing)."""
+            wait: float | None = None, who: dict[str, Any] | None = None,
+            compact: bool = False) -> CaptureResult:
+    """Capture the directory src as a new index of image_path (created if missing).
+    level: DEFAULT_LEVEL, or with compact COMPACT_LEVEL; compact also gives a new file
+    the compact profile's packs (an existing file keeps its own)."""
     from imagefs.format.writer import Transaction, add_index, history_entry
 
-    check_level(level)
+    level = profile_level(level, compact)
     if not os.path.isdir(src):
         raise UsageError(f"{src}: the source must be an existing directory")
-    with open_for_writing(image_path) as f, \
+    target = F.COMPACT_PACK_TARGET if compact else F.PACK_TARGET
+    with open_for_writing(image_path, target) as f, \
             Transaction(f, level, wait=wait, on_wait=on_wait) as tx:
         check_new_name(tx.commit, name)
         st = os.fstat(f.fd)
@@ -178,7 +191,8 @@ def capture(image_path: str, src: str, name: str, description: str = "",
                                packs.new_bytes, packs.stored_bytes)
         add_index(tx.commit, name, description, stats,
                   history_entry("capture", who, source=os.path.abspath(src), level=level,
-                                result=asdict(result)))
+                                result=asdict(result),
+                                **({"profile": "compact"} if compact else {})))
         tx.publish()
         return result
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from imagefs.errors import DestinationError, SessionsOpen
 from imagefs.export import export_all_into, link_unnamed, new_unnamed
+from imagefs.format import layout as F
 from imagefs.format.container import crash_point
 from imagefs.format.files import fsync_dir
 from imagefs.image import Image, check_level
@@ -48,10 +49,11 @@ class Optimized:
 def optimize(path: str, level: int | None = None,
              progress: Callable[[int], None] | None = None,
              on_total: Callable[[int], None] | None = None,
-             who: dict[str, Any] | None = None, wait: float | None = None) -> Optimized:
+             who: dict[str, Any] | None = None, wait: float | None = None,
+             compact: bool = False) -> Optimized:
     """Rewrite the image at path with only what its indices reference.  level: recompress
-    every chunk at it (None: move whole packs as stored).  wait: for another writer, as
-    export's."""
+    every chunk at it (None: move whole packs as stored).  compact: the compact profile's
+    packs, every chunk recompressed.  wait: for another writer, as export's."""
     if level is not None:
         check_level(level)
     path = os.path.abspath(path)
@@ -63,10 +65,11 @@ def optimize(path: str, level: int | None = None,
         if on_total:
             on_total(sum(e.bytes for e in image.indices))
         before = os.fstat(image.file.fd)
-        out = new_unnamed(path)
+        out = new_unnamed(path, F.COMPACT_PACK_TARGET if compact else F.PACK_TARGET)
         try:
             _keep_owner(out.fd, path, before)
-            export_all_into(image, numbers, out, level, progress, who, action="optimize")
+            export_all_into(image, numbers, out, level, progress, who, action="optimize",
+                            compact=compact)
             _replace(out.fd, path)
             after = os.fstat(out.fd).st_size
         finally:

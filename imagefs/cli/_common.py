@@ -17,6 +17,11 @@ def human(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
+HELP_COMPACT = ("the compact profile: 8 MiB packs at zstd 19 (unless --level), about 10%% "
+                "smaller than the default, slower to write, and a small file read "
+                "decompresses up to 8 MiB")
+
+
 def print_json(doc: Any) -> None:
     json.dump(doc, sys.stdout, indent=2, ensure_ascii=False)
     sys.stdout.write("\n")

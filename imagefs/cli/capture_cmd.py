@@ -8,7 +8,7 @@ from typing import Any
 
 from imagefs.image import DEFAULT_LEVEL, CaptureResult, capture
 
-from ._common import add_json, human, print_json, progress, waiting_note
+from ._common import HELP_COMPACT, add_json, human, print_json, progress, waiting_note
 from ._daemon import absolute, add_daemon_options, call, daemon_client, run_job
 
 
@@ -26,8 +26,11 @@ def register(sub: Any) -> None:
     p.add_argument("image", metavar="IMAGE", help="image file (created if missing)")
     p.add_argument("--name", required=True, help="name of the new index (unique in IMAGE)")
     p.add_argument("--description", default="", help="free text shown by `info`")
-    p.add_argument("--level", type=int, default=DEFAULT_LEVEL,
-                   help=f"zstd level 1-22 (default {DEFAULT_LEVEL})")
+    p.add_argument("--level", type=int,
+                   help=f"zstd level 1-22 (default {DEFAULT_LEVEL}; with --compact 19)")
+    p.add_argument("--compact", action="store_true",
+                   help=HELP_COMPACT + "; a new IMAGE gets its packs, an existing one "
+                        "keeps its own")
     p.add_argument("--wait", type=float, default=None, metavar="SECONDS",
                    help="wait at most this long for another writer (default: wait)")
     add_json(p)
@@ -40,12 +43,14 @@ def run(args: argparse.Namespace) -> int:
         if c is not None:
             job = call(c, "images.capture", image=absolute(args.image),
                        source=absolute(args.src), name=args.name,
-                       description=args.description, level=args.level, subscribe=True)
+                       description=args.description, level=args.level,
+                       compact=args.compact, subscribe=True)
             r = CaptureResult(**run_job(c, job, bar))
         else:
             r = capture(args.image, args.src, args.name, args.description, args.level,
                         progress=bar.advance, on_total=bar.total,
-                        on_wait=waiting_note(args.image), wait=args.wait)
+                        on_wait=waiting_note(args.image), wait=args.wait,
+                        compact=args.compact)
     if args.json:
         print_json(asdict(r))
     else:

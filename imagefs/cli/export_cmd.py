@@ -9,7 +9,7 @@ from typing import Any
 from imagefs.export import export
 from imagefs.image import DEFAULT_LEVEL
 
-from ._common import add_json, print_json, progress
+from ._common import HELP_COMPACT, add_json, print_json, progress
 from ._daemon import absolute, add_daemon_options, call, daemon_client, run_job
 
 
@@ -32,6 +32,8 @@ def register(sub: Any) -> None:
     p.add_argument("--level", type=int,
                    help="recompress every chunk at this zstd level, 1-22 (default: copy "
                         "whole packs as stored)")
+    p.add_argument("--compact", action="store_true",
+                   help=HELP_COMPACT + "; every chunk is recompressed")
     add_json(p)
     add_daemon_options(p)
     p.set_defaults(func=run)
@@ -41,11 +43,12 @@ def run(args: argparse.Namespace) -> int:
     with progress("exporting", not args.json) as bar, daemon_client(args) as c:
         if c is not None:
             job = call(c, "images.export", image=absolute(args.image), index=args.selection,
-                       dest=absolute(args.dest), level=args.level, subscribe=True)
+                       dest=absolute(args.dest), level=args.level, compact=args.compact,
+                       subscribe=True)
             numbers = run_job(c, job, bar)["indices"]
         else:
             numbers = export(args.image, args.selection, args.dest, args.level,
-                             progress=bar.advance, on_total=bar.total)
+                             progress=bar.advance, on_total=bar.total, compact=args.compact)
     if args.json:
         print_json({"dest": args.dest, "indices": numbers})
     else:

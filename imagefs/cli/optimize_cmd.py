@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from ._common import add_json, human, print_json, progress
+from ._common import HELP_COMPACT, add_json, human, print_json, progress
 from ._daemon import absolute, add_daemon_options, call, daemon_client, run_job
 
 
@@ -32,6 +32,8 @@ def register(sub: Any) -> None:
     p.add_argument("--level", type=int,
                    help="recompress every chunk at this zstd level, 1-22 (default: copy "
                         "whole packs as stored)")
+    p.add_argument("--compact", action="store_true",
+                   help=HELP_COMPACT + "; every chunk is recompressed")
     p.add_argument("--wait", type=float, default=None, metavar="SECONDS",
                    help="wait at most this long for another writer (default: wait)")
     add_json(p)
@@ -45,11 +47,11 @@ def run(args: argparse.Namespace) -> int:
     with progress("optimizing", not args.json) as bar, daemon_client(args) as c:
         if c is not None:
             job = call(c, "images.optimize", image=absolute(args.image), level=args.level,
-                       subscribe=True)
+                       compact=args.compact, subscribe=True)
             doc = run_job(c, job, bar)
         else:
             doc = optimize(args.image, args.level, progress=bar.advance, on_total=bar.total,
-                           wait=args.wait).to_json()
+                           wait=args.wait, compact=args.compact).to_json()
     if args.json:
         print_json(doc)
     else:

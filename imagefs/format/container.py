@@ -152,7 +152,7 @@ class ImageFile:
         return Header(version, fuuid, cmin, cavg, cmax, ptarget)
 
     @classmethod
-    def create(cls, path: str) -> None:
+    def create(cls, path: str, pack_target: int = F.PACK_TARGET) -> None:
         """Create an empty image (no indices) at path, atomically; FileExistsError if taken.
 
         The header is written to a temporary file that is then hard-linked into place, so a
@@ -167,7 +167,7 @@ class ImageFile:
         except OSError as e:
             raise SystemFailure(path, e.strerror) from None
         try:
-            os.write(fd, cls.new_header())
+            os.write(fd, cls.new_header(pack_target))
             os.fsync(fd)
             os.close(fd)
             os.link(tmp, path)
@@ -177,10 +177,11 @@ class ImageFile:
                 os.unlink(tmp)
 
     @staticmethod
-    def new_header() -> bytes:
-        """The 4096 header bytes of a new, empty image with today's default parameters."""
+    def new_header(pack_target: int = F.PACK_TARGET) -> bytes:
+        """The 4096 header bytes of a new, empty image with today's default parameters
+        (and pack_target: F.COMPACT_PACK_TARGET for the compact profile)."""
         header = Header(F.FORMAT_VERSION, uuid.uuid4().bytes, F.CHUNK_MIN, F.CHUNK_AVG,
-                        F.CHUNK_MAX, F.PACK_TARGET)
+                        F.CHUNK_MAX, pack_target)
         enc = header.encode()
         return enc + bytes(F.HEADER_SIZE - len(enc))
 

@@ -218,7 +218,11 @@ class PackReader:
 
     def __init__(self, image: ImageFile, cache_bytes: int = 256 << 20) -> None:
         self.image = image
-        self._cache: WeightedLRU[int, bytes] = WeightedLRU(cache_bytes, len)
+        # at least two of the file's largest packs, so that reading on across a pack's end
+        # never decompresses one twice (8 MiB packs of the compact profile, a small cache)
+        largest = image.header.pack_target + image.header.chunk_max
+        self._cache: WeightedLRU[int, bytes] = WeightedLRU(max(cache_bytes, 2 * largest),
+                                                            len)
         self._lock = threading.Lock()
         self._inflight: dict[int, threading.Event] = {}
         # pack -> the (offset, length, xxh3) of each chunk checked in it: a verdict holds
