@@ -109,6 +109,15 @@ def used_chunks(views: list[IndexView]) -> dict[int, set[int]]:
     return used
 
 
+def _used_by(files: list[PendingInode]) -> dict[int, set[int]]:
+    """The chunks files use: pack -> offsets in it."""
+    used: dict[int, set[int]] = {}
+    for node in files:
+        for _foff, pack, poff, _length, _xxh in node.ino.extents:
+            used.setdefault(pack, set()).add(poff)
+    return used
+
+
 def move_whole_packs(image: Image, used: dict[int, set[int]], copier: PackCopier,
                      progress: Callable[[int], None] | None = None
                      ) -> dict[tuple[int, int], ChunkLoc]:
@@ -198,14 +207,19 @@ def export_all_into(image: Image, numbers: list[int], out: ImageFile, level: int
             names.add(view.entry.name)
         copier = PackCopier(image.file, out, tx.pack_writer().table)
         try:
-            moved = {} if recompress else move_whole_packs(
-                image, used_chunks(views), copier, progress)
+            # One root (one index, the common case): its tree is read once and says which
+            # chunks are used; several: a first pass over their records says it.
+            first = read_tree(views[0]) if len({v.entry.root for v in views}) == 1 else None
+            used = (_used_by(first[1]) if first else used_chunks(views))
+            moved = {} if recompress else move_whole_packs(image, used, copier, progress)
+            del used
             written: dict[int, TreeStats] = {}  # source root -> the tree as written
             new = []
             for view in views:
                 stats = written.get(view.entry.root)
                 if stats is None:
-                    stats = written[view.entry.root] = _write_tree(view, tx, moved, progress)
+                    stats = written[view.entry.root] = _write_tree(view, tx, moved, progress,
+                                                                   first)
                 elif progress:
                     progress(view.entry.bytes)
                 if stats.digest.hex() != view.entry.digest:
@@ -229,9 +243,11 @@ def export_all_into(image: Image, numbers: list[int], out: ImageFile, level: int
 
 
 def _write_tree(view: IndexView, tx: Transaction, moved: dict[tuple[int, int], ChunkLoc],
-                progress: Callable[[int], None] | None) -> TreeStats:
-    """The index's tree read, its content placed and its records written."""
-    root, files = read_tree(view)
+                progress: Callable[[int], None] | None,
+                tree: tuple[PendingInode, list[PendingInode]] | None = None) -> TreeStats:
+    """The index's tree (read here unless given), its content placed and its records
+    written."""
+    root, files = tree or read_tree(view)
     place_content(view, files, tx.pack_writer(), moved, progress)
     return tx.write_tree(root)
 
