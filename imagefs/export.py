@@ -27,7 +27,7 @@ from imagefs.format.files import pwrite_all
 from imagefs.format.pack_copy import PackCopier
 from imagefs.format.packs import ChunkLoc, ChunkTable, PackReader, PackWriter
 from imagefs.format.records import MetaReader
-from imagefs.format.view import IndexView
+from imagefs.format.view import IndexView, each_record
 from imagefs.format.writer import (
     PendingInode,
     Transaction,
@@ -92,20 +92,10 @@ def place_content(view: IndexView, files: list[PendingInode], packs: PackWriter,
 def used_chunks(views: list[IndexView]) -> dict[int, set[int]]:
     """The chunks the views' files use: pack -> offsets in it.  Each record is read once,
     also when indices share subtrees (or, crafted, when a directory holds an ancestor)."""
-    seen: set[int] = set()
     used: dict[int, set[int]] = {}
-    for view in views:
-        stack = [view.entry.root]
-        while stack:
-            ref = stack.pop()
-            if ref in seen:
-                continue
-            seen.add(ref)
-            ino = view.get(ref)
-            if ino.kind == F.DIR:
-                stack.extend(child for _name, _kind, child in ino.entries)
-            for _foff, pack, poff, _length, _xxh in ino.extents:
-                used.setdefault(pack, set()).add(poff)
+    for ino in each_record(views):
+        for _foff, pack, poff, _length, _xxh in ino.extents:
+            used.setdefault(pack, set()).add(poff)
     return used
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from imagefs.format import layout as F
 from imagefs.format.packs import ChunkTable
 from imagefs.format.records import MetaReader
-from imagefs.format.view import IndexView
+from imagefs.format.view import IndexView, each_record
 
 from .image import Image
 
@@ -54,17 +54,6 @@ def space(image: Image) -> Space:
 
 
 def _chunks(view: IndexView) -> set[tuple[int, int, int]]:
-    """(pack, offset in it, length) of every chunk the index's files use; each record
-    read once (a crafted directory holding an ancestor ends the walk, not a loop)."""
-    seen: set[int] = set()
-    used: set[tuple[int, int, int]] = set()
-    stack = [view.root().ref]  # root(): refused unless a directory, as every reader does
-    while stack:
-        ref = stack.pop()
-        if ref in seen:
-            continue
-        seen.add(ref)
-        ino = view.get(ref)
-        stack.extend(child for _name, _kind, child in ino.entries)
-        used.update((pack, poff, length) for _f, pack, poff, length, _x in ino.extents)
-    return used
+    """(pack, offset in it, length) of every chunk the index's files use."""
+    return {(pack, poff, length) for ino in each_record([view])
+            for _f, pack, poff, length, _x in ino.extents}

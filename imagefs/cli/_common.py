@@ -17,9 +17,20 @@ def human(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-HELP_COMPACT = ("the compact profile: 8 MiB packs at zstd 19 (unless --level), about 10%% "
+HELP_COMPACT = ("the compact profile: 8 MiB packs at zstd 19 (unless --level), 10-20%% "
                 "smaller than the default, slower to write, and a small file read "
                 "decompresses up to 8 MiB")
+
+
+def add_wait(parser: Any) -> None:
+    """--wait SECONDS, for the verbs that take an image's writer lock."""
+    parser.add_argument("--wait", type=float, default=None, metavar="SECONDS",
+                        help="wait at most this long for another writer (default: wait)")
+
+
+def add_compact(parser: Any, what: str) -> None:
+    """--compact, the compact profile; what: what it means for this verb."""
+    parser.add_argument("--compact", action="store_true", help=f"{HELP_COMPACT}; {what}")
 
 
 def print_json(doc: Any) -> None:

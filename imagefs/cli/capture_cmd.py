@@ -8,7 +8,7 @@ from typing import Any
 
 from imagefs.image import DEFAULT_LEVEL, CaptureResult, capture
 
-from ._common import HELP_COMPACT, add_json, human, print_json, progress, waiting_note
+from ._common import add_compact, add_json, add_wait, human, print_json, progress, waiting_note
 from ._daemon import absolute, add_daemon_options, call, daemon_client, run_job
 
 
@@ -28,11 +28,8 @@ def register(sub: Any) -> None:
     p.add_argument("--description", default="", help="free text shown by `info`")
     p.add_argument("--level", type=int,
                    help=f"zstd level 1-22 (default {DEFAULT_LEVEL}; with --compact 19)")
-    p.add_argument("--compact", action="store_true",
-                   help=HELP_COMPACT + "; a new IMAGE gets its packs, an existing one "
-                        "keeps its own")
-    p.add_argument("--wait", type=float, default=None, metavar="SECONDS",
-                   help="wait at most this long for another writer (default: wait)")
+    add_compact(p, "a new IMAGE gets its packs, an existing one keeps its own")
+    add_wait(p)
     add_json(p)
     add_daemon_options(p)
     p.set_defaults(func=run)

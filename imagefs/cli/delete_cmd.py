@@ -8,6 +8,7 @@ from typing import Any
 
 from imagefs.image import delete
 
+from ._common import add_wait
 from ._daemon import absolute, add_daemon_options, call, daemon_client
 
 
@@ -20,8 +21,7 @@ def register(sub: Any) -> None:
         epilog="example: imagefs delete golden.imagefs old-build")
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("index", metavar="INDEX")
-    p.add_argument("--wait", type=float, default=None, metavar="SECONDS",
-                   help="wait at most this long for another writer (default: wait)")
+    add_wait(p)
     add_daemon_options(p)
     p.set_defaults(func=run)
 

@@ -9,7 +9,7 @@ from typing import Any
 from imagefs.export import export
 from imagefs.image import DEFAULT_LEVEL
 
-from ._common import HELP_COMPACT, add_json, print_json, progress
+from ._common import add_compact, add_json, print_json, progress
 from ._daemon import absolute, add_daemon_options, call, daemon_client, run_job
 
 
@@ -32,8 +32,7 @@ def register(sub: Any) -> None:
     p.add_argument("--level", type=int,
                    help="recompress every chunk at this zstd level, 1-22 (default: copy "
                         "whole packs as stored)")
-    p.add_argument("--compact", action="store_true",
-                   help=HELP_COMPACT + "; every chunk is recompressed")
+    add_compact(p, "every chunk is recompressed")
     add_json(p)
     add_daemon_options(p)
     p.set_defaults(func=run)

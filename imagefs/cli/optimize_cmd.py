@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from ._common import HELP_COMPACT, add_json, human, print_json, progress
+from ._common import add_compact, add_json, add_wait, human, print_json, progress
 from ._daemon import absolute, add_daemon_options, call, daemon_client, run_job
 
 
@@ -32,10 +32,8 @@ def register(sub: Any) -> None:
     p.add_argument("--level", type=int,
                    help="recompress every chunk at this zstd level, 1-22 (default: copy "
                         "whole packs as stored)")
-    p.add_argument("--compact", action="store_true",
-                   help=HELP_COMPACT + "; every chunk is recompressed")
-    p.add_argument("--wait", type=float, default=None, metavar="SECONDS",
-                   help="wait at most this long for another writer (default: wait)")
+    add_compact(p, "every chunk is recompressed")
+    add_wait(p)
     add_json(p)
     add_daemon_options(p)
     p.set_defaults(func=run)

@@ -9,7 +9,7 @@ root, ".." stopping at the root), so no lookup ever leaves the image.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from imagefs.errors import ChecksumMismatch, CorruptImage, NoSuchPath, NotADirectory, UsageError
 
@@ -184,3 +184,20 @@ def overlapping(ino: Inode, offset: int, end: int) -> Iterator[Extent]:
 
 def _show(path: bytes) -> str:
     return path.decode("utf-8", "backslashreplace")
+
+
+def each_record(views: Iterable[IndexView]) -> Iterator[Inode]:
+    """Every record reachable from the views' roots, each once: subtrees the indices share
+    are read once, and a crafted directory holding an ancestor ends the walk, not a loop.
+    A root that is not a directory is refused, as every reader refuses it."""
+    seen: set[int] = set()
+    for view in views:
+        stack = [view.root().ref]
+        while stack:
+            ref = stack.pop()
+            if ref in seen:
+                continue
+            seen.add(ref)
+            ino = view.get(ref)
+            stack.extend(child for _name, _kind, child in ino.entries)
+            yield ino
