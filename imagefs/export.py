@@ -227,6 +227,7 @@ def export_all_into(image: Image, numbers: list[int], out: ImageFile, level: int
             copier.finish()  # every copied pack's chunks checked before anything is published
         finally:
             copier.abort()
+        tx.finish_packs()  # also when no index was written (an image whose indices are gone)
         tx.copied_packs(copier.stored_bytes)
         tx.publish()
     return new

@@ -56,7 +56,7 @@ def optimize(path: str, level: int | None = None,
     packs, every chunk recompressed.  wait: for another writer, as export's."""
     if level is not None:
         check_level(level)
-    path = os.path.abspath(path)
+    path = os.path.realpath(path)  # a symlink's target is rewritten, the symlink kept
     with Image.open(path) as image:
         image.file.lock(wait=wait)  # held until the new file has the name
         image.commit = image.file.read_commit()  # as it is now that no one else writes
@@ -65,6 +65,10 @@ def optimize(path: str, level: int | None = None,
         if on_total:
             on_total(sum(e.bytes for e in image.indices))
         before = os.fstat(image.file.fd)
+        if before.st_nlink > 1:
+            raise DestinationError(path, f"has {before.st_nlink} hard links: the new file "
+                                         "would take this name only, and the others would "
+                                         "go on naming the old one; remove them first")
         out = new_unnamed(path, F.COMPACT_PACK_TARGET if compact else F.PACK_TARGET)
         try:
             _keep_owner(out.fd, path, before)

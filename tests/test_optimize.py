@@ -200,3 +200,30 @@ def test_a_user_who_cannot_keep_the_owner_is_refused(deleted: Path) -> None:
     assert os.waitstatus_to_exitcode(status) == 7
     assert img.read_bytes() == data and img.stat().st_uid == 4321
     assert not [n for n in os.listdir(where) if n.startswith(TEMP_PREFIX)]
+
+
+def test_an_image_without_indices(deleted: Path, tmp_path: Path) -> None:
+    img = _copy(deleted, tmp_path)
+    run_imagefs("delete", img, "1")
+    run_imagefs("optimize", img)
+    assert_clean(img)
+    assert state(img) == [] and img.stat().st_size < 64 << 10
+
+
+def test_a_symlink_keeps_naming_the_optimized_file(deleted: Path, tmp_path: Path) -> None:
+    img = _copy(deleted, tmp_path)
+    link = tmp_path / "link.imagefs"
+    link.symlink_to(img.name)
+    size = img.stat().st_size
+    run_imagefs("optimize", link)
+    assert link.is_symlink() and img.stat().st_size < size
+    assert_clean(img)
+
+
+def test_a_file_with_other_names_is_refused(deleted: Path, tmp_path: Path) -> None:
+    img = _copy(deleted, tmp_path)
+    os.link(img, tmp_path / "other.imagefs")
+    data = img.read_bytes()
+    line = assert_clear_failure(run_hostile("optimize", img), (7,))
+    assert "hard links" in line
+    assert img.read_bytes() == data
