@@ -55,17 +55,24 @@ def _identity(path: str, *extra: object) -> tuple[object, ...]:
 
 
 @method("images.info", image=required(str), index=optional(*INDEX),
-        history=optional(bool, default=False))
-async def info(call: Call, image: str, index: int | str | None, history: bool) -> Any:
-    """The image's figures and its indices (or one index), as `imagefs info --json`."""
+        history=optional(bool, default=False), space=optional(bool, default=False))
+async def info(call: Call, image: str, index: int | str | None, history: bool,
+               space: bool) -> Any:
+    """The image's figures and its indices (or one index), as `imagefs info --json`;
+    `space`: also what each index's content takes and what no index uses any more (reads
+    every index's records)."""
+    from imagefs.space import describe_space
+
     path = await check_path("image", image, call.peer, READ, IMAGE)
 
     def describe() -> dict[str, Any]:
-        key = _identity(path, index, history)
+        key = _identity(path, index, history, space)
         doc = _described.get(key)
         if doc is None:
             with Image.open(path) as img:
                 doc = img.describe(index, history)
+                if space:
+                    describe_space(img, doc)
             _described.put(key, doc)
         else:  # the kernel's own check, as an open would make it (never blocking)
             os.close(open_regular(path, os.O_RDONLY))

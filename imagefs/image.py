@@ -19,6 +19,7 @@ from imagefs.format.container import ImageFile
 from imagefs.format.files import open_regular
 from imagefs.format.view import IndexView
 
+from .capture import TreeCapture
 from .errors import Error, NoSuchIndex, UsageError
 
 DEFAULT_LEVEL = 9
@@ -169,8 +170,6 @@ def capture(image_path: str, src: str, name: str, description: str = "",
     level: DEFAULT_LEVEL, or with compact COMPACT_LEVEL; compact also gives a new file
     the compact profile's packs (an existing file keeps its own)."""
     from imagefs.format.writer import Transaction, add_index, history_entry
-
-    from .capture import TreeCapture  # here: every other verb is spared pyfastcdc (~6 MB)
 
     level = profile_level(level, compact)
     if not os.path.isdir(src):

@@ -11,6 +11,7 @@ about what `ls -R` of every index does; indices with the same root are read once
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from imagefs.format import layout as F
 from imagefs.format.packs import ChunkTable
@@ -51,6 +52,16 @@ def space(image: Image) -> Space:
     unused = [loc for loc in table.all() if (loc.pack_id(), loc.offset) not in everything]
     return Space(stored, content,
                  round(sum(loc.length * ratio[loc.pack_id()] for loc in unused)), len(unused))
+
+
+def describe_space(image: Image, doc: dict[str, Any]) -> None:
+    """Add `info --space`'s figures to what Image.describe() gave (CLI and daemon)."""
+    found = space(image)
+    doc["reclaimable_bytes"] = found.reclaimable_bytes
+    doc["reclaimable_chunks"] = found.reclaimable_chunks
+    for e in doc["indices"]:
+        e["stored_bytes"] = found.index_stored[e["index"] - 1]
+        e["content_bytes"] = found.index_content[e["index"] - 1]
 
 
 def _chunks(view: IndexView) -> set[tuple[int, int, int]]:

@@ -481,6 +481,9 @@ async def test_optimize_as_a_job_keeps_the_image_until_it_is_whole(tmp_path: Pat
     run_imagefs("delete", image, "big")
     before = image.read_bytes()
     async with daemon_in_process(tmp_path / "d.sock"), client(tmp_path / "d.sock") as c:
+        space = await c.call("images.info", image=str(image), space=True)
+        # "again" holds the same content as the deleted "big": only records are left over
+        assert space["reclaimable_chunks"] == 0 and space["indices"][0]["stored_bytes"] > 0
         job = await c.call("images.optimize", image=str(image), subscribe=True)
         await c.next_notification()
         await c.call("jobs.cancel", job=job["job"])
@@ -492,6 +495,8 @@ async def test_optimize_as_a_job_keeps_the_image_until_it_is_whole(tmp_path: Pat
         done = await c.call("jobs.wait", job=job["job"], timeout=60)
         assert done["state"] == "done", done
         assert done["result"]["image"] == str(image) and done["result"]["indices"] == 1
+        space = await c.call("images.info", image=str(image), space=True)
+        assert space["reclaimable_bytes"] == 0
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".imagefs-optimize-")]
     run_imagefs("verify", image)
     history = json.loads(run_imagefs("info", image, "1", "--history", "--json").stdout)

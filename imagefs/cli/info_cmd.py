@@ -36,7 +36,9 @@ def run(args: argparse.Namespace) -> int:
         doc = img.describe(args.index, args.history)
         count = len(img.indices)
         if args.space:
-            _add_space(img, doc)
+            from imagefs.space import describe_space
+
+            describe_space(img, doc)
     doc["image"] = args.image
     if args.json:
         print_json(doc)
@@ -78,18 +80,6 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {h.get('when', '?')}  uid {h.get('uid', '?')}  "
                   f"{h.get('action', '?')}  {extra}")
     return 0
-
-
-def _add_space(img: Image, doc: dict[str, Any]) -> None:
-    """info --space's figures, into what describe() gave."""
-    from imagefs.space import space
-
-    found = space(img)
-    doc["reclaimable_bytes"] = found.reclaimable_bytes
-    doc["reclaimable_chunks"] = found.reclaimable_chunks
-    for e in doc["indices"]:
-        e["stored_bytes"] = found.index_stored[e["index"] - 1]
-        e["content_bytes"] = found.index_content[e["index"] - 1]
 
 
 HISTORY_VALUE = 160  # characters of one value of a history entry shown (--json: all)
