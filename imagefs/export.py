@@ -23,7 +23,7 @@ from typing import Any
 
 from imagefs.format import layout as F
 from imagefs.format.container import ImageFile
-from imagefs.format.files import pwrite_all
+from imagefs.format.files import give_back_free_memory, pwrite_all
 from imagefs.format.pack_copy import PackCopier
 from imagefs.format.packs import ChunkLoc, ChunkTable, PackReader, PackWriter
 from imagefs.format.records import MetaReader
@@ -99,33 +99,34 @@ def used_chunks(views: list[IndexView]) -> dict[int, set[int]]:
     return used
 
 
-def _used_by(files: list[PendingInode]) -> dict[int, set[int]]:
-    """The chunks files use: pack -> offsets in it."""
-    used: dict[int, set[int]] = {}
-    for node in files:
-        for _foff, pack, poff, _length, _xxh in node.ino.extents:
-            used.setdefault(pack, set()).add(poff)
-    return used
-
-
-def move_whole_packs(image: Image, used: dict[int, set[int]], copier: PackCopier,
-                     progress: Callable[[int], None] | None = None
-                     ) -> dict[tuple[int, int], ChunkLoc]:
-    """Copy, as stored, every pack of image all of whose chunks are used (pack -> offsets)
-    and none of which the destination holds already.  Returns where each chunk of them
-    now is, by (source pack, offset in it).  progress(0) after each pack: a chance to
-    cancel."""
+def place_packs(image: Image, used: dict[int, set[int]], copier: PackCopier,
+                writer: PackWriter, reader: PackReader, recompress: bool,
+                progress: Callable[[int], None] | None = None
+                ) -> dict[tuple[int, int], ChunkLoc]:
+    """Where every used chunk (pack -> offsets) goes, by (source pack, offset in it): a
+    pack all of whose chunks are used, and none of which the destination holds already, is
+    copied as stored (unless recompress); the used chunks of every other pack are read,
+    checked and stored through writer, in the source's order.  Done before any tree is
+    read, so that the repacking compressor (~11 MB at level 9) and the trees are never in
+    memory together.  progress(0) after each pack: a chance to cancel."""
     chunks: dict[int, list[ChunkLoc]] = {}
     for loc in ChunkTable.load(image.file, image.commit).all():
         chunks.setdefault(loc.pack_id(), []).append(loc)
     moved: dict[tuple[int, int], ChunkLoc] = {}
-    for pack in sorted(used):  # file order: the copy reads the source front to back
+    for pack in sorted(used):  # file order: the source is read front to back
         have = chunks.get(pack, [])
-        if used[pack] != {c.offset for c in have} or len(have) != len(used[pack]) \
-                or any(copier.table.find(c.xxh, c.sha) is not None for c in have):
-            continue
-        for c, loc in zip(have, copier.copy(pack, have), strict=True):
-            moved[(pack, c.offset)] = loc
+        whole = not recompress and used[pack] == {c.offset for c in have} \
+            and len(have) == len(used[pack]) \
+            and not any(copier.table.find(c.xxh, c.sha) is not None for c in have)
+        if whole:
+            for c, loc in zip(have, copier.copy(pack, have), strict=True):
+                moved[(pack, c.offset)] = loc
+        else:  # what a file's extent names but the table does not is read by place_content
+            for c in sorted((c for c in have if c.offset in used[pack]),
+                            key=lambda c: c.offset):
+                if (pack, c.offset) not in moved:
+                    moved[(pack, c.offset)] = writer.add_chunk(
+                        reader.read_chunk(pack, c.offset, c.length, c.xxh))
         if progress:
             progress(0)
     return moved
@@ -197,19 +198,16 @@ def export_all_into(image: Image, numbers: list[int], out: ImageFile, level: int
             names.add(view.entry.name)
         copier = PackCopier(image.file, out, tx.pack_writer().table)
         try:
-            # One root (one index, the common case): its tree is read once and says which
-            # chunks are used; several: a first pass over their records says it.
-            first = read_tree(views[0]) if len({v.entry.root for v in views}) == 1 else None
-            used = (_used_by(first[1]) if first else used_chunks(views))
-            moved = {} if recompress else move_whole_packs(image, used, copier, progress)
-            del used
+            moved = place_packs(image, used_chunks(views), copier, tx.pack_writer(), packs,
+                                recompress, progress)
+            tx.finish_packs()  # its compressors end with its threads, before a tree is read
+            give_back_free_memory()
             written: dict[int, TreeStats] = {}  # source root -> the tree as written
             new = []
             for view in views:
                 stats = written.get(view.entry.root)
                 if stats is None:
-                    stats = written[view.entry.root] = _write_tree(view, tx, moved, progress,
-                                                                   first)
+                    stats = written[view.entry.root] = _write_tree(view, tx, moved, progress)
                 elif progress:
                     progress(view.entry.bytes)
                 if stats.digest.hex() != view.entry.digest:
@@ -234,11 +232,9 @@ def export_all_into(image: Image, numbers: list[int], out: ImageFile, level: int
 
 
 def _write_tree(view: IndexView, tx: Transaction, moved: dict[tuple[int, int], ChunkLoc],
-                progress: Callable[[int], None] | None,
-                tree: tuple[PendingInode, list[PendingInode]] | None = None) -> TreeStats:
-    """The index's tree (read here unless given), its content placed and its records
-    written."""
-    root, files = tree or read_tree(view)
+                progress: Callable[[int], None] | None) -> TreeStats:
+    """The index's tree read, its content placed and its records written."""
+    root, files = read_tree(view)
     place_content(view, files, tx.pack_writer(), moved, progress)
     return tx.write_tree(root)
 
