@@ -37,7 +37,14 @@ from imagefs.format.writer import (
 )
 
 from .errors import CorruptImage, DestinationError, UsageError
-from .image import Image, check_level, check_new_name, is_image_file, profile_level
+from .image import (
+    Image,
+    check_level,
+    check_new_name,
+    is_image_file,
+    profile_level,
+    profile_pack_target,
+)
 
 REPACK_CACHE = 4 << 20  # decompressed packs kept while partly used ones are repacked
 META_CACHE = 4 << 20  # decompressed metadata blocks kept while the trees are read
@@ -162,7 +169,7 @@ def export(src: str, selection: str, dest: str, level: int | None = None,
             with ImageFile.open(dest, writable=True) as out:
                 return export_all_into(image, numbers, out, level, progress, who, wait,
                                        compact=compact)
-        out = new_unnamed(dest, F.COMPACT_PACK_TARGET if compact else F.PACK_TARGET)
+        out = new_unnamed(dest, profile_pack_target(compact))
         try:
             result = export_all_into(image, numbers, out, level, progress, who,
                                      compact=compact)

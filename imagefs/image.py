@@ -140,6 +140,11 @@ def profile_level(level: int | None, compact: bool) -> int:
     return F.COMPACT_LEVEL if compact else DEFAULT_LEVEL
 
 
+def profile_pack_target(compact: bool) -> int:
+    """The pack target a new file gets: the compact profile's, or the default."""
+    return F.COMPACT_PACK_TARGET if compact else F.PACK_TARGET
+
+
 def check_new_name(commit: Commit, name: str, taken: set[str] | None = None) -> None:
     """Refuse a name no index may have, or one the commit's indices (or taken, when the
     caller keeps them in a set) already use."""
@@ -174,8 +179,7 @@ def capture(image_path: str, src: str, name: str, description: str = "",
     level = profile_level(level, compact)
     if not os.path.isdir(src):
         raise UsageError(f"{src}: the source must be an existing directory")
-    target = F.COMPACT_PACK_TARGET if compact else F.PACK_TARGET
-    with open_for_writing(image_path, target) as f, \
+    with open_for_writing(image_path, profile_pack_target(compact)) as f, \
             Transaction(f, level, wait=wait, on_wait=on_wait) as tx:
         check_new_name(tx.commit, name)
         st = os.fstat(f.fd)

@@ -23,11 +23,10 @@ from typing import Any
 
 from imagefs.errors import DestinationError, SessionsOpen
 from imagefs.export import export_all_into, link_unnamed, new_unnamed
-from imagefs.format import layout as F
 from imagefs.format.container import crash_point
 from imagefs.format.files import fsync_dir
-from imagefs.image import Image, check_level
-from imagefs.mount.kernel import FSTYPE, kernel_mounts
+from imagefs.image import Image, check_level, profile_pack_target
+from imagefs.mount.kernel import FSTYPE, kernel_mounts, pid_alive
 from imagefs.session.lifecycle import list_sessions
 
 TEMP_PREFIX = ".imagefs-optimize-"  # the new file's name in the directory, for one rename
@@ -60,16 +59,16 @@ def optimize(path: str, level: int | None = None,
     with Image.open(path) as image:
         image.file.lock(wait=wait)  # held until the new file has the name
         image.commit = image.file.read_commit()  # as it is now that no one else writes
-        _refuse_sessions(path, image.file.header.uuid.hex(), os.fstat(image.file.fd))
+        before = os.fstat(image.file.fd)
+        _refuse_sessions(path, image.file.header.uuid.hex(), before)
         numbers = list(range(1, len(image.indices) + 1))
         if on_total:
             on_total(sum(e.bytes for e in image.indices))
-        before = os.fstat(image.file.fd)
         if before.st_nlink > 1:
             raise DestinationError(path, f"has {before.st_nlink} hard links: the new file "
                                          "would take this name only, and the others would "
                                          "go on naming the old one; remove them first")
-        out = new_unnamed(path, F.COMPACT_PACK_TARGET if compact else F.PACK_TARGET)
+        out = new_unnamed(path, profile_pack_target(compact))
         try:
             _keep_owner(out.fd, path, before)
             export_all_into(image, numbers, out, level, progress, who, action="optimize",
@@ -138,8 +137,6 @@ def _replace(fd: int, path: str) -> None:
 def _remove_leftovers(directory: str) -> None:
     """Temporary names left by an optimize killed between its link and its rename, whose
     process is gone (the image itself was never touched: it is still the old file)."""
-    from imagefs.mount.kernel import pid_alive
-
     for entry in os.scandir(directory):
         if not entry.name.startswith(TEMP_PREFIX) or not entry.is_file(follow_symlinks=False):
             continue

@@ -28,6 +28,14 @@ def add_wait(parser: Any) -> None:
                         help="wait at most this long for another writer (default: wait)")
 
 
+def add_recompress(parser: Any) -> None:
+    """--level and --compact of the verbs that copy packs as stored (export, optimize)."""
+    parser.add_argument("--level", type=int,
+                        help="recompress every chunk at this zstd level, 1-22 (default: "
+                             "copy whole packs as stored)")
+    add_compact(parser, "every chunk is recompressed")
+
+
 def add_compact(parser: Any, what: str) -> None:
     """--compact, the compact profile; what: what it means for this verb."""
     parser.add_argument("--compact", action="store_true", help=f"{HELP_COMPACT}; {what}")

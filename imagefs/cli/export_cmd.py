@@ -9,7 +9,7 @@ from typing import Any
 from imagefs.export import export
 from imagefs.image import DEFAULT_LEVEL
 
-from ._common import add_compact, add_json, print_json, progress
+from ._common import add_json, add_recompress, print_json, progress
 from ._daemon import absolute, add_daemon_options, call, daemon_client, run_job
 
 
@@ -29,10 +29,7 @@ def register(sub: Any) -> None:
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("selection", metavar="INDEX[,INDEX...]|all")
     p.add_argument("dest", metavar="DEST")
-    p.add_argument("--level", type=int,
-                   help="recompress every chunk at this zstd level, 1-22 (default: copy "
-                        "whole packs as stored)")
-    add_compact(p, "every chunk is recompressed")
+    add_recompress(p)
     add_json(p)
     add_daemon_options(p)
     p.set_defaults(func=run)

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from ._common import add_compact, add_json, add_wait, human, print_json, progress
+from ._common import add_json, add_recompress, add_wait, human, print_json, progress
 from ._daemon import absolute, add_daemon_options, call, daemon_client, run_job
 
 
@@ -29,10 +29,7 @@ def register(sub: Any) -> None:
         epilog="examples: imagefs optimize golden.imagefs; "
                "imagefs optimize golden.imagefs --level 19 --json")
     p.add_argument("image", metavar="IMAGE")
-    p.add_argument("--level", type=int,
-                   help="recompress every chunk at this zstd level, 1-22 (default: copy "
-                        "whole packs as stored)")
-    add_compact(p, "every chunk is recompressed")
+    add_recompress(p)
     add_wait(p)
     add_json(p)
     add_daemon_options(p)

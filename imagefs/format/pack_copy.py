@@ -32,7 +32,6 @@ class PackCopier:
         self.table = table
         self._pool = ThreadPoolExecutor(max_workers=1)
         self._pending: list[Future[None]] = []
-        self.copied = 0  # packs
         self.stored_bytes = 0  # their frames' bytes, headers included
 
     def copy(self, pack: int, chunks: list[ChunkLoc]) -> list[ChunkLoc]:
@@ -43,7 +42,6 @@ class PackCopier:
         self._pending.append(self._pool.submit(self._check, info, payload, chunks))
         while len(self._pending) > self.MAX_PENDING:
             self._pending.pop(0).result()
-        self.copied += 1
         self.stored_bytes += F.FRAME_HEADER + len(payload)
         moved = [ChunkLoc(at, c.offset, c.length, c.xxh, c.sha) for c in chunks]
         for loc in moved:
