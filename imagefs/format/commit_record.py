@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from imagefs.errors import CorruptImage, UnsupportedVersion
@@ -50,8 +50,12 @@ class Commit:
     indices: list[IndexEntry] = field(default_factory=list)
 
     def encode(self) -> bytes:
-        doc = asdict(self)
-        del doc["data_end"]  # known from the root slot: the commit frame's own end
+        # Field by field, not dataclasses.asdict: that deep-copies every history entry,
+        # which took 8 s of a commit listing 50 000 indices.
+        doc: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)
+                               if f.name != "data_end"}  # the root slot says data_end
+        doc["indices"] = [{f.name: getattr(e, f.name) for f in fields(e)}
+                          for e in self.indices]
         doc["format"] = F.FORMAT_VERSION
         return json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
 

@@ -192,6 +192,8 @@ def each_record(views: Iterable[IndexView]) -> Iterator[Inode]:
     A root that is not a directory is refused, as every reader refuses it."""
     seen: set[int] = set()
     for view in views:
+        if view.entry.root in seen:  # an index with the root of one walked already
+            continue
         stack = [view.root().ref]
         while stack:
             ref = stack.pop()

@@ -8,6 +8,7 @@ and leaves the image as it was.  Capture, delete and export all go through it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import getpass
 import os
 from collections.abc import Callable
@@ -114,12 +115,18 @@ def history_entry(action: str, who: dict[str, Any] | None = None,
                   **details: Any) -> dict[str, Any]:
     """One line of an index's history.  `who` names the caller when the process is not
     (the daemon acting for a client: its uid and user, the method and its params)."""
+    return {"when": now_iso(), "uid": os.getuid(), "user": _user(os.getuid()),
+            "action": action, **details, **(who or {})}
+
+
+@functools.lru_cache(maxsize=8)
+def _user(uid: int) -> str:
+    """This process's user name (looked up once per uid: an export of 50 000 indices
+    writes 50 000 history entries)."""
     try:
-        user = getpass.getuser()
+        return getpass.getuser()
     except (KeyError, OSError):
-        user = ""
-    return {"when": now_iso(), "uid": os.getuid(), "user": user, "action": action, **details,
-            **(who or {})}
+        return ""
 
 
 class Transaction:
