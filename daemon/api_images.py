@@ -158,13 +158,17 @@ def until_not_busy(ctx: JobContext, attempt: Callable[[], T]) -> T:
 
 @method("images.export", image=required(str), index=required(int, str, list),
         dest=required(str), level=optional(int, default=None),
-        compact=optional(bool, default=False), subscribe=optional(bool, default=False))
+        compact=optional(bool, default=False), check=optional(bool, default=False),
+        subscribe=optional(bool, default=False))
 async def export_indices(call: Call, image: str, index: int | str | list[Any], dest: str,
-                         level: int | None, compact: bool, subscribe: bool) -> Any:
+                         level: int | None, compact: bool, check: bool,
+                         subscribe: bool) -> Any:
     """Job: copy indices (a number, a name, a list of them, or "all") of `image` into the
     compacted file `dest` (new, or an image to add them to).  Packs they use whole are
     copied as stored; `level` recompresses everything at it, `compact` into the compact
-    profile's packs (a new `dest` gets them).  Cancelled, a new `dest` never appears."""
+    profile's packs (a new `dest` gets them).  Frame checksums are checked as packs are
+    copied; `check` also decompresses each copied pack and checks every chunk.  Cancelled,
+    a new `dest` never appears."""
     from imagefs.export import export
 
     call.daemon.check_accepting()
@@ -183,14 +187,14 @@ async def export_indices(call: Call, image: str, index: int | str | list[Any], d
     src = await check_path("image", image, call.peer, READ, IMAGE)
     out = await check_path("dest", dest, call.peer, CREATE, DEST)
     params = {"image": image, "index": index, "dest": dest, "level": level,
-              "compact": compact}
+              "compact": compact, "check": check}
     who = history_who(call, "images.export", params)
 
     def work(ctx: JobContext) -> dict[str, Any]:
         with acting_as(call.peer):
             numbers = until_not_busy(ctx, lambda: export(
                 src, selection, out, level, progress=ctx.advance, on_total=ctx.set_total,
-                who=who, wait=0, compact=compact))
+                who=who, wait=0, compact=compact, check=check))
         return {"dest": dest, "indices": numbers}
 
     job = call.daemon.jobs.submit("images.export", params, call.peer.uid, work, lock_key=out)
@@ -198,28 +202,29 @@ async def export_indices(call: Call, image: str, index: int | str | list[Any], d
 
 
 @method("images.optimize", image=required(str), level=optional(int, default=None),
-        compact=optional(bool, default=False), subscribe=optional(bool, default=False))
+        compact=optional(bool, default=False), check=optional(bool, default=False),
+        subscribe=optional(bool, default=False))
 async def optimize_image(call: Call, image: str, level: int | None, compact: bool,
-                         subscribe: bool) -> Any:
+                         check: bool, subscribe: bool) -> Any:
     """Job: rewrite `image` in place holding only what its indices reference (a new file
     beside it takes its name in one rename; its directory must be writable).  Packs used
     whole are copied as stored; `level` recompresses everything at it, `compact` into the
-    compact profile's packs.  Refused while the image has sessions.  Cancelled, the image
-    stays as it was."""
+    compact profile's packs; `check` as export's.  Refused while the image has sessions.
+    Cancelled, the image stays as it was."""
     from imagefs.optimize import optimize
 
     call.daemon.check_accepting()
     if level is not None:
         check_level(level)
     path = await check_path("image", image, call.peer, CREATE, IMAGE)
-    params = {"image": image, "level": level, "compact": compact}
+    params = {"image": image, "level": level, "compact": compact, "check": check}
     who = history_who(call, "images.optimize", params)
 
     def work(ctx: JobContext) -> dict[str, Any]:
         with acting_as(call.peer):
             done = until_not_busy(ctx, lambda: optimize(
                 path, level, progress=ctx.advance, on_total=ctx.set_total, who=who, wait=0,
-                compact=compact))
+                compact=compact, check=check))
         return {**done.to_json(), "image": image}
 
     job = call.daemon.jobs.submit("images.optimize", params, call.peer.uid, work,

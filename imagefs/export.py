@@ -17,6 +17,7 @@ chunks is already stored, so nothing is stored twice.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 from collections.abc import Callable
 from typing import Any
@@ -27,14 +28,9 @@ from imagefs.format.files import give_back_free_memory, pwrite_all
 from imagefs.format.pack_copy import PackCopier
 from imagefs.format.packs import ChunkLoc, ChunkTable, PackReader, PackWriter
 from imagefs.format.records import MetaReader
-from imagefs.format.view import IndexView, each_record
-from imagefs.format.writer import (
-    PendingInode,
-    Transaction,
-    TreeStats,
-    add_index,
-    history_entry,
-)
+from imagefs.format.relocate import ChunkKey, ChunkUse, RecordMover, used_chunks
+from imagefs.format.view import IndexView
+from imagefs.format.writer import Transaction, TreeStats, add_index, history_entry
 
 from .errors import CorruptImage, DestinationError, UsageError
 from .image import (
@@ -50,93 +46,43 @@ REPACK_CACHE = 4 << 20  # decompressed packs kept while partly used ones are rep
 META_CACHE = 4 << 20  # decompressed metadata blocks kept while the trees are read
 
 
-def read_tree(view: IndexView) -> tuple[PendingInode, list[PendingInode]]:
-    """The index as a PendingInode tree (each inode once, its content not yet placed), and
-    its regular files."""
-    root = PendingInode(view.root())
-    nodes = {root.ino.ref: root}
-    files = []
-    stack = [root]
-    while stack:
-        node = stack.pop()
-        kids = []
-        for name, _kind, ref in node.ino.entries:
-            child = nodes.get(ref)
-            if child is None:
-                child = nodes[ref] = PendingInode(view.get(ref))
-                if child.ino.kind == F.DIR:
-                    stack.append(child)
-                elif child.ino.kind == F.REG:
-                    files.append(child)
-            elif child.ino.kind == F.DIR:
-                raise CorruptImage(view.image.path, "a directory appears twice in the tree")
-            kids.append((name, child))
-        node.children = kids
-        node.ino.entries = []  # children says it all; finish_directory writes them again
-    return root, files
-
-
-def place_content(view: IndexView, files: list[PendingInode], packs: PackWriter,
-                  moved: dict[tuple[int, int], ChunkLoc],
-                  progress: Callable[[int], None] | None = None) -> None:
-    """Where each file's chunks are in the destination: those moved names ((source pack,
-    offset in it) -> new place) stay as they are; every other one is read, checked and
-    stored through packs, and added to moved, so that a chunk is read once."""
-    for node in files:
-        locs = []
-        for foff, pack, poff, length, xxh in node.ino.extents:
-            loc = moved.get((pack, poff))
-            if loc is None or loc.length != length or loc.xxh != xxh:
-                loc = moved[(pack, poff)] = packs.add_chunk(
-                    view.packs.read_chunk(pack, poff, length, xxh))
-            locs.append((foff, loc))
-        node.locs = locs
-        node.ino.extents = []  # locs says it all; finish_leaf writes them again
-        if progress:
-            progress(node.ino.size)
-
-
-def used_chunks(views: list[IndexView]) -> dict[int, set[int]]:
-    """The chunks the views' files use: pack -> offsets in it.  Each record is read once,
-    also when indices share subtrees (or, crafted, when a directory holds an ancestor)."""
-    used: dict[int, set[int]] = {}
-    for ino in each_record(views):
-        for _foff, pack, poff, _length, _xxh in ino.extents:
-            used.setdefault(pack, set()).add(poff)
-    return used
-
-
-def place_packs(image: Image, used: dict[int, set[int]], copier: PackCopier,
+def place_packs(image: Image, used: dict[int, set[ChunkUse]], copier: PackCopier,
                 writer: PackWriter, reader: PackReader, recompress: bool,
-                progress: Callable[[int], None] | None = None
-                ) -> dict[tuple[int, int], ChunkLoc]:
-    """Where every used chunk (pack -> offsets) goes, by (source pack, offset in it): a
-    pack all of whose chunks are used, and none of which the destination holds already, is
-    copied as stored (unless recompress); the used chunks of every other pack are read,
-    checked and stored through writer, in the source's order.  Done before any tree is
-    read, so that the repacking compressor (~11 MB at level 9) and the trees are never in
-    memory together.  progress(0) after each pack: a chance to cancel."""
+                progress: Callable[[int], None] | None = None) -> dict[ChunkKey, ChunkLoc]:
+    """Where every used chunk goes (relocate.used_chunks: pack -> chunks), by (source
+    pack, offset, length, xxh3-128): a pack all of whose chunks are used, and none of which
+    the destination holds already, is copied as stored (unless recompress); the used chunks
+    of every other pack (also one a crafted extent names and no table lists) are read,
+    checked and stored through writer, in the source's order.  Done before any record is
+    written, so that every record is written once, with its chunks' final places.
+    progress(0) after each pack: a chance to cancel."""
     chunks: dict[int, list[ChunkLoc]] = {}
     for loc in ChunkTable.load(image.file, image.commit).all():
         chunks.setdefault(loc.pack_id(), []).append(loc)
-    moved: dict[tuple[int, int], ChunkLoc] = {}
+    moved: dict[ChunkKey, ChunkLoc] = {}
     for pack in sorted(used):  # file order: the source is read front to back
         have = chunks.get(pack, [])
-        whole = not recompress and used[pack] == {c.offset for c in have} \
-            and len(have) == len(used[pack]) \
+        whole = not recompress and len(have) == len(used[pack]) \
+            and used[pack] == {(c.offset, c.length, c.xxh) for c in have} \
+            and _apart(have) \
             and not any(copier.table.find(c.xxh, c.sha) is not None for c in have)
         if whole:
             for c, loc in zip(have, copier.copy(pack, have), strict=True):
-                moved[(pack, c.offset)] = loc
-        else:  # what a file's extent names but the table does not is read by place_content
-            for c in sorted((c for c in have if c.offset in used[pack]),
-                            key=lambda c: c.offset):
-                if (pack, c.offset) not in moved:
-                    moved[(pack, c.offset)] = writer.add_chunk(
-                        reader.read_chunk(pack, c.offset, c.length, c.xxh))
+                moved[(pack, c.offset, c.length, c.xxh)] = loc
+        else:
+            for poff, length, xxh in sorted(used[pack]):
+                moved[(pack, poff, length, xxh)] = writer.add_chunk(
+                    reader.read_chunk(pack, poff, length, xxh))
         if progress:
             progress(0)
     return moved
+
+
+def _apart(chunks: list[ChunkLoc]) -> bool:
+    """The table lists these chunks of one pack without overlaps, as a writer lists them
+    (a crafted table may not): only then are they copied as listed."""
+    ordered = sorted(chunks, key=lambda c: c.offset)
+    return all(a.offset + a.length <= b.offset for a, b in itertools.pairwise(ordered))
 
 
 def parse_selection(image: Image, selection: str) -> list[int]:
@@ -147,12 +93,12 @@ def export(src: str, selection: str, dest: str, level: int | None = None,
            progress: Callable[[int], None] | None = None,
            on_total: Callable[[int], None] | None = None,
            who: dict[str, Any] | None = None, wait: float | None = None,
-           compact: bool = False) -> list[int]:
+           compact: bool = False, check: bool = False) -> list[int]:
     """Export the selected indices of src into dest; the new index numbers in dest.
     `wait`: how long to wait for another writer of an existing dest (None: as long as it
     takes; 0: Busy at once, for a caller that retries cancellably).  level: recompress
     every chunk at it; None: move whole packs as they are, repack the rest at
-    DEFAULT_LEVEL."""
+    DEFAULT_LEVEL.  check: also decompress every copied pack and check its chunks."""
     if level is not None:
         check_level(level)
     with Image.open(src) as image:
@@ -168,11 +114,11 @@ def export(src: str, selection: str, dest: str, level: int | None = None,
                 raise DestinationError(dest, "exists and is not an imagefs image")
             with ImageFile.open(dest, writable=True) as out:
                 return export_all_into(image, numbers, out, level, progress, who, wait,
-                                       compact=compact)
+                                       compact=compact, check=check)
         out = new_unnamed(dest, profile_pack_target(compact))
         try:
             result = export_all_into(image, numbers, out, level, progress, who,
-                                     compact=compact)
+                                     compact=compact, check=check)
             try:
                 link_unnamed(out.fd, dest)
             except FileExistsError:
@@ -186,11 +132,13 @@ def export(src: str, selection: str, dest: str, level: int | None = None,
 def export_all_into(image: Image, numbers: list[int], out: ImageFile, level: int | None,
                     progress: Callable[[int], None] | None,
                     who: dict[str, Any] | None = None, wait: float | None = None,
-                    action: str = "export", compact: bool = False) -> list[int]:
+                    action: str = "export", compact: bool = False,
+                    check: bool = False) -> list[int]:
     """The indices numbers of image written into out in one transaction; their numbers
-    there.  action names the history entry each gets (export, optimize).  One index's
-    tree is in memory at a time; indices with the same root share its records.  compact:
-    every chunk recompressed (at COMPACT_LEVEL unless level says) into out's packs."""
+    there.  action names the history entry each gets (export, optimize).  Indices with the
+    same root share its records.  compact: every chunk recompressed (at COMPACT_LEVEL
+    unless level says) into out's packs.  check: every copied pack is also decompressed
+    and each of its chunks checked (PackCopier)."""
     recompress = level is not None or compact
     level = profile_level(level, compact)
     # Moving packs, one compressing thread repacks the few partly used ones while the main
@@ -203,47 +151,40 @@ def export_all_into(image: Image, numbers: list[int], out: ImageFile, level: int
         for view in views:
             check_new_name(tx.commit, view.entry.name, taken=names)
             names.add(view.entry.name)
-        copier = PackCopier(image.file, out, tx.pack_writer().table)
+        copier = PackCopier(image.file, out, tx.pack_writer().table, check_chunks=check)
         try:
             moved = place_packs(image, used_chunks(views), copier, tx.pack_writer(), packs,
                                 recompress, progress)
-            tx.finish_packs()  # its compressors end with its threads, before a tree is read
+            tx.finish_packs()  # its compressors end with its threads, before records move
             give_back_free_memory()
-            written: dict[int, TreeStats] = {}  # source root -> the tree as written
             new = []
-            for view in views:
-                stats = written.get(view.entry.root)
-                if stats is None:
-                    stats = written[view.entry.root] = _write_tree(view, tx, moved, progress)
-                elif progress:
-                    progress(view.entry.bytes)
-                if stats.digest.hex() != view.entry.digest:
-                    raise CorruptImage(image.path, f"index {view.number} does not match its "
-                                                   "digest; run `imagefs verify`")
-                history = history_entry(action, who, source=os.path.abspath(image.path),
-                                        source_index=view.number,
-                                        **({"level": level} if recompress else {}),
-                                        **({"profile": "compact"} if compact else {}))
-                history["result"] = {"index": len(tx.commit.indices) + 1,
-                                     "files": stats.files, "bytes": stats.bytes}
-                new.append(add_index(tx.commit, view.entry.name, view.entry.description,
-                                     stats, history, created=view.entry.created,
-                                     old_history=view.entry.history))
+            with tx.metadata() as out_meta:
+                mover = RecordMover(out_meta, moved, progress)
+                written: dict[int, TreeStats] = {}  # source root -> the tree as written
+                for view in views:
+                    stats = written.get(view.entry.root)
+                    if stats is None:
+                        stats = written[view.entry.root] = mover.move(view)
+                    elif progress:
+                        progress(view.entry.bytes)
+                    if stats.digest.hex() != view.entry.digest:
+                        raise CorruptImage(image.path, f"index {view.number} does not match "
+                                                       "its digest; run `imagefs verify`")
+                    history = history_entry(action, who, source=os.path.abspath(image.path),
+                                            source_index=view.number,
+                                            **({"level": level} if recompress else {}),
+                                            **({"profile": "compact"} if compact else {}))
+                    history["result"] = {"index": len(tx.commit.indices) + 1,
+                                         "files": stats.files, "bytes": stats.bytes}
+                    new.append(add_index(tx.commit, view.entry.name, view.entry.description,
+                                         stats, history, created=view.entry.created,
+                                         old_history=view.entry.history))
             copier.finish()  # every copied pack's chunks checked before anything is published
         finally:
             copier.abort()
-        tx.finish_packs()  # also when no index was written (an image whose indices are gone)
         tx.copied_packs(copier.stored_bytes)
         tx.publish()
     return new
-
-
-def _write_tree(view: IndexView, tx: Transaction, moved: dict[tuple[int, int], ChunkLoc],
-                progress: Callable[[int], None] | None) -> TreeStats:
-    """The index's tree read, its content placed and its records written."""
-    root, files = read_tree(view)
-    place_content(view, files, tx.pack_writer(), moved, progress)
-    return tx.write_tree(root)
 
 
 def link_unnamed(fd: int, dest: str) -> None:

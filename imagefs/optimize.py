@@ -49,10 +49,11 @@ def optimize(path: str, level: int | None = None,
              progress: Callable[[int], None] | None = None,
              on_total: Callable[[int], None] | None = None,
              who: dict[str, Any] | None = None, wait: float | None = None,
-             compact: bool = False) -> Optimized:
+             compact: bool = False, check: bool = False) -> Optimized:
     """Rewrite the image at path with only what its indices reference.  level: recompress
     every chunk at it (None: move whole packs as stored).  compact: the compact profile's
-    packs, every chunk recompressed.  wait: for another writer, as export's."""
+    packs, every chunk recompressed.  wait: for another writer, as export's.  check: also
+    decompress every copied pack and check its chunks."""
     if level is not None:
         check_level(level)
     path = os.path.realpath(path)  # a symlink's target is rewritten, the symlink kept
@@ -72,7 +73,7 @@ def optimize(path: str, level: int | None = None,
         try:
             _keep_owner(out.fd, path, before)
             export_all_into(image, numbers, out, level, progress, who, action="optimize",
-                            compact=compact)
+                            compact=compact, check=check)
             _replace(out.fd, path)
             after = os.fstat(out.fd).st_size
         finally:

@@ -150,11 +150,28 @@ def test_a_damaged_pack_is_reported_never_copied(two: tuple[Path, Path, Path],
     assert not dest.exists()
 
 
-def test_content_altered_under_recomputed_checksums_is_refused(
+def test_content_altered_under_recomputed_checksums_is_refused_with_check(
         two: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """--check decompresses each copied pack: the altered chunk is refused."""
     image = shutil.copyfile(two[0], tmp_path / "crafted.imagefs")
     _flip_in_a_pack(image)
     dest = tmp_path / "out.imagefs"
-    line = assert_clear_failure(run_cli("export", image, "all", dest), (4,))
-    assert "checksum mismatch" in line and "chunk" in line
-    assert not dest.exists()
+    for argv in (("export", image, "all", dest, "--check"), ("optimize", image, "--check")):
+        before = image.read_bytes()
+        line = assert_clear_failure(run_cli(*argv), (4,))
+        assert "checksum mismatch" in line and "chunk" in line
+        assert not dest.exists()
+        assert image.read_bytes() == before
+
+
+def test_content_altered_under_recomputed_checksums_is_passed_on_as_it_is(
+        two: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """Without --check the pack is copied as stored, as wimexport copies: the copy is no
+    worse than the source, and verify finds the fault in both (exit 1)."""
+    image = shutil.copyfile(two[0], tmp_path / "crafted.imagefs")
+    _flip_in_a_pack(image)
+    dest = tmp_path / "out.imagefs"
+    assert run_cli("export", image, "all", dest).code == 0
+    for f in (image, dest):
+        r = run_cli("verify", f)
+        assert r.code == 1 and "fail their checksums" in r.stdout.decode(), str(r)

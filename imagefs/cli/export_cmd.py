@@ -17,10 +17,10 @@ def register(sub: Any) -> None:
     p = sub.add_parser(
         "export", help="copy chosen indices into another image file, compacted",
         description="Write the chosen indices into DEST holding only the content they "
-                    "reference. Packs they use whole are copied as stored (their checksums "
-                    "checked on the way); the chunks of partly used packs are repacked at "
-                    f"level {DEFAULT_LEVEL}, and --level recompresses everything. Indices "
-                    "keep their names, "
+                    "reference. Packs they use whole are copied as stored (their frame "
+                    "checksums checked on the way; --check also checks every chunk); the "
+                    f"chunks of partly used packs are repacked at level {DEFAULT_LEVEL}, "
+                    "and --level recompresses everything. Indices keep their names, "
                     "descriptions, creation times, history and digests. A new DEST appears "
                     "whole or not at all; an existing DEST gets the indices appended.",
         epilog="examples: imagefs export golden.imagefs 2 web.imagefs; "
@@ -40,11 +40,12 @@ def run(args: argparse.Namespace) -> int:
         if c is not None:
             job = call(c, "images.export", image=absolute(args.image), index=args.selection,
                        dest=absolute(args.dest), level=args.level, compact=args.compact,
-                       subscribe=True)
+                       check=args.check, subscribe=True)
             numbers = run_job(c, job, bar)["indices"]
         else:
             numbers = export(args.image, args.selection, args.dest, args.level,
-                             progress=bar.advance, on_total=bar.total, compact=args.compact)
+                             progress=bar.advance, on_total=bar.total, compact=args.compact,
+                             check=args.check)
     if args.json:
         print_json({"dest": args.dest, "indices": numbers})
     else:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from . import layout as F
 from .records import Inode
@@ -39,4 +39,23 @@ def node_digest(ino: Inode, chunk_shas: Sequence[bytes], child_digests: Sequence
     elif ino.kind == F.DIR:
         for (name, _k, _r), d in zip(ino.entries, child_digests, strict=True):
             h.update(len(name).to_bytes(4, "little") + name + d)
+    return h.digest()
+
+
+def record_attrs(record: bytes | memoryview) -> bytes:
+    """A record's digested attributes (kind, mode, uid, gid, nlink, size, rdev, mtime) as
+    node_digest packs them, sliced from the record's fixed part (layout.INODE), whose
+    fields have the same widths and byte order."""
+    return bytes(record[0:1]) + bytes(record[4:20]) + bytes(record[24:48])
+
+
+def plain_file_digest(attrs: bytes, extents: Iterable[tuple[int, int, bytes]]) -> bytes:
+    """node_digest of a regular file without xattrs, from its record_attrs and (file
+    offset, length, chunk SHA-256) per extent: what moving a file's record recomputes
+    without decoding it (format.relocate)."""
+    h = hashlib.sha256(b"imagefs-node-1")
+    h.update(attrs)
+    h.update(bytes(4))  # no xattrs
+    for offset, length, sha in extents:
+        h.update(_EXT.pack(offset, length) + sha)
     return h.digest()

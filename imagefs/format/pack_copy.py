@@ -2,10 +2,14 @@
 
 A copied pack is not recompressed: its frame moves byte for byte, so its chunks keep their
 offsets, lengths and checksums and only the pack id (the frame's offset) changes.  The frame
-checksum is checked as the frame is read; then, on a worker thread while the caller goes on
-with the metadata, the pack is decompressed and every chunk's xxh3-128 checked against the
-source's chunk table, so that a pack whose checksums were recomputed over altered content
-is refused too.  `finish()` waits for those checks: call it before publishing.
+checksum is checked as the frame is read, so a damaged pack is refused, never copied.
+
+With check_chunks (export/optimize --check), each copied pack is also decompressed on a
+worker thread and every chunk's xxh3-128 checked against the source's chunk table, so that
+a pack whose frame checksum was recomputed over altered content is refused too.  That
+costs a decompression of everything copied (about as long as the rest of an export), and
+a reader of the destination checks each chunk as it reads it anyway, so it is asked for,
+as `wimexport --check` is.  `finish()` waits for those checks: call it before publishing.
 """
 
 from __future__ import annotations
@@ -26,11 +30,12 @@ class PackCopier:
 
     MAX_PENDING = 2  # packs copied but not yet checked (memory: their stored bytes)
 
-    def __init__(self, src: ImageFile, out: ImageFile, table: ChunkTable) -> None:
+    def __init__(self, src: ImageFile, out: ImageFile, table: ChunkTable,
+                 check_chunks: bool = False) -> None:
         self.src = src
         self.out = out
         self.table = table
-        self._pool = ThreadPoolExecutor(max_workers=1)
+        self._pool = ThreadPoolExecutor(max_workers=1) if check_chunks else None
         self._pending: list[Future[None]] = []
         self.stored_bytes = 0  # their frames' bytes, headers included
 
@@ -38,10 +43,15 @@ class PackCopier:
         """Copy the pack at offset pack, whose chunks (as src's table lists them) are
         chunks; their new locations, in the same order."""
         info, payload = self.src.read_stored(pack, F.KIND_PACK)
+        for c in chunks:
+            if c.offset + c.length > info.raw:
+                raise CorruptImage(self.src.path, f"chunk {c.xxh.hex()} lies past the end "
+                                                  f"of its pack at offset {pack}")
         at = self.out.append_frame(F.KIND_PACK, payload, info.raw, info.codec)
-        self._pending.append(self._pool.submit(self._check, info, payload, chunks))
-        while len(self._pending) > self.MAX_PENDING:
-            self._pending.pop(0).result()
+        if self._pool is not None:
+            self._pending.append(self._pool.submit(self._check, info, payload, chunks))
+            while len(self._pending) > self.MAX_PENDING:
+                self._pending.pop(0).result()
         self.stored_bytes += F.FRAME_HEADER + len(payload)
         moved = [ChunkLoc(at, c.offset, c.length, c.xxh, c.sha) for c in chunks]
         for loc in moved:
@@ -68,4 +78,5 @@ class PackCopier:
             self.abort()
 
     def abort(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)

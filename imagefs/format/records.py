@@ -260,7 +260,7 @@ class MetaReader:
         return entry
 
     def get(self, ref: int) -> Inode:
-        raw, start, end = self._record(ref)
+        raw, start, end = self.record_bytes(ref)
         ino = decode_inode(raw[start:end], f"{self.image.path}: record {ref:#x}")
         ino.ref = ref
         return ino
@@ -268,7 +268,7 @@ class MetaReader:
     def kind_and_digest(self, ref: int) -> tuple[int, bytes]:
         """The kind and digest of a record, read from its fixed head without decoding the
         rest: a commit names every unchanged entry of a rewritten directory by these."""
-        raw, start, end = self._record(ref)
+        raw, start, end = self.record_bytes(ref)
         if end - start < F.INODE.size:
             raise CorruptImage(f"{self.image.path}: record {ref:#x}",
                                "record shorter than an inode")
@@ -279,7 +279,8 @@ class MetaReader:
         at = start + _DIGEST_AT
         return kind, raw[at:at + 32]
 
-    def _record(self, ref: int) -> tuple[bytes, int, int]:
+    def record_bytes(self, ref: int) -> tuple[bytes, int, int]:
+        """The decompressed block holding record ref, and where the record lies in it."""
         offset, number = ref >> 16, ref & 0xFFFF
         raw, offsets = self.block(offset)
         if number + 1 >= len(offsets):

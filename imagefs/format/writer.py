@@ -11,7 +11,7 @@ import contextlib
 import functools
 import getpass
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -185,12 +185,18 @@ class Transaction:
 
     def write_tree(self, root: PendingInode) -> TreeStats:
         """Finish the packs, then write root's records; returns what to put in the index."""
+        with self.metadata() as meta:
+            return write_tree(meta, root)
+
+    @contextlib.contextmanager
+    def metadata(self) -> Iterator[MetaWriter]:
+        """A writer of records, once every pack is written (records name their packs'
+        places); its last block is written when the block ends without error."""
         self.finish_packs()
         meta = MetaWriter(self.image, self.level)
-        stats = write_tree(meta, root)
+        yield meta
         meta.flush()
         crash_point("after-metadata")
-        return stats
 
     def publish(self) -> Commit:
         commit = self.commit

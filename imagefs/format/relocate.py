@@ -1,0 +1,197 @@
+"""Moving indices' records into another image file (export, optimize).
+
+A record moves as it is but for where things are: a file's extents name its chunks' new
+places, a directory's entries its children's new refs.  Two walks, both streaming:
+
+* `used_chunks` reads every record once to learn which chunks the indices use, looking
+  into a plain file's extents without building objects (most records are files);
+* `RecordMover` writes the records: a directory's files as the directory is reached, the
+  directories children first at the end of each index (as `writer.write_tree` lays them
+  out, so directories sit together).  Memory holds the directories of one index and a map
+  of the refs already moved, never a tree of objects, whatever the index's size.
+
+Each record is decoded (so checked) on its way, and its node digest recomputed from the
+SHA-256s of the chunks the destination holds: an index whose records do not add up to its
+digest is refused by the caller.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from imagefs.errors import CorruptImage
+
+from . import layout as F
+from .digest import node_digest, plain_file_digest, record_attrs
+from .packs import ChunkLoc
+from .records import MAX_FILE_SIZE, Inode, MetaReader, MetaWriter, decode_inode
+from .view import IndexView
+from .writer import TreeStats
+
+ChunkUse = tuple[int, int, bytes]  # offset in pack, length, xxh3-128: one chunk a file uses
+ChunkKey = tuple[int, int, int, bytes]  # the same with its source pack first
+
+
+def used_chunks(views: Iterable[IndexView]) -> dict[int, set[ChunkUse]]:
+    """The chunks the views' files use: source pack -> {(offset, length, xxh3-128)}.  Each
+    record is read once, also when indices share subtrees (or, crafted, when a directory
+    holds an ancestor)."""
+    used: dict[int, set[ChunkUse]] = {}
+    seen: set[int] = set()
+    for view in views:
+        if view.entry.root in seen:  # an index with the root of one walked already
+            continue
+        stack = [view.root().ref]
+        while stack:
+            ref = stack.pop()
+            if ref in seen:
+                continue
+            seen.add(ref)
+            for pack, poff, length, xxh, child in _scan(view.meta, ref):
+                if child is not None:
+                    stack.append(child)
+                else:
+                    used.setdefault(pack, set()).add((poff, length, xxh))
+    return used
+
+
+def _scan(meta: MetaReader, ref: int) -> list[tuple[int, int, int, bytes, int | None]]:
+    """What record ref points at: (pack, offset, length, xxh, None) per extent of a file,
+    (0, 0, 0, b"", child ref) per entry of a directory.  A file without xattrs is read
+    straight from its extents; anything else is decoded (and so checked) whole."""
+    raw, start, end = meta.record_bytes(ref)
+    head = start + F.INODE.size
+    if end - head >= 4 and raw[start] == F.REG and raw[start + 2:start + 4] == b"\0\0":
+        body = raw[head + 4:end]
+        if int.from_bytes(raw[head:head + 4], "little") * F.EXTENT.size == len(body):
+            return [(pack, poff, length, xxh, None)
+                    for _foff, pack, poff, length, xxh in F.EXTENT.iter_unpack(body)]
+    ino = decode_inode(raw[start:end], f"{meta.image.path}: record {ref:#x}")
+    return [(pack, poff, length, xxh, None) for _f, pack, poff, length, xxh in ino.extents] \
+        + [(0, 0, 0, b"", child) for _n, _k, child in ino.entries]
+
+
+@dataclass(slots=True)
+class _Moved:
+    """A non-directory already written: its new ref, kind, size and digest."""
+
+    ref: int
+    kind: int
+    size: int
+    digest: bytes
+
+
+class RecordMover:
+    """Writes indices' records into out_meta, their chunks found in moved (source pack,
+    offset, length, xxh3-128 -> new place).  Records several indices share (hard links,
+    files a commit left alone) are written once; progress(bytes) after each file."""
+
+    def __init__(self, out_meta: MetaWriter, moved: dict[ChunkKey, ChunkLoc],
+                 progress: Callable[[int], None] | None = None) -> None:
+        self.meta = out_meta
+        self.moved = moved
+        self.progress = progress
+        self._leaves: dict[int, _Moved] = {}  # source ref -> written non-directory
+
+    def move(self, view: IndexView) -> TreeStats:
+        """Write the index's records; what to put in its entry (digest recomputed)."""
+        where = view.image.path
+        root = view.root()
+        order: list[Inode] = []  # the index's directories, pre-order, each once
+        dirs_seen = {root.ref}
+        counted: set[int] = set()  # files whose bytes this index has counted
+        files = nbytes = 0
+        stack = [root]
+        while stack:
+            node = stack.pop()
+            order.append(node)
+            for _name, _kind, ref in node.entries:
+                leaf = self._leaves.get(ref)
+                if leaf is None:
+                    if ref in dirs_seen:
+                        raise CorruptImage(where, "a directory appears twice in the tree")
+                    leaf = self._move_plain_file(view.meta, ref, where)
+                if leaf is None:
+                    child = view.get(ref)
+                    if child.kind == F.DIR:
+                        dirs_seen.add(ref)
+                        stack.append(child)
+                        continue
+                    leaf = self._write_leaf(child, where)
+                self._leaves[ref] = leaf
+                files += 1
+                if ref not in counted:
+                    counted.add(ref)
+                    if leaf.kind == F.REG:
+                        nbytes += leaf.size
+                        if self.progress:
+                            self.progress(leaf.size)
+        written: dict[int, tuple[int, bytes]] = {}  # directory: source ref -> new, digest
+        for node in reversed(order):  # every subdirectory comes after its parent in order
+            entries, digests = [], []
+            for name, _kind, ref in node.entries:
+                leaf = self._leaves.get(ref)
+                if leaf is not None:
+                    entries.append((name, leaf.kind, leaf.ref))
+                    digests.append(leaf.digest)
+                else:
+                    new, digest = written[ref]
+                    entries.append((name, F.DIR, new))
+                    digests.append(digest)
+            node.entries = entries
+            node.size = len(entries)
+            node.nlink = 2 + sum(1 for _n, kind, _r in entries if kind == F.DIR)
+            node.digest = node_digest(node, (), digests)
+            written[node.ref] = (self.meta.add(node.encode()), node.digest)
+        new_root, digest = written[root.ref]
+        return TreeStats(new_root, digest, files, len(order), nbytes)
+
+    def _move_plain_file(self, meta: MetaReader, ref: int, where: str) -> _Moved | None:
+        """Move a regular file without xattrs (most records) as bytes: its extents
+        rewritten, its digest recomputed, flags and reserved fields zeroed, as
+        Inode.encode writes them.  None when ref is anything else, or a record with a fault
+        decode_inode will name."""
+        raw, start, end = meta.record_bytes(ref)
+        head = start + F.INODE.size
+        if raw[start] != F.REG or raw[start + 2:start + 4] != b"\0\0" or end - head < 4:
+            return None
+        count = raw[head:head + 4]
+        body = raw[head + 4:end]
+        size = int.from_bytes(raw[start + 24:start + 32], "little")
+        if int.from_bytes(count, "little") * F.EXTENT.size != len(body) \
+                or size > MAX_FILE_SIZE:
+            return None
+        extents, digested = [], []
+        done = 0
+        for foff, pack, poff, length, xxh in F.EXTENT.iter_unpack(body):
+            if foff < done or length == 0 or foff + length > size:
+                return None
+            done = foff + length
+            loc = self._chunk(pack, poff, length, xxh, ref, where)
+            extents.append(F.EXTENT.pack(foff, loc.pack_id(), loc.offset, length, xxh))
+            digested.append((foff, length, loc.sha))
+        digest = plain_file_digest(record_attrs(raw[start:start + 48]), digested)
+        record = b"".join((raw[start:start + 1], b"\0", raw[start + 2:start + 20], bytes(4),
+                           raw[start + 24:start + 64], digest, bytes(32), count, *extents))
+        return _Moved(self.meta.add(record), F.REG, size, digest)
+
+    def _chunk(self, pack: int, poff: int, length: int, xxh: bytes, ref: int,
+               where: str) -> ChunkLoc:
+        loc = self.moved.get((pack, poff, length, xxh))
+        if loc is None:  # used_chunks saw every extent: the record changed since
+            raise CorruptImage(where, f"record {ref:#x} names a chunk the walk before did "
+                                      "not see")
+        return loc
+
+    def _write_leaf(self, ino: Inode, where: str) -> _Moved:
+        shas = []
+        if ino.kind == F.REG:
+            extents = []
+            for foff, pack, poff, length, xxh in ino.extents:
+                loc = self._chunk(pack, poff, length, xxh, ino.ref, where)
+                extents.append((foff, loc.pack_id(), loc.offset, length, xxh))
+                shas.append(loc.sha)
+            ino.extents = extents
+        ino.digest = node_digest(ino, shas, ())
+        return _Moved(self.meta.add(ino.encode()), ino.kind, ino.size, ino.digest)
