@@ -22,6 +22,7 @@ from imagefs.format.packs import ChunkLoc, PackWriter
 from imagefs.format.records import Inode
 from imagefs.format.writer import PendingInode
 
+from .content_class import HEAD, order_key
 from .errors import SourceError, UsageError
 
 
@@ -124,22 +125,50 @@ class TreeCapture:
             node.sparse_hint = st.st_blocks * 512 < st.st_size
         return node
 
-    def read_contents(self, root: PendingInode) -> None:
+    def read_contents(self, root: PendingInode, grouped: bool = False) -> None:
         """Chunk and store the content of every regular file under root (each inode once),
         in the order tar, cp -a and find walk a tree (depth first, names in order): a
-        reader of the whole mounted tree then goes through the packs front to back."""
+        reader of the whole mounted tree then goes through the packs front to back.
+        grouped (the compact profile): like content together instead (content_class)."""
+        files = self._walk_files(root)
+        if grouped:
+            files.sort(key=lambda named: order_key(named[0], self._head(named[1])))
+        for _name, node in files:
+            self._read_file(node)
+
+    @staticmethod
+    def _walk_files(root: PendingInode) -> list[tuple[bytes, PendingInode]]:
+        """The regular files under root in walk order, each inode once, with its name."""
         seen: set[int] = set()
+        files = []
         stack = [iter(root.children or [])]
         while stack:
-            for _name, child in stack[-1]:
+            for name, child in stack[-1]:
                 if child.ino.kind == F.DIR:
                     stack.append(iter(child.children or []))
                     break
                 if child.ino.kind == F.REG and id(child) not in seen:
                     seen.add(id(child))
-                    self._read_file(child)
+                    files.append((name, child))
             else:
                 stack.pop()
+        return files
+
+    def _head(self, node: PendingInode) -> bytes:
+        """The first bytes of a file (for its kind); b"" if it cannot be read now (reading
+        its content says why)."""
+        assert node.source is not None
+        try:
+            fd = os.open(node.source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+                         | os.O_NONBLOCK)
+        except OSError:
+            return b""
+        try:
+            return os.pread(fd, HEAD, 0)
+        except OSError:
+            return b""
+        finally:
+            os.close(fd)
 
     def _read_file(self, node: PendingInode) -> None:
         path = node.source

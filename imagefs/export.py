@@ -28,10 +28,11 @@ from imagefs.format.files import give_back_free_memory, pwrite_all
 from imagefs.format.pack_copy import PackCopier
 from imagefs.format.packs import ChunkLoc, ChunkTable, PackReader, PackWriter
 from imagefs.format.records import MetaReader
-from imagefs.format.relocate import ChunkKey, ChunkUse, RecordMover, used_chunks
+from imagefs.format.relocate import ChunkKey, ChunkUse, RecordMover, named_files, used_chunks
 from imagefs.format.view import IndexView
 from imagefs.format.writer import Transaction, TreeStats, add_index, history_entry
 
+from .content_class import HEAD, order_key
 from .errors import CorruptImage, DestinationError, UsageError
 from .image import (
     Image,
@@ -43,6 +44,7 @@ from .image import (
 )
 
 REPACK_CACHE = 4 << 20  # decompressed packs kept while partly used ones are repacked
+GROUPED_CACHE = 64 << 20  # the compact profile reads the source's packs out of order
 META_CACHE = 4 << 20  # decompressed metadata blocks kept while the trees are read
 
 
@@ -73,6 +75,28 @@ def place_packs(image: Image, used: dict[int, set[ChunkUse]], copier: PackCopier
             for poff, length, xxh in sorted(used[pack]):
                 moved[(pack, poff, length, xxh)] = writer.add_chunk(
                     reader.read_chunk(pack, poff, length, xxh))
+        if progress:
+            progress(0)
+    return moved
+
+
+def place_grouped(views: list[IndexView], writer: PackWriter, reader: PackReader,
+                  progress: Callable[[int], None] | None = None) -> dict[ChunkKey, ChunkLoc]:
+    """Every chunk the views' files use, read, checked and stored through writer with the
+    files ordered by kind, extension and name (content_class: the compact profile).  The
+    files' heads are read in the source's order; their content then in the new order,
+    which a source written in this profile already has."""
+    files = named_files(views)
+    files.sort(key=lambda f: f[1][0][:2] if f[1] else (0, 0))  # heads in pack order
+    keyed = [(order_key(name, reader.read_chunk(*keys[0])[:HEAD] if keys and starts
+                        else b""), keys) for name, keys, starts in files]
+    del files
+    keyed.sort(key=lambda k: k[0])
+    moved: dict[ChunkKey, ChunkLoc] = {}
+    for _key, keys in keyed:
+        for chunk in keys:
+            if chunk not in moved:
+                moved[chunk] = writer.add_chunk(reader.read_chunk(*chunk))
         if progress:
             progress(0)
     return moved
@@ -145,7 +169,8 @@ def export_all_into(image: Image, numbers: list[int], out: ImageFile, level: int
     # one reads and checks, and memory stays low (a compressor context is ~11 MB at level
     # 9); recompressing everything takes one per CPU.
     with Transaction(out, level, wait=wait, pack_threads=None if recompress else 1) as tx:
-        meta, packs = MetaReader(image.file, META_CACHE), PackReader(image.file, REPACK_CACHE)
+        meta = MetaReader(image.file, META_CACHE)
+        packs = PackReader(image.file, GROUPED_CACHE if compact else REPACK_CACHE)
         views = [IndexView(image.file, n, image.indices[n - 1], meta, packs) for n in numbers]
         names = {e.name for e in tx.commit.indices}
         for view in views:
@@ -153,8 +178,11 @@ def export_all_into(image: Image, numbers: list[int], out: ImageFile, level: int
             names.add(view.entry.name)
         copier = PackCopier(image.file, out, tx.pack_writer().table, check_chunks=check)
         try:
-            moved = place_packs(image, used_chunks(views), copier, tx.pack_writer(), packs,
-                                recompress, progress)
+            if compact:
+                moved = place_grouped(views, tx.pack_writer(), packs, progress)
+            else:
+                moved = place_packs(image, used_chunks(views), copier, tx.pack_writer(),
+                                    packs, recompress, progress)
             tx.finish_packs()  # its compressors end with its threads, before records move
             give_back_free_memory()
             new = []

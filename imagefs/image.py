@@ -189,7 +189,7 @@ def capture(image_path: str, src: str, name: str, description: str = "",
         root, total = cap.scan(src)
         if on_total:
             on_total(total)
-        cap.read_contents(root)
+        cap.read_contents(root, grouped=compact)
         stats = tx.write_tree(root)
         result = CaptureResult(len(tx.commit.indices) + 1, name, stats.files, stats.bytes,
                                packs.new_bytes, packs.stored_bytes)

@@ -56,6 +56,35 @@ def used_chunks(views: Iterable[IndexView]) -> dict[int, set[ChunkUse]]:
     return used
 
 
+def named_files(views: Iterable[IndexView]) -> list[tuple[bytes, list[ChunkKey], bool]]:
+    """Every regular file of the views, once: the name it was first reached by, the chunks
+    of its extents in order, and whether the first one starts the file: what ordering
+    content by kind needs (the compact profile; content_class)."""
+    files = []
+    seen: set[int] = set()
+    for view in views:
+        if view.entry.root in seen:
+            continue
+        stack = [view.root().ref]
+        seen.add(stack[0])
+        while stack:
+            node = view.get(stack.pop())
+            for name, _kind, ref in node.entries:
+                if ref in seen:
+                    continue
+                seen.add(ref)
+                child = view.get(ref)
+                if child.kind == F.DIR:
+                    stack.append(ref)
+                elif child.kind == F.REG:
+                    keys = [(pack, poff, length, xxh)
+                            for _f, pack, poff, length, xxh in child.extents]
+                    # a file that starts with a hole starts with zeros, not its first chunk
+                    starts = bool(child.extents) and child.extents[0][0] == 0
+                    files.append((name, keys, starts))
+    return files
+
+
 def _scan(meta: MetaReader, ref: int) -> list[tuple[int, int, int, bytes, int | None]]:
     """What record ref points at: (pack, offset, length, xxh, None) per extent of a file,
     (0, 0, 0, b"", child ref) per entry of a directory.  A file without xattrs is read
