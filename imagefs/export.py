@@ -27,7 +27,7 @@ from imagefs.format.container import ImageFile
 from imagefs.format.files import give_back_free_memory, pwrite_all
 from imagefs.format.pack_copy import PackCopier
 from imagefs.format.packs import ChunkLoc, ChunkTable, PackReader, PackWriter
-from imagefs.format.records import MetaReader
+from imagefs.format.records import Inode, MetaReader
 from imagefs.format.relocate import ChunkKey, ChunkUse, RecordMover, named_files, used_chunks
 from imagefs.format.view import IndexView
 from imagefs.format.writer import Transaction, TreeStats, add_index, history_entry
@@ -178,16 +178,17 @@ def export_all_into(image: Image, numbers: list[int], out: ImageFile, level: int
             names.add(view.entry.name)
         copier = PackCopier(image.file, out, tx.pack_writer().table, check_chunks=check)
         try:
+            directories: dict[int, Inode] = {}  # as the walk for the used chunks read them
             if compact:
                 moved = place_grouped(views, tx.pack_writer(), packs, progress)
             else:
-                moved = place_packs(image, used_chunks(views), copier, tx.pack_writer(),
-                                    packs, recompress, progress)
+                moved = place_packs(image, used_chunks(views, directories), copier,
+                                    tx.pack_writer(), packs, recompress, progress)
             tx.finish_packs()  # its compressors end with its threads, before records move
             give_back_free_memory()
             new = []
             with tx.metadata() as out_meta:
-                mover = RecordMover(out_meta, moved, progress)
+                mover = RecordMover(out_meta, moved, progress, directories)
                 written: dict[int, TreeStats] = {}  # source root -> the tree as written
                 for view in views:
                     stats = written.get(view.entry.root)

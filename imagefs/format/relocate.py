@@ -17,6 +17,7 @@ digest is refused by the caller.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -25,7 +26,7 @@ from imagefs.errors import CorruptImage
 from . import layout as F
 from .digest import node_digest, plain_file_digest, record_attrs
 from .packs import ChunkLoc
-from .records import MAX_FILE_SIZE, Inode, MetaReader, MetaWriter, decode_inode
+from .records import MAX_FILE_SIZE, Extent, Inode, MetaReader, MetaWriter, decode_inode
 from .view import IndexView
 from .writer import TreeStats
 
@@ -33,10 +34,12 @@ ChunkUse = tuple[int, int, bytes]  # offset in pack, length, xxh3-128: one chunk
 ChunkKey = tuple[int, int, int, bytes]  # the same with its source pack first
 
 
-def used_chunks(views: Iterable[IndexView]) -> dict[int, set[ChunkUse]]:
+def used_chunks(views: Iterable[IndexView],
+                directories: dict[int, Inode] | None = None) -> dict[int, set[ChunkUse]]:
     """The chunks the views' files use: source pack -> {(offset, length, xxh3-128)}.  Each
     record is read once, also when indices share subtrees (or, crafted, when a directory
-    holds an ancestor)."""
+    holds an ancestor).  The directories read are kept in `directories` (source ref ->
+    record), for RecordMover to read them once."""
     used: dict[int, set[ChunkUse]] = {}
     seen: set[int] = set()
     for view in views:
@@ -48,11 +51,18 @@ def used_chunks(views: Iterable[IndexView]) -> dict[int, set[ChunkUse]]:
             if ref in seen:
                 continue
             seen.add(ref)
-            for pack, poff, length, xxh, child in _scan(view.meta, ref):
-                if child is not None:
-                    stack.append(child)
-                else:
-                    used.setdefault(pack, set()).add((poff, length, xxh))
+            raw, start, end = view.meta.record_bytes(ref)
+            extents = _plain_extents(raw, start, end)
+            if extents is None:
+                ino = decode_inode(raw[start:end], f"{view.image.path}: record {ref:#x}")
+                ino.ref = ref
+                extents = ino.extents
+                if ino.kind == F.DIR:
+                    stack.extend(child for _n, _k, child in ino.entries)
+                    if directories is not None:
+                        directories[ref] = ino
+            for _foff, pack, poff, length, xxh in extents:
+                used.setdefault(pack, set()).add((poff, length, xxh))
     return used
 
 
@@ -85,20 +95,17 @@ def named_files(views: Iterable[IndexView]) -> list[tuple[bytes, list[ChunkKey],
     return files
 
 
-def _scan(meta: MetaReader, ref: int) -> list[tuple[int, int, int, bytes, int | None]]:
-    """What record ref points at: (pack, offset, length, xxh, None) per extent of a file,
-    (0, 0, 0, b"", child ref) per entry of a directory.  A file without xattrs is read
-    straight from its extents; anything else is decoded (and so checked) whole."""
-    raw, start, end = meta.record_bytes(ref)
+def _plain_extents(raw: bytes, start: int, end: int) -> list[Extent] | None:
+    """The extents of the record at raw[start:end] if it is a regular file without xattrs
+    whose extents fill it (most records), read without decoding the rest; else None (a
+    caller decodes it, and decode_inode names any fault)."""
     head = start + F.INODE.size
-    if end - head >= 4 and raw[start] == F.REG and raw[start + 2:start + 4] == b"\0\0":
-        body = raw[head + 4:end]
-        if int.from_bytes(raw[head:head + 4], "little") * F.EXTENT.size == len(body):
-            return [(pack, poff, length, xxh, None)
-                    for _foff, pack, poff, length, xxh in F.EXTENT.iter_unpack(body)]
-    ino = decode_inode(raw[start:end], f"{meta.image.path}: record {ref:#x}")
-    return [(pack, poff, length, xxh, None) for _f, pack, poff, length, xxh in ino.extents] \
-        + [(0, 0, 0, b"", child) for _n, _k, child in ino.entries]
+    if end - head < 4 or raw[start] != F.REG or raw[start + 2:start + 4] != b"\0\0":
+        return None
+    body = raw[head + 4:end]
+    if int.from_bytes(raw[head:head + 4], "little") * F.EXTENT.size != len(body):
+        return None
+    return list(F.EXTENT.iter_unpack(body))
 
 
 @dataclass(slots=True)
@@ -117,16 +124,18 @@ class RecordMover:
     files a commit left alone) are written once; progress(bytes) after each file."""
 
     def __init__(self, out_meta: MetaWriter, moved: dict[ChunkKey, ChunkLoc],
-                 progress: Callable[[int], None] | None = None) -> None:
+                 progress: Callable[[int], None] | None = None,
+                 directories: dict[int, Inode] | None = None) -> None:
         self.meta = out_meta
         self.moved = moved
         self.progress = progress
+        self._dirs = directories or {}  # source ref -> record, as used_chunks read them
         self._leaves: dict[int, _Moved] = {}  # source ref -> written non-directory
 
     def move(self, view: IndexView) -> TreeStats:
         """Write the index's records; what to put in its entry (digest recomputed)."""
         where = view.image.path
-        root = view.root()
+        root = self._dirs.get(view.entry.root) or view.root()
         order: list[Inode] = []  # the index's directories, pre-order, each once
         dirs_seen = {root.ref}
         counted: set[int] = set()  # files whose bytes this index has counted
@@ -140,9 +149,11 @@ class RecordMover:
                 if leaf is None:
                     if ref in dirs_seen:
                         raise CorruptImage(where, "a directory appears twice in the tree")
-                    leaf = self._move_plain_file(view.meta, ref, where)
+                    child = self._dirs.get(ref)
+                    if child is None:
+                        leaf = self._move_plain_file(view.meta, ref, where)
                 if leaf is None:
-                    child = view.get(ref)
+                    child = child or view.get(ref)
                     if child.kind == F.DIR:
                         dirs_seen.add(ref)
                         stack.append(child)
@@ -168,11 +179,12 @@ class RecordMover:
                     new, digest = written[ref]
                     entries.append((name, F.DIR, new))
                     digests.append(digest)
-            node.entries = entries
-            node.size = len(entries)
-            node.nlink = 2 + sum(1 for _n, kind, _r in entries if kind == F.DIR)
-            node.digest = node_digest(node, (), digests)
-            written[node.ref] = (self.meta.add(node.encode()), node.digest)
+            rec = copy.copy(node)  # node stays as read: another index may share it
+            rec.entries = entries
+            rec.size = len(entries)
+            rec.nlink = 2 + sum(1 for _n, kind, _r in entries if kind == F.DIR)
+            rec.digest = node_digest(rec, (), digests)
+            written[node.ref] = (self.meta.add(rec.encode()), rec.digest)
         new_root, digest = written[root.ref]
         return TreeStats(new_root, digest, files, len(order), nbytes)
 
@@ -182,18 +194,13 @@ class RecordMover:
         Inode.encode writes them.  None when ref is anything else, or a record with a fault
         decode_inode will name."""
         raw, start, end = meta.record_bytes(ref)
-        head = start + F.INODE.size
-        if raw[start] != F.REG or raw[start + 2:start + 4] != b"\0\0" or end - head < 4:
-            return None
-        count = raw[head:head + 4]
-        body = raw[head + 4:end]
+        plain = _plain_extents(raw, start, end)
         size = int.from_bytes(raw[start + 24:start + 32], "little")
-        if int.from_bytes(count, "little") * F.EXTENT.size != len(body) \
-                or size > MAX_FILE_SIZE:
+        if plain is None or size > MAX_FILE_SIZE:
             return None
         extents, digested = [], []
         done = 0
-        for foff, pack, poff, length, xxh in F.EXTENT.iter_unpack(body):
+        for foff, pack, poff, length, xxh in plain:
             if foff < done or length == 0 or foff + length > size:
                 return None
             done = foff + length
@@ -202,7 +209,8 @@ class RecordMover:
             digested.append((foff, length, loc.sha))
         digest = plain_file_digest(record_attrs(raw[start:start + 48]), digested)
         record = b"".join((raw[start:start + 1], b"\0", raw[start + 2:start + 20], bytes(4),
-                           raw[start + 24:start + 64], digest, bytes(32), count, *extents))
+                           raw[start + 24:start + 64], digest, bytes(32),
+                           len(extents).to_bytes(4, "little"), *extents))
         return _Moved(self.meta.add(record), F.REG, size, digest)
 
     def _chunk(self, pack: int, poff: int, length: int, xxh: bytes, ref: int,
