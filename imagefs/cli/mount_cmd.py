@@ -31,7 +31,8 @@ def register(sub: Any) -> None:
             "`imagefs remount` brings it back, `imagefs cleanup` removes it.", 79),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="""options for -o (comma-separated, -o may repeat):
-  cache=SIZE      bound the cache of decompressed chunks (default 8M)
+  cache=SIZE      bound the cache of decompressed chunks (default: eight of the
+                  file's largest packs, 10M; 66M for a --compact file)
   anything else   passed to FUSE: noatime, nosuid, nodev, noexec, allow_other, ...
 
 examples:

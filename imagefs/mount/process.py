@@ -37,7 +37,7 @@ from imagefs.errors import (
 from imagefs.format.container import now_iso
 
 from .kernel import FSTYPE, canonical, find_mount, holders, is_dead, pid_alive, umount
-from .options import parse_options
+from .options import pack_cache, parse_options
 from .registry import MountRecord, log_path
 
 META_CACHE = 24 << 20  # decompressed metadata blocks
@@ -74,7 +74,7 @@ def check_mountpoint(mountpoint: str) -> str:
     return path
 
 
-def start(open_plan: Callable[[str, int], MountPlan], mountpoint: str,
+def start(open_plan: Callable[[str, int | None], MountPlan], mountpoint: str,
           option_specs: list[str], writable: bool = False, foreground: bool = False,
           announce: Callable[[MountRecord], None] | None = None,
           not_inherited: tuple[int, ...] = (), tied_to: int = 0) -> MountRecord:
@@ -178,7 +178,7 @@ def _serve_in_child(plan: MountPlan, path: str, opts: set[str],
     raise MountFailed(path, f"the mount process died before it was ready; see {rec.log}")
 
 
-def read_only(image_path: str, index_spec: str, cache: int) -> MountPlan:
+def read_only(image_path: str, index_spec: str, cache: int | None) -> MountPlan:
     """The plan of a read-only mount of one index."""
     from imagefs.format.packs import PackReader
     from imagefs.format.records import MetaReader
@@ -193,7 +193,8 @@ def read_only(image_path: str, index_spec: str, cache: int) -> MountPlan:
     # The kernel caches what it was given (entries, attributes, pages), so the driver's own
     # metadata caches can stay small: 500 000 files are walked in well under 150 MB.
     view = IndexView(img.file, number, entry, meta=MetaReader(img.file, META_CACHE),
-                     packs=PackReader(img.file, cache_bytes=cache))
+                     packs=PackReader(img.file,
+                                      cache_bytes=pack_cache(cache, img.file.header)))
     tree = IndexTree(view, inode_cache_weight=INODE_CACHE_WEIGHT)
     image_abs = os.path.abspath(image_path)
     label = f"image {image_abs} index {number} ({entry.name})"

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from imagefs.errors import BaseChanged, IndexGone, NoSuchSession, SessionLive, UsageError
 from imagefs.format.commit_record import Commit, IndexEntry
 from imagefs.format.container import ImageFile, crash_point, now_iso
+from imagefs.mount.options import pack_cache
 from imagefs.places import state_dir
 
 if TYPE_CHECKING:  # the session machinery loads when a session is opened, not listed
@@ -144,7 +145,7 @@ class Session:
 
     @classmethod
     def create(cls, image_path: str, index_spec: str, mountpoint: str,
-               cache: int = 256 << 20, owner: int | None = None,
+               cache: int | None = None, owner: int | None = None,
                volatile: bool = False) -> Session:
         """A new session of index_spec, owned by the caller (root: by owner, if given);
         volatile: never fsynced (see Staging), for a session that is never resumed."""
@@ -175,7 +176,7 @@ class Session:
         return cls._assemble(info, img, staging, cache)
 
     @classmethod
-    def load(cls, info: SessionInfo, cache: int = 256 << 20) -> Session:
+    def load(cls, info: SessionInfo, cache: int | None = None) -> Session:
         from imagefs.image import Image
 
         from .staging import Staging
@@ -193,7 +194,7 @@ class Session:
 
     @classmethod
     def _assemble(cls, info: SessionInfo, img: Image, staging: Staging,
-                  cache: int) -> Session:
+                  cache: int | None) -> Session:
         from imagefs.format.packs import PackReader
         from imagefs.format.records import MetaReader
         from imagefs.format.view import IndexView
@@ -209,7 +210,8 @@ class Session:
             info.name, "", "", "", 0, 0, 0, base_root, "")
         view = IndexView(img.file, number or info.index, base_entry,
                          meta=MetaReader(img.file, META_CACHE),
-                         packs=PackReader(img.file, cache_bytes=cache))
+                         packs=PackReader(img.file,
+                                          cache_bytes=pack_cache(cache, img.file.header)))
         base = IndexTree(view, inode_cache_weight=INODE_CACHE_WEIGHT)
         nodes = staging.load_nodes()
         counts = Counts(**meta["counts"])  # type: ignore[arg-type]

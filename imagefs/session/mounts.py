@@ -34,7 +34,7 @@ def start(image_path: str, index_spec: str, mountpoint: str, option_specs: list[
     imagefs.mount.process.start."""
     rw = writable or session is not None
 
-    def open_plan(path: str, cache: int) -> MountPlan:
+    def open_plan(path: str, cache: int | None) -> MountPlan:
         if rw:
             return _writable(image_path, index_spec, path, cache, session, owner, volatile)
         return process.read_only(image_path, index_spec, cache)
@@ -44,7 +44,7 @@ def start(image_path: str, index_spec: str, mountpoint: str, option_specs: list[
                          not_inherited=not_inherited, tied_to=tied_to)
 
 
-def _writable(image_path: str, index_spec: str, mountpoint: str, cache: int,
+def _writable(image_path: str, index_spec: str, mountpoint: str, cache: int | None,
               session: SessionInfo | None, owner: int | None,
               volatile: bool = False) -> MountPlan:
     """A session's mount.  The parent checks everything it can (and creates a new
