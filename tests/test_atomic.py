@@ -53,6 +53,21 @@ def info(img: Path) -> list[dict]:
     return json.loads(p.stdout)["indices"]
 
 
+def kill_after(args: list[object], delay: float) -> int:
+    """Run the CLI with args and SIGKILL it after delay seconds unless it ended before;
+    its exit code (0, or -SIGKILL): anything else, or a traceback, fails the test."""
+    proc = cli_zygote.popen([str(a) for a in args], env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        proc.wait(timeout=delay)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGKILL)
+    _, err = proc.communicate(timeout=60)
+    assert b"Traceback" not in err, err.decode(errors="replace")
+    assert proc.returncode in (0, -signal.SIGKILL), (proc.returncode, err)
+    return proc.returncode
+
+
 def state(img: Path) -> list[tuple[str, str]]:
     """(name, digest) of every index, read in process."""
     with Image.open(str(img)) as image:
@@ -242,16 +257,7 @@ class Killer:
         return elapsed
 
     def _kill_after(self, args: list[object], delay: float) -> int:
-        proc = cli_zygote.popen([str(a) for a in args], env=_env(),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        try:
-            proc.wait(timeout=delay)
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGKILL)
-        _, err = proc.communicate(timeout=60)
-        assert b"Traceback" not in err, err.decode(errors="replace")
-        assert proc.returncode in (0, -signal.SIGKILL), (proc.returncode, err)
-        return proc.returncode
+        return kill_after(args, delay)
 
     def round(self, img: Path) -> None:
         """One kill.  img carries over from the previous round while it is in its old

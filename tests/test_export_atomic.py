@@ -8,18 +8,16 @@ import os
 import random
 import shutil
 import signal
-import subprocess
 from pathlib import Path
 
-import cli_zygote
 import pytest
 from conftest import run_imagefs
 from test_atomic import (
     CONTAINER_POINTS,
     PUBLISHED,
     WRITER_POINTS,
-    _env,
     assert_clean,
+    kill_after,
     run_cli,
     state,
 )
@@ -98,25 +96,18 @@ def test_random_kills(source: Path, existing: Path, tmp_path: Path) -> None:
             if state(into) != state(existing):
                 shutil.copyfile(existing, into)
             dest, before = into, state(into)
-        proc = cli_zygote.popen(["export", str(source), "two", str(dest)], env=_env(),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        try:
-            proc.wait(timeout=rng.uniform(0.005, 0.3))
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGKILL)
-        _, err = proc.communicate(timeout=60)
-        assert b"Traceback" not in err and proc.returncode in (0, -signal.SIGKILL), err
+        code = kill_after(["export", source, "two", dest], rng.uniform(0.005, 0.3))
         kind = "new" if before is None else "existing"
         if before is None and not dest.exists():
             outcome = "absent"
-            assert proc.returncode != 0
+            assert code != 0
         else:
             assert_clean(dest)
             now = state(dest)
             full = (before or []) + wanted
             assert now in ((before, full) if before is not None else (full,)), now
             outcome = "whole" if now == full else "old"
-            if proc.returncode == 0:
+            if code == 0:
                 assert outcome == "whole"
         outcomes[f"{kind} {outcome}"] = outcomes.get(f"{kind} {outcome}", 0) + 1
         assert _leftovers(tmp_path, {"new.imagefs", "into.imagefs"}) == []

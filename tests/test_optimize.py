@@ -9,13 +9,11 @@ import os
 import random
 import shutil
 import signal
-import subprocess
 from pathlib import Path
 
-import cli_zygote
 import pytest
 from conftest import assert_same_tree, mounted_rw, public_dir, run_imagefs
-from test_atomic import CONTAINER_POINTS, WRITER_POINTS, _env, assert_clean, run_cli, state
+from test_atomic import CONTAINER_POINTS, WRITER_POINTS, assert_clean, kill_after, run_cli, state
 from test_hostile import assert_clear_failure
 from test_hostile import run_cli as run_hostile
 
@@ -107,14 +105,7 @@ def test_random_kills(deleted: Path, tmp_path: Path) -> None:
     before, outcomes = state(img), {"old": 0, "new": 0}
     for _ in range(20):
         inode = img.stat().st_ino
-        proc = cli_zygote.popen(["optimize", str(img)], env=_env(),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        try:
-            proc.wait(timeout=rng.uniform(0.02, 0.6))
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGKILL)
-        _, err = proc.communicate(timeout=60)
-        assert b"Traceback" not in err and proc.returncode in (0, -signal.SIGKILL), err
+        kill_after(["optimize", img], rng.uniform(0.02, 0.6))
         assert_clean(img)
         assert state(img) == before
         outcomes["new" if img.stat().st_ino != inode else "old"] += 1

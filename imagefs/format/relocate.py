@@ -27,7 +27,7 @@ from . import layout as F
 from .digest import node_digest, plain_file_digest, record_attrs
 from .packs import ChunkLoc
 from .records import MAX_FILE_SIZE, Extent, Inode, MetaReader, MetaWriter, decode_inode
-from .view import IndexView
+from .view import IndexView, each_ref
 from .writer import TreeStats
 
 ChunkUse = tuple[int, int, bytes]  # offset in pack, length, xxh3-128: one chunk a file uses
@@ -41,28 +41,19 @@ def used_chunks(views: Iterable[IndexView],
     holds an ancestor).  The directories read are kept in `directories` (source ref ->
     record), for RecordMover to read them once."""
     used: dict[int, set[ChunkUse]] = {}
-    seen: set[int] = set()
-    for view in views:
-        if view.entry.root in seen:  # an index with the root of one walked already
-            continue
-        stack = [view.root().ref]
-        while stack:
-            ref = stack.pop()
-            if ref in seen:
-                continue
-            seen.add(ref)
-            raw, start, end = view.meta.record_bytes(ref)
-            extents = _plain_extents(raw, start, end)
-            if extents is None:
-                ino = decode_inode(raw[start:end], f"{view.image.path}: record {ref:#x}")
-                ino.ref = ref
-                extents = ino.extents
-                if ino.kind == F.DIR:
-                    stack.extend(child for _n, _k, child in ino.entries)
-                    if directories is not None:
-                        directories[ref] = ino
-            for _foff, pack, poff, length, xxh in extents:
-                used.setdefault(pack, set()).add((poff, length, xxh))
+    for view, ref, pending in each_ref(views):
+        raw, start, end = view.meta.record_bytes(ref)
+        extents = _plain_extents(raw, start, end)
+        if extents is None:
+            ino = decode_inode(raw[start:end], f"{view.image.path}: record {ref:#x}")
+            ino.ref = ref
+            extents = ino.extents
+            if ino.kind == F.DIR:
+                pending.extend(child for _n, _k, child in ino.entries)
+                if directories is not None:
+                    directories[ref] = ino
+        for _foff, pack, poff, length, xxh in extents:
+            used.setdefault(pack, set()).add((poff, length, xxh))
     return used
 
 

@@ -186,10 +186,11 @@ def _show(path: bytes) -> str:
     return path.decode("utf-8", "backslashreplace")
 
 
-def each_record(views: Iterable[IndexView]) -> Iterator[Inode]:
-    """Every record reachable from the views' roots, each once: subtrees the indices share
-    are read once, and a crafted directory holding an ancestor ends the walk, not a loop.
-    A root that is not a directory is refused, as every reader refuses it."""
+def each_ref(views: Iterable[IndexView]) -> Iterator[tuple[IndexView, int, list[int]]]:
+    """Every record reachable from the views' roots, each once, as (view, ref, pending):
+    the caller adds the record's children to pending.  Subtrees the indices share are read
+    once, and a crafted directory holding an ancestor ends the walk, not a loop.  A root
+    that is not a directory is refused, as every reader refuses it."""
     seen: set[int] = set()
     for view in views:
         if view.entry.root in seen:  # an index with the root of one walked already
@@ -200,6 +201,12 @@ def each_record(views: Iterable[IndexView]) -> Iterator[Inode]:
             if ref in seen:
                 continue
             seen.add(ref)
-            ino = view.get(ref)
-            stack.extend(child for _name, _kind, child in ino.entries)
-            yield ino
+            yield view, ref, stack
+
+
+def each_record(views: Iterable[IndexView]) -> Iterator[Inode]:
+    """Every record reachable from the views' roots, decoded, each once (each_ref)."""
+    for view, ref, pending in each_ref(views):
+        ino = view.get(ref)
+        pending.extend(child for _name, _kind, child in ino.entries)
+        yield ino
