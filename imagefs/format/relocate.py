@@ -4,7 +4,8 @@ A record moves as it is but for where things are: a file's extents name its chun
 places, a directory's entries its children's new refs.  Two walks, both streaming:
 
 * `used_chunks` reads every record once to learn which chunks the indices use, looking
-  into a plain file's extents without building objects (most records are files);
+  into a plain file's extents without building objects (most records are files); the
+  compact profile, which orders content by file, walks with `named_files` instead;
 * `RecordMover` writes the records: a directory's files as the directory is reached, the
   directories children first at the end of each index (as `writer.write_tree` lays them
   out, so directories sit together).  Memory holds the directories of one index and a map
