@@ -256,12 +256,15 @@ VERBS: dict[str, Verb] = {
     # packs moved as stored (no --level): their chunks are checked all the same
     "export-moved": lambda img, w, e: ["export", img, e.index, w / "export-moved.ifs",
                                        "--no-daemon"],
+    # the compact profile: content ordered by kind, its heads read first
+    "export-compact": lambda img, w, e: ["export", img, e.index, w / "export-compact.ifs",
+                                         "--compact", "--level", "1", "--no-daemon"],
     # in place: on a copy, so that the other verbs read the image as crafted
     "optimize": lambda img, w, e: ["optimize", shutil.copyfile(img, w / "optimize.ifs")],
 }
 JSON_VERBS = ("info-json", "info-history-json", "info-space-json", "verify-json")
 ALLOWED_IN_WORK = {"image.ifs", "outside", "extract", "apply", "export.ifs",
-                   "export-moved.ifs", "optimize.ifs", "mnt"}
+                   "export-moved.ifs", "export-compact.ifs", "optimize.ifs", "mnt"}
 
 
 def _sha(b: bytes) -> str:

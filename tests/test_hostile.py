@@ -116,19 +116,21 @@ VERBS: dict[str, Callable[[Path, Path, str], list[object]]] = {
     "delete": lambda img, w, v: ["delete", img, "2", "--wait", "5"],
     "export": lambda img, w, v: ["export", img, "2", w / "export.ifs", "--level", "1"],
     "export-moved": lambda img, w, v: ["export", img, "2", w / "export-moved.ifs"],
+    "export-compact": lambda img, w, v: ["export", img, "2", w / "export-compact.ifs",
+                                         "--compact", "--level", "1"],
     "optimize": lambda img, w, v: ["optimize", img, "--wait", "5"],
     "diff": lambda img, w, v: ["diff", img, "1", "2"],
     "capture": lambda img, w, v: ["capture", w / "src", img, "--name", "more", "--wait", "5"],
 }
 # A file that is not a (whole) image: every verb, plus capture appending to it.
 FILE_VERBS = ["info", "ls", "cat", "extract", "apply", "verify", "delete", "export",
-              "export-moved", "optimize", "diff", "capture"]
+              "export-moved", "export-compact", "optimize", "diff", "capture"]
 # Crafted records: every verb that reads them (info and delete read only the commit).
 READ_ALL = ["ls", "cat", "extract-root", "apply", "verify", "export", "export-moved",
-            "optimize", "info-space", "diff"]
+            "export-compact", "optimize", "info-space", "diff"]
 CHILD = ["ls-l", "cat", "extract-root", "apply", "verify", "export", "export-moved",
-         "optimize", "info-space", "diff"]
-DATA = ["cat", "extract", "apply", "verify", "export", "export-moved", "optimize"]
+         "export-compact", "optimize", "info-space", "diff"]
+DATA = ["cat", "extract", "apply", "verify", "export", "export-moved", "export-compact", "optimize"]
 # Variants of a case above that take the same path through the code: the writing verbs.
 FEW = ["ls-R", "extract-root", "apply", "verify-json"]
 FEW_DATA = ["cat", "apply", "verify"]
@@ -158,6 +160,7 @@ def run_verbs(image: Path, work: Path, verbs: list[str], victim: str = "/victim"
     assert digest_file(image) == before, "a failed command changed the image file"
     assert not (work / "export.ifs").exists()
     assert not (work / "export-moved.ifs").exists()
+    assert not (work / "export-compact.ifs").exists()
     return lines
 
 
