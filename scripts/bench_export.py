@@ -8,8 +8,8 @@ the imagefs file at the default level and the wimlib file LZX:
   * optimize after deleting index 1 (imagefs delete + optimize vs wimlib's wimdelete +
     wimoptimize), each on a fresh copy: time and the file's size after;
   * the most compact two-index file: imagefs `export all --compact` (8 MiB packs at zstd
-    19; its time) beside `wimoptimize --solid` (LZMS solid) and `tar | zstd -19 --long=27
-    -T0` of both trees (plain): target <= 50 MB and <= 0.9x wimlib solid;
+    19, content by kind and name; its time) beside `wimoptimize --solid` (LZMS solid) and
+    `tar | zstd -19 --long=27 -T0` of both trees (plain): target <= 50 MB and <= 0.9x wimlib solid;
   * tar read-all of a fresh read-only mount of index 2 of the compact file over the same
     of the default file (best of RUNS each, interleaved): target <= 1.5.
 
@@ -113,8 +113,8 @@ def _measure(b: Any, trees: list[tuple[str, str, Path]], imagefs: str,
     compact.values = {"imagefs": b.size("compact.imagefs"), "wimlib": b.size("solid.wim"),
                       "plain": b.size("both.tar.zst")}
     b.note("export/optimize: the most compact imagefs file is `export all --compact` (8 MiB "
-           "packs at zstd 19); plain = tar | zstd -19 --long=27 of both trees; wimlib = "
-           "wimoptimize --solid (LZMS)")
+           "packs at zstd 19, content by kind and name); plain = tar | zstd -19 --long=27 "
+           "of both trees; wimlib = wimoptimize --solid (LZMS)")
 
 
 def _read_all(b: Any, imagefs: str, timed: Callable[..., None]) -> None:
