@@ -81,12 +81,14 @@ def place_packs(image: Image, used: dict[int, set[ChunkUse]], copier: PackCopier
 
 
 def place_grouped(views: list[IndexView], writer: PackWriter, reader: PackReader,
-                  progress: Callable[[int], None] | None = None) -> dict[ChunkKey, ChunkLoc]:
+                  progress: Callable[[int], None] | None = None,
+                  directories: dict[int, Inode] | None = None) -> dict[ChunkKey, ChunkLoc]:
     """Every chunk the views' files use, read, checked and stored through writer with the
     files ordered by kind, extension and name (content_class: the compact profile).  The
     files' heads are read in the source's order; their content then in the new order,
-    which a source written in this profile already has."""
-    files = named_files(views)
+    which a source written in this profile already has.  The directories read are kept in
+    `directories` (relocate.named_files)."""
+    files = named_files(views, directories)
     files.sort(key=lambda f: f[1][0][:2] if f[1] else (0, 0))  # heads in pack order
     keyed = [(order_key(name, reader.read_chunk(*keys[0])[:HEAD] if keys and starts
                         else b""), keys) for name, keys, starts in files]
@@ -178,9 +180,9 @@ def export_all_into(image: Image, numbers: list[int], out: ImageFile, level: int
             names.add(view.entry.name)
         copier = PackCopier(image.file, out, tx.pack_writer().table, check_chunks=check)
         try:
-            directories: dict[int, Inode] = {}  # as the walk for the used chunks read them
+            directories: dict[int, Inode] = {}  # as the walk for the chunks read them
             if compact:
-                moved = place_grouped(views, tx.pack_writer(), packs, progress)
+                moved = place_grouped(views, tx.pack_writer(), packs, progress, directories)
             else:
                 moved = place_packs(image, used_chunks(views, directories), copier,
                                     tx.pack_writer(), packs, recompress, progress)

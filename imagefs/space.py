@@ -16,7 +16,8 @@ from typing import Any
 from imagefs.format import layout as F
 from imagefs.format.packs import ChunkTable
 from imagefs.format.records import MetaReader
-from imagefs.format.view import IndexView, each_record
+from imagefs.format.relocate import used_chunks
+from imagefs.format.view import IndexView
 
 from .image import Image
 
@@ -66,5 +67,5 @@ def describe_space(image: Image, doc: dict[str, Any]) -> None:
 
 def _chunks(view: IndexView) -> set[tuple[int, int, int]]:
     """(pack, offset in it, length) of every chunk the index's files use."""
-    return {(pack, poff, length) for ino in each_record([view])
-            for _f, pack, poff, length, _x in ino.extents}
+    return {(pack, poff, length) for pack, uses in used_chunks([view]).items()
+            for poff, length, _xxh in uses}

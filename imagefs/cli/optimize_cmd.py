@@ -14,16 +14,16 @@ def register(sub: Any) -> None:
     p = sub.add_parser(
         "optimize", help="rewrite an image file in place without unused content",
         description="Rewrite IMAGE holding only the content its indices reference, as wimoptimize "
-                    "does: what `delete` and many commits left behind is dropped. Packs the indices"
-                    " use whole are copied as stored (their frame checksums checked on the way; "
-                    "--check also checks every chunk); the chunks of partly used packs are "
+                    "does: what `delete` and many commits left behind is dropped. Packs the "
+                    "indices use whole are copied as stored (their frame checksums checked on the "
+                    "way; --check also checks every chunk); the chunks of partly used packs are "
                     "repacked, and --level recompresses everything. The new file is built beside "
                     "the old one and takes its name in one rename: killed at any moment, IMAGE is "
-                    "the old file or the new one, whole. Indices keep their numbers, names, history"
-                    " and digests; the file's mode and owner stay. Refused while the image has "
-                    "sessions (writable mounts, or ones waiting for their commit): commit or "
-                    "discard them first. Read-only mounts go on reading the old file until they are"
-                    " unmounted. Exit codes: 6 sessions open or the lock held past --wait, 4 a "
+                    "the old file or the new one, whole. Indices keep their numbers, names, "
+                    "history and digests; the file's mode and owner stay. Refused while the image "
+                    "has sessions (writable mounts, or ones waiting for their commit): commit or "
+                    "discard them first. Read-only mounts go on reading the old file until they "
+                    "are unmounted. Exit codes: 6 sessions open or the lock held past --wait, 4 a "
                     "damaged pack or record (the file is left as it was), 8 no space.",
         epilog="examples: imagefs optimize golden.imagefs; "
                "imagefs optimize golden.imagefs --level 19 --json")

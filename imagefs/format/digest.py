@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from . import layout as F
 from .records import Inode
@@ -32,8 +33,8 @@ def node_digest(ino: Inode, chunk_shas: Sequence[bytes], child_digests: Sequence
         h.update(len(name).to_bytes(4, "little") + name)
         h.update(len(value).to_bytes(4, "little") + value)
     if ino.kind == F.REG:
-        for ext, sha in zip(ino.extents, chunk_shas, strict=True):
-            h.update(_EXT.pack(ext[0], ext[3]) + sha)
+        _add_extents(h, ((ext[0], ext[3], sha)
+                         for ext, sha in zip(ino.extents, chunk_shas, strict=True)))
     elif ino.kind == F.LNK:
         h.update(ino.target)
     elif ino.kind == F.DIR:
@@ -56,6 +57,11 @@ def plain_file_digest(attrs: bytes, extents: Iterable[tuple[int, int, bytes]]) -
     h = hashlib.sha256(b"imagefs-node-1")
     h.update(attrs)
     h.update(bytes(4))  # no xattrs
+    _add_extents(h, extents)
+    return h.digest()
+
+
+def _add_extents(h: Any, extents: Iterable[tuple[int, int, bytes]]) -> None:
+    """A file's part of its digest: (file offset, length, chunk SHA-256) per extent."""
     for offset, length, sha in extents:
         h.update(_EXT.pack(offset, length) + sha)
-    return h.digest()

@@ -25,11 +25,11 @@ from dataclasses import dataclass
 from imagefs.errors import CorruptImage
 
 from . import layout as F
-from .digest import node_digest, plain_file_digest, record_attrs
+from .digest import plain_file_digest, record_attrs
 from .packs import ChunkLoc
 from .records import MAX_FILE_SIZE, Extent, Inode, MetaReader, MetaWriter, decode_inode
 from .view import IndexView, each_ref
-from .writer import TreeStats
+from .writer import TreeStats, finish_directory, finish_leaf
 
 ChunkUse = tuple[int, int, bytes]  # offset in pack, length, xxh3-128: one chunk a file uses
 ChunkKey = tuple[int, int, int, bytes]  # the same with its source pack first
@@ -58,10 +58,12 @@ def used_chunks(views: Iterable[IndexView],
     return used
 
 
-def named_files(views: Iterable[IndexView]) -> list[tuple[bytes, list[ChunkKey], bool]]:
+def named_files(views: Iterable[IndexView], directories: dict[int, Inode] | None = None
+                ) -> list[tuple[bytes, list[ChunkKey], bool]]:
     """Every regular file of the views, once: the name it was first reached by, the chunks
     of its extents in order, and whether the first one starts the file: what ordering
-    content by kind needs (the compact profile; content_class)."""
+    content by kind needs (the compact profile; content_class).  The directories read are
+    kept in `directories`, as used_chunks keeps them."""
     files = []
     seen: set[int] = set()
     for view in views:
@@ -71,6 +73,8 @@ def named_files(views: Iterable[IndexView]) -> list[tuple[bytes, list[ChunkKey],
         seen.add(stack[0])
         while stack:
             node = view.get(stack.pop())
+            if directories is not None:
+                directories[node.ref] = node
             for name, _kind, ref in node.entries:
                 if ref in seen:
                     continue
@@ -141,17 +145,12 @@ class RecordMover:
                 if leaf is None:
                     if ref in dirs_seen:
                         raise CorruptImage(where, "a directory appears twice in the tree")
-                    child = self._dirs.get(ref)
-                    if child is None:
-                        leaf = self._move_plain_file(view.meta, ref, where)
-                if leaf is None:
-                    child = child or view.get(ref)
-                    if child.kind == F.DIR:
+                    found = self._move_child(view, ref, where)
+                    if isinstance(found, Inode):
                         dirs_seen.add(ref)
-                        stack.append(child)
+                        stack.append(found)
                         continue
-                    leaf = self._write_leaf(child, where)
-                self._leaves[ref] = leaf
+                    leaf = self._leaves[ref] = found
                 files += 1
                 if ref not in counted:
                     counted.add(ref)
@@ -172,13 +171,20 @@ class RecordMover:
                     entries.append((name, F.DIR, new))
                     digests.append(digest)
             rec = copy.copy(node)  # node stays as read: another index may share it
-            rec.entries = entries
-            rec.size = len(entries)
-            rec.nlink = 2 + sum(1 for _n, kind, _r in entries if kind == F.DIR)
-            rec.digest = node_digest(rec, (), digests)
+            finish_directory(rec, entries, digests)
             written[node.ref] = (self.meta.add(rec.encode()), rec.digest)
         new_root, digest = written[root.ref]
         return TreeStats(new_root, digest, files, len(order), nbytes)
+
+    def _move_child(self, view: IndexView, ref: int, where: str) -> _Moved | Inode:
+        """Move the non-directory at ref; a directory there is returned, to be walked."""
+        child = self._dirs.get(ref)
+        if child is None:
+            leaf = self._move_plain_file(view.meta, ref, where)
+            if leaf is not None:
+                return leaf
+            child = view.get(ref)
+        return child if child.kind == F.DIR else self._write_leaf(child, where)
 
     def _move_plain_file(self, meta: MetaReader, ref: int, where: str) -> _Moved | None:
         """Move a regular file without xattrs (most records) as bytes: its extents
@@ -214,13 +220,7 @@ class RecordMover:
         return loc
 
     def _write_leaf(self, ino: Inode, where: str) -> _Moved:
-        shas = []
-        if ino.kind == F.REG:
-            extents = []
-            for foff, pack, poff, length, xxh in ino.extents:
-                loc = self._chunk(pack, poff, length, xxh, ino.ref, where)
-                extents.append((foff, loc.pack_id(), loc.offset, length, xxh))
-                shas.append(loc.sha)
-            ino.extents = extents
-        ino.digest = node_digest(ino, shas, ())
+        locs = [(foff, self._chunk(pack, poff, length, xxh, ino.ref, where))
+                for foff, pack, poff, length, xxh in ino.extents]
+        finish_leaf(ino, locs)
         return _Moved(self.meta.add(ino.encode()), ino.kind, ino.size, ino.digest)

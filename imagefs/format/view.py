@@ -202,11 +202,3 @@ def each_ref(views: Iterable[IndexView]) -> Iterator[tuple[IndexView, int, list[
                 continue
             seen.add(ref)
             yield view, ref, stack
-
-
-def each_record(views: Iterable[IndexView]) -> Iterator[Inode]:
-    """Every record reachable from the views' roots, decoded, each once (each_ref)."""
-    for view, ref, pending in each_ref(views):
-        ino = view.get(ref)
-        pending.extend(child for _name, _kind, child in ino.entries)
-        yield ino
