@@ -17,9 +17,8 @@ logged traceback.  Nothing escapes into pyfuse3's loop, where it would end the m
 The kernel is asked to cache everything (the index never changes under a mount): long
 entry and attribute timeouts, negative lookups cached (st_ino 0), keep_cache on open files,
 symlinks cached, 1 MiB readahead, and (through _fuseshim) no open or opendir requests at
-all.  Packs missing from the cache are decompressed inline, once each (PackReader's
-single flight); while a walk reads packs in file order, the next one is decompressed ahead
-on a worker thread (PackReader's read_ahead), on the other CPU.
+all.  Packs missing from the cache are decompressed inline, once each: the loop is one
+thread, so no pack is ever decompressed twice at once.
 """
 
 from __future__ import annotations
