@@ -214,15 +214,9 @@ class PackReader:
 
     Each pack is decompressed once at a time (single-flight): concurrent readers of the same
     pack wait for the first one's result instead of decompressing it again.  A chunk's xxh3
-    is checked the first time it is read from a cached pack, not on every read of it.
+    is checked the first time it is read from a cached pack, not on every read of it."""
 
-    With read_ahead (mounts), packs used one after another in file order, as a walk of the
-    tree uses them (capture stores content in that order), have the next one decompressed
-    on a worker thread meanwhile: the loop serving requests then finds it in the cache, and
-    the second CPU does the decompressing."""
-
-    def __init__(self, image: ImageFile, cache_bytes: int = 256 << 20,
-                 read_ahead: bool = False) -> None:
+    def __init__(self, image: ImageFile, cache_bytes: int = 256 << 20) -> None:
         self.image = image
         # at least two of the file's largest packs, so that reading on across a pack's end
         # never decompresses one twice (8 MiB packs of the compact profile, a small cache)
@@ -236,23 +230,12 @@ class PackReader:
         # that shares the offset (a crafted one could otherwise skip its check).
         self._verified: dict[int, set[tuple[int, int, bytes]]] = {}
         self.decompressions = 0
-        self._read_ahead = read_ahead
-        self._ahead: ThreadPoolExecutor | None = None  # made at first use: after a fork
-        self._after: dict[int, int] = {}  # pack -> the offset of the frame after it
-        self._ahead_unused: set[int] = set()  # read ahead, not asked for yet
-        self._last_used = -1  # the last pack asked for that was not in use before
 
     def pack(self, pack: int) -> bytes:
-        return self._get(pack, asked=True)
-
-    def _get(self, pack: int, asked: bool) -> bytes:
         while True:
             with self._lock:
                 raw = self._cache.get(pack)
                 if raw is not None:
-                    if asked and pack in self._ahead_unused:
-                        self._ahead_unused.discard(pack)
-                        self._first_use(pack)
                     return raw
                 ev = self._inflight.get(pack)
                 if ev is None:
@@ -260,45 +243,16 @@ class PackReader:
                     break
             ev.wait()
         try:
-            info, raw = self.image.read_frame_info(pack, F.KIND_PACK)
+            raw = self.image.read_frame(pack, F.KIND_PACK)
             self.decompressions += 1
             with self._lock:
                 for gone in self._cache.put(pack, raw):
                     self._verified.pop(gone, None)
-                    self._ahead_unused.discard(gone)
-                if self._read_ahead:
-                    self._after[pack] = pack + F.FRAME_HEADER + info.stored
-                    if asked:
-                        self._first_use(pack)
-                    else:
-                        self._ahead_unused.add(pack)
             return raw
         finally:
             with self._lock:
                 del self._inflight[pack]
             ev.set()
-
-    def _first_use(self, pack: int) -> None:
-        """(Under the lock.)  pack is asked for the first time since it came into the
-        cache: if the pack first asked for before it lies right before it in the file, read
-        the one after it ahead."""
-        sequential = self._after.get(self._last_used) == pack
-        self._last_used = pack
-        following = self._after.get(pack)
-        if sequential and following is not None and following not in self._inflight \
-                and following not in self._cache:
-            if self._ahead is None:
-                self._ahead = ThreadPoolExecutor(1, thread_name_prefix="pack-read-ahead")
-            self._ahead.submit(self._read_next, following)
-
-    def _read_next(self, offset: int) -> None:
-        """Decompress the frame at offset into the cache if it is a pack.  Anything wrong
-        with it is left for the reader that asks for it to meet and report."""
-        try:
-            if self.image.frame_info(offset).kind == F.KIND_PACK:
-                self._get(offset, asked=False)
-        except Exception:  # noqa: BLE001 - a reader asking for it gets the error
-            pass
 
     def read_chunk(self, pack: int, offset: int, length: int, xxh: bytes) -> bytes:
         return self.checked(pack, offset, length, xxh)[offset:offset + length]

@@ -193,7 +193,7 @@ def read_only(image_path: str, index_spec: str, cache: int | None) -> MountPlan:
     # The kernel caches what it was given (entries, attributes, pages), so the driver's own
     # metadata caches can stay small: 500 000 files are walked in well under 150 MB.
     view = IndexView(img.file, number, entry, meta=MetaReader(img.file, META_CACHE),
-                     packs=PackReader(img.file, read_ahead=True,
+                     packs=PackReader(img.file,
                                       cache_bytes=pack_cache(cache, img.file.header)))
     tree = IndexTree(view, inode_cache_weight=INODE_CACHE_WEIGHT)
     image_abs = os.path.abspath(image_path)

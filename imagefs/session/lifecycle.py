@@ -210,7 +210,7 @@ class Session:
             info.name, "", "", "", 0, 0, 0, base_root, "")
         view = IndexView(img.file, number or info.index, base_entry,
                          meta=MetaReader(img.file, META_CACHE),
-                         packs=PackReader(img.file, read_ahead=True,
+                         packs=PackReader(img.file,
                                           cache_bytes=pack_cache(cache, img.file.header)))
         base = IndexTree(view, inode_cache_weight=INODE_CACHE_WEIGHT)
         nodes = staging.load_nodes()
