@@ -38,7 +38,7 @@ from imagefs.format.container import now_iso
 
 from .kernel import FSTYPE, canonical, find_mount, holders, is_dead, pid_alive, umount
 from .options import pack_cache, parse_options
-from .registry import MountRecord, log_path
+from .registry import MountRecord, log_path, record_for
 
 META_CACHE = 24 << 20  # decompressed metadata blocks
 INODE_CACHE_WEIGHT = 32_768  # decoded records, weighed by their extents and entries
@@ -60,10 +60,20 @@ class MountPlan:
     tied_to: int = 0  # a pid: the mount ends when that process does (fuse.serve)
 
 
+def _server_gone(path: str) -> bool:
+    """The mount at path has no server: it answers ENOTCONN, or the process its record
+    names has ended (killed, the kernel may not have aborted the connection yet: a
+    process's threads end after it is already a zombie)."""
+    if is_dead(path):
+        return True
+    rec = record_for(path)
+    return rec is not None and rec.pid > 0 and not pid_alive(rec.pid)
+
+
 def check_mountpoint(mountpoint: str) -> str:
     path = canonical(mountpoint)
     existing = find_mount(path)
-    if existing is not None and existing.fstype == FSTYPE and is_dead(path):
+    if existing is not None and existing.fstype == FSTYPE and _server_gone(path):
         # Its process died; its guardian detaches it, but perhaps not yet: do it now.
         umount(path, lazy=True)
         existing = find_mount(path)
