@@ -230,6 +230,13 @@ class PackReader:
         # that shares the offset (a crafted one could otherwise skip its check).
         self._verified: dict[int, set[tuple[int, int, bytes]]] = {}
         self.decompressions = 0
+        # called with each pack's offset once it is in the cache, in the thread that
+        # decompressed it, outside the lock (a mount's page filler: prefill.py)
+        self.on_cached: Callable[[int], None] | None = None
+
+    def is_cached(self, pack: int) -> bool:
+        """Whether pack is decompressed in the cache now (its LRU place unchanged)."""
+        return pack in self._cache
 
     def pack(self, pack: int) -> bytes:
         while True:
@@ -248,6 +255,8 @@ class PackReader:
             with self._lock:
                 for gone in self._cache.put(pack, raw):
                     self._verified.pop(gone, None)
+            if self.on_cached is not None:
+                self.on_cached(pack)
             return raw
         finally:
             with self._lock:

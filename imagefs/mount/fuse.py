@@ -18,7 +18,9 @@ The kernel is asked to cache everything (the index never changes under a mount):
 entry and attribute timeouts, negative lookups cached (st_ino 0), keep_cache on open files,
 symlinks cached, 1 MiB readahead, and (through _fuseshim) no open or opendir requests at
 all.  Packs missing from the cache are decompressed inline, once each: the loop is one
-thread, so no pack is ever decompressed twice at once.
+thread, so no pack is ever decompressed twice at once.  Each decompressed pack also fills
+the page cache with the other files in it that the kernel knows (prefill.py), so a walk
+that reads every file asks for few of them.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from imagefs.errors import CorruptImage  # noqa: E402
 from imagefs.format import layout as F  # noqa: E402
 from imagefs.format.packs import PackReader  # noqa: E402
 
+from .prefill import PageFiller  # noqa: E402
 from .tree import IndexTree, Refusal  # noqa: E402
 
 log = logging.getLogger("imagefs.mount")
@@ -58,6 +61,7 @@ DIRENTPLUS_MIN = 160  # bytes of one READDIRPLUS entry: fuse_entry_out, fuse_dir
 # Read-only mounts wait this long in the shim for a reader's next request before going
 # back to the trio loop: a third less driver CPU for `tar` of a whole tree (measured).
 DRAIN_WAIT_US = 1000
+NO_FILL = "IMAGEFS_NO_PREFILL"  # set: read-only mounts do not fill the page cache ahead
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -147,8 +151,16 @@ class BaseOperations(pyfuse3.Operations):
     async def background(self, nursery: trio.Nursery) -> None:
         """Start tasks that live as long as the mount."""
 
+    def stopping(self) -> None:
+        """The loop has ended and the FUSE session is about to be destroyed: stop threads
+        that talk to it."""
+
     def finished(self) -> None:
         """The mount is gone: last words (flush state, close files)."""
+
+    def filled(self) -> str:
+        """What the mount's last log line adds after its decompressions."""
+        return ""
 
     # --- attributes --------------------------------------------------------------------
 
@@ -250,6 +262,22 @@ class ReadOnlyOperations(BaseOperations):
         super().__init__(label)
         self.tree = tree
         self.packs = tree.view.packs
+        self.filler: PageFiller | None = None
+        if _fuseshim is not None and not shim.fast_paths_off() and not os.environ.get(NO_FILL):
+            self.filler = PageFiller(tree, _fuseshim.store)
+
+    async def background(self, nursery: trio.Nursery) -> None:
+        if self.filler is not None:
+            self.filler.start()
+
+    def stopping(self) -> None:
+        if self.filler is not None:
+            self.filler.stop()
+
+    def filled(self) -> str:
+        if self.filler is None:
+            return ""
+        return f"; {self.filler.stored} files put in the page cache ahead"
 
     def path_of(self, inode: int) -> bytes | None:
         return self.tree.path_of(inode)
@@ -257,20 +285,34 @@ class ReadOnlyOperations(BaseOperations):
     def fast_functions(self) -> dict[str, Callable[..., Any]]:
         tree = self.tree
 
+        filler = self.filler
+        flush = filler.flush if filler is not None else lambda: None
+        note = filler.note if filler is not None else lambda ino, node: None
+
         def lookup(parent: int, name: bytes) -> tuple[Any, ...]:
+            flush()
             self.check_fault(name)
             hit = tree.lookup(parent, name)
-            return self.NEGATIVE if hit is None else self.attr_tuple(*hit)
+            if hit is None:
+                return self.NEGATIVE
+            note(*hit)
+            return self.attr_tuple(*hit)
 
         def readdir(fh: int, start_id: int, size: int) -> list[tuple[Any, ...]]:
             # As readdir below, for the shim: enough entries to fill size bytes (each
             # takes at least DIRENTPLUS_MIN); the shim sends those that fit.
+            flush()
             out = []
             for name, ino, node, next_id in tree.entries(fh, start_id):
+                note(ino, node)
                 out.append((name, self.attr_tuple(ino, node), next_id))
                 if len(out) * DIRENTPLUS_MIN >= size:
                     break
             return out
+
+        def read(fh: int, off: int, size: int) -> bytes | memoryview:
+            flush()
+            return tree.view.read(tree.inode(fh), off, size)
 
         return {
             "lookup": lookup,
@@ -278,7 +320,7 @@ class ReadOnlyOperations(BaseOperations):
             "readlink": tree.readlink,
             "getxattr": lambda ino, name: self.xattr_or_missing(tree.xattr(ino, name)),
             "listxattr": lambda ino: b"".join(n + b"\0" for n in tree.xattr_names(ino)),
-            "read": lambda fh, off, size: tree.view.read(tree.inode(fh), off, size),
+            "read": read,
             "readdir": readdir,
         }
 
@@ -391,10 +433,11 @@ def serve(ops: BaseOperations, mountpoint: str, options: set[str],
         start_guardian(mountpoint)
         trio.run(_serve, ops, mountpoint, ready, tied_to)
     finally:
+        ops.stopping()
         pyfuse3.close(unmount=True)
         ops.finished()
-        log.info("%s: unmounted from %s (%d pack decompressions); requests %s", ops.label,
-                 mountpoint, ops.packs.decompressions, shim.request_summary())
+        log.info("%s: unmounted from %s (%d pack decompressions)%s; requests %s", ops.label,
+                 mountpoint, ops.packs.decompressions, ops.filled(), shim.request_summary())
 
 
 async def _serve(ops: BaseOperations, mountpoint: str,
