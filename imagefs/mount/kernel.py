@@ -4,8 +4,9 @@ imagefs detaches a mount.
 
 /proc/self/mountinfo is the truth about what is mounted (a mount record can outlive its
 mount); a FUSE mount whose server died answers ENOTCONN.  Unmounting is umount2(2) as root
-and fusermount3 -u otherwise; EBUSY means processes still use the mount.  Processes are
-psutil's (imported when asked about: mounting never needs it).
+and fusermount3 -u otherwise; EBUSY means processes still use the mount.  Whether a process
+lives is read from /proc; which processes use a mount is psutil's (imported when asked
+about: mounting and committing never need it).
 """
 
 from __future__ import annotations
@@ -81,15 +82,18 @@ def find_mount(path: str) -> KernelMount | None:
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether pid is a process that has not ended (a zombie has)."""
-    import psutil
-
-    if pid <= 0:  # not a process of anyone's (psutil would answer for pid 0, the kernel)
+    """Whether pid is a process that has not ended (a zombie has).  Read from
+    /proc/PID/stat (the state after the command's closing parenthesis), as psutil does:
+    importing psutil costs `imagefs commit` 13 ms, a tenth of its time."""
+    if pid <= 0:  # not a process of anyone's (/proc/0 does not exist; -1 is not a pid)
         return False
     try:
-        return psutil.Process(pid).status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
-    except psutil.Error:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read()
+    except OSError:
         return False
+    state = stat[stat.rfind(b")") + 2:][:1]
+    return state not in (b"Z", b"X", b"x", b"")
 
 
 class _Socket(Protocol):
