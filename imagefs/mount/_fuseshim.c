@@ -61,6 +61,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 
 /* The interface shim.py expects (configure's arguments, the functions below); a build
@@ -89,10 +90,12 @@ static PyObject *setxattr_handler;  /* callable(ino, name, value, flags) -> 0 or
  * never block.  Each returns its answer or a negative errno (an int). */
 enum { FAST_LOOKUP, FAST_GETATTR, FAST_READLINK, FAST_GETXATTR, FAST_LISTXATTR, FAST_READ,
        FAST_WRITE, FAST_RELEASE, FAST_FORGET, FAST_FLUSH, FAST_READDIR, FAST_OPENDIR,
-       FAST_RELEASEDIR, FAST_COUNT };
+       FAST_RELEASEDIR, FAST_SETATTR, FAST_CREATE, FAST_MKNOD, FAST_MKDIR, FAST_SYMLINK,
+       FAST_LINK, FAST_UNLINK, FAST_RMDIR, FAST_RENAME, FAST_STATFS, FAST_COUNT };
 static const char *fast_names[FAST_COUNT] = {
     "lookup", "getattr", "readlink", "getxattr", "listxattr", "read", "write", "release",
-    "forget", "flush", "readdir", "opendir", "releasedir"};
+    "forget", "flush", "readdir", "opendir", "releasedir", "setattr", "create", "mknod",
+    "mkdir", "symlink", "link", "unlink", "rmdir", "rename", "statfs"};
 static PyObject *fast[FAST_COUNT];
 
 /* Draining: after a fast request is answered, the requests already waiting on /dev/fuse
@@ -167,6 +170,10 @@ static int (*reply_write)(fuse_req_t, size_t);
 static int (*reply_xattr)(fuse_req_t, size_t);
 static void (*reply_none)(fuse_req_t);
 static int (*reply_open)(fuse_req_t, const struct fuse_file_info *);
+static int (*reply_create)(fuse_req_t, const struct fuse_entry_param *,
+                           const struct fuse_file_info *);
+static int (*reply_statfs)(fuse_req_t, const struct statvfs *);
+static const struct fuse_ctx *(*req_ctx)(fuse_req_t);
 static size_t (*add_direntry_plus)(fuse_req_t, char *, size_t, const char *,
                                    const struct fuse_entry_param *, off_t);
 static void (*pyfuse3_init)(void *, struct fuse_conn_info *);
@@ -356,25 +363,261 @@ static int to_stat(PyObject *t, struct stat *st, double *timeout)
     return 0;
 }
 
+/* An entry answer: the attribute tuple (to_stat) → fuse_entry_param; 0, or -1 (EIO sent). */
+static int to_entry(fuse_req_t req, PyObject *r, PyObject *h, struct fuse_entry_param *e)
+{
+    double timeout;
+    memset(e, 0, sizeof *e);
+    if (to_stat(r, &e->attr, &timeout) < 0) {
+        PyErr_WriteUnraisable(h);
+        reply_err(req, EIO);
+        return -1;
+    }
+    e->ino = e->attr.st_ino;
+    e->attr_timeout = timeout;
+    e->entry_timeout = timeout;
+    return 0;
+}
+
+/* Answer a request whose handler returns an entry (lookup, mkdir, ...) or -errno. */
+static void answer_entry(fuse_req_t req, PyObject *r, PyObject *h)
+{
+    if (!replied_error(req, r, h)) {
+        struct fuse_entry_param e;
+        if (to_entry(req, r, h, &e) == 0)
+            reply_entry(req, &e);
+        Py_DECREF(r);
+    }
+}
+
 static void fast_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
 {
     PyGILState_STATE gil = PyGILState_Ensure();
     handled_fast = 1;
     PyObject *h = fast[FAST_LOOKUP];
-    PyObject *r = PyObject_CallFunction(h, "Ky#", (unsigned long long)parent, name,
-                                        (Py_ssize_t)strlen(name));
+    answer_entry(req, PyObject_CallFunction(h, "Ky#", (unsigned long long)parent, name,
+                                            (Py_ssize_t)strlen(name)), h);
+    drain();
+    PyGILState_Release(gil);
+}
+
+/* --- a writable mount's changes (fast paths; handlers answer synchronously) ----------- */
+
+/* The caller's uid, gid and umask, for the handlers that make an inode. */
+static void caller(fuse_req_t req, unsigned int *uid, unsigned int *gid, unsigned int *umask)
+{
+    const struct fuse_ctx *c = req_ctx(req);
+    *uid = c->uid;
+    *gid = c->gid;
+    *umask = c->umask;
+}
+
+static void fast_mknod(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode,
+                       dev_t rdev)
+{
+    PyGILState_STATE gil = PyGILState_Ensure();
+    handled_fast = 1;
+    unsigned int uid, gid, umask;
+    caller(req, &uid, &gid, &umask);
+    PyObject *h = fast[FAST_MKNOD];
+    answer_entry(req, PyObject_CallFunction(h, "Ky#IKIII", (unsigned long long)parent, name,
+                                            (Py_ssize_t)strlen(name), (unsigned int)mode,
+                                            (unsigned long long)rdev, uid, gid, umask), h);
+    drain();
+    PyGILState_Release(gil);
+}
+
+static void fast_mkdir(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode)
+{
+    PyGILState_STATE gil = PyGILState_Ensure();
+    handled_fast = 1;
+    unsigned int uid, gid, umask;
+    caller(req, &uid, &gid, &umask);
+    PyObject *h = fast[FAST_MKDIR];
+    answer_entry(req, PyObject_CallFunction(h, "Ky#IIII", (unsigned long long)parent, name,
+                                            (Py_ssize_t)strlen(name), (unsigned int)mode,
+                                            uid, gid, umask), h);
+    drain();
+    PyGILState_Release(gil);
+}
+
+static void fast_symlink(fuse_req_t req, const char *target, fuse_ino_t parent,
+                         const char *name)
+{
+    PyGILState_STATE gil = PyGILState_Ensure();
+    handled_fast = 1;
+    unsigned int uid, gid, umask;
+    caller(req, &uid, &gid, &umask);
+    PyObject *h = fast[FAST_SYMLINK];
+    answer_entry(req, PyObject_CallFunction(h, "Ky#y#III", (unsigned long long)parent, name,
+                                            (Py_ssize_t)strlen(name), target,
+                                            (Py_ssize_t)strlen(target), uid, gid, umask), h);
+    drain();
+    PyGILState_Release(gil);
+}
+
+static void fast_link(fuse_req_t req, fuse_ino_t ino, fuse_ino_t newparent, const char *name)
+{
+    PyGILState_STATE gil = PyGILState_Ensure();
+    handled_fast = 1;
+    PyObject *h = fast[FAST_LINK];
+    answer_entry(req, PyObject_CallFunction(h, "KKy#", (unsigned long long)ino,
+                                            (unsigned long long)newparent, name,
+                                            (Py_ssize_t)strlen(name)), h);
+    drain();
+    PyGILState_Release(gil);
+}
+
+static void fast_create(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode,
+                        struct fuse_file_info *fi)
+{
+    PyGILState_STATE gil = PyGILState_Ensure();
+    handled_fast = 1;
+    unsigned int uid, gid, umask;
+    caller(req, &uid, &gid, &umask);
+    PyObject *h = fast[FAST_CREATE];
+    PyObject *r = PyObject_CallFunction(h, "Ky#IiIII", (unsigned long long)parent, name,
+                                        (Py_ssize_t)strlen(name), (unsigned int)mode,
+                                        fi->flags, uid, gid, umask);
     if (!replied_error(req, r, h)) {
         struct fuse_entry_param e;
+        if (to_entry(req, r, h, &e) == 0) {
+            fi->fh = e.ino;  /* a writable mount's file handle is the inode */
+            fi->keep_cache = 1;  /* as pyfuse3's FileInfo() */
+            fi->direct_io = 0;
+            fi->nonseekable = 0;
+            reply_create(req, &e, fi);
+        }
+        Py_DECREF(r);
+    }
+    drain();
+    PyGILState_Release(gil);
+}
+
+/* Nanoseconds since the epoch, now (setattr's *_NOW). */
+static long long now_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_REALTIME, &t);
+    return (long long)t.tv_sec * 1000000000LL + t.tv_nsec;
+}
+
+static PyObject *opt_long(int set, long long v)
+{
+    return set ? PyLong_FromLongLong(v) : Py_NewRef(Py_None);
+}
+
+static long long ns_of(const struct timespec *t)
+{
+    return (long long)t->tv_sec * 1000000000LL + t->tv_nsec;
+}
+
+static void fast_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int to_set,
+                         struct fuse_file_info *fi)
+{
+    (void)fi;
+    PyGILState_STATE gil = PyGILState_Ensure();
+    handled_fast = 1;
+    PyObject *h = fast[FAST_SETATTR];
+    long long now = (to_set & (FUSE_SET_ATTR_ATIME_NOW | FUSE_SET_ATTR_MTIME_NOW)) ? now_ns() : 0;
+    int atime = to_set & (FUSE_SET_ATTR_ATIME | FUSE_SET_ATTR_ATIME_NOW);
+    int mtime = to_set & (FUSE_SET_ATTR_MTIME | FUSE_SET_ATTR_MTIME_NOW);
+    /* (ino, mode, uid, gid, size, atime_ns, mtime_ns, ctime_ns), None for what stays */
+    PyObject *r = PyObject_CallFunction(
+        h, "KNNNNNNN", (unsigned long long)ino,
+        opt_long(to_set & FUSE_SET_ATTR_MODE, attr->st_mode),
+        opt_long(to_set & FUSE_SET_ATTR_UID, attr->st_uid),
+        opt_long(to_set & FUSE_SET_ATTR_GID, attr->st_gid),
+        opt_long(to_set & FUSE_SET_ATTR_SIZE, attr->st_size),
+        opt_long(atime, (to_set & FUSE_SET_ATTR_ATIME_NOW) ? now : ns_of(&attr->st_atim)),
+        opt_long(mtime, (to_set & FUSE_SET_ATTR_MTIME_NOW) ? now : ns_of(&attr->st_mtim)),
+        opt_long(to_set & FUSE_SET_ATTR_CTIME, ns_of(&attr->st_ctim)));
+    if (!replied_error(req, r, h)) {
+        struct stat st;
         double timeout;
-        memset(&e, 0, sizeof e);
-        if (to_stat(r, &e.attr, &timeout) < 0) {
+        if (to_stat(r, &st, &timeout) < 0) {
             PyErr_WriteUnraisable(h);
             reply_err(req, EIO);
         } else {
-            e.ino = e.attr.st_ino;
-            e.attr_timeout = timeout;
-            e.entry_timeout = timeout;
-            reply_entry(req, &e);
+            reply_attr(req, &st, timeout);
+        }
+        Py_DECREF(r);
+    }
+    drain();
+    PyGILState_Release(gil);
+}
+
+/* unlink and rmdir: handler(parent, name) -> 0 or -errno. */
+static void answer_named(fuse_req_t req, int which, fuse_ino_t parent, const char *name)
+{
+    PyGILState_STATE gil = PyGILState_Ensure();
+    handled_fast = 1;
+    PyObject *h = fast[which];
+    PyObject *r = PyObject_CallFunction(h, "Ky#", (unsigned long long)parent, name,
+                                        (Py_ssize_t)strlen(name));
+    if (!replied_error(req, r, h)) {  /* not an int: a wrong answer */
+        Py_DECREF(r);
+        reply_err(req, EIO);
+    }
+    drain();
+    PyGILState_Release(gil);
+}
+
+static void fast_unlink(fuse_req_t req, fuse_ino_t parent, const char *name)
+{
+    answer_named(req, FAST_UNLINK, parent, name);
+}
+
+static void fast_rmdir(fuse_req_t req, fuse_ino_t parent, const char *name)
+{
+    answer_named(req, FAST_RMDIR, parent, name);
+}
+
+static void fast_rename(fuse_req_t req, fuse_ino_t parent, const char *name,
+                        fuse_ino_t newparent, const char *newname, unsigned int flags)
+{
+    PyGILState_STATE gil = PyGILState_Ensure();
+    handled_fast = 1;
+    PyObject *h = fast[FAST_RENAME];
+    PyObject *r = PyObject_CallFunction(h, "Ky#Ky#I", (unsigned long long)parent, name,
+                                        (Py_ssize_t)strlen(name),
+                                        (unsigned long long)newparent, newname,
+                                        (Py_ssize_t)strlen(newname), flags);
+    if (!replied_error(req, r, h)) {
+        Py_DECREF(r);
+        reply_err(req, EIO);
+    }
+    drain();
+    PyGILState_Release(gil);
+}
+
+/* statfs: (bsize, frsize, blocks, bfree, bavail, files, ffree, favail, namemax). */
+static void fast_statfs(fuse_req_t req, fuse_ino_t ino)
+{
+    PyGILState_STATE gil = PyGILState_Ensure();
+    handled_fast = 1;
+    PyObject *h = fast[FAST_STATFS];
+    PyObject *r = PyObject_CallFunction(h, "K", (unsigned long long)ino);
+    if (!replied_error(req, r, h)) {
+        struct statvfs v;
+        unsigned long bsize, frsize, namemax;
+        unsigned long long blocks, bfree, bavail, files, ffree, favail;
+        memset(&v, 0, sizeof v);
+        if (!PyArg_ParseTuple(r, "kkKKKKKKk", &bsize, &frsize, &blocks, &bfree, &bavail,
+                              &files, &ffree, &favail, &namemax)) {
+            PyErr_WriteUnraisable(h);
+            reply_err(req, EIO);
+        } else {
+            v.f_bsize = bsize;
+            v.f_frsize = frsize;
+            v.f_blocks = blocks;
+            v.f_bfree = bfree;
+            v.f_bavail = bavail;
+            v.f_files = files;
+            v.f_ffree = ffree;
+            v.f_favail = favail;
+            v.f_namemax = namemax;
+            reply_statfs(req, &v);
         }
         Py_DECREF(r);
     }
@@ -768,6 +1011,9 @@ struct fuse_session *fuse_session_new(struct fuse_args *args,
     reply_lseek = (reply_lseek_fn)dlsym(lib, "fuse_reply_lseek");
     reply_err = (reply_err_fn)dlsym(lib, "fuse_reply_err");
     reply_entry = dlsym(lib, "fuse_reply_entry");
+    reply_create = dlsym(lib, "fuse_reply_create");
+    reply_statfs = dlsym(lib, "fuse_reply_statfs");
+    req_ctx = dlsym(lib, "fuse_req_ctx");
     reply_attr = dlsym(lib, "fuse_reply_attr");
     reply_readlink = dlsym(lib, "fuse_reply_readlink");
     reply_buf = dlsym(lib, "fuse_reply_buf");
@@ -814,6 +1060,18 @@ struct fuse_session *fuse_session_new(struct fuse_args *args,
             ops.forget = fast_forget;
             ops.forget_multi = fast_forget_multi;
         }
+        if (req_ctx != NULL) {
+            if (fast[FAST_MKNOD] != NULL) ops.mknod = fast_mknod;
+            if (fast[FAST_MKDIR] != NULL) ops.mkdir = fast_mkdir;
+            if (fast[FAST_SYMLINK] != NULL) ops.symlink = fast_symlink;
+            if (fast[FAST_CREATE] != NULL && reply_create != NULL) ops.create = fast_create;
+        }
+        if (fast[FAST_SETATTR] != NULL) ops.setattr = fast_setattr;
+        if (fast[FAST_LINK] != NULL) ops.link = fast_link;
+        if (fast[FAST_UNLINK] != NULL) ops.unlink = fast_unlink;
+        if (fast[FAST_RMDIR] != NULL) ops.rmdir = fast_rmdir;
+        if (fast[FAST_RENAME] != NULL) ops.rename = fast_rename;
+        if (fast[FAST_STATFS] != NULL && reply_statfs != NULL) ops.statfs = fast_statfs;
     }
     if (setxattr_handler != NULL && reply_err != NULL)
         ops.setxattr = shim_setxattr;

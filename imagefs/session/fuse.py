@@ -81,6 +81,57 @@ class WritableOperations(DirectoryHandles):
             "release": tree.released_file,
             "forget": tree.forget,
             **self.dir_fast_functions(),
+            **self.change_fast_functions(),
+        }
+
+    def change_fast_functions(self) -> dict[str, Callable[..., Any]]:
+        """The fast handlers of the requests that change the tree (the shim passes the
+        caller's uid, gid and umask to those that make an inode); each answers as its
+        coroutine below does, through the same code."""
+
+        def setattr_(ino: int, mode: int | None, uid: int | None, gid: int | None,
+                     size: int | None, atime_ns: int | None, mtime_ns: int | None,
+                     ctime_ns: int | None) -> tuple[Any, ...]:
+            node = self.tree.setattr(ino, mode=mode, uid=uid, gid=gid, size=size,
+                                     atime_ns=atime_ns, mtime_ns=mtime_ns, ctime_ns=ctime_ns)
+            return self.attr_tuple(ino, node)
+
+        def made(parent: int, name: bytes, mode: int, uid: int, gid: int, umask: int,
+                 rdev: int = 0, target: bytes = b"") -> tuple[Any, ...]:
+            ino = self._make(parent, name, mode, uid, gid, umask, rdev, target)
+            return self.attr_tuple(ino, self.tree.attrs(ino))
+
+        def create(parent: int, name: bytes, mode: int, flags: int, uid: int, gid: int,
+                   umask: int) -> tuple[Any, ...]:
+            attrs = made(parent, name, (mode & 0o7777) | 0o100000, uid, gid, umask)
+            self.tree.opened_file(attrs[0])
+            return attrs
+
+        def link(ino: int, parent: int, name: bytes) -> tuple[Any, ...]:
+            self.tree.link(ino, parent, name)
+            self.tree.remember(ino, parent)
+            return self.attr_tuple(ino, self.tree.attrs(ino))
+
+        def done(fn: Callable[..., Any]) -> Callable[..., int]:
+            def call(*args: Any) -> int:
+                fn(*args)
+                return 0
+            return call
+
+        return {
+            "setattr": setattr_,
+            "create": create,
+            "mknod": lambda parent, name, mode, rdev, uid, gid, umask: made(
+                parent, name, mode, uid, gid, umask, rdev=rdev),
+            "mkdir": lambda parent, name, mode, uid, gid, umask: made(
+                parent, name, (mode & 0o7777) | 0o040000, uid, gid, umask),
+            "symlink": lambda parent, name, target, uid, gid, umask: made(
+                parent, name, 0o120777, uid, gid, umask, target=target),
+            "link": link,
+            "unlink": done(self.tree.unlink),
+            "rmdir": done(self.tree.rmdir),
+            "rename": done(self.tree.rename),
+            "statfs": lambda ino: self._statfs(),
         }
 
     async def background(self, nursery: trio.Nursery) -> None:
@@ -156,39 +207,41 @@ class WritableOperations(DirectoryHandles):
     async def readlink(self, inode: int, ctx: Any = None) -> bytes:
         return self.tree.readlink(inode)
 
+    def _statfs(self) -> tuple[int, ...]:
+        """(bsize, frsize, blocks, bfree, bavail, files, ffree, favail, namemax): the
+        staging's filesystem, with the session's files counted as used inodes."""
+        v = self.tree.statfs()
+        return (v.f_bsize, v.f_frsize, v.f_blocks, v.f_bfree, v.f_bavail,
+                self.tree.files_count() + v.f_ffree, v.f_ffree, v.f_ffree, 255)
+
     @boundary
     async def statfs(self, ctx: Any = None) -> pyfuse3.StatvfsData:
-        v = self.tree.statfs()
         s = pyfuse3.StatvfsData()
-        s.f_bsize = v.f_bsize
-        s.f_frsize = v.f_frsize
-        s.f_blocks = v.f_blocks
-        s.f_bfree = v.f_bfree
-        s.f_bavail = v.f_bavail
-        s.f_files = self.tree.files_count() + v.f_ffree
-        s.f_ffree = s.f_favail = v.f_ffree
-        s.f_namemax = 255
+        (s.f_bsize, s.f_frsize, s.f_blocks, s.f_bfree, s.f_bavail, s.f_files, s.f_ffree,
+         s.f_favail, s.f_namemax) = self._statfs()
         return s
 
     # --- names ----------------------------------------------------------------------------
 
-    def _owner(self, parent: int, mode: int, ctx: Any) -> tuple[int, int, int]:
-        """uid, gid and mode of a new inode: a setgid directory passes on its group (and,
-        to new directories, the setgid bit), as on ext4."""
-        gid = ctx.gid
+    def _make(self, parent: int, name: bytes, mode: int, uid: int, gid: int, umask: int,
+              rdev: int = 0, target: bytes = b"") -> int:
+        """Make an inode for the caller (uid, gid, umask) and hand it to the kernel: a
+        setgid directory passes on its group (and, to new directories, the setgid bit),
+        as on ext4."""
         d = self.tree.attrs(parent)
         if d.mode & 0o2000:
             gid = d.gid
             if mode & 0o170000 == 0o040000:
                 mode |= 0o2000
-        return ctx.uid, gid, mode
+        node = self.tree.make(parent, name, mode, uid, gid, rdev, target, umask=umask)
+        self.tree.remember(node.ino, parent)
+        return int(node.ino)
 
     def _made(self, parent: int, name: bytes, mode: int, ctx: Any, rdev: int = 0,
               target: bytes = b"") -> pyfuse3.EntryAttributes:
-        uid, gid, mode = self._owner(parent, mode, ctx)
-        node = self.tree.make(parent, name, mode, uid, gid, rdev, target,
-                              umask=getattr(ctx, "umask", 0o022))
-        return self.entry(node.ino, parent)
+        ino = self._make(parent, name, mode, ctx.uid, ctx.gid, getattr(ctx, "umask", 0o022),
+                         rdev, target)
+        return self.attributes(ino, self.tree.attrs(ino))
 
     @boundary
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
