@@ -390,6 +390,22 @@ static void answer_entry(fuse_req_t req, PyObject *r, PyObject *h)
     }
 }
 
+/* Answer a request whose handler returns attributes (getattr, setattr) or -errno. */
+static void answer_attr(fuse_req_t req, PyObject *r, PyObject *h)
+{
+    if (!replied_error(req, r, h)) {
+        struct stat st;
+        double timeout;
+        if (to_stat(r, &st, &timeout) < 0) {
+            PyErr_WriteUnraisable(h);
+            reply_err(req, EIO);
+        } else {
+            reply_attr(req, &st, timeout);
+        }
+        Py_DECREF(r);
+    }
+}
+
 static void fast_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
 {
     PyGILState_STATE gil = PyGILState_Ensure();
@@ -532,17 +548,7 @@ static void fast_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int 
         opt_long(atime, (to_set & FUSE_SET_ATTR_ATIME_NOW) ? now : ns_of(&attr->st_atim)),
         opt_long(mtime, (to_set & FUSE_SET_ATTR_MTIME_NOW) ? now : ns_of(&attr->st_mtim)),
         opt_long(to_set & FUSE_SET_ATTR_CTIME, ns_of(&attr->st_ctim)));
-    if (!replied_error(req, r, h)) {
-        struct stat st;
-        double timeout;
-        if (to_stat(r, &st, &timeout) < 0) {
-            PyErr_WriteUnraisable(h);
-            reply_err(req, EIO);
-        } else {
-            reply_attr(req, &st, timeout);
-        }
-        Py_DECREF(r);
-    }
+    answer_attr(req, r, h);
     drain();
     PyGILState_Release(gil);
 }
@@ -631,18 +637,7 @@ static void fast_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *
     PyGILState_STATE gil = PyGILState_Ensure();
     handled_fast = 1;
     PyObject *h = fast[FAST_GETATTR];
-    PyObject *r = PyObject_CallFunction(h, "K", (unsigned long long)ino);
-    if (!replied_error(req, r, h)) {
-        struct stat st;
-        double timeout;
-        if (to_stat(r, &st, &timeout) < 0) {
-            PyErr_WriteUnraisable(h);
-            reply_err(req, EIO);
-        } else {
-            reply_attr(req, &st, timeout);
-        }
-        Py_DECREF(r);
-    }
+    answer_attr(req, PyObject_CallFunction(h, "K", (unsigned long long)ino), h);
     drain();
     PyGILState_Release(gil);
 }
