@@ -19,6 +19,7 @@ import trio
 from imagefs.errors import Error, NoSuchSession
 from imagefs.places import state_dir
 from imagefs.session import mounts
+from imagefs.session.commit_client import commit
 from imagefs.session.lifecycle import SessionInfo, find_session, list_sessions
 
 from .access import IMAGE, READ, WRITE, check_path, path_param, session_spec
@@ -120,7 +121,7 @@ async def commit_session(call: Call, session: str, new_index: str | None,
     def work(ctx: JobContext) -> dict[str, Any]:
         if not ctx.publishing():
             ctx.check()
-        _, result = mounts.commit(info.id, new_index, wait=60.0, who=who)
+        _, result = commit(info.id, new_index, wait=60.0, who=who)
         return {"session": info.id, **result}
 
     job = call.daemon.jobs.submit("sessions.commit", params, call.peer.uid, work,

@@ -6,7 +6,7 @@ import argparse
 import os
 from typing import Any
 
-from imagefs.session.mounts import commit
+from imagefs.session.commit_client import commit
 
 from ._common import add_json, human, print_json
 from ._daemon import absolute, add_daemon_options, call, daemon_client, run_job

@@ -1,7 +1,8 @@
 """Read-only mounts: an index served by FUSE from a process of its own.
 
 Owns the inode tree a mount serves (tree.py: numbering, lookups, listings over an
-IndexView), the pyfuse3 adapter (fuse.py) with the C shim beneath it (_fuseshim.c; shim.py
+IndexView), the pyfuse3 adapter (fuse.py), filling the kernel's page cache ahead of
+readers (prefill.py), the C shim beneath pyfuse3 (_fuseshim.c; shim.py
 checks it is a version it knows, see docs/shim.md), the kernel's mount table, processes
 and peers (kernel.py), mount records (registry.py), `-o` options (options.py) and the
 mount process's life: fork, ready, detach (process.py).

@@ -1,6 +1,7 @@
 """Writable mounts: sessions, their staging, the copy-on-write tree and commit.
 
-Owns a session's lifecycle (lifecycle.py: create, load, commit, discard), its staging area
+Owns a session's lifecycle (lifecycle.py: create, load, commit, discard; its records on
+disk: info.py; committing one from any process: commit_client.py), its staging area
 on local disk (staging.py: SQLite rows and sparse data files; ranges.py), the writable tree
 over a read-only one (tree.py, built by concern: reading.py, changes.py, content.py,
 attributes.py with acl.py, namespace.py), writing the changes into the image (commit.py),

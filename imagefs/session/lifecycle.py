@@ -15,19 +15,23 @@ changes go into a new index.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import secrets
-import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from imagefs.errors import BaseChanged, IndexGone, NoSuchSession, SessionLive, UsageError
+from imagefs.errors import BaseChanged, IndexGone, UsageError
 from imagefs.format.commit_record import Commit, IndexEntry
 from imagefs.format.container import ImageFile, crash_point, now_iso
 from imagefs.mount.options import pack_cache
-from imagefs.places import state_dir
+
+from .info import (  # noqa: F401  (re-exported: where callers have always found them)
+    SessionInfo,
+    discard,
+    find_session,
+    list_sessions,
+)
 
 if TYPE_CHECKING:  # the session machinery loads when a session is opened, not listed
     from imagefs.format.writer import Transaction
@@ -39,86 +43,6 @@ if TYPE_CHECKING:  # the session machinery loads when a session is opened, not l
 
 META_CACHE = 24 << 20
 INODE_CACHE_WEIGHT = 32_768
-
-
-def sessions_dir() -> str:
-    d = os.path.join(state_dir(), "sessions")
-    os.makedirs(d, mode=0o700, exist_ok=True)
-    return d
-
-
-@dataclass
-class SessionInfo:
-    """session.json: who opened what, and where it is mounted."""
-
-    id: str
-    image: str
-    uuid: str
-    index: int
-    name: str
-    mountpoint: str
-    pid: int
-    created: str
-    uid: int
-    volatile: bool = False  # Staging(volatile): a servicing transaction's own session
-
-    @property
-    def dir(self) -> str:
-        return os.path.join(sessions_dir(), self.id)
-
-    def save(self) -> None:
-        path = os.path.join(self.dir, "session.json")
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as fh:
-            json.dump(asdict(self), fh)
-            fh.flush()
-            if not self.volatile:
-                os.fsync(fh.fileno())
-        os.replace(tmp, path)
-
-    @classmethod
-    def load(cls, session_id: str) -> SessionInfo:
-        if not session_id or "/" in session_id or session_id.startswith("."):
-            raise NoSuchSession(session_id)
-        try:
-            with open(os.path.join(sessions_dir(), session_id, "session.json")) as fh:
-                doc = json.load(fh)
-            return cls(**{k: doc[k] for k in cls.__dataclass_fields__
-                          if k in doc or k != "volatile"})
-        except (OSError, ValueError, KeyError, TypeError):
-            raise NoSuchSession(session_id) from None
-
-    def live(self) -> bool:
-        from imagefs.mount.kernel import pid_alive
-
-        return bool(self.pid) and pid_alive(self.pid)
-
-    def staged_bytes(self) -> int:
-        from .staging import directory_bytes
-
-        return directory_bytes(self.dir)
-
-
-def list_sessions() -> list[SessionInfo]:
-    out = []
-    d = sessions_dir()
-    for name in sorted(os.listdir(d)):
-        with contextlib.suppress(NoSuchSession):
-            out.append(SessionInfo.load(name))
-    return out
-
-
-def find_session(spec: str) -> SessionInfo:
-    """A session by id, or by the mountpoint it is (or was) mounted at."""
-    from imagefs.mount.kernel import canonical
-
-    if os.sep not in spec and os.path.isdir(os.path.join(sessions_dir(), spec)):
-        return SessionInfo.load(spec)
-    path = canonical(spec)
-    for info in list_sessions():
-        if info.mountpoint == path:
-            return info
-    raise NoSuchSession(spec)
 
 
 def _owner(requested: int | None) -> int:
@@ -371,13 +295,6 @@ def commit_together(sessions: list[Session], histories: list[History],
     for session, written, number, name in done:
         session._published(written, number, name)
     return results
-
-
-def discard(info: SessionInfo) -> None:
-    """Remove a session and its staging (its mount must be gone)."""
-    if info.live():
-        raise SessionLive(info.id, info.pid, info.mountpoint)
-    shutil.rmtree(info.dir, ignore_errors=True)
 
 
 def _find_index(indices: list[IndexEntry], name: str) -> tuple[int, IndexEntry | None]:

@@ -1,9 +1,9 @@
-"""Mounts as an admin sees them, both kinds: start one, list them, unmount one, and commit or
-clean up the sessions behind writable ones.
+"""Mounts as an admin sees them, both kinds: start one, list them, unmount one, and clean up
+the sessions behind writable ones (committing one is commit_client.py's).
 
 Read-only mounts are imagefs.mount's; a writable mount is a session (lifecycle.py) served
 by a mount process, so starting, listing and unmounting one also opens, lists and ends its
-session, and commit goes through the mount process's control socket while it is mounted.
+session.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from imagefs.mount.kernel import FSTYPE, canonical, find_mount
 from imagefs.mount.process import MountPlan
 from imagefs.mount.registry import MountRecord, list_records, record_for
 
-from .lifecycle import SessionInfo, discard, find_session, list_sessions
+from .info import SessionInfo, discard, find_session, list_sessions
 
 
 def start(image_path: str, index_spec: str, mountpoint: str, option_specs: list[str],
@@ -143,25 +143,6 @@ def unmount(mountpoint: str, wait: float = 30.0, commit: bool = False,
     if rec.session:  # committed or discarded: the session is over
         discard(SessionInfo.load(rec.session))
     return rec, result
-
-
-def commit(spec: str, new_index: str | None = None, wait: float | None = None,
-           who: dict[str, object] | None = None) -> tuple[SessionInfo, dict[str, object]]:
-    """Commit a session's changes, by mountpoint or session id: through its mount process
-    when it is mounted, directly when the session is stale."""
-    from .lifecycle import Session
-
-    info = find_session(spec)
-    if info.live():
-        from .control import request
-
-        return info, request(info.id, {"op": "commit", "new_index": new_index, "wait": wait,
-                                       "who": who})
-    session = Session.load(info)
-    try:
-        return info, session.commit(new_index, wait=wait, who=who)
-    finally:
-        session.close()
 
 
 def cleanup(spec: str | None) -> list[SessionInfo]:
