@@ -61,7 +61,7 @@ def all_resident(path: Path) -> bool:
 
 def reads_served(rec: dict) -> int:
     """READ requests the mount answered (its last log line, after unmount)."""
-    m = re.search(r"requests \d+: .*?(\d+) read\b", mount_log(rec))
+    m = re.search(r"requests \d+: [^;]*?(\d+) read\b", mount_log(rec))
     return int(m.group(1)) if m else 0
 
 

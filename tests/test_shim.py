@@ -134,6 +134,49 @@ def test_mounts_here_run_the_fast_paths(tmp_path: Path) -> None:
     assert shim.OFF not in text, text
 
 
+def coroutine_requests(log: str) -> dict[str, int]:
+    """The requests a mount's last log line says went through pyfuse3's coroutines."""
+    m = re.search(r"through pyfuse3's coroutines \d+: (.*)", log)
+    assert m, log
+    return {name: int(n) for n, name in re.findall(r"(\d+) ([a-z_0-9 ]+?)(?:,|$)", m.group(1))}
+
+
+def test_a_writable_mount_answers_its_changes_on_the_fast_paths(tmp_path: Path) -> None:
+    """create, mkdir, mknod, symlink, link, rename, setattr (chmod, chown, utimes,
+    truncate), unlink, rmdir and statfs never reach a pyfuse3 coroutine; what the session
+    holds afterwards is what was done."""
+    if os.environ.get(shim.ENV_OFF):
+        pytest.skip(f"{shim.ENV_OFF} is set for this run")
+    image = small_image(tmp_path)
+    mnt = tmp_path / "mnt"
+    with mounted(image, 1, mnt, "--rw", "--no-daemon") as rec:
+        d = mnt / "work"
+        d.mkdir(mode=0o750)
+        (d / "f").write_bytes(b"x" * 5000)
+        os.mkfifo(d / "fifo")
+        os.symlink("f", d / "sym")
+        os.link(d / "f", d / "hard")
+        os.rename(d / "hard", d / "moved")
+        os.chmod(d / "f", 0o600)
+        os.chown(d / "f", 1234, 5678)
+        os.truncate(d / "f", 100)
+        os.utime(d / "f", ns=(1_000_000_000, 2_000_000_000))
+        os.statvfs(mnt)
+        st = os.stat(d / "moved")
+        assert (st.st_mode & 0o7777, st.st_uid, st.st_gid, st.st_size, st.st_nlink,
+                st.st_mtime_ns) == (0o600, 1234, 5678, 100, 2, 2_000_000_000)
+        assert os.readlink(d / "sym") == "f"
+        os.unlink(d / "moved")
+        os.unlink(d / "sym")
+        (d / "sub").mkdir()
+        os.rmdir(d / "sub")
+        assert sorted(os.listdir(d)) == ["f", "fifo"]
+    slow = coroutine_requests(Path(rec["log"]).read_text())
+    changes = {"setattr", "create", "mknod", "mkdir", "symlink", "link", "unlink", "rmdir",
+               "rename", "rename2", "statfs"}
+    assert not changes & set(slow), slow
+
+
 def test_without_the_shim_a_mount_falls_back_and_says_so_once(tmp_path: Path) -> None:
     """The shim not built (its import fails): the mount serves through pyfuse3 alone and
     its log says so in one line."""

@@ -66,7 +66,7 @@
 
 /* The interface shim.py expects (configure's arguments, the functions below); a build
  * with another number is stale and not used (shim.py: API). */
-#define SHIM_API 6
+#define SHIM_API 7
 
 /* lseek (3.8) and FUSE_CAP_CACHE_SYMLINKS (3.10) are needed. */
 #if FUSE_MAJOR_VERSION != 3 || FUSE_MINOR_VERSION < 10
@@ -146,6 +146,10 @@ static int wait_for_request(struct pollfd *p)
     return ppoll(p, 1, &wait, NULL);
 }
 static int handled_fast;          /* set by every request this module answers itself */
+/* Requests this module answered itself, ever: a request during whose processing it did not
+ * grow went to a pyfuse3 coroutine (drain runs only inside requests answered here). */
+static unsigned long long answered_here;
+#define ANSWERED_HERE() (handled_fast = 1, answered_here++)
 static int cache_symlinks;
 static int dont_mask;             /* the kernel leaves the umask to us (ACL inheritance) */
 /* Free opens: 0 none; FREE_OPENS_ALL no open/opendir (an immutable index); FREE_OPENS_FILES
@@ -183,7 +187,7 @@ static void shim_lseek(fuse_req_t req, fuse_ino_t ino, off_t off, int whence,
 {
     long long result = -EIO;
     (void)fi;
-    handled_fast = 1;
+    ANSWERED_HERE();
     PyGILState_STATE gil = PyGILState_Ensure();
     if (lseek_handler != NULL) {
         PyObject *r = PyObject_CallFunction(lseek_handler, "KLi", (unsigned long long)ino,
@@ -208,7 +212,7 @@ static void shim_lseek(fuse_req_t req, fuse_ino_t ino, off_t off, int whence,
 static void answer_errno(fuse_req_t req, PyObject *handler, PyObject *args)
 {
     long long result = -EIO;
-    handled_fast = 1;
+    ANSWERED_HERE();
     if (args != NULL) {
         PyObject *r = PyObject_CallObject(handler, args);
         Py_DECREF(args);
@@ -263,13 +267,17 @@ static void (*process_buf)(struct fuse_session *, const struct fuse_buf *);
  * Requests served, by FUSE opcode (request_counts(): what a workload asks of the mount). */
 #define OPCODES 64
 static unsigned long long request_count[OPCODES];
+static unsigned long long coroutine_count[OPCODES];  /* of those, answered by pyfuse3 */
 
 void fuse_session_process_buf(struct fuse_session *se, const struct fuse_buf *buf)
 {
+    uint32_t op = 0;
     if (!(buf->flags & FUSE_BUF_IS_FD) && buf->size >= sizeof(struct in_header)) {
-        uint32_t op = ((const struct in_header *)buf->mem)->opcode;
-        request_count[op < OPCODES ? op : 0]++;
+        op = ((const struct in_header *)buf->mem)->opcode;
+        op = op < OPCODES ? op : 0;
+        request_count[op]++;
     }
+    unsigned long long before = answered_here;
     if (process_buf == NULL) {  /* no session made through here: libfuse's own */
         void *lib = dlopen("libfuse3.so.3", RTLD_LAZY | RTLD_NOLOAD);
         process_buf = lib == NULL ? NULL : dlsym(lib, "fuse_session_process_buf");
@@ -277,6 +285,8 @@ void fuse_session_process_buf(struct fuse_session *se, const struct fuse_buf *bu
             abort();  /* nothing could serve the request */
     }
     process_buf(se, buf);
+    if (answered_here == before)
+        coroutine_count[op]++;
 }
 
 /* Called with the GIL held, at the end of a fast request. */
@@ -409,7 +419,7 @@ static void answer_attr(fuse_req_t req, PyObject *r, PyObject *h)
 static void fast_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
 {
     PyGILState_STATE gil = PyGILState_Ensure();
-    handled_fast = 1;
+    ANSWERED_HERE();
     PyObject *h = fast[FAST_LOOKUP];
     answer_entry(req, PyObject_CallFunction(h, "Ky#", (unsigned long long)parent, name,
                                             (Py_ssize_t)strlen(name)), h);
@@ -432,7 +442,7 @@ static void fast_mknod(fuse_req_t req, fuse_ino_t parent, const char *name, mode
                        dev_t rdev)
 {
     PyGILState_STATE gil = PyGILState_Ensure();
-    handled_fast = 1;
+    ANSWERED_HERE();
     unsigned int uid, gid, umask;
     caller(req, &uid, &gid, &umask);
     PyObject *h = fast[FAST_MKNOD];
@@ -446,7 +456,7 @@ static void fast_mknod(fuse_req_t req, fuse_ino_t parent, const char *name, mode
 static void fast_mkdir(fuse_req_t req, fuse_ino_t parent, const char *name, mode_t mode)
 {
     PyGILState_STATE gil = PyGILState_Ensure();
-    handled_fast = 1;
+    ANSWERED_HERE();
     unsigned int uid, gid, umask;
     caller(req, &uid, &gid, &umask);
     PyObject *h = fast[FAST_MKDIR];
@@ -461,7 +471,7 @@ static void fast_symlink(fuse_req_t req, const char *target, fuse_ino_t parent,
                          const char *name)
 {
     PyGILState_STATE gil = PyGILState_Ensure();
-    handled_fast = 1;
+    ANSWERED_HERE();
     unsigned int uid, gid, umask;
     caller(req, &uid, &gid, &umask);
     PyObject *h = fast[FAST_SYMLINK];
@@ -475,7 +485,7 @@ static void fast_symlink(fuse_req_t req, const char *target, fuse_ino_t parent,
 static void fast_link(fuse_req_t req, fuse_ino_t ino, fuse_ino_t newparent, const char *name)
 {
     PyGILState_STATE gil = PyGILState_Ensure();
-    handled_fast = 1;
+    ANSWERED_HERE();
     PyObject *h = fast[FAST_LINK];
     answer_entry(req, PyObject_CallFunction(h, "KKy#", (unsigned long long)ino,
                                             (unsigned long long)newparent, name,
@@ -488,7 +498,7 @@ static void fast_create(fuse_req_t req, fuse_ino_t parent, const char *name, mod
                         struct fuse_file_info *fi)
 {
     PyGILState_STATE gil = PyGILState_Ensure();
-    handled_fast = 1;
+    ANSWERED_HERE();
     unsigned int uid, gid, umask;
     caller(req, &uid, &gid, &umask);
     PyObject *h = fast[FAST_CREATE];
@@ -533,7 +543,7 @@ static void fast_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int 
 {
     (void)fi;
     PyGILState_STATE gil = PyGILState_Ensure();
-    handled_fast = 1;
+    ANSWERED_HERE();
     PyObject *h = fast[FAST_SETATTR];
     long long now = (to_set & (FUSE_SET_ATTR_ATIME_NOW | FUSE_SET_ATTR_MTIME_NOW)) ? now_ns() : 0;
     int atime = to_set & (FUSE_SET_ATTR_ATIME | FUSE_SET_ATTR_ATIME_NOW);
@@ -557,7 +567,7 @@ static void fast_setattr(fuse_req_t req, fuse_ino_t ino, struct stat *attr, int 
 static void answer_named(fuse_req_t req, int which, fuse_ino_t parent, const char *name)
 {
     PyGILState_STATE gil = PyGILState_Ensure();
-    handled_fast = 1;
+    ANSWERED_HERE();
     PyObject *h = fast[which];
     PyObject *r = PyObject_CallFunction(h, "Ky#", (unsigned long long)parent, name,
                                         (Py_ssize_t)strlen(name));
@@ -583,7 +593,7 @@ static void fast_rename(fuse_req_t req, fuse_ino_t parent, const char *name,
                         fuse_ino_t newparent, const char *newname, unsigned int flags)
 {
     PyGILState_STATE gil = PyGILState_Ensure();
-    handled_fast = 1;
+    ANSWERED_HERE();
     PyObject *h = fast[FAST_RENAME];
     PyObject *r = PyObject_CallFunction(h, "Ky#Ky#I", (unsigned long long)parent, name,
                                         (Py_ssize_t)strlen(name),
@@ -601,7 +611,7 @@ static void fast_rename(fuse_req_t req, fuse_ino_t parent, const char *name,
 static void fast_statfs(fuse_req_t req, fuse_ino_t ino)
 {
     PyGILState_STATE gil = PyGILState_Ensure();
-    handled_fast = 1;
+    ANSWERED_HERE();
     PyObject *h = fast[FAST_STATFS];
     PyObject *r = PyObject_CallFunction(h, "K", (unsigned long long)ino);
     if (!replied_error(req, r, h)) {
@@ -635,7 +645,7 @@ static void fast_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *
 {
     (void)fi;
     PyGILState_STATE gil = PyGILState_Ensure();
-    handled_fast = 1;
+    ANSWERED_HERE();
     PyObject *h = fast[FAST_GETATTR];
     answer_attr(req, PyObject_CallFunction(h, "K", (unsigned long long)ino), h);
     drain();
@@ -663,7 +673,7 @@ static void reply_bytes(fuse_req_t req, PyObject *r, PyObject *h, long long size
 static void fast_readlink(fuse_req_t req, fuse_ino_t ino)
 {
     PyGILState_STATE gil = PyGILState_Ensure();
-    handled_fast = 1;
+    ANSWERED_HERE();
     PyObject *h = fast[FAST_READLINK];
     PyObject *r = PyObject_CallFunction(h, "K", (unsigned long long)ino);
     if (!replied_error(req, r, h)) {
@@ -683,7 +693,7 @@ static void fast_readlink(fuse_req_t req, fuse_ino_t ino)
 static void fast_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t size)
 {
     PyGILState_STATE gil = PyGILState_Ensure();
-    handled_fast = 1;
+    ANSWERED_HERE();
     PyObject *h = fast[FAST_GETXATTR];
     PyObject *r = PyObject_CallFunction(h, "Ky#", (unsigned long long)ino, name,
                                         (Py_ssize_t)strlen(name));
@@ -698,7 +708,7 @@ static void fast_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size
 static void fast_listxattr(fuse_req_t req, fuse_ino_t ino, size_t size)
 {
     PyGILState_STATE gil = PyGILState_Ensure();
-    handled_fast = 1;
+    ANSWERED_HERE();
     PyObject *h = fast[FAST_LISTXATTR];
     PyObject *r = PyObject_CallFunction(h, "K", (unsigned long long)ino);
     if (!replied_error(req, r, h)) {
@@ -721,7 +731,7 @@ static void fast_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
                       struct fuse_file_info *fi)
 {
     PyGILState_STATE gil = PyGILState_Ensure();
-    handled_fast = 1;
+    ANSWERED_HERE();
     PyObject *h = fast[FAST_READ];
     PyObject *r = call_ranged(h, ino, off, size, fi);
     if (!replied_error(req, r, h)) {
@@ -736,7 +746,7 @@ static void fast_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t s
                        off_t off, struct fuse_file_info *fi)
 {
     PyGILState_STATE gil = PyGILState_Ensure();
-    handled_fast = 1;
+    ANSWERED_HERE();
     PyObject *h = fast[FAST_WRITE];
     unsigned long long fh = (fi != NULL && fi->fh != 0) ? fi->fh : ino;
     PyObject *mv = PyMemoryView_FromMemory((char *)buf, (Py_ssize_t)size, PyBUF_READ);
@@ -772,7 +782,7 @@ static void fast_write(fuse_req_t req, fuse_ino_t ino, const char *buf, size_t s
 static void fast_flush(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
     PyGILState_STATE gil = PyGILState_Ensure();
-    handled_fast = 1;
+    ANSWERED_HERE();
     PyObject *h = fast[FAST_FLUSH];
     PyObject *r = PyObject_CallFunction(h, "K", (unsigned long long)(fi && fi->fh ? fi->fh : ino));
     if (!replied_error(req, r, h)) {
@@ -787,7 +797,7 @@ static void fast_flush(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
 static void fast_released(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi, int slot)
 {
     PyGILState_STATE gil = PyGILState_Ensure();
-    handled_fast = 1;
+    ANSWERED_HERE();
     PyObject *h = fast[slot];
     PyObject *r = PyObject_CallFunction(h, "K", (unsigned long long)(fi ? fi->fh : ino));
     if (r == NULL)
@@ -808,7 +818,7 @@ static void fast_release(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *
 static void fast_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
     PyGILState_STATE gil = PyGILState_Ensure();
-    handled_fast = 1;
+    ANSWERED_HERE();
     PyObject *h = fast[FAST_OPENDIR];
     PyObject *r = PyObject_CallFunction(h, "K", (unsigned long long)ino);
     if (!replied_error(req, r, h)) {
@@ -838,7 +848,7 @@ static void fast_releasedir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_inf
 static void fast_forget(fuse_req_t req, fuse_ino_t ino, uint64_t nlookup)
 {
     PyGILState_STATE gil = PyGILState_Ensure();
-    handled_fast = 1;
+    ANSWERED_HERE();
     PyObject *h = fast[FAST_FORGET];
     PyObject *r = PyObject_CallFunction(h, "KK", (unsigned long long)ino,
                                         (unsigned long long)nlookup);
@@ -853,7 +863,7 @@ static void fast_forget(fuse_req_t req, fuse_ino_t ino, uint64_t nlookup)
 static void fast_forget_multi(fuse_req_t req, size_t count, struct fuse_forget_data *list)
 {
     PyGILState_STATE gil = PyGILState_Ensure();
-    handled_fast = 1;
+    ANSWERED_HERE();
     PyObject *h = fast[FAST_FORGET];
     for (size_t i = 0; i < count; i++) {
         PyObject *r = PyObject_CallFunction(h, "KK", (unsigned long long)list[i].ino,
@@ -872,7 +882,7 @@ static void shim_enosys(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *f
 {
     (void)ino;
     (void)fi;
-    handled_fast = 1;
+    ANSWERED_HERE();
     reply_err(req, ENOSYS);
 }
 
@@ -941,7 +951,7 @@ static void fast_readdirplus(fuse_req_t req, fuse_ino_t ino, size_t size, off_t 
                              struct fuse_file_info *fi)
 {
     PyGILState_STATE gil = PyGILState_Ensure();
-    handled_fast = 1;
+    ANSWERED_HERE();
     PyObject *h = fast[FAST_READDIR];
     PyObject *r = call_ranged(h, ino, off, size, fi);
     if (!replied_error(req, r, h)) {
@@ -1192,21 +1202,33 @@ static PyObject *libfuse_version(PyObject *self, PyObject *unused)
     return r;
 }
 
-static PyObject *request_counts(PyObject *self, PyObject *args)
+static PyObject *counts_dict(const unsigned long long *counts)
 {
-    (void)self;
-    (void)args;
     PyObject *d = PyDict_New();
     for (int op = 0; d != NULL && op < OPCODES; op++) {
-        if (request_count[op] == 0)
+        if (counts[op] == 0)
             continue;
-        PyObject *k = PyLong_FromLong(op), *v = PyLong_FromUnsignedLongLong(request_count[op]);
+        PyObject *k = PyLong_FromLong(op), *v = PyLong_FromUnsignedLongLong(counts[op]);
         if (k == NULL || v == NULL || PyDict_SetItem(d, k, v) < 0)
             Py_CLEAR(d);
         Py_XDECREF(k);
         Py_XDECREF(v);
     }
     return d;
+}
+
+static PyObject *request_counts(PyObject *self, PyObject *args)
+{
+    (void)self;
+    (void)args;
+    return counts_dict(request_count);
+}
+
+static PyObject *coroutine_counts(PyObject *self, PyObject *args)
+{
+    (void)self;
+    (void)args;
+    return counts_dict(coroutine_count);
 }
 
 
@@ -1241,6 +1263,8 @@ static PyMethodDef methods[] = {
     {"store", store, METH_VARARGS,
      "store(ino, offset, data) -> 0 or -errno: data into the kernel's page cache of ino "
      "(FUSE_NOTIFY_STORE); never from the loop's thread"},
+    {"coroutine_counts", coroutine_counts, METH_NOARGS,
+     "{FUSE opcode: requests answered by pyfuse3's coroutines, not here} since the mount began"},
     {"request_counts", request_counts, METH_NOARGS,
      "{FUSE opcode: requests served} since the mount began (0: an unknown opcode)"},
     {"configure", configure, METH_VARARGS,

@@ -26,7 +26,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 # The interface of _fuseshim this module speaks (SHIM_API in _fuseshim.c).
-API = 6
+API = 7
 # configure()'s free-opens argument (handles_are_inodes in _fuseshim.c): 0 none, all opens
 # (an immutable index: files and directories), or file opens only (a writable mount).
 FREE_OPENS_ALL = 1
@@ -181,11 +181,18 @@ OPCODES = {1: "lookup", 2: "forget", 3: "getattr", 4: "setattr", 5: "readlink", 
 
 
 def request_summary() -> str:
-    """The requests this process served, most first ("4181: 807 flush, ..."), from the
-    shim's counters; "not counted" without the shim."""
+    """The requests this process served, most first ("4181: 807 flush, ..."), and those of
+    them that went to pyfuse3's coroutines rather than the fast paths, from the shim's
+    counters; "not counted" without the shim."""
     if _fuseshim is None or not hasattr(_fuseshim, "request_counts"):
         return "not counted"
-    counts = sorted(_fuseshim.request_counts().items(), key=lambda kv: -kv[1])
-    total = sum(n for _op, n in counts)
+    summary = _counted(_fuseshim.request_counts())
+    slow = _fuseshim.coroutine_counts() if hasattr(_fuseshim, "coroutine_counts") else {}
+    return f"{summary}; through pyfuse3's coroutines {_counted(slow)}"
+
+
+def _counted(counts: dict[int, int]) -> str:
+    ranked = sorted(counts.items(), key=lambda kv: -kv[1])
+    total = sum(n for _op, n in ranked)
     return f"{total}: " + ", ".join(f"{n} {OPCODES.get(op, f'opcode {op}')}"
-                                    for op, n in counts)
+                                    for op, n in ranked)
