@@ -6,9 +6,9 @@ to the kernel counts; forget subtracts), so that a removed file lives while the 
 an opener holds it, and it writes the staging to disk every SYNC_INTERVAL and on fsync.
 Directory handles are fuse_dirs.py's.
 The kernel's writeback cache holds written pages until close, fsync or syncfs (a commit
-first has them written back: control.written_back).
+first has them written back: control_server.written_back).
 
-A commit arrives on the session's control socket (control.py) and runs in the loop's
+A commit arrives on the session's control socket (control_server.py) and runs in the loop's
 thread, between two requests: the tree it writes is the tree as it stands, and no request
 sees it half-committed.
 """
@@ -135,7 +135,7 @@ class WritableOperations(DirectoryHandles):
         }
 
     async def background(self, nursery: trio.Nursery) -> None:
-        from .control import serve_control
+        from .control_server import serve_control
 
         nursery.start_soon(self._sync_every_interval)
         await nursery.start(serve_control, self)
