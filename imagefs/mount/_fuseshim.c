@@ -258,8 +258,6 @@ struct in_header {              /* struct fuse_in_header, as far as needed here 
 /* --- fast paths ------------------------------------------------------------------------ */
 
 static int (*session_fd)(struct fuse_session *);
-static int (*notify_store)(struct fuse_session *, fuse_ino_t, off_t, struct fuse_bufvec *,
-                           enum fuse_buf_copy_flags);
 static int (*receive_buf)(struct fuse_session *, struct fuse_buf *);
 static void (*process_buf)(struct fuse_session *, const struct fuse_buf *);
 
@@ -1030,7 +1028,6 @@ struct fuse_session *fuse_session_new(struct fuse_args *args,
     session_fd = dlsym(lib, "fuse_session_fd");
     receive_buf = dlsym(lib, "fuse_session_receive_buf");
     process_buf = dlsym(lib, "fuse_session_process_buf");
-    notify_store = dlsym(lib, "fuse_lowlevel_notify_store");
     if (session_fd == NULL || process_buf == NULL)
         receive_buf = NULL;
     if (real == NULL)
@@ -1232,37 +1229,7 @@ static PyObject *coroutine_counts(PyObject *self, PyObject *args)
 }
 
 
-/* store(ino, offset, data) -> 0 or -errno: put data into the kernel's page cache of inode
- * ino at offset (FUSE_NOTIFY_STORE), so reads of it need no request.  The GIL is released
- * while the kernel copies: it waits for a page a reader has locked, and that reader's
- * READ may be queued for the loop thread, which must be free to answer it.  So this is
- * called from a thread other than the loop's.  -ENOENT: the kernel does not know ino
- * (never looked up, or forgotten); nothing is stored then. */
-static PyObject *store(PyObject *self, PyObject *args)
-{
-    unsigned long long ino;
-    long long offset;
-    Py_buffer data;
-    (void)self;
-    if (!PyArg_ParseTuple(args, "KLy*", &ino, &offset, &data))
-        return NULL;
-    int r = -ENOTCONN;
-    if (the_session != NULL && notify_store != NULL && offset >= 0) {
-        struct fuse_bufvec bufv = FUSE_BUFVEC_INIT((size_t)data.len);
-        bufv.buf[0].mem = data.buf;
-        Py_BEGIN_ALLOW_THREADS
-        r = notify_store(the_session, (fuse_ino_t)ino, (off_t)offset, &bufv,
-                                       0);
-        Py_END_ALLOW_THREADS
-    }
-    PyBuffer_Release(&data);
-    return PyLong_FromLong(r);
-}
-
 static PyMethodDef methods[] = {
-    {"store", store, METH_VARARGS,
-     "store(ino, offset, data) -> 0 or -errno: data into the kernel's page cache of ino "
-     "(FUSE_NOTIFY_STORE); never from the loop's thread"},
     {"coroutine_counts", coroutine_counts, METH_NOARGS,
      "{FUSE opcode: requests answered by pyfuse3's coroutines, not here} since the mount began"},
     {"request_counts", request_counts, METH_NOARGS,

@@ -270,8 +270,8 @@ class ReadOnlyOperations(BaseOperations):
         self.tree = tree
         self.packs = tree.view.packs
         self.filler: PageFiller | None = None
-        if _fuseshim is not None and not shim.fast_paths_off() and not os.environ.get(NO_FILL):
-            self.filler = PageFiller(tree, _fuseshim.store)
+        if not shim.fast_paths_off() and not os.environ.get(NO_FILL):
+            self.filler = PageFiller(tree, store_in_page_cache)
 
     async def background(self, nursery: trio.Nursery) -> None:
         if self.filler is not None:
@@ -402,6 +402,17 @@ class ReadOnlyOperations(BaseOperations):
         # Packs (<= ~1.25 MiB raw) are decompressed inline: ~0.3 ms each, where a hop to a
         # worker thread and back costs ~2 ms of latency on this loop (measured).
         return self.tree.view.read(self.tree.inode(fh), off, size)
+
+
+def store_in_page_cache(ino: int, offset: int, data: bytes | memoryview) -> int:
+    """pyfuse3.notify_store (FUSE_NOTIFY_STORE, the GIL released while the kernel copies):
+    0, or -errno (ENOENT: the kernel does not know ino; EINVAL: not a regular file)."""
+    try:
+        # any buffer will do (it takes a Py_buffer), though its stub says bytes
+        pyfuse3.notify_store(ino, offset, data)  # type: ignore[arg-type]
+    except OSError as e:
+        return -(e.errno or errno.EIO)
+    return 0
 
 
 def mount_options(image_path: str, extra: list[str], writable: bool = False) -> set[str]:

@@ -8,8 +8,8 @@ small file usually sits in a pack the driver has just decompressed for its neigh
 So whenever a pack comes into the cache (decompressed for a read, or read ahead), every
 regular file the kernel already knows (named in a directory listing or a lookup the driver
 answered) whose content lies wholly in cached packs is written into the kernel's page cache
-with FUSE_NOTIFY_STORE (_fuseshim.store).  Its reader then finds the pages there and asks
-nothing: tar of bookworm-web sends 615-925 READs instead of 11 087.
+with FUSE_NOTIFY_STORE (pyfuse3.notify_store).  Its reader then finds the pages there and
+asks nothing: tar of bookworm-web sends 615-925 READs instead of 11 087.
 
 The rules that keep this safe and cheap:
 - Only for an immutable index: a writable mount's file could change between the read here
@@ -60,7 +60,7 @@ class PageFiller:
     def __init__(self, tree: IndexTree, store: Any) -> None:
         self.tree = tree
         self.packs = tree.view.packs
-        self._store = store  # _fuseshim.store(ino, offset, data) -> 0 or -errno
+        self._store = store  # fuse.store_in_page_cache(ino, offset, data) -> 0 or -errno
         self._lock = threading.Lock()
         # last pack of a file's content -> inodes waiting for it (oldest pack first)
         self._waiting: OrderedDict[int, list[int]] = OrderedDict()
