@@ -33,9 +33,10 @@
  * Fast paths: pyfuse3 answers every request with a coroutine on its trio loop, which costs
  * more than the handlers themselves.  Requests whose handlers never wait (lookup, getattr,
  * getxattr, listxattr, readlink, read, readdirplus, write, flush, release, forget, and a
- * writable mount's opendir and releasedir) can instead be answered here by plain Python
- * callables, and the requests already waiting are then
- * drained in the same call (see drain()).  The rest still go through pyfuse3.
+ * writable mount's opendir, releasedir and changes: setattr, create, mknod, mkdir,
+ * symlink, link, unlink, rmdir, rename, statfs) can instead be answered here by plain
+ * Python callables, and the requests already waiting are then drained in the same call
+ * (see drain()).  The rest still go through pyfuse3 (coroutine_counts() says which).
  *
  * Nothing else of pyfuse3 is touched.  If this module is missing, mounts still work (more
  * slowly); holes then read as zeros but are not reported by lseek, fallocate fails with

@@ -3,7 +3,8 @@ the error boundary, attributes, fast paths, the serving loop), and the read-only
 adapter over tree.IndexTree.  The writable one is imagefs/session/fuse.py.
 
 Requests that never wait (lookup, getattr, xattrs, readlink, read, write, flush, release,
-forget) are answered by plain functions called from _fuseshim, which then drains the
+forget, and a writable mount's changes) are answered by plain functions called from
+_fuseshim, which then drains the
 requests already waiting without going back to the trio loop; the rest go through
 pyfuse3's coroutines.  The fast paths are off (pyfuse3's coroutines answer everything)
 with IMAGEFS_NO_FAST_PATHS=1, without the shim, and with pyfuse3 or libfuse versions the

@@ -35,6 +35,7 @@ import logging
 import queue
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 from imagefs.errors import CorruptImage
@@ -57,12 +58,13 @@ class PageFiller:
     note() and flush() are called by the loop thread; pack_cached() by whichever thread
     decompressed a pack; the stores by a thread of this object's own (start())."""
 
-    def __init__(self, tree: IndexTree, store: Any) -> None:
+    def __init__(self, tree: IndexTree,
+                 store: Callable[[int, int, bytes | memoryview], int]) -> None:
         self.tree = tree
         self.packs = tree.view.packs
         self._store = store  # fuse.store_in_page_cache(ino, offset, data) -> 0 or -errno
         self._lock = threading.Lock()
-        # last pack of a file's content -> inodes waiting for it (oldest pack first)
+        # a pack not yet cached -> the files waiting for it (the earliest wish first)
         self._waiting: OrderedDict[int, list[int]] = OrderedDict()
         self._n_waiting = 0
         self._pending: list[int] = []  # named in the last reply; sent at the next request
