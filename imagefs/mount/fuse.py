@@ -4,11 +4,11 @@ adapter over tree.IndexTree.  The writable one is imagefs/session/fuse.py.
 
 Requests that never wait (lookup, getattr, xattrs, readlink, read, write, flush, release,
 forget, and a writable mount's changes) are answered by plain functions called from
-_fuseshim, which then drains the
-requests already waiting without going back to the trio loop; the rest go through
-pyfuse3's coroutines.  The fast paths are off (pyfuse3's coroutines answer everything)
-with IMAGEFS_NO_FAST_PATHS=1, without the shim, and with pyfuse3 or libfuse versions the
-shim does not know (shim.py, docs/shim.md); the mount's log then says so once.
+_fuseshim, which then drains the requests already waiting without going back to the trio
+loop; the rest go through pyfuse3's coroutines.  The fast paths are off (pyfuse3's
+coroutines answer everything) with IMAGEFS_NO_FAST_PATHS=1, without the shim, and with
+pyfuse3 or libfuse versions the shim does not know (shim.py, docs/shim.md); the mount's log
+then says so once.
 
 Every handler passes through one boundary: an answer the filesystem gives on purpose
 (ENOENT, ENOTDIR, ENXIO...) goes back as its errno; damage in the image becomes EIO and one
