@@ -11,10 +11,12 @@ IMAGEFS_DEBUG=1 asks for one.
 from __future__ import annotations
 
 import argparse
+import atexit
 import errno
 import importlib
 import os
 import sys
+import threading
 from collections.abc import Sequence
 
 from imagefs.errors import INTERNAL_ERROR, Error, Interrupted, SystemFailure, one_line
@@ -111,4 +113,22 @@ def _fail(message: str, code: int) -> int:
 
 
 def run() -> None:
-    sys.exit(main())
+    code = main()
+    _exit_now(code)
+    sys.exit(code)
+
+
+def _exit_now(code: int) -> None:
+    """End the process without the interpreter's teardown, which frees every imported
+    module one by one: 15-20 ms of an 80 ms `imagefs commit` (12 interleaved runs each).
+    Only when nothing is left to wait for: no other thread, output flushed; the atexit
+    handlers (logging, temporary files) still run.  Otherwise return, for sys.exit."""
+    if threading.active_count() != 1:
+        return
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except OSError:
+        return  # a closed pipe: let the normal exit deal with it
+    atexit._run_exitfuncs()
+    os._exit(code)

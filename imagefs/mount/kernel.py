@@ -11,21 +11,17 @@ about: mounting and committing never need it).
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import struct
-import subprocess
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 FSTYPE = "fuse.imagefs"
 MNT_DETACH = 2  # umount2 flag: detach now, finish when the last user lets go
 
 
-@dataclass(frozen=True)
-class KernelMount:
+class KernelMount(NamedTuple):
     mountpoint: str
     fstype: str
     source: str
@@ -125,11 +121,17 @@ def is_dead(path: str) -> bool:
 
 def umount(path: str, lazy: bool = False) -> int:
     """Detach the mount at path; 0, or the errno (EBUSY: still in use)."""
+    # ctypes and subprocess are imported here, not with the module: `imagefs commit`
+    # loads it and never unmounts (the daemon has both imported before any job runs)
     if os.geteuid() == 0:
+        import ctypes
+
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.umount2(os.fsencode(path), MNT_DETACH if lazy else 0) != 0:
             return ctypes.get_errno()
         return 0
+    import subprocess
+
     argv = ["fusermount3", "-u", *(["-z"] if lazy else []), path]
     proc = subprocess.run(argv, capture_output=True, text=True)
     if proc.returncode == 0:

@@ -8,8 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-from dataclasses import asdict, dataclass
+from typing import Any
 
 from imagefs.errors import NoSuchSession, SessionLive
 from imagefs.places import state_dir
@@ -21,20 +20,37 @@ def sessions_dir() -> str:
     return d
 
 
-@dataclass
 class SessionInfo:
-    """session.json: who opened what, and where it is mounted."""
+    """session.json: who opened what, and where it is mounted.
 
-    id: str
-    image: str
-    uuid: str
-    index: int
-    name: str
-    mountpoint: str
-    pid: int
-    created: str
-    uid: int
-    volatile: bool = False  # Staging(volatile): a servicing transaction's own session
+    A plain class, not a dataclass: `imagefs commit` loads this module, and importing
+    dataclasses (inspect, ast, dis, tokenize) would be a quarter of the verb's imports."""
+
+    FIELDS = ("id", "image", "uuid", "index", "name", "mountpoint", "pid", "created", "uid",
+              "volatile")
+
+    def __init__(self, id: str, image: str, uuid: str, index: int, name: str,
+                 mountpoint: str, pid: int, created: str, uid: int,
+                 volatile: bool = False) -> None:
+        self.id = id
+        self.image = image
+        self.uuid = uuid
+        self.index = index
+        self.name = name
+        self.mountpoint = mountpoint
+        self.pid = pid
+        self.created = created
+        self.uid = uid
+        self.volatile = volatile  # Staging(volatile): a servicing transaction's own session
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.FIELDS}
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SessionInfo) and self.as_dict() == other.as_dict()
+
+    def __repr__(self) -> str:
+        return f"SessionInfo({', '.join(f'{k}={v!r}' for k, v in self.as_dict().items())})"
 
     @property
     def dir(self) -> str:
@@ -44,7 +60,7 @@ class SessionInfo:
         path = os.path.join(self.dir, "session.json")
         tmp = f"{path}.{os.getpid()}.tmp"
         with open(tmp, "w") as fh:
-            json.dump(asdict(self), fh)
+            json.dump(self.as_dict(), fh)
             fh.flush()
             if not self.volatile:
                 os.fsync(fh.fileno())
@@ -57,7 +73,7 @@ class SessionInfo:
         try:
             with open(os.path.join(sessions_dir(), session_id, "session.json")) as fh:
                 doc = json.load(fh)
-            return cls(**{k: doc[k] for k in cls.__dataclass_fields__
+            return cls(**{k: doc[k] for k in cls.FIELDS
                           if k in doc or k != "volatile"})
         except (OSError, ValueError, KeyError, TypeError):
             raise NoSuchSession(session_id) from None
@@ -99,4 +115,6 @@ def discard(info: SessionInfo) -> None:
     """Remove a session and its staging (its mount must be gone)."""
     if info.live():
         raise SessionLive(info.id, info.pid, info.mountpoint)
+    import shutil
+
     shutil.rmtree(info.dir, ignore_errors=True)

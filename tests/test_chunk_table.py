@@ -1,0 +1,79 @@
+"""The chunk table answers the same before and after it indexes its entries.
+
+A loaded table answers its first questions by searching the raw entries (packs.ChunkTable),
+then indexes them.  Both ways must find the same chunks, also for colliding fast hashes and
+for a fast hash whose bytes also occur inside another entry (not at an entry's start).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from imagefs.format.commit_record import Commit
+from imagefs.format.container import ImageFile
+from imagefs.format.packs import ChunkLoc, ChunkTable
+from imagefs.format.writer import Transaction
+
+A = b"content A " * 1000
+B = b"content B " * 1000
+C = b"content C " * 1000
+D = b"content D " * 1000
+FORCED = hashlib.md5(b"any 16 bytes").digest()
+
+
+def _stored(tmp_path: Path) -> tuple[str, list[ChunkLoc]]:
+    """An image whose table holds A and B under one fast hash, D, and C under a fast hash
+    that also occurs in D's entry, 8 bytes into it; the chunks' locations."""
+    path = str(tmp_path / "image.ifs")
+    ImageFile.create(path)
+    d_xxh = hashlib.md5(b"d").digest()
+    c_xxh = d_xxh[8:] + hashlib.sha256(D).digest()[:8]  # spans D's xxh and sha
+    with ImageFile.open(path, writable=True) as f, Transaction(f, 1) as tx:
+        packs = tx.pack_writer()
+        locs = [packs.add_chunk(A, xxh=FORCED), packs.add_chunk(B, xxh=FORCED),
+                packs.add_chunk(D, xxh=d_xxh), packs.add_chunk(C, xxh=c_xxh)]
+        tx.finish_packs()
+        tx.publish()
+    return path, locs
+
+
+def _answers(table: ChunkTable, locs: list[ChunkLoc]) -> list[tuple[int, int] | None]:
+    out: list[tuple[int, int] | None] = []
+    for loc in locs:
+        found = table.find(loc.xxh, loc.sha)
+        at = table.at(loc.pack_id(), loc.offset, loc.xxh)
+        assert found is not None and at is not None
+        assert (at.pack, at.offset, at.sha) == (found.pack, found.offset, found.sha)
+        out.append((found.pack, found.offset))
+    out.append(None if table.find(FORCED, hashlib.sha256(C).digest()) is None else (0, 0))
+    return out
+
+
+def test_searching_and_indexing_find_the_same_chunks(tmp_path: Path) -> None:
+    path, locs = _stored(tmp_path)
+    want = [(loc.pack_id(), loc.offset) for loc in locs]
+    with ImageFile.open(path) as f:
+        commit: Commit = f.read_commit()
+        table = ChunkTable.load(f, commit)
+        assert table.count == commit.chunks == 4
+        assert table.unique_bytes == commit.unique_bytes == 4 * len(A)
+        searched = _answers(table, locs)
+        assert searched[:4] == want
+        assert searched[4] is None  # C's content under A's fast hash is not stored
+        while table._raw:  # ask until the table indexes its entries
+            table.find(FORCED, A)
+        assert _answers(table, locs) == searched
+        assert [(c.pack, c.offset) for c in table.all()] == want  # the file's order
+
+
+def test_a_new_chunk_is_found_and_listed_once(tmp_path: Path) -> None:
+    path, locs = _stored(tmp_path)
+    with ImageFile.open(path, writable=True) as f, Transaction(f, 1) as tx:
+        packs = tx.pack_writer()
+        e = packs.add_chunk(b"content E " * 1000, xxh=FORCED)
+        assert packs.add_chunk(A, xxh=FORCED).offset == locs[0].offset  # stored once
+        assert packs.table.find(FORCED, e.sha) is e
+        listed = packs.table.all()
+        assert sum(c is e for c in listed) == 1 and len(listed) == 5
+        assert packs.table.count == 5
