@@ -8,6 +8,7 @@ import os
 import random
 import shutil
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -88,6 +89,12 @@ def test_random_kills(source: Path, existing: Path, tmp_path: Path) -> None:
     wanted = state(source)[1:]
     outcomes: dict[str, int] = {}
     into = shutil.copyfile(existing, tmp_path / "into.imagefs")
+    # kills spread over one whole export's time, measured here: a fixed range would miss
+    # the moments before publishing on a fast machine (or the end on a slow one)
+    start = time.perf_counter()
+    assert kill_after(["export", source, "two", tmp_path / "timed.imagefs"], 60) == 0
+    whole = time.perf_counter() - start
+    (tmp_path / "timed.imagefs").unlink()
     for _ in range(20):
         if rng.random() < 0.5:
             dest, before = tmp_path / "new.imagefs", None
@@ -96,7 +103,7 @@ def test_random_kills(source: Path, existing: Path, tmp_path: Path) -> None:
             if state(into) != state(existing):
                 shutil.copyfile(existing, into)
             dest, before = into, state(into)
-        code = kill_after(["export", source, "two", dest], rng.uniform(0.005, 0.3))
+        code = kill_after(["export", source, "two", dest], rng.uniform(0.002, whole * 1.3))
         kind = "new" if before is None else "existing"
         if before is None and not dest.exists():
             outcome = "absent"
@@ -111,6 +118,6 @@ def test_random_kills(source: Path, existing: Path, tmp_path: Path) -> None:
                 assert outcome == "whole"
         outcomes[f"{kind} {outcome}"] = outcomes.get(f"{kind} {outcome}", 0) + 1
         assert _leftovers(tmp_path, {"new.imagefs", "into.imagefs"}) == []
-    print(f"\n20 kills of export: {outcomes}")
+    print(f"\n20 kills of export (whole export {whole:.3f} s): {outcomes}")
     assert outcomes.get("new absent", 0) + outcomes.get("existing old", 0) > 0, \
         "no export was killed before publishing"
