@@ -16,6 +16,7 @@ import subprocess
 import sys
 import sysconfig
 import types
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -293,3 +294,54 @@ def test_a_mount_process_starts_without_ldconfig() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=REPO)
     assert done.returncode == 0, done.stderr
+
+
+def all_requests(log: str) -> dict[str, int]:
+    """Every request a mount's last log line counts, by name."""
+    m = re.search(r"; requests \d+: (.*?)(?:; through|$)", log, re.M)
+    assert m, log
+    return {name: int(n) for n, name in re.findall(r"(\d+) ([a-z_0-9 ]+?)(?:,|$)", m.group(1))}
+
+
+def test_a_writable_mount_lists_from_the_kernels_cache_until_a_change(tmp_path: Path
+                                                                      ) -> None:
+    """Listing an unchanged directory again costs no READDIRPLUS (the kernel keeps it);
+    after each kind of change in it, a listing shows the change."""
+    if os.environ.get(shim.ENV_OFF):
+        pytest.skip(f"{shim.ENV_OFF} is set for this run")
+    image = small_image(tmp_path)
+    mnt = tmp_path / "mnt"
+    with mounted(image, 1, mnt, "--rw", "--no-daemon") as rec:
+        d, other = mnt / "d", mnt / "other"
+        other.mkdir()
+        (other / "o").write_bytes(b"o")
+        for _ in range(20):
+            assert sorted(os.listdir(d)) == ["f"]
+            assert sorted(os.listdir(other)) == ["o"]
+        # each change, then what d and other list
+        changes: list[tuple[Callable[[], object], list[str], list[str]]] = [
+            (lambda: (d / "new").write_bytes(b"n"), ["f", "new"], ["o"]),
+            (lambda: os.mkdir(d / "sub"), ["f", "new", "sub"], ["o"]),
+            (lambda: os.symlink("f", d / "sym"), ["f", "new", "sub", "sym"], ["o"]),
+            (lambda: os.link(d / "f", d / "hard"), ["f", "hard", "new", "sub", "sym"], ["o"]),
+            (lambda: os.rename(d / "new", d / "renamed"),
+             ["f", "hard", "renamed", "sub", "sym"], ["o"]),
+            (lambda: os.rename(other / "o", d / "in"),
+             ["f", "hard", "in", "renamed", "sub", "sym"], []),
+            (lambda: os.rename(d / "in", other / "out"),
+             ["f", "hard", "renamed", "sub", "sym"], ["out"]),
+            (lambda: os.unlink(d / "hard"), ["f", "renamed", "sub", "sym"], ["out"]),
+            (lambda: os.rmdir(d / "sub"), ["f", "renamed", "sym"], ["out"]),
+            (lambda: os.rename(d / "renamed", d / "f"), ["f", "sym"], ["out"]),  # replaces f
+            (lambda: os.mkfifo(d / "fifo"), ["f", "fifo", "sym"], ["out"]),
+        ]
+        for change, in_d, in_other in changes:
+            change()
+            for _ in range(3):
+                assert sorted(os.listdir(d)) == in_d
+                assert sorted(os.listdir(other)) == in_other
+    counts = all_requests(Path(rec["log"]).read_text())
+    # without the cache: 2 a listing, 188 in all; with it, the first listing of each
+    # directory and of d after each change (and of other after its 3 changes), ~2 each
+    listings = counts.get("readdirplus", 0) + counts.get("readdir", 0)
+    assert listings <= 2 * (2 + len(changes) + 3) + 4, counts

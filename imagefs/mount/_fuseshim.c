@@ -832,6 +832,12 @@ static void fast_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *
             reply_err(req, EIO);
         } else {
             fi->fh = fh;
+            /* The kernel keeps the listing (FOPEN_CACHE_DIR) across opens (KEEP_CACHE)
+             * and reads it again only after a change in the directory, which always
+             * comes through the kernel (it bumps the directory's version): dbench lists
+             * unchanged directories over and over, 2 READDIRPLUS a listing without. */
+            fi->cache_readdir = 1;
+            fi->keep_cache = 1;
             reply_open(req, fi);
         }
     }
