@@ -265,7 +265,6 @@ class ReadOnlyOperations(BaseOperations):
     """Requests → IndexTree calls.  File and directory handles are inode numbers: an
     immutable index needs no per-open state."""
 
-
     def __init__(self, tree: IndexTree, label: str) -> None:
         super().__init__(label)
         self.tree = tree
