@@ -22,7 +22,7 @@ import shutil
 import stat
 import tarfile
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -201,6 +201,26 @@ def _check_data(given: str, deb: DebFile, sums: dict[str, str]) -> None:
         first = one_line(sorted(left)[0])
         raise refuse(given, f"its md5sums list {first}, which its data does not hold "
                             "(a damaged package)")
+
+
+def file_contents(deb: Deb, most: int) -> Iterator[bytes]:
+    """The content of each regular file in deb's data, in the archive's order, while
+    their sum stays within most bytes: what dpkg will write, for compressing ahead
+    (imagefs.format.ahead).  A guess: a package that cannot be read gives nothing more."""
+    try:
+        with open(deb.path, "rb") as fh:
+            tar = DebFile(fileobj=fh).data.tgz()
+            for member in tar:
+                if not member.isfile() or member.size == 0:
+                    continue
+                most -= member.size
+                if most < 0:
+                    return
+                data = tar.extractfile(member)
+                if data is not None:
+                    yield data.read(member.size)
+    except BROKEN:
+        return
 
 
 def _relative(name: str) -> str:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import io
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -33,7 +33,7 @@ from debian.deb822 import Deb822
 from imagefs.errors import CorruptImage, UsageError
 from imagefs.image import Image
 
-from .debs import Deb, open_deb, repository, stage
+from .debs import Deb, file_contents, open_deb, repository, stage
 from .resolver import GONE, Action, Database, PackagePlan, pkg_of, plan_add, plan_remove
 from .roots import IndexRoot, Root
 from .runner import Completed, dpkg_options, run
@@ -218,6 +218,21 @@ class PackageAdd:
                 raise Refused(f"{deb.given}: changed while it was being read")
             self._checked[deb.path] = checked
         return self._checked[deb.path]
+
+    def expected_content(self, plans: list[Any]) -> Iterator[bytes]:
+        """The files of every .deb the plans install (transaction.KnowsContent)."""
+        from imagefs.format.ahead import BUDGET
+
+        most, done = BUDGET, set()
+        for plan in plans:
+            for action in plan.actions:
+                deb = action.pkg.deb
+                if deb is None or deb.path in done:
+                    continue
+                done.add(deb.path)
+                for data in file_contents(deb, most):
+                    most -= len(data)
+                    yield data
 
     def apply(self, target: Target, plan: Any, progress: Progress) -> dict[str, Any]:
         assert isinstance(plan, PackagePlan)

@@ -185,6 +185,30 @@ def _lengths(raw: bytes) -> int:
     return sum(memoryview(raw).cast("I")[words - 1::words])
 
 
+class PrecompressedPack:
+    """A pack compressed before the commit that may store it (see ahead.py): its raw bytes,
+    its zstd payload, and the (offset, length, xxh3-128, SHA-256) of each chunk in it."""
+
+    __slots__ = ("raw", "payload", "chunks")
+
+    def __init__(self, raw: bytes, payload: bytes,
+                 chunks: list[tuple[int, int, bytes, bytes]]) -> None:
+        self.raw = raw
+        self.payload = payload
+        self.chunks = chunks
+
+
+class _Offer:
+    """A PrecompressedPack in one PackWriter: where it will be, which chunks were stored."""
+
+    __slots__ = ("source", "pack", "stored")
+
+    def __init__(self, source: PrecompressedPack) -> None:
+        self.source = source
+        self.pack = _PendingPack()
+        self.stored: list[ChunkLoc] = []
+
+
 class PackWriter:
     """Packs new chunks into ~1 MiB packs, compresses them on worker threads (zstd releases
     the GIL) and appends them to the image in order."""
@@ -208,6 +232,19 @@ class PackWriter:
         self.stored_bytes = 0
         self.new_bytes = 0
         self._on_written = on_written
+        self._offers: list[_Offer] = []
+        self._offered: dict[bytes, tuple[_Offer, int, int]] = {}  # xxh + sha -> where
+
+    def offer(self, packs: list[PrecompressedPack]) -> None:
+        """Chunks this writer may be asked to store, compressed already.  A pack whose every
+        chunk is stored is written as it is (no compression at the commit); the chunks
+        stored from any other pack are compressed again with the rest, so an offer never
+        adds a byte the commit did not store."""
+        for source in packs:
+            offer = _Offer(source)
+            self._offers.append(offer)
+            for off, length, xxh, sha in source.chunks:
+                self._offered.setdefault(xxh + sha, (offer, off, length))
 
     def add_chunk(self, data: bytes | memoryview, xxh: bytes | None = None,
                   sha: bytes | None = None) -> ChunkLoc:
@@ -217,13 +254,41 @@ class PackWriter:
         loc = self.table.find(xxh, sha)
         if loc is not None:
             return loc
-        loc = ChunkLoc(self._pack, len(self._buf), len(data), xxh, sha)
-        self._buf += data
+        offered = self._offered.pop(xxh + sha, None) if self._offered else None
+        if offered is not None and offered[2] == len(data):
+            offer, off, _length = offered
+            loc = ChunkLoc(offer.pack, off, len(data), xxh, sha)
+            offer.stored.append(loc)
+        else:
+            loc = ChunkLoc(self._pack, len(self._buf), len(data), xxh, sha)
+            self._buf += data
         self.table.add(loc)
         self.new_bytes += len(data)
         if len(self._buf) >= self.target:
             self._seal()
         return loc
+
+    def _place_offers(self) -> None:
+        """Write each offered pack stored whole; move the chunks stored from the others
+        into this writer's own packs."""
+        offers, self._offers, self._offered = self._offers, [], {}
+        for offer in offers:
+            if not offer.stored:
+                continue
+            source = offer.source
+            if len(offer.stored) == len(source.chunks):
+                offer.pack.offset = self.image.append_frame(
+                    F.KIND_PACK, source.payload, len(source.raw), F.CODEC_ZSTD)
+                self.stored_bytes += F.FRAME_HEADER + len(source.payload)
+                if self._on_written:
+                    self._on_written(len(source.raw), len(source.payload))
+                continue
+            for loc in offer.stored:
+                loc.pack, start = self._pack, loc.offset
+                loc.offset = len(self._buf)
+                self._buf += source.raw[start:start + loc.length]
+                if len(self._buf) >= self.target:
+                    self._seal()
 
     def _seal(self) -> None:
         if not self._buf:
@@ -246,6 +311,7 @@ class PackWriter:
 
     def finish(self) -> None:
         """Write every pending pack; after this every ChunkLoc has its pack id."""
+        self._place_offers()
         self._seal()
         while self._pending:
             self._write_oldest()

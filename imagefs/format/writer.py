@@ -21,7 +21,7 @@ from . import layout as F
 from .commit_record import Commit, IndexEntry
 from .container import ImageFile, crash_point, now_iso
 from .digest import node_digest
-from .packs import ChunkLoc, ChunkTable, PackWriter
+from .packs import ChunkLoc, ChunkTable, PackWriter, PrecompressedPack
 from .records import Dirent, Inode, MetaWriter
 
 MAX_TABLE_SEGMENTS = F.MAX_TABLE_SEGMENTS  # the name tests and older callers know
@@ -135,8 +135,10 @@ class Transaction:
     def __init__(self, image: ImageFile, level: int = 3, wait: float | None = None,
                  on_wait: Callable[[], None] | None = None,
                  on_pack: Callable[[int, int], None] | None = None,
-                 pack_threads: int | None = None) -> None:
+                 pack_threads: int | None = None,
+                 offered: list[PrecompressedPack] | None = None) -> None:
         self.image = image
+        self._offered = offered or []  # packs compressed ahead (PackWriter.offer)
         self._pack_threads = pack_threads  # None: a compressing thread per CPU
         self.level = level
         self._wait = wait
@@ -168,6 +170,7 @@ class Transaction:
         if self.packs is None:
             self.packs = PackWriter(self.image, self._table, self.level,
                                     threads=self._pack_threads, on_written=self._on_pack)
+            self.packs.offer(self._offered)
         return self.packs
 
     def finish_packs(self) -> None:

@@ -34,6 +34,7 @@ from .info import (  # noqa: F401  (re-exported: where callers have always found
 )
 
 if TYPE_CHECKING:  # the session machinery loads when a session is opened, not listed
+    from imagefs.format.packs import PrecompressedPack
     from imagefs.format.writer import Transaction
     from imagefs.image import Image
 
@@ -256,10 +257,13 @@ History = Callable[["Written"], dict[str, Any]]
 def commit_together(sessions: list[Session], histories: list[History],
                     new_index: str | None = None, description: str = "",
                     wait: float | None = None, level: int = 9,
-                    progress: Callable[[int], None] | None = None) -> list[dict[str, object]]:
+                    progress: Callable[[int], None] | None = None,
+                    offered: list[PrecompressedPack] | None = None) -> list[dict[str, object]]:
     """Publish the changes of sessions of one image in ONE commit: all of them, or (on any
     error) none.  histories[i](written) is the history entry of session i's index.  With
-    new_index (one session only) the changes become that new index."""
+    new_index (one session only) the changes become that new index.  offered: packs
+    compressed ahead of the commit (imagefs.format.ahead), used where the sessions store
+    their chunks."""
     from imagefs.format.writer import Transaction
 
     if not sessions:
@@ -272,7 +276,7 @@ def commit_together(sessions: list[Session], histories: list[History],
     results: list[dict[str, object]] = []
     done: list[tuple[Session, Written, int, str]] = []
     with ImageFile.open(image_path, writable=True) as f, \
-            Transaction(f, level, wait=wait) as tx:
+            Transaction(f, level, wait=wait, offered=offered) as tx:
         for session, history in zip(sessions, histories, strict=True):
             written, number, entry, index_name = session._write_into(tx, new_index, progress)
             if new_index is None and entry is not None and written.root == entry.root:
