@@ -313,7 +313,8 @@ def test_a_dead_mount_is_replaced(every_type_tree: Path, tmp_path: Path) -> None
             assert wait_until(lambda pid=pid: not pid_alive(pid), 10)
         with pytest.raises(OSError) as dead:
             os.stat(mnt)
-        assert dead.value.errno == errno.ENOTCONN and is_mounted(mnt)
+        # ENOTCONN; ECONNABORTED when the stat met the connection's abort under way
+        assert dead.value.errno in (errno.ENOTCONN, errno.ECONNABORTED) and is_mounted(mnt)
         again = json.loads(run_imagefs("mount", image, "1", mnt, "--json").stdout)
         try:
             assert sorted(os.listdir(mnt)) == sorted(os.listdir(every_type_tree))
