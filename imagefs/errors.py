@@ -99,6 +99,10 @@ class CorruptImage(FormatError):
         return one_line(str(self.args[-1]))
 
 
+class StoreCorrupt(CorruptImage):
+    """{}: damaged or hostile store: {}"""
+
+
 class ChecksumMismatch(CorruptImage):
     """{}: checksum mismatch in {}"""
 
@@ -132,6 +136,14 @@ class SystemFailure(Error):
 
 class SourceError(SystemFailure):
     """{}: cannot capture: {}"""
+
+
+class StoreFailed(SystemFailure):
+    """{}: {}"""
+
+
+class NoSuchObject(NotFound):
+    """{}: {}"""
 
 
 class NotAMountPoint(NotFound):

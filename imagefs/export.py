@@ -72,8 +72,13 @@ def place_packs(image: Image, used: dict[int, set[ChunkUse]], copier: PackCopier
             for c, loc in zip(have, copier.copy(pack, have), strict=True):
                 moved[(pack, c.offset, c.length, c.xxh)] = loc
         else:
+            # A chunk the destination holds (its table says so, by the SHA-256 the source's
+            # table gives) is not read: a pull then fetches no pack it does not need.
+            shas = {(c.offset, c.length, c.xxh): c.sha for c in have}
             for poff, length, xxh in sorted(used[pack]):
-                moved[(pack, poff, length, xxh)] = writer.add_chunk(
+                sha = shas.get((poff, length, xxh))
+                held = writer.table.find(xxh, sha) if sha is not None else None
+                moved[(pack, poff, length, xxh)] = held or writer.add_chunk(
                     reader.read_chunk(pack, poff, length, xxh))
         if progress:
             progress(0)
@@ -133,26 +138,34 @@ def export(src: str, selection: str, dest: str, level: int | None = None,
             raise UsageError(f"{src}: no indices to export")
         if on_total:
             on_total(sum(image.indices[n - 1].bytes for n in numbers))
-        if os.path.exists(dest):
-            if os.path.samefile(src, dest):
-                raise UsageError("export into the same file: DEST must be another file")
-            if not is_image_file(dest):
-                raise DestinationError(dest, "exists and is not an imagefs image")
-            with ImageFile.open(dest, writable=True) as out:
-                return export_all_into(image, numbers, out, level, progress, who, wait,
-                                       compact=compact, check=check)
-        out = new_unnamed(dest, profile_pack_target(compact))
+        if os.path.exists(dest) and os.path.samefile(src, dest):
+            raise UsageError("export into the same file: DEST must be another file")
+        return write_into(dest, lambda out, wait: export_all_into(
+            image, numbers, out, level, progress, who, wait, compact=compact, check=check),
+            wait, profile_pack_target(compact))
+
+
+def write_into(dest: str, write: Callable[[ImageFile, float | None], list[int]],
+               wait: float | None, pack_target: int = F.PACK_TARGET,
+               doing: str = "exporting") -> list[int]:
+    """write(out, wait) into dest: an existing image (its own transaction appends), or a
+    new file that appears whole or not at all (written unnamed, linked at the end)."""
+    if os.path.exists(dest):
+        if not is_image_file(dest):
+            raise DestinationError(dest, "exists and is not an imagefs image")
+        with ImageFile.open(dest, writable=True) as out:
+            return write(out, wait)
+    out = new_unnamed(dest, pack_target)
+    try:
+        result = write(out, None)
         try:
-            result = export_all_into(image, numbers, out, level, progress, who,
-                                     compact=compact, check=check)
-            try:
-                link_unnamed(out.fd, dest)
-            except FileExistsError:
-                raise DestinationError(dest, "appeared while exporting; nothing was "
-                                             "written") from None
-            return result
-        finally:
-            out.close()
+            link_unnamed(out.fd, dest)
+        except FileExistsError:
+            raise DestinationError(dest, f"appeared while {doing}; nothing was "
+                                         "written") from None
+        return result
+    finally:
+        out.close()
 
 
 def export_all_into(image: Image, numbers: list[int], out: ImageFile, level: int | None,
@@ -165,56 +178,78 @@ def export_all_into(image: Image, numbers: list[int], out: ImageFile, level: int
     same root share its records.  compact: every chunk recompressed (at COMPACT_LEVEL
     unless level says) into out's packs.  check: every copied pack is also decompressed
     and each of its chunks checked (PackCopier)."""
+    return export_sources_into([(image, numbers, os.path.abspath(image.path))], out, level,
+                               progress, who, wait, action, compact, check)
+
+
+def export_sources_into(sources: list[tuple[Image, list[int], str]], out: ImageFile,
+                        level: int | None, progress: Callable[[int], None] | None,
+                        who: dict[str, Any] | None = None, wait: float | None = None,
+                        action: str = "export", compact: bool = False,
+                        check: bool = False) -> list[int]:
+    """export_all_into for indices of several images (image, numbers, what the history
+    names as their source) in one transaction: a pull of several indices from a store."""
     recompress = level is not None or compact
     level = profile_level(level, compact)
     # Moving packs, one compressing thread repacks the few partly used ones while the main
     # one reads and checks, and memory stays low (a compressor context is ~11 MB at level
     # 9); recompressing everything takes one per CPU.
     with Transaction(out, level, wait=wait, pack_threads=None if recompress else 1) as tx:
-        meta = MetaReader(image.file, META_CACHE)
-        packs = PackReader(image.file, GROUPED_CACHE if compact else REPACK_CACHE)
-        views = [IndexView(image.file, n, image.indices[n - 1], meta, packs) for n in numbers]
         names = {e.name for e in tx.commit.indices}
-        for view in views:
-            check_new_name(tx.commit, view.entry.name, taken=names)
-            names.add(view.entry.name)
-        copier = PackCopier(image.file, out, tx.pack_writer().table, check_chunks=check)
-        try:
-            directories: dict[int, Inode] = {}  # as the walk for the chunks read them
-            if compact:
-                moved = place_grouped(views, tx.pack_writer(), packs, progress, directories)
-            else:
-                moved = place_packs(image, used_chunks(views, directories), copier,
-                                    tx.pack_writer(), packs, recompress, progress)
-            tx.finish_packs()  # its compressors end with its threads, before records move
-            give_back_free_memory()
-            new = []
-            with tx.metadata() as out_meta:
-                mover = RecordMover(out_meta, moved, progress, directories)
-                written: dict[int, TreeStats] = {}  # source root -> the tree as written
-                for view in views:
-                    stats = written.get(view.entry.root)
-                    if stats is None:
-                        stats = written[view.entry.root] = mover.move(view)
-                    elif progress:
-                        progress(view.entry.bytes)
-                    if stats.digest.hex() != view.entry.digest:
-                        raise CorruptImage(image.path, f"index {view.number} does not match "
-                                                       "its digest; run `imagefs verify`")
-                    history = history_entry(action, who, source=os.path.abspath(image.path),
-                                            source_index=view.number,
-                                            **({"level": level} if recompress else {}),
-                                            **({"profile": "compact"} if compact else {}))
-                    history["result"] = {"index": len(tx.commit.indices) + 1,
-                                         "files": stats.files, "bytes": stats.bytes}
-                    new.append(add_index(tx.commit, view.entry.name, view.entry.description,
-                                         stats, history, created=view.entry.created,
-                                         old_history=view.entry.history))
-            copier.finish()  # every copied pack's chunks checked before anything is published
-        finally:
-            copier.abort()
-        tx.copied_packs(copier.stored_bytes)
+        new = []
+        for image, numbers, source in sources:
+            new += _move_indices(tx, image, numbers, source, names, level, recompress,
+                                 progress, who, action, compact, check)
         tx.publish()
+    return new
+
+
+def _move_indices(tx: Transaction, image: Image, numbers: list[int], source: str,
+                  names: set[str], level: int, recompress: bool,
+                  progress: Callable[[int], None] | None, who: dict[str, Any] | None,
+                  action: str, compact: bool, check: bool) -> list[int]:
+    meta = MetaReader(image.file, META_CACHE)
+    packs = PackReader(image.file, GROUPED_CACHE if compact else REPACK_CACHE)
+    views = [IndexView(image.file, n, image.indices[n - 1], meta, packs) for n in numbers]
+    for view in views:
+        check_new_name(tx.commit, view.entry.name, taken=names)
+        names.add(view.entry.name)
+    copier = PackCopier(image.file, tx.image, tx.pack_writer().table, check_chunks=check)
+    try:
+        directories: dict[int, Inode] = {}  # as the walk for the chunks read them
+        if compact:
+            moved = place_grouped(views, tx.pack_writer(), packs, progress, directories)
+        else:
+            moved = place_packs(image, used_chunks(views, directories), copier,
+                                tx.pack_writer(), packs, recompress, progress)
+        tx.finish_packs()  # its compressors end with its threads, before records move
+        give_back_free_memory()
+        new = []
+        with tx.metadata() as out_meta:
+            mover = RecordMover(out_meta, moved, progress, directories)
+            written: dict[int, TreeStats] = {}  # source root -> the tree as written
+            for view in views:
+                stats = written.get(view.entry.root)
+                if stats is None:
+                    stats = written[view.entry.root] = mover.move(view)
+                elif progress:
+                    progress(view.entry.bytes)
+                if stats.digest.hex() != view.entry.digest:
+                    raise CorruptImage(image.path, f"index {view.number} does not match "
+                                                   "its digest; run `imagefs verify`")
+                history = history_entry(action, who, source=source,
+                                        source_index=view.number,
+                                        **({"level": level} if recompress else {}),
+                                        **({"profile": "compact"} if compact else {}))
+                history["result"] = {"index": len(tx.commit.indices) + 1,
+                                     "files": stats.files, "bytes": stats.bytes}
+                new.append(add_index(tx.commit, view.entry.name, view.entry.description,
+                                     stats, history, created=view.entry.created,
+                                     old_history=view.entry.history))
+        copier.finish()  # every copied pack's chunks checked before anything is published
+    finally:
+        copier.abort()
+    tx.copied_packs(copier.stored_bytes)
     return new
 
 

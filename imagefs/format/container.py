@@ -41,6 +41,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Self
 
 import xxhash
 import zstandard
@@ -116,7 +117,7 @@ class ImageFile:
     # ---- opening -------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: str, writable: bool = False) -> ImageFile:
+    def open(cls, path: str, writable: bool = False) -> Self:
         fd = open_regular(path, os.O_RDWR if writable else os.O_RDONLY)
         try:
             header = cls.parse_header(path, fd)
@@ -255,11 +256,18 @@ class ImageFile:
 
     def frame_info(self, offset: int, kind: bytes | None = None) -> FrameInfo:
         """Read and check a frame header: its kind, and that it lies inside the file."""
-        where = f"frame at offset {offset}"
         size = self.size()
         if offset < F.HEADER_SIZE or offset + F.FRAME_HEADER > size:
-            raise CorruptImage(self.path, f"{where} lies outside the file ({size} bytes)")
-        raw = os.pread(self.fd, F.FRAME_HEADER, offset)
+            raise CorruptImage(self.path, f"frame at offset {offset} lies outside the file "
+                                          f"({size} bytes)")
+        return self.parse_frame_header(os.pread(self.fd, F.FRAME_HEADER, offset), offset,
+                                       size, kind)
+
+    def parse_frame_header(self, raw: bytes, offset: int, size: int,
+                           kind: bytes | None = None) -> FrameInfo:
+        """Check the frame header raw, read at offset of a file of size bytes (a store's
+        pack object is checked as a file holding that frame alone)."""
+        where = f"frame at offset {offset}"
         magic, codec, stored, rawlen, check = F.FRAME.unpack_from(raw)
         if int.from_bytes(raw[F.FRAME.size:], "little") != xxhash.xxh3_64_intdigest(
                 raw[: F.FRAME.size]):

