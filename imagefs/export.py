@@ -78,8 +78,9 @@ def place_packs(image: Image, used: dict[int, set[ChunkUse]], copier: PackCopier
             for poff, length, xxh in sorted(used[pack]):
                 sha = shas.get((poff, length, xxh))
                 held = writer.table.find(xxh, sha) if sha is not None else None
-                moved[(pack, poff, length, xxh)] = held or writer.add_chunk(
-                    reader.read_chunk(pack, poff, length, xxh))
+                if held is None or held.length != length:  # a crafted table may lie
+                    held = writer.add_chunk(reader.read_chunk(pack, poff, length, xxh))
+                moved[(pack, poff, length, xxh)] = held
         if progress:
             progress(0)
     return moved

@@ -58,7 +58,7 @@ class Weed:
                      f"-filer.port={f}", f"-filer.port.grpc={fg}", "-s3", f"-s3.port={s}",
                      f"-s3.port.grpc={sg}", "-master.volumeSizeLimitMB=64", "-volume.max=20",
                      "-metricsPort=0", "-s3.port.iceberg=0", "-s3.port.lance=0",
-                     "-master.telemetry=false"]
+                     "-master.telemetry=false", "-volume.preStopSeconds=0"]
 
     def start(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -96,8 +96,8 @@ class Weed:
         if self.proc is None or self.proc.poll() is not None:
             return
         os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(15)
+        try:  # its graceful stop can take 15 s; nothing here needs it
+            self.proc.wait(3)
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()

@@ -9,6 +9,7 @@ the equality oracle for what is applied from a pulled file.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -20,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import copy_image, fixture_tree, rsync_diff, run_imagefs
+from conftest import copy_image, fixture_tree, mounted, rsync_diff, run_imagefs
 from store_helpers import NEEDS_WEED, Weed, weed_server
 
 pytestmark = NEEDS_WEED
@@ -207,3 +208,170 @@ def test_a_store_that_stops_during_a_pull_leaves_the_file_as_it_was(
     got = store("pull", STORE, "web", local, weed=weed)
     assert got["indices"] == [2]
     assert "OK" in run_imagefs("verify", local).stdout.decode()
+
+
+# -- reading straight from the store ------------------------------------------------------
+
+def test_ls_cat_and_apply_read_an_index_straight_from_the_store(pushed: dict, weed: Weed,
+                                                                 tmp_path: Path) -> None:
+    cache = ["--cache", str(tmp_path / "cache"), "--cache-size", "16M"]
+    listing = run_imagefs("ls", STORE, "web", "/etc", *cache, env=weed.env()).stdout
+    assert sorted(listing.split()) == sorted(
+        os.fsencode(n) for n in os.listdir(fixture_tree("bookworm-web") / "etc"))
+    release = run_imagefs("cat", STORE, "web", "/etc/os-release", *cache, env=weed.env())
+    assert release.stdout == (fixture_tree("bookworm-web") / "etc/os-release").read_bytes()
+    dest = tmp_path / "applied"
+    run_imagefs("apply", STORE, "web", dest, *cache, env=weed.env())
+    assert rsync_diff(fixture_tree("bookworm-web"), dest) == ""
+    assert _cached(tmp_path / "cache") <= 16 << 20
+
+
+def _cached(folder: Path) -> int:
+    return sum(p.stat().st_size for p in (folder / "packs").iterdir())
+
+
+def test_a_mount_from_the_store_is_exact_and_its_cache_bounded(pushed: dict, weed: Weed,
+                                                               tmp_path: Path) -> None:
+    """tar reads the whole index (71 MB of packs) through a 24 MiB cache; then a second
+    mount with a cache large enough reads it again without fetching a pack it holds."""
+    cache, mnt = tmp_path / "cache", tmp_path / "mnt"
+    options = ["--cache", str(cache), "--cache-size", "24M"]
+    with mounted(STORE, "web", mnt, *options, env=weed.env()) as rec:
+        assert rec["image"] == f"{STORE}/refs/web" and rec["mode"] == "ro"
+        tar = subprocess.run(["tar", "-cf", "-", "-C", str(mnt), "."], capture_output=True)
+        assert tar.returncode == 0 and len(tar.stdout) > 200 << 20
+        assert _cached(cache) <= 24 << 20
+        assert rsync_diff(fixture_tree("bookworm-web"), mnt) == ""
+    big = ["--cache", str(cache), "--cache-size", "1G"]
+    with mounted(STORE, "web", mnt, *big, env=weed.env()):
+        subprocess.run(["tar", "-cf", "/dev/null", "-C", str(mnt), "."], check=True)
+    held = {p.name: p.stat().st_ino for p in (cache / "packs").iterdir()}
+    with mounted(STORE, "web", mnt, *big, env=weed.env()):
+        subprocess.run(["tar", "-cf", "/dev/null", "-C", str(mnt), "."], check=True)
+    again = {p.name: p.stat().st_ino for p in (cache / "packs").iterdir()}
+    assert again == held  # every pack read from the cache, none fetched and written again
+    out = run_imagefs("mount", "--rw", STORE, "web", mnt, env=weed.env(), check=False)
+    assert out.returncode == 2 and b"mounts read-only" in out.stderr
+
+
+def test_a_damaged_pack_makes_its_files_eio_and_the_mount_serves_the_rest(
+        pushed: dict, weed: Weed, tmp_path: Path) -> None:
+    """A byte flipped in one of web's own packs in the store: the files with chunks in it
+    answer EIO; the others read as captured."""
+    s3 = weed.client()
+    prefix = STORE.removeprefix("s3://golden/")
+    ref = json.loads(s3.get_object(Bucket="golden", Key=f"{prefix}/refs/web")["Body"].read())
+    bundle = s3.get_object(Bucket="golden", Key=f"{prefix}/bundles/{ref['bundle']}")["Body"]
+    packs = json.loads(_pack_list(bundle.read()))["packs"]
+    key = f"{prefix}/packs/{packs[-1][1]}"
+    good = s3.get_object(Bucket="golden", Key=key)["Body"].read()
+    bad = bytearray(good)
+    bad[len(bad) // 2] ^= 1
+    s3.put_object(Bucket="golden", Key=key, Body=bytes(bad))
+    mnt = tmp_path / "mnt"
+    tree = fixture_tree("bookworm-web")
+    try:
+        with mounted(STORE, "web", mnt, "--cache", str(tmp_path / "cache"),
+                     env=weed.env()):
+            failed, served = [], 0
+            for path in sorted(p for p in tree.rglob("*") if p.is_file()
+                               and not p.is_symlink()):
+                rel = path.relative_to(tree)
+                try:
+                    data = (mnt / rel).read_bytes()
+                except OSError as e:
+                    assert e.errno == errno.EIO, (rel, e)
+                    failed.append(rel)
+                    continue
+                assert data == path.read_bytes(), rel
+                served += 1
+            assert failed and served > 10 * len(failed), (len(failed), served)
+    finally:
+        s3.put_object(Bucket="golden", Key=key, Body=good)
+
+
+# -- gc -------------------------------------------------------------------------------------
+
+TOUCH = {"IMAGEFS_STORE_TOUCH_AFTER": "1"}  # pushes touch what they reuse after 1 s: gc may
+# then be run with a grace of 2 s
+
+
+def _objects(weed: Weed, prefix: str, folder: str) -> set[str]:
+    s3 = weed.client()
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket="golden",
+                                                         Prefix=f"{prefix}/{folder}/")
+    return {o["Key"].rsplit("/", 1)[1] for page in pages for o in page.get("Contents", [])}
+
+
+def test_gc_removes_only_what_no_ref_reaches(weed: Weed, two: Path, tmp_path: Path) -> None:
+    url, prefix = "s3://golden/gc", "gc"
+    env = {**weed.env(), **TOUCH}
+    run_imagefs("push", two, "minbase", url, env=env)
+    web = json.loads(run_imagefs("push", two, "web", url, "--json", env=env).stdout)
+    own = web["indices"][0]["packs_sent"]
+    packs = _objects(weed, prefix, "packs")
+    weed.client().delete_object(Bucket="golden", Key=f"{prefix}/refs/web")
+    time.sleep(2.1)  # web's bundle and own packs: unreached, older than the grace
+    dry = json.loads(run_imagefs("gc", url, "--grace", "2s", "--dry-run", "--json",
+                                 env=env).stdout)
+    assert dry["removed"] == own + 1 and dry["refs"] == 1, dry  # + web's bundle
+    assert _objects(weed, prefix, "packs") == packs
+    done = json.loads(run_imagefs("gc", url, "--grace", "2s", "--json", env=env).stdout)
+    assert done["objects"] == dry["objects"] and done["kept"] == len(packs) - own + 1
+    assert len(_objects(weed, prefix, "packs")) == len(packs) - own
+    local = tmp_path / "minbase.imagefs"
+    run_imagefs("pull", url, "minbase", local, env=env)
+    assert "OK" in run_imagefs("verify", local).stdout.decode()
+    out = run_imagefs("gc", url, "--grace", "1s", env=env, check=False)
+    assert out.returncode == 2 and b"at least twice" in out.stderr
+
+
+def test_pushes_of_two_images_and_gc_at_once(weed: Weed, two: Path, minbase_two_image: Path,
+                                            tmp_path: Path) -> None:
+    """Two processes push an index each, of two images, into one prefix while gc runs in a
+    loop; the content they push was pushed before and left unreached (older than gc's
+    grace), so gc would remove it but for the pushes touching what they reuse.  Afterwards
+    every ref is complete: each index pulls and verifies."""
+    url, prefix = "s3://golden/busy", "busy"
+    env = {**os.environ, **weed.env(), "IMAGEFS_STORE_TOUCH_AFTER": "3"}
+    run_imagefs("push", two, "minbase", url, env=env)
+    weed.client().delete_object(Bucket="golden", Key=f"{prefix}/refs/minbase")
+    time.sleep(10.5)  # all of minbase's objects: unreached and older than gc's grace (10 s)
+    cli = [sys.executable, "-m", "imagefs.cli"]
+    pushes = [subprocess.Popen([*cli, "push", str(two), "web", url], env=env,
+                               stderr=subprocess.PIPE),
+              subprocess.Popen([*cli, "push", str(minbase_two_image), "two", url], env=env,
+                               stderr=subprocess.PIPE)]
+    removed: list[str] = []
+    try:
+        while any(p.poll() is None for p in pushes):
+            out = run_imagefs("gc", url, "--grace", "10s", "--json", env=env)
+            removed += json.loads(out.stdout)["objects"]
+        for p in pushes:
+            assert p.wait() == 0, p.stderr.read().decode() if p.stderr else ""
+    finally:
+        for p in pushes:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    removed += json.loads(run_imagefs("gc", url, "--grace", "10s", "--json",
+                                      env=env).stdout)["objects"]
+    s3 = weed.client()
+    reached = set()
+    for name in ("web", "two"):
+        ref = json.loads(s3.get_object(Bucket="golden", Key=f"{prefix}/refs/{name}")
+                         ["Body"].read())
+        bundle = s3.get_object(Bucket="golden", Key=f"{prefix}/bundles/{ref['bundle']}")
+        reached |= {f"packs/{p[1]}" for p in
+                    json.loads(_pack_list(bundle["Body"].read()))["packs"]}
+        reached.add(f"bundles/{ref['bundle']}")
+    # gc removed something (minbase's bundle at least); what a ref reaches is all there
+    # (a pack gc removed between a push's look and its touch is sent again by the push)
+    assert removed
+    have = {f"{folder}/{n}" for folder in ("packs", "bundles")
+            for n in _objects(weed, prefix, folder)}
+    assert reached <= have, sorted(reached - have)
+    for name in ("web", "two"):
+        local = tmp_path / f"{name}.imagefs"
+        run_imagefs("pull", url, name, local, env=env)
+        assert "OK" in run_imagefs("verify", local).stdout.decode()

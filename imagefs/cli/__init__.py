@@ -24,7 +24,7 @@ from imagefs.errors import INTERNAL_ERROR, Error, Interrupted, SystemFailure, on
 # Verb modules in the order `--help` lists them; only the verb asked for is imported (the
 # others' imports would cost every command a tenth of a second).
 VERBS = ["capture", "info", "ls", "cat", "extract", "apply", "verify", "delete", "export",
-         "optimize", "push", "pull", "diff", "mount", "unmount", "mounts", "commit",
+         "optimize", "push", "pull", "gc", "diff", "mount", "unmount", "mounts", "commit",
          "remount", "cleanup", "package", "health", "firstboot", "generalize", "feature",
          "driver", "daemon"]
 

@@ -7,9 +7,9 @@ import sys
 from typing import Any
 
 from imagefs.apply import Applier
-from imagefs.image import Image
 
 from ._common import human, progress
+from ._store import add_read_options, open_image
 
 
 def register(sub: Any) -> None:
@@ -24,11 +24,12 @@ def register(sub: Any) -> None:
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("index", metavar="INDEX")
     p.add_argument("dest", metavar="DEST")
+    add_read_options(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    with Image.open(args.image) as img, progress("applying") as bar:
+    with open_image(args) as img, progress("applying") as bar:
         view = img.view(args.index)
         bar.total(view.entry.bytes)
         Applier(view, progress=bar.advance).apply(args.dest)

@@ -8,7 +8,8 @@ from typing import Any
 
 from imagefs.errors import UsageError
 from imagefs.format import layout as F
-from imagefs.image import Image
+
+from ._store import add_read_options, open_image
 
 
 def register(sub: Any) -> None:
@@ -20,11 +21,12 @@ def register(sub: Any) -> None:
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("index", metavar="INDEX")
     p.add_argument("path", metavar="PATH")
+    add_read_options(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    with Image.open(args.image) as img:
+    with open_image(args) as img:
         view = img.view(args.index)
         ino = view.lookup(args.path)
         if ino.kind != F.REG:

@@ -10,9 +10,9 @@ from typing import Any
 from imagefs.format import layout as F
 from imagefs.format.records import Inode
 from imagefs.format.view import IndexView
-from imagefs.image import Image
 
 from ._common import write_path
+from ._store import add_read_options, open_image
 
 
 def register(sub: Any) -> None:
@@ -28,6 +28,7 @@ def register(sub: Any) -> None:
     p.add_argument("-l", dest="long", action="store_true",
                    help="long format: mode, links, owner, size, mtime")
     p.add_argument("-R", dest="recursive", action="store_true", help="list subdirectories")
+    add_read_options(p)
     p.set_defaults(func=run)
 
 
@@ -45,7 +46,7 @@ def long_line(ino: Inode, name: bytes) -> bytes:
 
 
 def run(args: argparse.Namespace) -> int:
-    with Image.open(args.image) as img:
+    with open_image(args) as img:
         view = img.view(args.index)
         top = view.lookup(args.path, follow=not args.long)
         if top.kind != F.DIR:

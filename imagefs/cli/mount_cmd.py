@@ -9,6 +9,7 @@ from typing import Any
 
 from ._common import add_json, print_json
 from ._daemon import absolute, add_daemon_options, call, daemon_client, refuse_with
+from ._store import add_read_options, open_image
 
 
 def register(sub: Any) -> None:
@@ -53,14 +54,20 @@ examples:
                    help="mount options, comma-separated (see below)")
     add_json(p)
     add_daemon_options(p)
+    add_read_options(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from imagefs.store.client import is_store_url
+
+    store = is_store_url(args.image)
+    if store and args.daemon:
+        refuse_with(args, "an index of a store (the daemon does not mount those yet)")
     # Through a listening daemon a mount costs a fork of its warm process, not this
     # process's import of pyfuse3 and trio (most of a mount's time); this path imports
     # nothing heavy.  Writable mounts with -o are the mount command's own.
-    if not args.foreground and not (args.rw and args.options):
+    if not args.foreground and not (args.rw and args.options) and not store:
         with daemon_client(args) as c:
             if c is not None:
                 if args.rw:
@@ -86,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
         say_mounted(rec.to_json(), args.json, foreground=True)
 
     done = start(args.image, args.index, args.mountpoint, args.options,
-                 foreground=args.foreground, announce=announce, writable=args.rw)
+                 foreground=args.foreground, announce=announce, writable=args.rw,
+                 opener=(lambda: open_image(args)) if store else None)
     if not args.foreground:
         say_mounted(done.to_json(), args.json, foreground=False)
     return 0

@@ -23,7 +23,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from imagefs.errors import (
     AlreadyMounted,
@@ -42,6 +42,9 @@ from .registry import MountRecord, log_path, record_for
 
 META_CACHE = 24 << 20  # decompressed metadata blocks
 INODE_CACHE_WEIGHT = 32_768  # decoded records, weighed by their extents and entries
+if TYPE_CHECKING:
+    from imagefs.image import Image
+
 READY = b"ok\n"  # the mount process's word over the pipe; else "err CODE\tmessage\n"
 log = logging.getLogger("imagefs.mount")
 
@@ -188,8 +191,10 @@ def _serve_in_child(plan: MountPlan, path: str, opts: set[str],
     raise MountFailed(path, f"the mount process died before it was ready; see {rec.log}")
 
 
-def read_only(image_path: str, index_spec: str, cache: int | None) -> MountPlan:
-    """The plan of a read-only mount of one index."""
+def read_only(image_path: str, index_spec: str, cache: int | None,
+              opened: Image | None = None) -> MountPlan:
+    """The plan of a read-only mount of one index (of opened, an image already open, when
+    given: an index of a store, whose path is its URL)."""
     from imagefs.format.packs import PackReader
     from imagefs.format.records import MetaReader
     from imagefs.format.view import IndexView
@@ -198,7 +203,7 @@ def read_only(image_path: str, index_spec: str, cache: int | None) -> MountPlan:
     from .fuse import ReadOnlyOperations
     from .tree import IndexTree
 
-    img = Image.open(image_path)
+    img = opened or Image.open(image_path)
     number, entry = img.select(index_spec)
     # The kernel caches what it was given (entries, attributes, pages), so the driver's own
     # metadata caches can stay small: 500 000 files are walked in well under 150 MB.
@@ -206,7 +211,7 @@ def read_only(image_path: str, index_spec: str, cache: int | None) -> MountPlan:
                      packs=PackReader(img.file,
                                       cache_bytes=pack_cache(cache, img.file.header)))
     tree = IndexTree(view, inode_cache_weight=INODE_CACHE_WEIGHT)
-    image_abs = os.path.abspath(image_path)
+    image_abs = img.path if opened else os.path.abspath(image_path)
     label = f"image {image_abs} index {number} ({entry.name})"
     ops = ReadOnlyOperations(tree, label)
     rec = MountRecord(image=image_abs, index=number, name=entry.name, mountpoint="", pid=0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from imagefs.errors import Error, NotAMountPoint, SessionLive, UsageError
 from imagefs.mount import process
@@ -20,24 +21,33 @@ from imagefs.mount.registry import MountRecord, list_records, record_for
 
 from .info import SessionInfo, discard, find_session, list_sessions
 
+if TYPE_CHECKING:
+    from imagefs.image import Image
+
 
 def start(image_path: str, index_spec: str, mountpoint: str, option_specs: list[str],
           foreground: bool = False,
           announce: Callable[[MountRecord], None] | None = None,
           writable: bool = False, session: SessionInfo | None = None,
           owner: int | None = None, not_inherited: tuple[int, ...] = (),
-          tied_to: int = 0, volatile: bool = False) -> MountRecord:
+          tied_to: int = 0, volatile: bool = False,
+          opener: Callable[[], Image] | None = None) -> MountRecord:
     """Mount an index at mountpoint: read-only, or writable as a session (a new one, or
     `session` again after a crash).  A new session is the caller's, or, when root starts
     it, owner's (the daemon opens sessions for its clients); volatile, it is never
     fsynced (a servicing transaction's, discarded if anything fails).  See
-    imagefs.mount.process.start."""
+    imagefs.mount.process.start.  opener: opens the image instead of the file at
+    image_path (an index of a store: read-only)."""
     rw = writable or session is not None
+    if rw and opener is not None:
+        raise UsageError(f"{image_path}: an index of a store mounts read-only; pull it into "
+                         "a file to change it (imagefs pull)")
 
     def open_plan(path: str, cache: int | None) -> MountPlan:
         if rw:
             return _writable(image_path, index_spec, path, cache, session, owner, volatile)
-        return process.read_only(image_path, index_spec, cache)
+        return process.read_only(image_path, index_spec, cache,
+                                 opener() if opener else None)
 
     return process.start(open_plan, mountpoint, option_specs, writable=rw,
                          foreground=foreground, announce=announce,

@@ -13,6 +13,7 @@ from imagefs.errors import StoreCorrupt
 from imagefs.format import layout as F
 from imagefs.format.container import FrameInfo, ImageFile
 
+from .cache import StoreCache
 from .client import Store
 from .layout import PACKS, PackObject, digest_of
 
@@ -23,10 +24,13 @@ class BundleFile(ImageFile):
     store: Store
     packs: dict[int, PackObject]
 
-    def attach(self, store: Store, packs: dict[int, PackObject]) -> BundleFile:
+    def attach(self, store: Store, packs: dict[int, PackObject],
+               cache: StoreCache | None = None) -> BundleFile:
+        """Read packs from store (through cache, when given)."""
         self.store = store
         self.packs = packs
-        self.fetched = 0  # pack objects fetched
+        self.cache = cache
+        self.fetched = 0  # pack objects fetched from the store
         return self
 
     def pack_object(self, pack: int) -> bytes:
@@ -35,12 +39,16 @@ class BundleFile(ImageFile):
         if obj is None:
             raise StoreCorrupt(str(self.store.url), f"the index names pack {pack}, which its "
                                                     "bundle does not list")
-        key = self.store.url.key(PACKS, obj.sha256)
-        data = self.store.get(key, obj.size)
+        data = self.cache.get(obj.sha256) if self.cache is not None else None
+        if data is not None and len(data) == obj.size and digest_of(data) == obj.sha256:
+            return data
+        data = self.store.get(self.store.url.key(PACKS, obj.sha256), obj.size)
         self.fetched += 1
         if len(data) != obj.size or digest_of(data) != obj.sha256:
             raise StoreCorrupt(f"{self.store.url}/{PACKS}/{obj.sha256}",
                                "its content does not match its name")
+        if self.cache is not None:
+            self.cache.put(obj.sha256, data)
         return data
 
     def _pack_frame(self, pack: int) -> tuple[FrameInfo, bytes]:

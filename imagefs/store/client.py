@@ -76,24 +76,35 @@ class Store:
     moves (sent, received): what a push or a pull reports."""
 
     def __init__(self, url: StoreUrl, endpoint: str | None = None) -> None:
-        import boto3
-        from botocore.config import Config
-
         self.url = url
-        endpoint = endpoint or os.environ.get(ENDPOINT_ENV) or None
-        config = Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=5,
-                        read_timeout=60, max_pool_connections=16,
-                        s3={"addressing_style": "path"})
-        try:
-            self.s3: Any = boto3.session.Session().client(
-                "s3", endpoint_url=endpoint, config=config,
-                region_name=os.environ.get("AWS_DEFAULT_REGION")
-                or os.environ.get("AWS_REGION") or "us-east-1")
-        except ValueError as e:  # an endpoint that is not a URL
-            raise UsageError(f"--endpoint: {one_line(str(e))}") from None
+        self.endpoint = endpoint or os.environ.get(ENDPOINT_ENV) or None
         self.sent = 0
         self.received = 0
         self._lock = threading.Lock()
+        self._client: Any = None
+        self._pid = 0
+        self.s3  # noqa: B018 (a bad endpoint is refused here, not at the first request)
+
+    @property
+    def s3(self) -> Any:
+        """This process's boto3 client: a forked mount process makes its own (a client's
+        pooled connections must not be shared by two processes)."""
+        if self._client is None or self._pid != os.getpid():
+            import boto3
+            from botocore.config import Config
+
+            config = Config(retries={"max_attempts": 3, "mode": "standard"},
+                            connect_timeout=5, read_timeout=60, max_pool_connections=16,
+                            s3={"addressing_style": "path"})
+            try:
+                self._client = boto3.session.Session().client(
+                    "s3", endpoint_url=self.endpoint, config=config,
+                    region_name=os.environ.get("AWS_DEFAULT_REGION")
+                    or os.environ.get("AWS_REGION") or "us-east-1")
+            except ValueError as e:  # an endpoint that is not a URL
+                raise UsageError(f"--endpoint: {one_line(str(e))}") from None
+            self._pid = os.getpid()
+        return self._client
 
     def _failed(self, e: Exception, key: str = "") -> Exception:
         """The one-line error for what boto3 raised."""
@@ -158,6 +169,25 @@ class Store:
             raise self._failed(e, key) from None
         finally:
             body.close()
+
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        """length bytes of the object from start (fewer if it ends before)."""
+        from botocore.exceptions import BotoCoreError
+
+        if length <= 0:
+            return b""
+        r = self._call(key, "get_object", Key=key, Range=f"bytes={start}-{start + length - 1}")
+        try:
+            data = r["Body"].read(length + 1)
+        except (BotoCoreError, OSError) as e:
+            raise self._failed(e, key) from None
+        finally:
+            r["Body"].close()
+        if len(data) > length:
+            raise StoreFailed(f"{self.url}/{key}", "answered more than the range asked for")
+        with self._lock:
+            self.received += len(data)
+        return data
 
     def put(self, key: str, data: bytes) -> None:
         self._call(key, "put_object", Key=key, Body=data)

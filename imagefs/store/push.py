@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from imagefs.errors import CorruptImage, UsageError
+from imagefs.errors import CorruptImage, NoSuchObject, UsageError
 from imagefs.format import layout as F
 from imagefs.format.container import ImageFile, now_iso
 from imagefs.format.packs import ChunkLoc, ChunkTable
@@ -39,7 +39,16 @@ from .layout import BUNDLES, PACKS, REFS, PackObject, Ref, digest_of, encode_bun
 
 META_CACHE = 4 << 20
 UPLOADERS = 4  # packs read, hashed and sent at once
-TOUCH_AFTER = timedelta(hours=1)  # a reused object older than this is made young again
+TOUCH_ENV = "IMAGEFS_STORE_TOUCH_AFTER"  # seconds; gc's grace must be at least twice it
+
+
+def touch_after() -> timedelta:
+    """How old a reused object may be before a push makes it young again (default an
+    hour; $IMAGEFS_STORE_TOUCH_AFTER seconds, the same on every pusher and on gc's host)."""
+    try:
+        return timedelta(seconds=max(1, int(os.environ.get(TOUCH_ENV, "3600"))))
+    except ValueError:
+        raise UsageError(f"${TOUCH_ENV} must be a number of seconds") from None
 BUNDLE_LEVEL = 19  # records are pulled once per index and site: worth the time to make them small
 
 
@@ -127,8 +136,12 @@ def _send(store: Store, key: str, data: bytes) -> bool:
     if have is None or have.size != len(data):
         store.put(key, data)
         return True
-    if datetime.now(UTC) - have.modified > TOUCH_AFTER:
-        store.touch(key)
+    if datetime.now(UTC) - have.modified > touch_after():
+        try:
+            store.touch(key)
+        except NoSuchObject:  # gc removed it since the HEAD: send it after all
+            store.put(key, data)
+            return True
     return False
 
 
