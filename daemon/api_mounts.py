@@ -20,17 +20,29 @@ from .rpc import Call, method, optional, required
 
 @method("mounts.open", image=required(str), index=required(int, str),
         mountpoint=required(str), options=optional(list, default=[]),
-        run_dir=optional(str))
+        run_dir=optional(str), cache=optional(str),
+        cache_size=optional(int, minimum=1 << 20, maximum=1 << 50))
 async def open_mount(call: Call, image: str, index: int | str, mountpoint: str,
-                     options: list[Any], run_dir: str | None) -> Any:
+                     options: list[Any], run_dir: str | None, cache: str | None,
+                     cache_size: int | None) -> Any:
     """Mount `index` of `image` read-only at `mountpoint` (an existing directory), as the
     caller; returns the mount's record once the folder answers.  `options` are `-o`
     values; `run_dir` is where the caller's `imagefs mounts` keeps records (default: the
-    caller's default)."""
+    caller's default).  `image` may be an index of a store (s3://BUCKET/PREFIX, `index`
+    its name; the daemon's S3 credentials): its objects are kept in `cache` (default the
+    caller's ~/.cache/imagefs/store, /var/cache/imagefs/store for root), at most
+    `cache_size` bytes of packs (default 2 GiB)."""
+    from imagefs.store.client import is_store_url, parse_url
+
     call.daemon.check_accepting()
     # The mount takes the caller's credentials before it touches a path, so the kernel
     # checks them, and errors are word for word those of the caller's own mount.
-    for name, path in (("image", image), ("mountpoint", mountpoint), ("run_dir", run_dir)):
+    store = is_store_url(image)
+    if store:
+        parse_url(image)
+    paths = (("mountpoint", mountpoint), ("run_dir", run_dir), ("cache", cache),
+             *(() if store else (("image", image),)))
+    for name, path in paths:
         if path is not None:
             path_param(name, path)
     if not all(isinstance(o, str) and "\0" not in o for o in options):
@@ -39,5 +51,6 @@ async def open_mount(call: Call, image: str, index: int | str, mountpoint: str,
     peer = call.peer
     request = MountRequest(image=image, index=str(index), mountpoint=mountpoint,
                            options=list(options), uid=peer.uid, gid=peer.gid,
-                           groups=sorted(peer.groups), run_dir=run_dir)
+                           groups=sorted(peer.groups), run_dir=run_dir, cache=cache,
+                           cache_size=cache_size)
     return await in_thread(call.daemon.fork_server.mount, request)

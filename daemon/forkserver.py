@@ -31,6 +31,7 @@ import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -60,6 +61,8 @@ class MountRequest:
     state_dir: str | None = None  # with writable: where the session lives (the daemon's)
     tied_to: int = 0  # a pid: the mount ends when that process does (servicing's mounts)
     volatile: bool = False  # with writable: a session never fsynced (servicing's)
+    cache: str | None = None  # image an index of a store: where its objects are kept
+    cache_size: int | None = None  # ... and how much of its packs at most
 
 
 class MountForkServer:
@@ -218,7 +221,8 @@ def _mount(message: bytes, answer_fd: int) -> dict[str, Any]:
         stale = SessionInfo.load(req.session) if req.session else None
         rec = start(req.image, req.index, req.mountpoint, req.options,
                     writable=req.writable, session=stale, owner=req.owner,
-                    not_inherited=(answer_fd,), tied_to=req.tied_to, volatile=req.volatile)
+                    not_inherited=(answer_fd,), tied_to=req.tied_to, volatile=req.volatile,
+                    opener=_store_opener(req))
         return {"record": rec.to_json()}
     except Error as e:
         return {"error": e.message(), "exit_code": e.exit_code}
@@ -228,6 +232,20 @@ def _mount(message: bytes, answer_fd: int) -> dict[str, Any]:
     except Exception as e:  # the answer must come, whatever happened
         log.exception("mount request failed")
         return {"error": f"internal error: {type(e).__name__}: {e}", "exit_code": INTERNAL_ERROR}
+
+
+def _store_opener(req: MountRequest) -> Callable[[], Any] | None:
+    """For an index of a store: how to open it (the server's S3 credentials, the caller's
+    cache); None for an image file."""
+    from imagefs.store.client import is_store_url
+
+    if not is_store_url(req.image):
+        return None
+    from imagefs.store.cache import DEFAULT_LIMIT
+    from imagefs.store.remote import open_store_index
+
+    return lambda: open_store_index(req.image, req.index, None, req.cache,
+                                    req.cache_size or DEFAULT_LIMIT)
 
 
 def _answer(fd: int, doc: dict[str, Any]) -> None:

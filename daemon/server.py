@@ -53,6 +53,7 @@ from . import (  # noqa: F401
     api_mounts,
     api_packages,
     api_sessions,
+    api_store,
 )
 from .access import admitted, group_id
 from .forkserver import MountForkServer

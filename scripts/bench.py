@@ -61,6 +61,7 @@ from bench_io import measure_io
 from bench_mount import measure_mounts
 from bench_rw import measure_rw
 from bench_servicing import measure_servicing
+from bench_store import measure_store
 
 REPO = Path(__file__).resolve().parent.parent
 IMAGEFS = REPO / ".venv" / "bin" / "imagefs"
@@ -80,7 +81,8 @@ class Sample:
     output: str = field(default="", repr=False)  # the command's stdout
 
 
-TOOLS = ("imagefs", "wimlib", "squashfs", "kernel-squashfs", "fuse-overlayfs", "plain")
+TOOLS = ("imagefs", "wimlib", "squashfs", "kernel-squashfs", "fuse-overlayfs", "plain",
+         "s3-copy", "rsync")
 PEERS = ("wimlib", "squashfs", "kernel-squashfs", "fuse-overlayfs")  # the ratio columns
 
 
@@ -335,6 +337,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--no-io", action="store_true",
                     help="skip the writable I/O workloads (fio, dbench, small files)")
     ap.add_argument("--no-daemon", action="store_true", help="skip the daemon rows")
+    ap.add_argument("--no-store", action="store_true",
+                    help="skip the store rows (push, pull, apply and mount through SeaweedFS)")
     ap.add_argument("--no-servicing", action="store_true",
                     help="skip the servicing rows (package, feature, generalize, driver "
                          "beside wimlib)")
@@ -403,6 +407,8 @@ def run_all(args: argparse.Namespace, work: Path) -> Run:
         for part in (measure_servicing, measure_features, measure_generalize,
                      measure_drivers):
             part(b, trees, str(IMAGEFS), timed)
+    if not args.no_store:
+        measure_store(b, trees, str(IMAGEFS), timed)
     return Run(args, work, b, trees, started, load_start, os.getloadavg())
 
 
@@ -419,6 +425,8 @@ def report(run: Run, versions: dict[str, str]) -> list[str]:
           "the work dir's disk")
     print("rw io rows: fuse-overlayfs with allow_other,default_permissions as imagefs has, "
           "plain = a copy of the tree on the work dir's disk")
+    print("store rows (SeaweedFS on loopback): s3-copy = the whole image file as one object "
+          "(boto3), rsync = the file between two folders, plain = the same from a local file")
     print(f"times in seconds (wall clock), sizes in MiB; versions: {versions['imagefs']}; "
           f"{versions['wimlib']}; {versions['squashfs']}")
     print()

@@ -124,3 +124,77 @@ def weed_server(folder: Path) -> Iterator[Weed]:
         yield w
     finally:
         w.stop()
+
+
+class Cluster:
+    """A SeaweedFS cluster on loopback: a master (replication 001: every volume on two
+    volume servers), two volume servers, a filer and the S3 gateway; each its own process,
+    so that one volume server can be killed."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        m, mg, v1, v1g, v2, v2g, f, fg, s, sg = free_ports(10)
+        self.endpoint = f"http://127.0.0.1:{s}"
+        master = f"127.0.0.1:{m}.{mg}"  # HOST:PORT.GRPC: its gRPC port is not PORT+10000
+        common = ["-ip=127.0.0.1", "-ip.bind=127.0.0.1"]
+        self.specs = {
+            "master": ["master", f"-mdir={folder / 'master'}", f"-port={m}",
+                       f"-port.grpc={mg}", "-defaultReplication=001",
+                       "-volumeSizeLimitMB=64", *common],
+            "volume1": ["volume", f"-dir={folder / 'v1'}", f"-port={v1}",
+                        f"-port.grpc={v1g}", f"-master={master}", "-max=20",
+                        "-preStopSeconds=0", *common],
+            "volume2": ["volume", f"-dir={folder / 'v2'}", f"-port={v2}",
+                        f"-port.grpc={v2g}", f"-master={master}", "-max=20",
+                        "-preStopSeconds=0", *common],
+            "filer": ["filer", f"-port={f}", f"-port.grpc={fg}", f"-master={master}",
+                      "-defaultReplicaPlacement=001", *common],
+            "s3": ["s3", f"-port={s}", f"-port.grpc={sg}", f"-filer=127.0.0.1:{f}.{fg}",
+                   "-port.iceberg=0", "-port.lance=0", "-ip.bind=127.0.0.1"],
+        }
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self) -> None:
+        for name, args in self.specs.items():
+            for arg in args:
+                if arg.startswith(("-mdir=", "-dir=")):
+                    Path(arg.split("=", 1)[1]).mkdir(parents=True, exist_ok=True)
+            log = open(self.folder / f"{name}.log", "ab")  # noqa: SIM115
+            self.procs[name] = subprocess.Popen([WEED or "weed", *args], stdout=log,
+                                                stderr=log, start_new_session=True,
+                                                cwd=self.folder)
+            log.close()
+        probe = Weed.__new__(Weed)
+        probe.endpoint = self.endpoint
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            dead = [n for n, p in self.procs.items() if p.poll() is not None]
+            if dead:
+                raise RuntimeError(f"weed {dead[0]} exited; see {self.folder}")
+            if probe._s3_ready():
+                return
+            time.sleep(0.5)
+        raise RuntimeError(f"the cluster's S3 gateway did not answer; see {self.folder}")
+
+    def kill(self, name: str) -> None:
+        proc = self.procs[name]
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    def stop(self) -> None:
+        for name in reversed(list(self.procs)):
+            self.kill(name)
+
+    def env(self) -> dict[str, str]:
+        return {**CREDENTIALS, "IMAGEFS_S3_ENDPOINT": self.endpoint}
+
+
+@contextmanager
+def weed_cluster(folder: Path) -> Iterator[Cluster]:
+    c = Cluster(folder)
+    try:
+        c.start()
+        yield c
+    finally:
+        c.stop()

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import copy_image, fixture_tree, mounted, rsync_diff, run_imagefs
+from conftest import copy_image, fixture_tree, mounted, rsync_diff, run_imagefs, unmount_hard
 from store_helpers import NEEDS_WEED, Weed, weed_server
 
 pytestmark = NEEDS_WEED
@@ -375,3 +375,67 @@ def test_pushes_of_two_images_and_gc_at_once(weed: Weed, two: Path, minbase_two_
         local = tmp_path / f"{name}.imagefs"
         run_imagefs("pull", url, name, local, env=env)
         assert "OK" in run_imagefs("verify", local).stdout.decode()
+
+
+# -- the daemon ---------------------------------------------------------------------------
+
+def test_the_daemon_pushes_pulls_and_mounts_with_its_own_credentials(
+        pushed: dict, weed: Weed, two: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """store.push and store.pull are jobs with progress; mounts.open mounts an index of a
+    store.  The daemon's environment holds the store's credentials and endpoint."""
+    from daemon_helpers import daemon_process
+
+    from daemon.client import Client
+
+    for name, value in weed.env().items():
+        monkeypatch.setenv(name, value)
+    url = STORE  # pushed already: the daemon's push finds every object there
+    site = tmp_path / "site.imagefs"
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with daemon_process(tmp_path) as d, Client(str(d.sock), timeout=300) as c:
+        job = c.call("store.push", image=str(two), index=["web"], store=url)
+        done = c.call("jobs.wait", job=job["job"])
+        assert done["state"] == "done", done
+        pushed_web = done["result"]["indices"][0]
+        assert pushed_web["name"] == "web" and pushed_web["packs_sent"] == 0
+        assert done["progress"]["done"] == done["progress"]["total"] > 0
+        job = c.call("store.pull", store=url, index="web", dest=str(site))
+        done = c.call("jobs.wait", job=job["job"])
+        assert done["state"] == "done" and done["result"]["indices"] == [1], done
+        assert "OK" in run_imagefs("verify", site).stdout.decode()
+        rec = c.call("mounts.open", image=url, index="web", mountpoint=str(mnt),
+                     cache=str(tmp_path / "cache"))
+        try:
+            assert rec["image"] == f"{url}/refs/web"
+            assert sorted(os.listdir(mnt)) == sorted(os.listdir(fixture_tree("bookworm-web")))
+            assert (mnt / "etc/os-release").read_bytes() == \
+                (fixture_tree("bookworm-web") / "etc/os-release").read_bytes()
+        finally:
+            unmount_hard(mnt, rec["pid"])
+
+
+def test_a_volume_server_killed_during_a_pull_and_a_mount(two: Path, tmp_path: Path) -> None:
+    """A two-volume-server cluster, every volume replicated on both (001): one volume
+    server is killed while a pull and a mount's tar read; both complete from the replica,
+    exact."""
+    from store_helpers import weed_cluster
+
+    with weed_cluster(tmp_path / "cluster") as c:
+        env = {**os.environ, **c.env()}
+        url = "s3://golden/cluster"
+        run_imagefs("push", two, "all", url, env=c.env())
+        pulled, mnt = tmp_path / "pulled.imagefs", tmp_path / "mnt"
+        with mounted(url, "web", mnt, "--cache", str(tmp_path / "cache"), "--cache-size",
+                     "16M", env=c.env()):
+            pull = subprocess.Popen([sys.executable, "-m", "imagefs.cli", "pull", url, "all",
+                                     str(pulled)], env=env, stderr=subprocess.PIPE)
+            tar = subprocess.Popen(["tar", "-cf", "/dev/null", "-C", str(mnt), "."],
+                                   stderr=subprocess.PIPE)
+            time.sleep(0.5)
+            c.kill("volume2")
+            assert pull.wait(300) == 0, pull.stderr.read().decode() if pull.stderr else ""
+            assert tar.wait(300) == 0, tar.stderr.read().decode() if tar.stderr else ""
+            assert rsync_diff(fixture_tree("bookworm-web"), mnt) == ""
+        assert "OK" in run_imagefs("verify", pulled).stdout.decode()

@@ -62,12 +62,20 @@ def run(args: argparse.Namespace) -> int:
     from imagefs.store.client import is_store_url
 
     store = is_store_url(args.image)
-    if store and args.daemon:
-        refuse_with(args, "an index of a store (the daemon does not mount those yet)")
+    if store and args.rw:
+        from imagefs.session.mounts import store_read_only
+
+        raise store_read_only(args.image)
+    if store and args.daemon and args.endpoint:
+        refuse_with(args, "--endpoint (the daemon speaks to stores with its own endpoint "
+                          "and credentials)")
     # Through a listening daemon a mount costs a fork of its warm process, not this
     # process's import of pyfuse3 and trio (most of a mount's time); this path imports
-    # nothing heavy.  Writable mounts with -o are the mount command's own.
-    if not args.foreground and not (args.rw and args.options) and not store:
+    # nothing heavy.  Writable mounts with -o are the mount command's own.  An index of a
+    # store is mounted here, with your S3 credentials, unless --daemon insists (then the
+    # daemon's).
+    if not args.foreground and not (args.rw and args.options) and \
+            (not store or args.daemon):
         with daemon_client(args) as c:
             if c is not None:
                 if args.rw:
@@ -75,9 +83,13 @@ def run(args: argparse.Namespace) -> int:
                         c, "sessions.open", image=absolute(args.image), index=args.index,
                         mountpoint=absolute(args.mountpoint)))
                 else:
+                    from imagefs.mount.options import parse_size
                     from imagefs.places import run_dir
 
-                    rec = call(c, "mounts.open", image=absolute(args.image),
+                    where = ({"image": args.image, "cache_size": parse_size(args.cache_size),
+                              **({"cache": absolute(args.cache)} if args.cache else {})}
+                             if store else {"image": absolute(args.image)})
+                    rec = call(c, "mounts.open", **where,
                                index=args.index, mountpoint=absolute(args.mountpoint),
                                options=args.options, run_dir=absolute(run_dir()))
                 say_mounted(rec, args.json, foreground=False)

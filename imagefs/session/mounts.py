@@ -40,8 +40,7 @@ def start(image_path: str, index_spec: str, mountpoint: str, option_specs: list[
     image_path (an index of a store: read-only)."""
     rw = writable or session is not None
     if rw and opener is not None:
-        raise UsageError(f"{image_path}: an index of a store mounts read-only; pull it into "
-                         "a file to change it (imagefs pull)")
+        raise store_read_only(image_path)
 
     def open_plan(path: str, cache: int | None) -> MountPlan:
         if rw:
@@ -99,6 +98,11 @@ def _writable(image_path: str, index_spec: str, mountpoint: str, cache: int | No
                 discard(SessionInfo.load(info.id))
 
     return MountPlan(rec, label, make_ops, ready=ready, ended=ended, failed=failed)
+
+
+def store_read_only(url: str) -> UsageError:
+    return UsageError(f"{url}: an index of a store mounts read-only; pull it into a file to "
+                      "change it (imagefs pull)")
 
 
 def list_mounts() -> list[MountRecord]:

@@ -14,19 +14,22 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import tempfile
 
 DEFAULT_LIMIT = 2 << 30
 
 
 def default_folder() -> str:
-    """$IMAGEFS_CACHE, else /var/cache/imagefs/store for root, ~/.cache/imagefs/store."""
+    """$IMAGEFS_CACHE, else /var/cache/imagefs/store for root, ~/.cache/imagefs/store (the
+    home of the user this process is, not $HOME: the daemon's fork server becomes its
+    caller without the caller's environment)."""
     env = os.environ.get("IMAGEFS_CACHE")
     if env:
         return env
     if os.geteuid() == 0:
         return "/var/cache/imagefs/store"
-    return os.path.join(os.path.expanduser("~"), ".cache", "imagefs", "store")
+    return os.path.join(pwd.getpwuid(os.geteuid()).pw_dir, ".cache", "imagefs", "store")
 
 
 class StoreCache:
