@@ -128,7 +128,7 @@ class Row:
             if peer == "abs":
                 parts.append(f"<= {limit:g}")
             else:
-                parts.append(f"{'>=' if self.higher_is_better else '<='} {limit:.1f}x {peer}")
+                parts.append(f"{'>=' if self.higher_is_better else '<='} {limit:g}x {peer}")
         return ", ".join(parts) or "-"
 
 

@@ -10,8 +10,8 @@ image holds bookworm-minbase (index 1) and bookworm-web (index 2, sharing most o
     image file copied by rsync.  Target: bytes <= 0.15x s3-copy's.
   * apply index 2: imagefs `apply s3://... web DIR` (a fresh cache) beside plain = `apply`
     of the same index from a local image file.  Target: <= 2x.
-  * read-all of a mount of index 2 (tar to /dev/null): from the store with a fresh cache,
-    then with it warm, beside plain = a mount of the local image file.
+  * read-all of a mount of index 2 (`tar -cf - -C MNT . | cat >/dev/null`): from the
+    store with a fresh cache, then with it warm, beside plain = a mount of the local file.
 Best of RUNS, interleaved.  Run inside scripts/bench (--no-store skips these rows; --quick
 too, as they need both trees) or alone:
   .venv/bin/python scripts/bench_store.py [--json PATH]
@@ -130,7 +130,7 @@ def _read(b: Any, timed: Callable[..., None], row: Any, tool: str, what: list[st
     b.run([str(Path(sys.executable).parent / "imagefs"), "mount", *what, str(mnt), *extra,
            "--no-daemon"])
     try:
-        timed(row, tool, shell(b, f"tar -cf /dev/null -C {mnt} ."))
+        timed(row, tool, shell(b, f"tar -cf - -C {mnt} . | cat >/dev/null"))
     finally:
         subprocess.run([str(Path(sys.executable).parent / "imagefs"), "unmount", str(mnt)],
                        capture_output=True)

@@ -244,14 +244,20 @@ def test_a_mount_from_the_store_is_exact_and_its_cache_bounded(pushed: dict, wee
         assert rsync_diff(fixture_tree("bookworm-web"), mnt) == ""
     big = ["--cache", str(cache), "--cache-size", "1G"]
     with mounted(STORE, "web", mnt, *big, env=weed.env()):
-        subprocess.run(["tar", "-cf", "/dev/null", "-C", str(mnt), "."], check=True)
+        _read_all(mnt)
     held = {p.name: p.stat().st_ino for p in (cache / "packs").iterdir()}
+    assert sum((cache / "packs" / n).stat().st_size for n in held) > 60 << 20  # every pack
     with mounted(STORE, "web", mnt, *big, env=weed.env()):
-        subprocess.run(["tar", "-cf", "/dev/null", "-C", str(mnt), "."], check=True)
+        _read_all(mnt)
     again = {p.name: p.stat().st_ino for p in (cache / "packs").iterdir()}
     assert again == held  # every pack read from the cache, none fetched and written again
     out = run_imagefs("mount", "--rw", STORE, "web", mnt, env=weed.env(), check=False)
     assert out.returncode == 2 and b"mounts read-only" in out.stderr
+
+
+def _read_all(mnt: Path) -> None:
+    """Every byte of every file (GNU tar reads nothing when it writes to /dev/null)."""
+    subprocess.run(f"tar -cf - -C {mnt} . | cat >/dev/null", shell=True, check=True)
 
 
 def test_a_damaged_pack_makes_its_files_eio_and_the_mount_serves_the_rest(
@@ -431,7 +437,7 @@ def test_a_volume_server_killed_during_a_pull_and_a_mount(two: Path, tmp_path: P
                      "16M", env=c.env()):
             pull = subprocess.Popen([sys.executable, "-m", "imagefs.cli", "pull", url, "all",
                                      str(pulled)], env=env, stderr=subprocess.PIPE)
-            tar = subprocess.Popen(["tar", "-cf", "/dev/null", "-C", str(mnt), "."],
+            tar = subprocess.Popen(f"tar -cf - -C {mnt} . | cat >/dev/null", shell=True,
                                    stderr=subprocess.PIPE)
             time.sleep(0.5)
             c.kill("volume2")

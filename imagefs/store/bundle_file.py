@@ -9,6 +9,11 @@ file's own frames are checked; all other frames are the local file's.
 
 from __future__ import annotations
 
+import bisect
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+
 from imagefs.errors import StoreCorrupt
 from imagefs.format import layout as F
 from imagefs.format.container import FrameInfo, ImageFile
@@ -16,6 +21,8 @@ from imagefs.format.container import FrameInfo, ImageFile
 from .cache import StoreCache
 from .client import Store
 from .layout import PACKS, PackObject, digest_of
+
+AHEAD = 4  # packs fetched ahead of a reader (~4 MiB in memory at 1 MiB a pack)
 
 
 class BundleFile(ImageFile):
@@ -31,10 +38,18 @@ class BundleFile(ImageFile):
         self.packs = packs
         self.cache = cache
         self.fetched = 0  # pack objects fetched from the store
+        self._order = sorted(packs)  # pack ids in file order: what a reader reads next
+        self._ahead: dict[int, Future[bytes]] = {}
+        self._ahead_lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_pid = 0
         return self
 
     def pack_object(self, pack: int) -> bytes:
-        """The checked bytes of the object pack id pack stands for."""
+        """The checked bytes of the object pack id pack stands for.  A pack fetched from
+        the store has the next AHEAD packs (in file order) fetched meanwhile, on threads: a
+        reader going through the index in order (apply, pull, tar of a mount) then finds
+        most of them arrived."""
         obj = self.packs.get(pack)
         if obj is None:
             raise StoreCorrupt(str(self.store.url), f"the index names pack {pack}, which its "
@@ -42,14 +57,38 @@ class BundleFile(ImageFile):
         data = self.cache.get(obj.sha256) if self.cache is not None else None
         if data is not None and len(data) == obj.size and digest_of(data) == obj.sha256:
             return data
-        data = self.store.get(self.store.url.key(PACKS, obj.sha256), obj.size)
-        self.fetched += 1
+        with self._ahead_lock:
+            coming = self._ahead.pop(pack, None)
+        data = coming.result() if coming is not None else self._fetch(obj)
+        self._fetch_ahead(pack)
         if len(data) != obj.size or digest_of(data) != obj.sha256:
             raise StoreCorrupt(f"{self.store.url}/{PACKS}/{obj.sha256}",
                                "its content does not match its name")
         if self.cache is not None:
             self.cache.put(obj.sha256, data)
         return data
+
+    def _fetch(self, obj: PackObject) -> bytes:
+        data = self.store.get(self.store.url.key(PACKS, obj.sha256), obj.size)
+        self.fetched += 1
+        return data
+
+    def _fetch_ahead(self, pack: int) -> None:
+        """Start fetching the AHEAD packs after pack that are neither cached nor coming."""
+        if self._pool is None or self._pool_pid != os.getpid():  # a forked mount process
+            self._pool = ThreadPoolExecutor(AHEAD, thread_name_prefix="imagefs-fetch")
+            self._pool_pid = os.getpid()
+            self._ahead = {}
+        at = bisect.bisect_right(self._order, pack)
+        with self._ahead_lock:
+            for nxt in self._order[at:at + AHEAD]:
+                obj = self.packs[nxt]
+                if nxt in self._ahead or (self.cache is not None
+                                          and self.cache.has(obj.sha256)):
+                    continue
+                self._ahead[nxt] = self._pool.submit(self._fetch, obj)
+            while len(self._ahead) > 2 * AHEAD:  # a reader that went elsewhere
+                self._ahead.pop(next(iter(self._ahead)))
 
     def _pack_frame(self, pack: int) -> tuple[FrameInfo, bytes]:
         data = self.pack_object(pack)

@@ -56,6 +56,9 @@ class StoreCache:
         self.hits += 1
         return data
 
+    def has(self, sha: str) -> bool:
+        return os.path.exists(self.path("packs", sha))
+
     def put(self, sha: str, data: bytes) -> None:
         self.write("packs", sha, data)
         self.evict()
