@@ -105,6 +105,9 @@ def test_unknown_indices_and_bad_stores_are_refused(pushed: dict, weed: Weed,
         (["pull", "https://example.com/x", "web", dest], 2, "not a store"),
         (["pull", STORE, "web", dest, "--endpoint", "http://127.0.0.1:1"], 8,
          "cannot be reached"),
+        (["ls", STORE, "nope", "--cache", tmp_path / "cache"], 3,
+         "no index named 'nope' (the store holds: minbase, web)"),
+        (["mount", "--rw", STORE, "web", tmp_path], 2, "mounts read-only"),
     ]
     for args, code, words in cases:
         out = run_imagefs(*args, env=weed.env(), check=False)

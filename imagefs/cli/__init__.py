@@ -59,7 +59,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser = _Parser(
         prog="imagefs",
         description="Keep many operating-system images (indices) in one deduplicated, "
-                    "zstd-compressed image file; capture, inspect, mount, apply, verify, export.",
+                    "zstd-compressed image file; capture, inspect, mount, apply, verify, export, "
+                    "service offline, and share through an S3 object store.",
         epilog="An INDEX is a number (from 1) or a name. `imagefs VERB --help` explains a "
                "verb. Exit codes: 0 ok, 1 damage found, 2 usage, 3 not found, "
                "4 bad or damaged image, 5 newer format, 6 locked, 7 destination, "

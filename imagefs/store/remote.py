@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 
-from imagefs.errors import StoreCorrupt
+from imagefs.errors import NoSuchObject, StoreCorrupt
 from imagefs.image import Image
 
 from .bundle_file import BundleFile
@@ -40,7 +40,13 @@ def ref_names(store: Store) -> list[str]:
 
 def read_ref(store: Store, name: str) -> Ref:
     key = store.url.key(REFS, ref_name(name))
-    ref = Ref.decode(f"{store.url}/{REFS}/{ref_name(name)}", store.get(key, MAX_REF))
+    try:
+        data = store.get(key, MAX_REF)
+    except NoSuchObject:
+        held = ", ".join(ref_names(store)) or "none"
+        raise NoSuchObject(str(store.url), f"no index named {name!r} (the store holds: "
+                                           f"{held})") from None
+    ref = Ref.decode(f"{store.url}/{REFS}/{ref_name(name)}", data)
     if ref.index != name:
         raise StoreCorrupt(f"{store.url}/{REFS}/{ref_name(name)}",
                            f"the ref names index {ref.index!r}")
