@@ -40,11 +40,11 @@ from .kernel import FSTYPE, canonical, find_mount, holders, is_dead, pid_alive, 
 from .options import pack_cache, parse_options
 from .registry import MountRecord, log_path, record_for
 
-META_CACHE = 24 << 20  # decompressed metadata blocks
-INODE_CACHE_WEIGHT = 32_768  # decoded records, weighed by their extents and entries
 if TYPE_CHECKING:
     from imagefs.image import Image
 
+META_CACHE = 24 << 20  # decompressed metadata blocks
+INODE_CACHE_WEIGHT = 32_768  # decoded records, weighed by their extents and entries
 READY = b"ok\n"  # the mount process's word over the pipe; else "err CODE\tmessage\n"
 log = logging.getLogger("imagefs.mount")
 

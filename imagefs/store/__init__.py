@@ -11,6 +11,6 @@ An index pushed to `s3://BUCKET/PREFIX` is three kinds of object (docs/store.md)
 * `PREFIX/refs/NAME`: a small document naming the bundle of the index NAME, written last:
   a reader sees the old index or the new one, never a half-pushed one.
 
-Pulling is an export whose source is a bundle (store_file.py: pack frames are fetched from
+Pulling is an export whose source is a bundle (bundle_file.py: pack frames are fetched from
 the store as they are read), so only the packs holding chunks the local file lacks move.
 """

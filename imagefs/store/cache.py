@@ -38,7 +38,6 @@ class StoreCache:
         self.limit = limit
         for sub in ("packs", "bundles"):
             os.makedirs(os.path.join(self.folder, sub), mode=0o700, exist_ok=True)
-        self.hits = 0
 
     def path(self, kind: str, name: str) -> str:
         return os.path.join(self.folder, kind, name)
@@ -53,7 +52,6 @@ class StoreCache:
             return None
         with contextlib.suppress(OSError):
             os.utime(path)  # used: evicted last
-        self.hits += 1
         return data
 
     def has(self, sha: str) -> bool:
@@ -76,9 +74,6 @@ class StoreCache:
                 os.unlink(tmp)
             raise
         return os.path.join(folder, name)
-
-    def size(self) -> int:
-        return sum(size for _p, size, _t in self._packs())
 
     def evict(self) -> None:
         """Remove the least recently used packs until they hold at most limit bytes."""

@@ -222,10 +222,5 @@ class Store:
         """Create the bucket when it is missing (and the store lets us)."""
         try:
             self._call("", "head_bucket")
-            return
-        except NoSuchObject:
-            pass
-        except StoreFailed as e:
-            if "404" not in str(e) and "NoSuchBucket" not in str(e):
-                raise
-        self._call("", "create_bucket")
+        except NoSuchObject:  # _failed's word for a 404
+            self._call("", "create_bucket")

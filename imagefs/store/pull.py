@@ -49,7 +49,7 @@ def pull(url_text: str, selection: str, dest: str, endpoint: str | None = None,
     url = parse_url(url_text)
     store = Store(url, endpoint)
     names = _selected(store, url, selection)
-    if os.path.exists(dest) and not is_image_file(dest):
+    if os.path.exists(dest) and not is_image_file(dest):  # before any bundle is fetched
         raise DestinationError(dest, "exists and is not an imagefs image")
     with tempfile.TemporaryDirectory(prefix="imagefs-pull-") as folder:
         images: list[Image] = []

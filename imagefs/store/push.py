@@ -39,6 +39,7 @@ from .layout import BUNDLES, PACKS, REFS, PackObject, Ref, digest_of, encode_bun
 
 META_CACHE = 4 << 20
 UPLOADERS = 4  # packs read, hashed and sent at once
+BUNDLE_LEVEL = 19  # records are pulled once per index and site: worth making them small
 TOUCH_ENV = "IMAGEFS_STORE_TOUCH_AFTER"  # seconds; gc's grace must be at least twice it
 
 
@@ -49,7 +50,6 @@ def touch_after() -> timedelta:
         return timedelta(seconds=max(1, int(os.environ.get(TOUCH_ENV, "3600"))))
     except ValueError:
         raise UsageError(f"${TOUCH_ENV} must be a number of seconds") from None
-BUNDLE_LEVEL = 19  # records are pulled once per index and site: worth the time to make them small
 
 
 @dataclass

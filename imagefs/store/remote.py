@@ -8,7 +8,6 @@ What pull exports from, and what ls, cat, apply and mount read when IMAGE is
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 
 from imagefs.errors import NoSuchObject, StoreCorrupt
@@ -97,30 +96,29 @@ def _fetch_bundle(store: Store, ref: Ref, where: str, cache: StoreCache) -> None
     want = 0
     packs_json = bytearray()
     tmp = f"{path}.{os.getpid()}.part"
-    with open(tmp, "wb") as out:
-        for block in store.read(store.url.key(BUNDLES, ref.bundle), ref.size):
-            digest.update(block)
-            if len(head) < BUNDLE_HEAD.size:
-                take = BUNDLE_HEAD.size - len(head)
-                head += block[:take]
-                block = block[take:]
-                if len(head) == BUNDLE_HEAD.size:
-                    want = decode_bundle_head(where, head)
-            if len(head) == BUNDLE_HEAD.size and len(packs_json) < want:
-                take = want - len(packs_json)
-                packs_json += block[:take]
-                block = block[take:]
-            out.write(block)
     try:
+        with open(tmp, "wb") as out:
+            for block in store.read(store.url.key(BUNDLES, ref.bundle), ref.size):
+                digest.update(block)
+                if len(head) < BUNDLE_HEAD.size:
+                    take = BUNDLE_HEAD.size - len(head)
+                    head += block[:take]
+                    block = block[take:]
+                    if len(head) == BUNDLE_HEAD.size:
+                        want = decode_bundle_head(where, head)
+                if len(head) == BUNDLE_HEAD.size and len(packs_json) < want:
+                    take = want - len(packs_json)
+                    packs_json += block[:take]
+                    block = block[take:]
+                out.write(block)
         if digest.hexdigest() != ref.bundle:
             raise StoreCorrupt(where, "its content does not match its name")
         if len(head) < BUNDLE_HEAD.size or len(packs_json) < want:
             raise StoreCorrupt(where, "too short to be a bundle")
-        packs = decode_pack_list(where, bytes(packs_json))
-        cache.write(BUNDLES, f"{ref.bundle}.packs", json.dumps(
-            {"format": 1, "packs": [[k, p.sha256, p.size] for k, p in packs.items()]}).encode())
+        decode_pack_list(where, bytes(packs_json))  # checked before it is kept
+        cache.write(BUNDLES, f"{ref.bundle}.packs", bytes(packs_json))
         os.replace(tmp, path)
-    finally:
+    finally:  # a failed fetch leaves nothing in the cache
         if os.path.exists(tmp):
             os.unlink(tmp)
 
