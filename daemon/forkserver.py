@@ -18,6 +18,11 @@ process belongs to nobody but itself (setsid): the daemon and this server may st
 restart without taking mounts with them.
 
 The server ends when the daemon closes its end of the socket.
+
+A servicing verb run without a daemon (`imagefs package add IMAGE INDEX ...`) starts one
+of its own, forked from itself (`MountForkServer(fork_here=True)`) before it imports and
+plans anything: the imports a mount needs then run on the other CPU while the verb plans,
+instead of after it (for `package add` of hello, the session is ready ~0.1 s sooner).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -39,6 +45,7 @@ from imagefs.errors import INTERNAL_ERROR, Error, MountRefused, SystemFailure
 
 log = logging.getLogger("imagefs.forkserver")
 MAX_REQUEST = 64 << 10
+PR_SET_PDEATHSIG = 1  # prctl(2)
 ANSWER_TIMEOUT = 60.0  # a mount that is not ready by then has failed (the kernel's INIT
 # alone may take up to fuse.INIT_TIMEOUT, 10 s)
 
@@ -67,12 +74,16 @@ class MountRequest:
 
 class MountForkServer:
     """The daemon's side: starts the server (again, should it die) and asks it for mounts.
-    Blocking and thread-safe: call mount() from a worker thread."""
+    Blocking and thread-safe: call mount() from a worker thread.
 
-    def __init__(self) -> None:
+    fork_here: the server is a fork of this process rather than a new interpreter, for a
+    process that has no thread yet (a fork copies no other thread, nor a lock one held)."""
+
+    def __init__(self, fork_here: bool = False) -> None:
         self._lock = threading.Lock()
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._proc: subprocess.Popen[bytes] | _Forked | None = None
         self._sock: socket.socket | None = None
+        self._fork_here = fork_here
 
     def start(self) -> None:
         with self._lock:
@@ -81,9 +92,12 @@ class MountForkServer:
     def _start(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            self._proc = subprocess.Popen(
-                [sys.executable, "-m", "daemon.forkserver", str(theirs.fileno())],
-                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, cwd="/")
+            if self._fork_here:
+                self._proc = _Forked.start(ours, theirs)
+            else:
+                self._proc = subprocess.Popen(
+                    [sys.executable, "-m", "daemon.forkserver", str(theirs.fileno())],
+                    pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, cwd="/")
         except BaseException:
             ours.close()
             raise
@@ -154,9 +168,66 @@ class MountForkServer:
             self._proc = None
 
 
+class _Forked:
+    """The server as a fork of this process: what _stop needs of a Popen."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    @classmethod
+    def start(cls, ours: socket.socket, theirs: socket.socket) -> _Forked:
+        parent = os.getpid()
+        pid = os.fork()
+        if pid:
+            return cls(pid)
+        code = 1
+        try:  # the server: no output of its own on the verb's stdout, no end of its socket
+            _die_with(parent)
+            ours.close()
+            devnull = os.open(os.devnull, os.O_RDWR)
+            os.dup2(devnull, 0)
+            os.dup2(devnull, 1)
+            os.close(devnull)
+            serve(theirs, f"imagefs forkserver (of pid {os.getppid()})")
+            code = 0
+        finally:
+            os._exit(code)  # never the verb's atexit handlers or buffered output
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"forkserver {self.pid}", timeout or 0.0)
+            time.sleep(0.005)
+        assert self.returncode is not None
+        return self.returncode
+
+    def kill(self) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, signal.SIGKILL)
+
+
+def _die_with(parent: int) -> None:
+    """SIGKILL this process when parent ends (prctl PR_SET_PDEATHSIG), also while it still
+    imports: a verb killed then leaves no server waiting for its socket's end."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # it ended before the request took effect
+        os._exit(1)
+
+
 # --- the server process ------------------------------------------------------------------
 
-def serve(sock: socket.socket) -> None:
+def serve(sock: socket.socket, title: str = "") -> None:
     """Fork a mount per request until the other end closes."""
     # Everything a mount process needs, imported once, here.
     import psutil  # noqa: F401  (a stale session's remount asks whether its pid lives)
@@ -172,7 +243,7 @@ def serve(sock: socket.socket) -> None:
     import imagefs.session.lifecycle  # noqa: F401
     import imagefs.session.mounts  # noqa: F401
 
-    setproctitle(f"imagefs forkserver (of the daemon, pid {os.getppid()})")
+    setproctitle(title or f"imagefs forkserver (of the daemon, pid {os.getppid()})")
 
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon's Ctrl-C is the daemon's

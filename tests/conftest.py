@@ -38,6 +38,7 @@ import errno
 import functools
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -267,7 +268,22 @@ def servicing_leftovers() -> list[str]:
     procs = [f"{p.pid} {' '.join(p.info['cmdline'])}"
              for p in psutil.process_iter(["cmdline"])
              if any(a.startswith(base + "/") for a in p.info["cmdline"] or [])]
-    return mounts + procs + (os.listdir(base) if os.path.isdir(base) else [])
+    return (mounts + procs + orphan_fork_servers()
+            + (os.listdir(base) if os.path.isdir(base) else []))
+
+
+def orphan_fork_servers() -> list[str]:
+    """The fork servers of servicing verbs run without a daemon whose verb is gone (each
+    dies with its verb, SIGKILLed by the kernel: give it a moment, wait_until)."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        title = " ".join(p.info["cmdline"] or []).strip()
+        of = re.fullmatch(r"imagefs forkserver \(of pid (\d+)\)", title)
+        if of is not None and not pid_alive(int(of.group(1))):
+            found.append(f"{p.pid} {title}")
+    return found
 
 
 def kill_mount(rec: dict) -> None:

@@ -24,6 +24,7 @@ from conftest import (
     copy_image,
     kernel_imagefs_mounts,
     mounted_rw,
+    orphan_fork_servers,
     run_imagefs,
     servicing_leftovers,
     wait_until,
@@ -191,6 +192,7 @@ def kill_at_random(image: Path, rounds: int, seed: int) -> dict[str, int]:
         proc.wait()
         assert wait_until(lambda: not [m for m in kernel_imagefs_mounts()
                                        if m.startswith(f"{run_dir()}/servicing/")], 15)
+        assert wait_until(lambda: not orphan_fork_servers(), 10), orphan_fork_servers()
         cleaned_up()
         assert servicing_leftovers() == []
         assert verify(str(image)).ok

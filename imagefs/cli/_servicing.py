@@ -9,12 +9,13 @@ servicing.transaction (or the daemon's method of the same name) and prints what 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from imagefs.errors import DaemonRefused, UsageError, one_line
+from imagefs.errors import DaemonRefused, ServicingFailed, UsageError, one_line
 
 from ._common import human, print_json
 from ._daemon import absolute, add_daemon_options, call, daemon_client, run_job
@@ -89,9 +90,8 @@ def run_change(args: argparse.Namespace, image: str | None, index: str | None,
                make: Callable[[], Any], method: str, params: dict[str, Any],
                show: Callable[[dict[str, Any]], None] | None = None) -> int:
     """Run the Change make() builds, here or through the daemon's `method` (with params,
-    which name the same change), print the outcome; the exit code."""
-    from servicing.transaction import ServicingFailed, service, service_mount
-
+    which name the same change), print the outcome; the exit code.  make() is called only
+    here, without a daemon: a verb imports its servicing module in it."""
     dry_run = bool(getattr(args, "dry_run", False))
     new_index = getattr(args, "new_index", None)
     try:
@@ -102,16 +102,22 @@ def run_change(args: argparse.Namespace, image: str | None, index: str | None,
                 job = call(c, method, **where, dry_run=dry_run, new_index=new_index,
                            **params)
                 doc = run_job(c, job)
+            elif image is not None and index is not None:
+                with own_mounter(dry_run) as mounter:
+                    from servicing.transaction import service
+
+                    change = make()
+                    with status_line(not args.json) as line:
+                        doc = service(image, index, change, new_index=new_index,
+                                      dry_run=dry_run, progress=line,
+                                      mounter=mounter).to_json()
             else:
+                from servicing.transaction import service_mount
+
                 change = make()
                 with status_line(not args.json) as line:
-                    if image is not None and index is not None:
-                        outcome = service(image, index, change, new_index=new_index,
-                                          dry_run=dry_run, progress=line)
-                    else:
-                        outcome = service_mount(args.mount, change, dry_run=dry_run,
-                                                progress=line)
-                doc = outcome.to_json()
+                    doc = service_mount(args.mount, change, dry_run=dry_run,
+                                        progress=line).to_json()
     except (ServicingFailed, DaemonRefused) as e:
         if not e.output:
             raise
@@ -124,6 +130,32 @@ def run_change(args: argparse.Namespace, image: str | None, index: str | None,
     else:
         (show or show_outcome)(doc)
     return 0
+
+
+@contextmanager
+def own_mounter(dry_run: bool) -> Iterator[Callable[[str, int, str], None] | None]:
+    """The mounts of a transaction run here (no daemon): made by a fork server forked from
+    this process now, before it imports and plans anything (daemon.forkserver), so that
+    the imports a mount needs overlap the planning.  Its mounts are tied to this process
+    and are volatile sessions, as servicing.transaction's own would be; the server ends
+    with the block.  None for a dry run, which mounts nothing."""
+    if dry_run:
+        yield None
+        return
+    from daemon.forkserver import MountForkServer, MountRequest
+
+    server = MountForkServer(fork_here=True)
+    server.start()
+
+    def mount(image: str, number: int, mountpoint: str) -> None:
+        server.mount(MountRequest(image=os.path.abspath(image), index=str(number),
+                                  mountpoint=mountpoint, writable=True,
+                                  tied_to=os.getpid(), volatile=True))
+
+    try:
+        yield mount
+    finally:
+        server.close()
 
 
 def show_outcome(doc: dict[str, Any]) -> None:

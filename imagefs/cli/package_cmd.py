@@ -121,24 +121,29 @@ def _register_remove(actions: Any) -> None:
 
 
 def run_add(args: argparse.Namespace) -> int:
-    from servicing.packages import PackageAdd
-
     image, index, debs = split_target(args, 1)
     repo = args.repository
-    return run_change(args, image, index,
-                      lambda: PackageAdd(debs, repo, args.defer_configure), "packages.add",
+
+    def make() -> Any:
+        from servicing.packages import PackageAdd
+
+        return PackageAdd(debs, repo, args.defer_configure)
+
+    return run_change(args, image, index, make, "packages.add",
                       {"debs": [absolute(d) for d in debs],
                        "repository": absolute(repo) if repo is not None else None,
                        "defer_configure": args.defer_configure})
 
 
 def run_remove(args: argparse.Namespace) -> int:
-    from servicing.packages import PackageRemove
-
     image, index, names = split_target(args, 1)
-    return run_change(args, image, index,
-                      lambda: PackageRemove(names, args.purge, args.with_dependents),
-                      "packages.remove",
+
+    def make() -> Any:
+        from servicing.packages import PackageRemove
+
+        return PackageRemove(names, args.purge, args.with_dependents)
+
+    return run_change(args, image, index, make, "packages.remove",
                       {"names": names, "purge": args.purge,
                        "with_dependents": args.with_dependents})
 

@@ -288,6 +288,34 @@ void fuse_session_process_buf(struct fuse_session *se, const struct fuse_buf *bu
         coroutine_count[op]++;
 }
 
+/* Reading requests: this module defines fuse_session_receive_buf(), so pyfuse3's loop
+ * reads through here too, and the device is read without blocking.  A request can leave
+ * the queue between the poll that saw it and the read (its process was killed: the kernel
+ * drops a request no one has read yet); a blocking read would then wait for the next one
+ * with the loop's thread, and with it every trio task, such as the one that unmounts when
+ * a servicing verb dies.  A read that finds nothing (EAGAIN) is reported as EINTR, which
+ * pyfuse3's loop answers by waiting for the device again (it takes EAGAIN for an error). */
+static int nonblocking_fd = -1;
+
+int fuse_session_receive_buf(struct fuse_session *se, struct fuse_buf *buf)
+{
+    if (receive_buf == NULL || session_fd == NULL) {  /* no session made through here */
+        void *lib = dlopen("libfuse3.so.3", RTLD_LAZY | RTLD_NOLOAD);
+        receive_buf = lib == NULL ? NULL : dlsym(lib, "fuse_session_receive_buf");
+        session_fd = lib == NULL ? NULL : dlsym(lib, "fuse_session_fd");
+        if (receive_buf == NULL || session_fd == NULL)
+            abort();  /* nothing could read the request */
+    }
+    int fd = session_fd(se);
+    if (fd != nonblocking_fd) {
+        int flags = fcntl(fd, F_GETFL);
+        if (flags >= 0 && fcntl(fd, F_SETFL, flags | O_NONBLOCK) == 0)
+            nonblocking_fd = fd;
+    }
+    int res = receive_buf(se, buf);
+    return res == -EAGAIN ? -EINTR : res;
+}
+
 /* Called with the GIL held, at the end of a fast request. */
 static void drain(void)
 {
@@ -309,8 +337,8 @@ static void drain(void)
         }
         if (n != 1 || !(p.revents & POLLIN))
             break;
-        if (receive_buf(the_session, &buf) <= 0)
-            break;
+        if (fuse_session_receive_buf(the_session, &buf) <= 0)
+            break;  /* gone meanwhile (EINTR, see above), or the end */
         handled_fast = 0;
         fuse_session_process_buf(the_session, &buf);
         if (!handled_fast)

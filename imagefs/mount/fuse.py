@@ -464,7 +464,7 @@ async def _serve(ops: BaseOperations, mountpoint: str,
         ops.nursery = nursery
         nursery.start_soon(_stop_on_signals, nursery)
         if tied_to:
-            nursery.start_soon(_stop_when_gone, tied_to)
+            nursery.start_soon(_stop_when_gone, ops, tied_to)
         await ops.background(nursery)
         nursery.start_soon(_when_initialized, ops, mountpoint, ready)
         await pyfuse3.main(min_tasks=1, max_tasks=1)  # handlers never wait: one loop
@@ -479,8 +479,9 @@ async def _stop_on_signals(nursery: trio.Nursery) -> None:
             return
 
 
-async def _stop_when_gone(pid: int) -> None:
-    """Unmount when process pid ends (its pidfd becomes readable)."""
+async def _stop_when_gone(ops: BaseOperations, pid: int) -> None:
+    """Unmount when process pid ends (its pidfd becomes readable), or at once if it ended
+    before the mount was made (its fork server started it late)."""
     try:
         fd = os.pidfd_open(pid)
     except ProcessLookupError:
@@ -488,6 +489,9 @@ async def _stop_when_gone(pid: int) -> None:
     try:
         if fd >= 0:
             await trio.lowlevel.wait_readable(fd)
+        # pyfuse3.terminate() before pyfuse3.main() runs is lost, and the mount would then
+        # stay; the kernel's INIT is answered by main(), so once it came main() runs.
+        await ops.initialized.wait()
         log.info("process %d, which this mount serves, ended: unmounting", pid)
         pyfuse3.terminate()
     finally:

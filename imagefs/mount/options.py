@@ -16,12 +16,12 @@ DEFAULT_CACHE = 8 << 20
 READ_PACKS = 8
 
 
-def pack_cache(asked: int | None, header: Header) -> int:
+def pack_cache(asked: int | None, header: Header, default: int | None = None) -> int:
     """The pack cache of a mount of a file with this header: cache=SIZE if given, else
-    DEFAULT_CACHE or READ_PACKS of its largest packs, whichever is larger."""
+    default (DEFAULT_CACHE) or READ_PACKS of its largest packs, whichever is larger."""
     if asked is not None:
         return asked
-    return max(DEFAULT_CACHE, READ_PACKS * (header.pack_target + header.chunk_max))
+    return max(default or DEFAULT_CACHE, READ_PACKS * (header.pack_target + header.chunk_max))
 
 
 def parse_options(specs: list[str], writable: bool = False
