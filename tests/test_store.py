@@ -13,6 +13,8 @@ import errno
 import hashlib
 import json
 import os
+import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +22,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import cli_zygote
 import pytest
 from conftest import copy_image, fixture_tree, mounted, rsync_diff, run_imagefs, unmount_hard
 from store_helpers import NEEDS_WEED, Weed, weed_server
@@ -211,6 +214,60 @@ def test_a_store_that_stops_during_a_pull_leaves_the_file_as_it_was(
     got = store("pull", STORE, "web", local, weed=weed)
     assert got["indices"] == [2]
     assert "OK" in run_imagefs("verify", local).stdout.decode()
+
+
+def test_a_pull_killed_at_random_moments_leaves_local_as_it_was_or_whole(
+        pushed: dict, weed: Weed, minbase_image: Path, tmp_path: Path) -> None:
+    """SIGKILL `imagefs pull STORE web LOCAL` at random moments, 12 times, into a new file
+    and into a file that holds minbase: a new LOCAL is absent or whole, an existing one
+    holds minbase alone or minbase and web (never part of web), and verifies clean."""
+    rng = random.Random(int(os.environ.get("IMAGEFS_KILL_SEED", "18")))
+    seed = copy_image(minbase_image, tmp_path / "seed.imagefs")
+    old = state(seed)
+    env = {**os.environ, **weed.env(), "TMPDIR": str(tmp_path / "tmp")}
+    (tmp_path / "tmp").mkdir()
+    into, new = tmp_path / "into.imagefs", tmp_path / "new.imagefs"
+    shutil.copyfile(seed, into)
+    start = time.monotonic()  # kills spread over one whole pull's time, measured here
+    assert cli_zygote.run(["pull", STORE, "web", str(into)], env=env).returncode == 0
+    whole = time.monotonic() - start
+    web = state(into)[-1]
+    outcomes: dict[str, int] = {}
+    for i in range(12):
+        dest = new if i % 2 else into
+        dest.unlink(missing_ok=True)
+        if dest == into:
+            shutil.copyfile(seed, into)
+        proc = cli_zygote.popen(["pull", STORE, "web", str(dest)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            proc.wait(timeout=rng.uniform(0.0, whole * 1.2))
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+        _, err = proc.communicate(timeout=60)
+        assert b"Traceback" not in err and proc.returncode in (0, -signal.SIGKILL), err
+        if dest == new and not new.exists():
+            outcome = "new absent"
+        else:
+            assert "OK" in run_imagefs("verify", dest).stdout.decode()
+            now = state(dest)
+            before = [] if dest == new else old
+            assert now in ((before, before + [web]) if before else (before + [web],)), now
+            outcome = f"{'new' if dest == new else 'existing'} " + (
+                "whole" if now == before + [web] else "old")
+        if proc.returncode == 0:
+            assert outcome.endswith("whole"), outcome
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        assert sorted(os.listdir(tmp_path)) == sorted(
+            ["seed.imagefs", "tmp", "into.imagefs"] + ["new.imagefs"] * new.exists())
+    print(f"\n12 kills of pull (whole pull {whole:.2f} s): {outcomes}")
+    assert outcomes.get("new absent", 0) + outcomes.get("existing old", 0) > 0, outcomes
+
+
+def state(image: Path) -> list[tuple[str, str]]:
+    """(name, digest) of every index of image."""
+    return [(i["name"], i["digest"])
+            for i in json.loads(run_imagefs("info", image, "--json").stdout)["indices"]]
 
 
 # -- reading straight from the store ------------------------------------------------------

@@ -16,6 +16,7 @@ import contextlib
 import os
 import pwd
 import tempfile
+import threading
 
 DEFAULT_LIMIT = 2 << 30
 
@@ -32,12 +33,21 @@ def default_folder() -> str:
     return os.path.join(pwd.getpwuid(os.geteuid()).pw_dir, ".cache", "imagefs", "store")
 
 
+RESCAN_PUTS = 64  # puts between two counts of the packs folder (others write to it too)
+
+
 class StoreCache:
     def __init__(self, folder: str | None = None, limit: int = DEFAULT_LIMIT) -> None:
         self.folder = os.path.abspath(folder or default_folder())  # a mount process chdirs to /
         self.limit = limit
         for sub in ("packs", "bundles"):
             os.makedirs(os.path.join(self.folder, sub), mode=0o700, exist_ok=True)
+        # Bytes of packs here, as last counted plus what this process put since, and how
+        # many puts ago it was counted: counting the folder at every put made a fresh
+        # apply of web (206 packs) spend 0.35 s in stat() (1.5 s once 2 GiB are cached).
+        self._lock = threading.Lock()
+        self._bytes = 0
+        self._since = RESCAN_PUTS
 
     def path(self, kind: str, name: str) -> str:
         return os.path.join(self.folder, kind, name)
@@ -58,8 +68,18 @@ class StoreCache:
         return os.path.exists(self.path("packs", sha))
 
     def put(self, sha: str, data: bytes) -> None:
+        """Keep a pack; evict the oldest when the packs hold more than limit bytes.  The
+        folder is counted again every RESCAN_PUTS puts, and whenever this process's tally
+        says the limit is passed, so other processes' packs are seen too (a little late:
+        the bound holds to within what they put meanwhile)."""
         self.write("packs", sha, data)
-        self.evict()
+        with self._lock:
+            self._bytes += len(data)
+            self._since += 1
+            if self._since < RESCAN_PUTS and self._bytes <= self.limit:
+                return
+            self._since = 0
+            self._bytes = self.evict()
 
     def write(self, kind: str, name: str, data: bytes) -> str:
         """data as DIR/kind/name, whole or not at all."""
@@ -75,8 +95,9 @@ class StoreCache:
             raise
         return os.path.join(folder, name)
 
-    def evict(self) -> None:
-        """Remove the least recently used packs until they hold at most limit bytes."""
+    def evict(self) -> int:
+        """Remove the least recently used packs until they hold at most limit bytes; the
+        bytes left."""
         packs = self._packs()
         total = sum(size for _p, size, _t in packs)
         for path, size, _t in sorted(packs, key=lambda p: p[2]):
@@ -85,6 +106,7 @@ class StoreCache:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
             total -= size
+        return total
 
     def _packs(self) -> list[tuple[str, int, float]]:
         out = []
