@@ -116,11 +116,15 @@ class Store:
             self._pid = os.getpid()
         return self._client
 
+    def _where(self, key: str) -> str:
+        """key (which holds the prefix) as the URL an admin would write."""
+        return f"{self.url}/{key[len(self.url.prefix):].lstrip('/')}" if key else str(self.url)
+
     def _failed(self, e: Exception, key: str = "") -> Exception:
         """The one-line error for what boto3 raised."""
         from botocore.exceptions import ClientError, NoCredentialsError
 
-        where = f"{self.url}/{key[len(self.url.prefix):].lstrip('/')}" if key else str(self.url)
+        where = self._where(key)
         if isinstance(e, NoCredentialsError):
             return StoreFailed(str(self.url), "no S3 credentials: set AWS_ACCESS_KEY_ID and "
                                               "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)")
@@ -163,18 +167,18 @@ class Store:
         try:
             size = int(r.get("ContentLength", -1))
             if size < 0 or size > limit:
-                raise StoreFailed(f"{self.url}/{key}", f"holds {size} bytes, more than the "
+                raise StoreFailed(self._where(key), f"holds {size} bytes, more than the "
                                                        f"{limit} such an object may hold")
             got = 0
             while block := body.read(CHUNK):
                 got += len(block)
                 if got > size:
-                    raise StoreFailed(f"{self.url}/{key}", "longer than the store said")
+                    raise StoreFailed(self._where(key), "longer than the store said")
                 with self._lock:
                     self.received += len(block)
                 yield block
             if got != size:
-                raise StoreFailed(f"{self.url}/{key}", f"ended after {got} of {size} bytes")
+                raise StoreFailed(self._where(key), f"ended after {got} of {size} bytes")
         except (BotoCoreError, OSError) as e:
             raise self._failed(e, key) from None
         finally:
@@ -192,6 +196,7 @@ class Store:
             return self.get(key, limit)
         from botocore.awsrequest import AWSRequest
         from botocore.exceptions import BotoCoreError
+        from urllib3.exceptions import HTTPError  # a body cut short: IncompleteRead
 
         for attempt in range(PACK_ATTEMPTS):
             url = self.s3.generate_presigned_url(
@@ -199,34 +204,41 @@ class Store:
                 ExpiresIn=PRESIGNED_SECONDS)
             request = AWSRequest(method="GET", url=url).prepare()
             request.stream_output = True
+            last = attempt + 1 == PACK_ATTEMPTS
             try:
                 response = session.send(request)
                 try:
-                    if response.status_code in RETRIED and attempt + 1 < PACK_ATTEMPTS:
+                    if response.status_code in RETRIED and not last:
                         time.sleep(0.1 * 2 ** attempt)
                         continue
-                    return self._pack_body(key, limit, response)
+                    data = self._pack_body(key, limit, response, last)
                 finally:
                     response.raw.release_conn()
-            except (BotoCoreError, OSError) as e:
-                if attempt + 1 == PACK_ATTEMPTS:
+            except (BotoCoreError, OSError, HTTPError) as e:
+                if last:
                     raise self._failed(e, key) from None
-                time.sleep(0.1 * 2 ** attempt)
+                data = None
+            if data is not None:
+                return data
+            time.sleep(0.1 * 2 ** attempt)
         raise AssertionError("unreachable")
 
-    def _pack_body(self, key: str, limit: int, response: Any) -> bytes:
-        where = f"{self.url}/{key}"
+    def _pack_body(self, key: str, limit: int, response: Any, last: bool) -> bytes | None:
+        """The body of get_pack's answer; None for one cut short that may be tried again."""
         if response.status_code == 404:
-            raise NoSuchObject(where, "no such object in the store")
+            raise NoSuchObject(self._where(key), "no such object in the store")
         if response.status_code != 200:
-            raise StoreFailed(where, f"the store refused: HTTP {response.status_code}")
+            raise StoreFailed(self._where(key),
+                              f"the store refused: HTTP {response.status_code}")
         size = int(response.headers.get("Content-Length", -1))
         if size < 0 or size > limit:
-            raise StoreFailed(where, f"holds {size} bytes, more than the {limit} such an "
-                                     "object may hold")
+            raise StoreFailed(self._where(key), f"holds {size} bytes, more than the {limit} "
+                                                "such an object may hold")
         data = response.raw.read(size + 1)
+        if len(data) < size and not last:
+            return None
         if len(data) != size:
-            raise StoreFailed(where, f"ended after {len(data)} of {size} bytes"
+            raise StoreFailed(self._where(key), f"ended after {len(data)} of {size} bytes"
                               if len(data) < size else "longer than the store said")
         with self._lock:
             self.received += size
@@ -246,7 +258,7 @@ class Store:
         finally:
             r["Body"].close()
         if len(data) > length:
-            raise StoreFailed(f"{self.url}/{key}", "answered more than the range asked for")
+            raise StoreFailed(self._where(key), "answered more than the range asked for")
         with self._lock:
             self.received += len(data)
         return data
