@@ -268,13 +268,18 @@ def servicing_leftovers() -> list[str]:
     procs = [f"{p.pid} {' '.join(p.info['cmdline'])}"
              for p in psutil.process_iter(["cmdline"])
              if any(a.startswith(base + "/") for a in p.info["cmdline"] or [])]
+    # A fork server dies with its verb, and a request it took ends once that mount is
+    # made or failed: give them the moment that takes.
+    wait_until(lambda: not orphan_fork_servers(), 10)
     return (mounts + procs + orphan_fork_servers()
             + (os.listdir(base) if os.path.isdir(base) else []))
 
 
 def orphan_fork_servers() -> list[str]:
-    """The fork servers of servicing verbs run without a daemon whose verb is gone (each
-    dies with its verb, SIGKILLed by the kernel: give it a moment, wait_until)."""
+    """The fork servers of servicing verbs run without a daemon whose verb is gone, and
+    their children still answering a mount request (they share the title): the server
+    dies with its verb, SIGKILLed by the kernel, a child once its mount is made or failed
+    (give them a moment: wait_until)."""
     import psutil
 
     found = []
