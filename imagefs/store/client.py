@@ -120,6 +120,14 @@ class Store:
         """key (which holds the prefix) as the URL an admin would write."""
         return f"{self.url}/{key[len(self.url.prefix):].lstrip('/')}" if key else str(self.url)
 
+    def _bounded(self, key: str, size: int, limit: int) -> int:
+        """size, the length an answer announces, refused before its body is read when it
+        is unknown or more than limit."""
+        if size < 0 or size > limit:
+            raise StoreFailed(self._where(key), f"holds {size} bytes, more than the {limit} "
+                                                "such an object may hold")
+        return size
+
     def _failed(self, e: Exception, key: str = "") -> Exception:
         """The one-line error for what boto3 raised."""
         from botocore.exceptions import ClientError, NoCredentialsError
@@ -165,10 +173,7 @@ class Store:
         r = self._call(key, "get_object", Key=key)
         body = r["Body"]
         try:
-            size = int(r.get("ContentLength", -1))
-            if size < 0 or size > limit:
-                raise StoreFailed(self._where(key), f"holds {size} bytes, more than the "
-                                                       f"{limit} such an object may hold")
+            size = self._bounded(key, int(r.get("ContentLength", -1)), limit)
             got = 0
             while block := body.read(CHUNK):
                 got += len(block)
@@ -230,10 +235,7 @@ class Store:
         if response.status_code != 200:
             raise StoreFailed(self._where(key),
                               f"the store refused: HTTP {response.status_code}")
-        size = int(response.headers.get("Content-Length", -1))
-        if size < 0 or size > limit:
-            raise StoreFailed(self._where(key), f"holds {size} bytes, more than the {limit} "
-                                                "such an object may hold")
+        size = self._bounded(key, int(response.headers.get("Content-Length", -1)), limit)
         data = response.raw.read(size + 1)
         if len(data) < size and not last:
             return None
