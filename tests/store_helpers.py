@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -46,8 +47,11 @@ def free_ports(n: int) -> list[int]:
 class Weed:
     """One `weed server` with its S3 gateway at endpoint."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, secret: str = "imagefs-test",
+                 env: dict[str, str] | None = None) -> None:
         self.folder = folder
+        self.secret = secret  # its own client's (a gateway with an IAM config checks it)
+        self.process_env = env
         self.ports = free_ports(8)
         self.proc: subprocess.Popen[bytes] | None = None
         m, mg, v, vg, f, fg, s, sg = self.ports
@@ -63,7 +67,7 @@ class Weed:
     def start(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         log = open(self.folder / "weed.log", "ab")  # noqa: SIM115 (the process keeps it)
-        self.proc = subprocess.Popen(self.args, stdout=log, stderr=log,
+        self.proc = subprocess.Popen(self.args, stdout=log, stderr=log, env=self.process_env,
                                      start_new_session=True)
         log.close()
         deadline = time.monotonic() + 60
@@ -72,7 +76,9 @@ class Weed:
                 raise RuntimeError(f"weed exited {self.proc.returncode}; see "
                                    f"{self.folder / 'weed.log'}")
             try:
-                urllib.request.urlopen(self.endpoint + "/", timeout=1).close()
+                # it answers, if only to refuse anonymous access
+                with contextlib.suppress(urllib.error.HTTPError):
+                    urllib.request.urlopen(self.endpoint + "/", timeout=1).close()
                 if self._s3_ready():
                     return
             except OSError:
@@ -113,7 +119,7 @@ class Weed:
                             config=Config(s3={"addressing_style": "path"},
                                           retries={"max_attempts": 1}),
                             aws_access_key_id="imagefs-test",
-                            aws_secret_access_key="imagefs-test", region_name="us-east-1")
+                            aws_secret_access_key=self.secret, region_name="us-east-1")
 
 
 @contextmanager

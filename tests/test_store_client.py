@@ -1,7 +1,7 @@
-"""Store.get_pack against a hostile HTTP server on loopback (no SeaweedFS needed): a pack
-GET is presigned and sent on boto3's own session, so what boto3 would catch is ours to
-catch: a body cut short, a size past the bound, 404, and 5xx answers retried, then one
-line."""
+"""Store.get_pack against a hostile HTTP server on loopback (no SeaweedFS needed): with
+credentials in the environment a GET is signed here and sent by urllib3 (signed.py), so
+what boto3 would catch is ours to catch: a body cut short, a size past the bound, 404, and
+5xx answers retried, then one line."""
 
 from __future__ import annotations
 

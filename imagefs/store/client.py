@@ -1,11 +1,12 @@
-"""Where a store is (`s3://BUCKET/PREFIX`) and how it is spoken to: boto3.
+"""Where a store is (`s3://BUCKET/PREFIX`) and how it is spoken to: boto3, and GETs signed
+here when the credentials and the endpoint are plainly given (signed.py).
 
 boto3 is the client every S3-compatible store is tested against (AWS S3, Ceph RGW, MinIO,
 SeaweedFS), and it takes credentials, region and endpoint the way admins already set them:
 `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` (or `AWS_PROFILE`, ~/.aws, an instance role),
 `AWS_DEFAULT_REGION`, `AWS_ENDPOINT_URL`; imagefs adds `--endpoint URL` and
-`IMAGEFS_S3_ENDPOINT`.  Never a secret on the command line.  It is imported only by the
-verbs that use a store (~0.16 s).
+`IMAGEFS_S3_ENDPOINT`.  Never a secret on the command line.  It is imported only when
+needed (~0.3 s with its client): by writes, and by reads signed.py cannot sign.
 
 Every failure of the store becomes one line (StoreFailed, exit code 8), and every object
 read is bounded before it is read: a store is as hostile as an image file.
@@ -24,13 +25,17 @@ from typing import Any
 
 from imagefs.errors import NoSuchObject, StoreFailed, UsageError, one_line
 
+from .signed import SignedReads, from_environment
+
 ENDPOINT_ENV = "IMAGEFS_S3_ENDPOINT"
 BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]\Z")  # S3's rules for new buckets
 PREFIX_PART = re.compile(r"[A-Za-z0-9._=+@,-]{1,200}\Z")
 CHUNK = 1 << 20  # bytes read from a response at a time
 PACK_ATTEMPTS = 3  # get_pack's tries, as the client's standard retry mode makes
 RETRIED = (429, 500, 502, 503, 504)  # answers that get_pack tries again
-PRESIGNED_SECONDS = 300
+ERROR_DOCUMENT = 4096  # bytes of an S3 error document read for its code and message
+ERROR_CODE = re.compile(r"<Code>([^<]{1,100})</Code>")
+ERROR_MESSAGE = re.compile(r"<Message>([^<]{1,300})</Message>")
 
 
 @dataclass(frozen=True)
@@ -76,8 +81,9 @@ class ObjectInfo:
 
 
 class Store:
-    """One bucket and prefix, through one boto3 client (thread-safe).  Counts the bytes it
-    moves (sent, received): what a push or a pull reports."""
+    """One bucket and prefix, through one boto3 client (thread-safe) and, for GETs, signed
+    reads when it can.  Counts the bytes it moves (sent, received): what a push or a pull
+    reports."""
 
     def __init__(self, url: StoreUrl, endpoint: str | None = None) -> None:
         self.url = url
@@ -87,7 +93,10 @@ class Store:
         self._lock = threading.Lock()
         self._client: Any = None
         self._pid = 0
-        self.s3  # noqa: B018 (a bad endpoint is refused here, not at the first request)
+        # GETs signed here when credentials and endpoint are plainly given (signed.py)
+        self.signed: SignedReads | None = from_environment(self.endpoint)
+        if self.signed is None:
+            self.s3  # noqa: B018 (a bad endpoint is refused here, not at the first request)
 
     @property
     def s3(self) -> Any:
@@ -129,10 +138,12 @@ class Store:
         return size
 
     def _failed(self, e: Exception, key: str = "") -> Exception:
-        """The one-line error for what boto3 raised."""
+        """The one-line error for what boto3 (or urllib3, or the OS) raised."""
+        where = self._where(key)
+        if not type(e).__module__.startswith("botocore"):
+            return StoreFailed(where, f"the store cannot be reached: {one_line(str(e))}")
         from botocore.exceptions import ClientError, NoCredentialsError
 
-        where = self._where(key)
         if isinstance(e, NoCredentialsError):
             return StoreFailed(str(self.url), "no S3 credentials: set AWS_ACCESS_KEY_ID and "
                                               "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)")
@@ -164,17 +175,22 @@ class Store:
 
     def get(self, key: str, limit: int) -> bytes:
         """The object's bytes; refused (before reading them) when it holds more than limit."""
+        if self.signed is not None:
+            return self._fetch(key, limit)
         return b"".join(self.read(key, limit))
 
     def read(self, key: str, limit: int) -> Iterator[bytes]:
         """The object's bytes, a block at a time; its size is checked against limit first."""
-        from botocore.exceptions import BotoCoreError
-
-        r = self._call(key, "get_object", Key=key)
-        body = r["Body"]
+        if self.signed is not None:
+            body: Any = self._answer(key)
+            length = body.headers.get("Content-Length")
+        else:
+            r = self._call(key, "get_object", Key=key)
+            body, length = r["Body"], r.get("ContentLength")
+        got, size = 0, -1
+        errors: tuple[type[Exception], ...] = (OSError, *_read_errors(self.signed is None))
         try:
-            size = self._bounded(key, int(r.get("ContentLength", -1)), limit)
-            got = 0
+            size = self._bounded(key, _length(length), limit)
             while block := body.read(CHUNK):
                 got += len(block)
                 if got > size:
@@ -184,74 +200,25 @@ class Store:
                 yield block
             if got != size:
                 raise StoreFailed(self._where(key), f"ended after {got} of {size} bytes")
-        except (BotoCoreError, OSError) as e:
+        except errors as e:
             raise self._failed(e, key) from None
         finally:
-            body.close()
+            _finish(body, got == size)
 
     def get_pack(self, key: str, limit: int) -> bytes:
-        """A pack object's bytes (bounded, as get): a GET of a presigned URL sent on the
-        client's own HTTP session (its TLS, proxies and pool), retried as the client
-        would.  A pack is the many-times-over request of reading an index from a store,
-        and get_object spends ~2.5 ms of CPU on each (events, parsing; 206 packs of web:
-        0.5 s), this ~1 ms; an apply of web from a store went from 2.1-2.3 s to 1.7-1.9 s
-        (1.1 s from a local file)."""
-        session = getattr(getattr(self.s3, "_endpoint", None), "http_session", None)
-        if session is None:  # a botocore without it: the client's own way
-            return self.get(key, limit)
-        from botocore.awsrequest import AWSRequest
-        from botocore.exceptions import BotoCoreError
-        from urllib3.exceptions import HTTPError  # a body cut short: IncompleteRead
-
-        for attempt in range(PACK_ATTEMPTS):
-            url = self.s3.generate_presigned_url(
-                "get_object", Params={"Bucket": self.url.bucket, "Key": key},
-                ExpiresIn=PRESIGNED_SECONDS)
-            request = AWSRequest(method="GET", url=url).prepare()
-            request.stream_output = True
-            last = attempt + 1 == PACK_ATTEMPTS
-            try:
-                response = session.send(request)
-                try:
-                    if response.status_code in RETRIED and not last:
-                        time.sleep(0.1 * 2 ** attempt)
-                        continue
-                    data = self._pack_body(key, limit, response, last)
-                finally:
-                    response.raw.release_conn()
-            except (BotoCoreError, OSError, HTTPError) as e:
-                if last:
-                    raise self._failed(e, key) from None
-                data = None
-            if data is not None:
-                return data
-            time.sleep(0.1 * 2 ** attempt)
-        raise AssertionError("unreachable")
-
-    def _pack_body(self, key: str, limit: int, response: Any, last: bool) -> bytes | None:
-        """The body of get_pack's answer; None for one cut short that may be tried again."""
-        if response.status_code == 404:
-            raise NoSuchObject(self._where(key), "no such object in the store")
-        if response.status_code != 200:
-            raise StoreFailed(self._where(key),
-                              f"the store refused: HTTP {response.status_code}")
-        size = self._bounded(key, int(response.headers.get("Content-Length", -1)), limit)
-        data = response.raw.read(size + 1)
-        if len(data) < size and not last:
-            return None
-        if len(data) != size:
-            raise StoreFailed(self._where(key), f"ended after {len(data)} of {size} bytes"
-                              if len(data) < size else "longer than the store said")
-        with self._lock:
-            self.received += size
-        return data
+        """A pack object's bytes (bounded, as get).  A pack is the many-times-over request
+        of reading an index from a store: signed here (signed.py) when it can be, its body
+        cut short tried again."""
+        return self.get(key, limit)
 
     def get_range(self, key: str, start: int, length: int) -> bytes:
         """length bytes of the object from start (fewer if it ends before)."""
-        from botocore.exceptions import BotoCoreError
-
         if length <= 0:
             return b""
+        if self.signed is not None:
+            return self._fetch(key, length, (start, length))
+        from botocore.exceptions import BotoCoreError
+
         r = self._call(key, "get_object", Key=key, Range=f"bytes={start}-{start + length - 1}")
         try:
             data = r["Body"].read(length + 1)
@@ -264,6 +231,75 @@ class Store:
         with self._lock:
             self.received += len(data)
         return data
+
+    # --- GETs signed here (signed.py) -------------------------------------------------
+
+    def _fetch(self, key: str, limit: int, span: tuple[int, int] | None = None) -> bytes:
+        """The whole answer of a signed GET (of span, (first, length), when given), its
+        announced size bounded by limit; an answer cut short is asked again, as boto3's
+        standard retries would."""
+        from urllib3.exceptions import HTTPError  # a body cut short: IncompleteRead
+
+        for attempt in range(PACK_ATTEMPTS):
+            last = attempt + 1 == PACK_ATTEMPTS
+            response = self._answer(key, span)
+            data, size = b"", -1
+            try:
+                size = self._bounded(key, _length(response.headers.get("Content-Length")),
+                                     limit)
+                data = response.read(size + 1)
+            except (HTTPError, OSError) as e:
+                if last:
+                    got = _cut_short(e)
+                    raise (self._failed(e, key) if got is None else StoreFailed(
+                        self._where(key), f"ended after {got} of {size} bytes")) from None
+            finally:
+                _finish(response, len(data) == size)
+            if len(data) == size:
+                with self._lock:
+                    self.received += size
+                return data
+            if len(data) > size or last:
+                raise StoreFailed(self._where(key), f"ended after {len(data)} of {size} bytes"
+                                  if len(data) < size else "longer than the store said")
+            time.sleep(0.1 * 2 ** attempt)
+        raise AssertionError("unreachable")
+
+    def _answer(self, key: str, span: tuple[int, int] | None = None) -> Any:
+        """A signed GET's answer with its body still to read (200, or 206 for a span);
+        a store that is busy (RETRIED) or cannot be reached is tried again."""
+        from urllib3.exceptions import HTTPError
+
+        assert self.signed is not None
+        for attempt in range(PACK_ATTEMPTS):
+            last = attempt + 1 == PACK_ATTEMPTS
+            try:
+                response = self.signed.get(self.url.bucket, key, *(span or (None, None)))
+            except (HTTPError, OSError) as e:
+                if last:
+                    raise self._failed(e, key) from None
+            else:
+                if response.status == (206 if span else 200):
+                    return response
+                try:
+                    if response.status not in RETRIED or last:
+                        raise self._refused(key, response)
+                finally:
+                    _finish(response, False)
+            time.sleep(0.1 * 2 ** attempt)
+        raise AssertionError("unreachable")
+
+    def _refused(self, key: str, response: Any) -> Exception:
+        """The one-line error for a signed GET's answer that is not the object: S3's
+        error document names a code and a message (read bounded: it is the store's)."""
+        text = response.read(ERROR_DOCUMENT, decode_content=False).decode(errors="replace")
+        code, message = _tag(ERROR_CODE, text), _tag(ERROR_MESSAGE, text)
+        if code == "NoSuchBucket":
+            return NoSuchObject(str(self.url), f"no bucket {self.url.bucket}")
+        if response.status == 404:
+            return NoSuchObject(self._where(key), "no such object in the store")
+        why = f"{code}: {one_line(message or code)}" if code else f"HTTP {response.status}"
+        return StoreFailed(self._where(key), f"the store refused: {why}")
 
     def put(self, key: str, data: bytes) -> None:
         self._call(key, "put_object", Key=key, Body=data)
@@ -300,3 +336,51 @@ class Store:
             self._call("", "head_bucket")
         except NoSuchObject:  # _failed's word for a 404
             self._call("", "create_bucket")
+
+
+def _length(value: Any) -> int:
+    """An answer's Content-Length as a number; -1 (refused by _bounded) when it has none."""
+    try:
+        return int(value) if value is not None else -1
+    except ValueError:
+        return -1
+
+
+def _cut_short(e: Exception) -> int | None:
+    """The bytes a body cut short brought (urllib3's IncompleteRead, maybe wrapped in its
+    ProtocolError); None for any other error."""
+    from urllib3.exceptions import IncompleteRead
+
+    for cause in (e, *e.args):
+        if isinstance(cause, IncompleteRead):
+            return int(cause.partial)
+    return None
+
+
+def _tag(pattern: re.Pattern[str], text: str) -> str:
+    found = pattern.search(text)
+    return found.group(1) if found else ""
+
+
+def _read_errors(boto: bool) -> tuple[type[Exception], ...]:
+    """What reading an answer's body raises besides OSError: urllib3's errors (a signed
+    GET's body, and beneath boto3's), and boto3's own."""
+    from urllib3.exceptions import HTTPError
+
+    if not boto:
+        return (HTTPError,)
+    from botocore.exceptions import BotoCoreError
+
+    return (HTTPError, BotoCoreError)
+
+
+def _finish(body: Any, whole: bool) -> None:
+    """Done with an answer's body: a signed GET's connection goes back to the pool when
+    its body was read whole, and is closed otherwise (the rest would be read as the next
+    answer); boto3's body is closed."""
+    if hasattr(body, "release_conn"):
+        if not whole:
+            body.close()
+        body.release_conn()
+    else:
+        body.close()
