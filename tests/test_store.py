@@ -261,6 +261,13 @@ def test_a_pull_killed_at_random_moments_leaves_local_as_it_was_or_whole(
         assert sorted(os.listdir(tmp_path)) == sorted(
             ["seed.imagefs", "tmp", "into.imagefs"] + ["new.imagefs"] * new.exists())
     print(f"\n12 kills of pull (whole pull {whole:.2f} s): {outcomes}")
+    # A killed pull leaves its folder (the bundle it read) in TMPDIR: cleanup --all clears
+    # it, and nothing else there.
+    left = [n for n in os.listdir(tmp_path / "tmp") if n.startswith("imagefs-pull-")]
+    print(f"left by the kills: {len(left)} folders")
+    (tmp_path / "tmp" / "imagefs-pull-1-kept").mkdir()  # pid 1 is alive: not a leftover
+    assert run_imagefs("cleanup", "--all", env=env).returncode == 0
+    assert os.listdir(tmp_path / "tmp") == ["imagefs-pull-1-kept"]
     assert outcomes.get("new absent", 0) + outcomes.get("existing old", 0) > 0, outcomes
 
 

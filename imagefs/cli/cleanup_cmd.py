@@ -20,7 +20,7 @@ def register(sub: Any) -> None:
                     "their staging, like DISM's /Cleanup-Mountpoints. Their changes are "
                     "lost: `imagefs remount` or `imagefs commit` them first to keep them. "
                     "Live sessions are never touched. --all also clears what a killed "
-                    "servicing verb (package, health, firstboot) left behind.",
+                    "servicing verb (package, health, firstboot), push or pull left behind.",
         epilog="examples:\n  imagefs cleanup --all\n  imagefs cleanup 3f9a2c1e",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("target", metavar="SESSION", nargs="?",
@@ -37,10 +37,14 @@ def run(args: argparse.Namespace) -> int:
     with daemon_client(args) as c:
         gone = cleanup(None if args.all else args.target) if c is None else \
             cleanup_through(c, args.target)
-        if c is None and args.all:  # the mount points of servicing verbs that were killed
-            from servicing.transaction import cleanup_workspaces
+        if args.all:  # what killed servicing verbs, pushes and pulls left (this user's)
+            from imagefs.store.scratch import cleanup_scratch
 
-            cleanup_workspaces()
+            cleanup_scratch()
+            if c is None:  # the daemon clears its own servicing workspaces
+                from servicing.transaction import cleanup_workspaces
+
+                cleanup_workspaces()
     if args.json:
         print_json([{"session": i.id, "image": i.image, "index": i.index,
                      "mountpoint": i.mountpoint} for i in gone])

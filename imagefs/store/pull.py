@@ -13,7 +13,6 @@ at any moment leaves LOCAL as it was.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +25,7 @@ from .bundle_file import BundleFile
 from .cache import StoreCache
 from .client import Store, StoreUrl, parse_url
 from .remote import open_index, ref_names
+from .scratch import scratch
 
 
 @dataclass
@@ -51,7 +51,7 @@ def pull(url_text: str, selection: str, dest: str, endpoint: str | None = None,
     names = _selected(store, url, selection)
     if os.path.exists(dest) and not is_image_file(dest):  # before any bundle is fetched
         raise DestinationError(dest, "exists and is not an imagefs image")
-    with tempfile.TemporaryDirectory(prefix="imagefs-pull-") as folder:
+    with scratch("pull") as folder:
         images: list[Image] = []
         bundles = StoreCache(folder)  # the bundles only: a pull's packs go to LOCAL
         try:

@@ -17,7 +17,6 @@ reaches (gc removes them) and every ref as it was or new.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from imagefs.image import Image
 
 from .client import Store, parse_url
 from .layout import BUNDLES, PACKS, REFS, PackObject, Ref, digest_of, encode_bundle, ref_name
+from .scratch import scratch
 
 META_CACHE = 4 << 20
 UPLOADERS = 4  # packs read, hashed and sent at once
@@ -162,7 +162,7 @@ def _bundle_image(image: Image, view: IndexView, used: dict[int, set[ChunkUse]],
             loc = ChunkLoc(pack, c.offset, c.length, c.xxh, c.sha)
             listed.append(loc)
             moved[(pack, c.offset, c.length, c.xxh)] = loc
-    with tempfile.TemporaryDirectory(prefix="imagefs-push-") as tmp:
+    with scratch("push") as tmp:
         path = os.path.join(tmp, "bundle.imagefs")
         ImageFile.create(path, image.file.header.pack_target)
         with ImageFile.open(path, writable=True) as out, Transaction(out, BUNDLE_LEVEL) as tx:
