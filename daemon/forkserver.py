@@ -20,9 +20,10 @@ restart without taking mounts with them.
 The server ends when the daemon closes its end of the socket.
 
 A servicing verb run without a daemon (`imagefs package add IMAGE INDEX ...`) starts one
-of its own, forked from itself (`MountForkServer(fork_here=True)`) before it imports and
-plans anything: the imports a mount needs then run on the other CPU while the verb plans,
-instead of after it (for `package add` of hello, the session is ready ~0.1 s sooner).
+of its own, forked from itself (daemon.forked_server) before it imports and plans
+anything, and adopts it (`MountForkServer(fork_server, started)`): the imports a mount
+needs then run on the other CPU while the verb plans, and the verb asks for its sessions'
+mounts before it plans (servicing.transaction), so that they come up meanwhile.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -45,7 +45,9 @@ from imagefs.errors import INTERNAL_ERROR, Error, MountRefused, SystemFailure
 
 log = logging.getLogger("imagefs.forkserver")
 MAX_REQUEST = 64 << 10
-PR_SET_PDEATHSIG = 1  # prctl(2)
+# Starts a server: the process (a Popen, or what has its poll, wait and kill) and this end of
+# its socket.
+Starter = Callable[[], tuple[Any, socket.socket]]
 ANSWER_TIMEOUT = 60.0  # a mount that is not ready by then has failed (the kernel's INIT
 # alone may take up to fuse.INIT_TIMEOUT, 10 s)
 
@@ -76,28 +78,32 @@ class MountForkServer:
     """The daemon's side: starts the server (again, should it die) and asks it for mounts.
     Blocking and thread-safe: call mount() from a worker thread.
 
-    fork_here: the server is a fork of this process rather than a new interpreter, for a
-    process that has no thread yet (a fork copies no other thread, nor a lock one held)."""
+    starter: how to start the server instead of a new interpreter (daemon.forked_server's
+    fork_server, a fork of this process: made while it has no thread yet, as a fork copies
+    no other thread, nor a lock one held); started: one it already started."""
 
-    def __init__(self, fork_here: bool = False) -> None:
+    def __init__(self, starter: Starter | None = None,
+                 started: tuple[Any, socket.socket] | None = None) -> None:
         self._lock = threading.Lock()
-        self._proc: subprocess.Popen[bytes] | _Forked | None = None
+        self._proc: Any = None  # a Popen, or what starter gave (poll, wait, kill)
         self._sock: socket.socket | None = None
-        self._fork_here = fork_here
+        self._starter = starter
+        if started is not None:
+            self._proc, self._sock = started
 
     def start(self) -> None:
         with self._lock:
             self._start()
 
     def _start(self) -> None:
+        if self._starter is not None:
+            self._proc, self._sock = self._starter()
+            return
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            if self._fork_here:
-                self._proc = _Forked.start(ours, theirs)
-            else:
-                self._proc = subprocess.Popen(
-                    [sys.executable, "-m", "daemon.forkserver", str(theirs.fileno())],
-                    pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, cwd="/")
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "daemon.forkserver", str(theirs.fileno())],
+                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, cwd="/")
         except BaseException:
             ours.close()
             raise
@@ -123,32 +129,22 @@ class MountForkServer:
     def mount(self, request: MountRequest, timeout: float = ANSWER_TIMEOUT) -> dict[str, Any]:
         """Mount as request says; the mount's record (MountRecord.to_json()) once it is
         ready, or the mount's error raised with its exit code."""
+        return self.begin(request, timeout)()
+
+    def begin(self, request: MountRequest, timeout: float = ANSWER_TIMEOUT
+              ) -> Callable[[], dict[str, Any]]:
+        """Ask for the mount and return at once; what it returns waits for the mount to be
+        ready and returns its record (or raises), as mount() does."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        with ours:
-            try:
-                self._send(json.dumps(asdict(request)).encode(), theirs.fileno())
-            except OSError as e:
-                raise MountRefused(f"{request.mountpoint}: the daemon's fork server does "
-                                   f"not answer ({e.strerror or e})") from None
-            finally:
-                theirs.close()
-            ours.settimeout(timeout)
-            data = b""
-            try:
-                while chunk := ours.recv(65536):
-                    data += chunk
-            except TimeoutError:
-                raise MountRefused(f"{request.mountpoint}: the mount was not ready within "
-                                   f"{timeout:.0f} s") from None
         try:
-            answer = json.loads(data)
-        except ValueError:
-            raise MountRefused(f"{request.mountpoint}: the mount's starter died before "
-                               "it answered") from None
-        if "error" in answer:
-            raise MountRefused(str(answer["error"]),
-                               int(answer.get("exit_code") or SystemFailure.exit_code))
-        return dict(answer["record"])
+            self._send(json.dumps(asdict(request)).encode(), theirs.fileno())
+        except OSError as e:
+            ours.close()
+            raise MountRefused(f"{request.mountpoint}: the daemon's fork server does "
+                               f"not answer ({e.strerror or e})") from None
+        finally:
+            theirs.close()
+        return lambda: _answered(request, ours, timeout)
 
     def close(self) -> None:
         """Stop the server (mounts it made go on)."""
@@ -168,64 +164,35 @@ class MountForkServer:
             self._proc = None
 
 
-class _Forked:
-    """The server as a fork of this process: what _stop needs of a Popen."""
+def ready(answer: Callable[[], dict[str, Any]]) -> Callable[[], None]:
+    """answer (MountForkServer.begin's) as a servicing Mounter's wait: its record unused."""
+    def wait() -> None:
+        answer()
 
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.returncode: int | None = None
-
-    @classmethod
-    def start(cls, ours: socket.socket, theirs: socket.socket) -> _Forked:
-        parent = os.getpid()
-        pid = os.fork()
-        if pid:
-            return cls(pid)
-        code = 1
-        try:  # the server: no output of its own on the verb's stdout, no end of its socket
-            _die_with(parent)
-            ours.close()
-            devnull = os.open(os.devnull, os.O_RDWR)
-            os.dup2(devnull, 0)
-            os.dup2(devnull, 1)
-            os.close(devnull)
-            serve(theirs, f"imagefs forkserver (of pid {os.getppid()})")
-            code = 0
-        finally:
-            os._exit(code)  # never the verb's atexit handlers or buffered output
-
-    def poll(self) -> int | None:
-        if self.returncode is None:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-            if pid:
-                self.returncode = os.waitstatus_to_exitcode(status)
-        return self.returncode
-
-    def wait(self, timeout: float | None = None) -> int:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self.poll() is None:
-            if deadline is not None and time.monotonic() > deadline:
-                raise subprocess.TimeoutExpired(f"forkserver {self.pid}", timeout or 0.0)
-            time.sleep(0.005)
-        assert self.returncode is not None
-        return self.returncode
-
-    def kill(self) -> None:
-        if self.poll() is None:
-            os.kill(self.pid, signal.SIGKILL)
+    return wait
 
 
-def _die_with(parent: int) -> None:
-    """SIGKILL this process when parent ends (prctl PR_SET_PDEATHSIG), also while it still
-    imports: a verb killed then leaves no server waiting for its socket's end."""
-    import ctypes
+def _answered(request: MountRequest, ours: socket.socket, timeout: float) -> dict[str, Any]:
+    """The answer to a mount request, read from ours (closed afterwards)."""
+    with ours:
+        ours.settimeout(timeout)
+        data = b""
+        try:
+            while chunk := ours.recv(65536):
+                data += chunk
+        except TimeoutError:
+            raise MountRefused(f"{request.mountpoint}: the mount was not ready within "
+                               f"{timeout:.0f} s") from None
+    try:
+        answer = json.loads(data)
+    except ValueError:
+        raise MountRefused(f"{request.mountpoint}: the mount's starter died before "
+                           "it answered") from None
+    if "error" in answer:
+        raise MountRefused(str(answer["error"]),
+                           int(answer.get("exit_code") or SystemFailure.exit_code))
+    return dict(answer["record"])
 
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:  # it ended before the request took effect
-        os._exit(1)
-
-
-# --- the server process ------------------------------------------------------------------
 
 def serve(sock: socket.socket, title: str = "") -> None:
     """Fork a mount per request until the other end closes."""

@@ -59,9 +59,11 @@ COMMIT_LEVEL = 9
 SUMMARY_PATHS = 20  # paths of each kind (added, removed, changed) kept in a history entry
 
 
-# Mounts index number of the image writable at a mount point (a new session), tied to this
-# process.  The default starts the mount process here; the daemon has its fork server do it.
-Mounter = Callable[[str, int, str], None]
+# Starts mounting index number of the image writable at a mount point (a new session), tied
+# to this process, and returns what waits until that mount is ready (raising if it failed).
+# The default mounts here, before it returns; the daemon and the CLI have a fork server do
+# it, while the verb plans.
+Mounter = Callable[[str, int, str], Callable[[], None]]
 
 
 class Progress(Protocol):
@@ -173,20 +175,29 @@ def service(image_path: str, index_spec: str, change: Change, *,
     before the commit (False: stop, nothing is published; a daemon job's cancel)."""
     progress = progress or _Silent()
     outcome = Outcome(os.path.abspath(image_path), change.verb, dry_run)
-    with Image.open(image_path) as img:
-        chosen = img.select_many(index_spec)
-        if new_index is not None and len(chosen) > 1:
-            raise UsageError("--new-index takes the change of one index; "
-                             f"{index_spec!r} names {len(chosen)}")
-        for number, entry in chosen:
-            progress.step(f"planning index {number} ({entry.name})")
-            plan = _plan(change, IndexRoot(img.view(number)), number, entry.name)
-            outcome.indices.append(IndexOutcome(number, entry.name, plan, root=entry.root))
-    todo = [i for i in outcome.indices if not i.plan.empty() or new_index is not None]
-    if dry_run or not todo:
-        return outcome
-    with _workspace() as place:
-        targets = _open(image_path, todo, place, progress, mounter)
+    with contextlib.ExitStack() as stack:
+        with Image.open(image_path) as img:
+            chosen = img.select_many(index_spec)
+            if new_index is not None and len(chosen) > 1:
+                raise UsageError("--new-index takes the change of one index; "
+                                 f"{index_spec!r} names {len(chosen)}")
+            # Every index's session is mounted while the plans are made (by a fork server,
+            # on the other CPU); one with nothing to do is discarded with the workspace.
+            mounting = ({} if dry_run else
+                        _start(image_path, [(n, e.name) for n, e in chosen],
+                               stack.enter_context(_workspace()), progress, mounter))
+            # However this ends, every mount asked for is made (or failed) before the
+            # workspace is cleared: a mount made after that would outlive it.
+            stack.callback(_settle, mounting.values())
+            for number, entry in chosen:
+                progress.step(f"planning index {number} ({entry.name})")
+                plan = _plan(change, IndexRoot(img.view(number)), number, entry.name)
+                outcome.indices.append(IndexOutcome(number, entry.name, plan,
+                                                    root=entry.root))
+        todo = [i for i in outcome.indices if not i.plan.empty() or new_index is not None]
+        if dry_run or not todo:
+            return outcome
+        targets = [mounting[item.index].wait() for item in todo]
         # Started once every mount process is forked: a fork while another thread runs
         # may copy a lock that thread holds (an import's) into a child that then hangs.
         with _compressing_ahead(image_path, change, todo) as ahead:
@@ -243,8 +254,12 @@ def opened(image_path: str, index_spec: str, mounter: Mounter | None = None
     with Image.open(image_path) as img:
         number, entry = img.select(index_spec)
     with _workspace() as place:
-        item = IndexOutcome(number, entry.name, _NoPlan())
-        yield _open(image_path, [item], place, _Silent(), mounter)[0]
+        mounting = _start(image_path, [(number, entry.name)], place, _Silent(), mounter)
+        try:
+            target = mounting[number].wait()
+        finally:
+            _settle(mounting.values())
+        yield target
 
 
 class _NoPlan:
@@ -308,16 +323,47 @@ def _compressing_ahead(image_path: str, change: Change, todo: list[IndexOutcome]
         ahead.stop()  # after the commit took its packs: nothing left to wait for
 
 
-def _open(image_path: str, todo: list[IndexOutcome], place: str, progress: Progress,
-          mounter: Mounter | None) -> list[Target]:
-    targets = []
-    for item in todo:
-        mnt = os.path.join(place, str(item.index))
+def _start(image_path: str, indices: list[tuple[int, str]], place: str, progress: Progress,
+           mounter: Mounter | None) -> dict[int, _Mounting]:
+    """Start mounting a new session of each index (number, name) in place."""
+    started = {}
+    for number, name in indices:
+        mnt = os.path.join(place, str(number))
         os.mkdir(mnt, 0o700)
-        progress.step(f"opening a session of index {item.index} ({item.name})")
-        (mounter or mount_here)(image_path, item.index, mnt)
-        targets.append(Target(mnt, item.index, item.name, scratch=place))
-    return targets
+        progress.step(f"opening a session of index {number} ({name})")
+        started[number] = _Mounting((mounter or mount_here)(image_path, number, mnt),
+                                    Target(mnt, number, name, scratch=place))
+    return started
+
+
+class _Mounting:
+    """A session's mount, asked for; wait() returns it once it is ready (or raises why it
+    failed), as often as it is asked."""
+
+    def __init__(self, ready: Callable[[], None], target: Target) -> None:
+        self._ready: Callable[[], None] | None = ready
+        self._failed: BaseException | None = None
+        self.target = target
+
+    def wait(self) -> Target:
+        if self._ready is not None:
+            ready, self._ready = self._ready, None
+            try:
+                ready()
+            except BaseException as e:
+                self._failed = e
+                raise
+        if self._failed is not None:
+            raise self._failed
+        return self.target
+
+
+def _settle(mounting: Iterable[_Mounting]) -> None:
+    """Wait until each mount asked for is made or failed (its failure is not this
+    caller's concern: it is cleaning up)."""
+    for m in mounting:
+        with contextlib.suppress(Exception):
+            m.wait()
 
 
 def _unchanged_since_planned(image_path: str, todo: list[IndexOutcome]) -> None:
@@ -330,12 +376,14 @@ def _unchanged_since_planned(image_path: str, todo: list[IndexOutcome]) -> None:
                 raise ChangedWhilePlanned(image_path, f"{item.index} ({item.name})")
 
 
-def mount_here(image_path: str, number: int, mountpoint: str) -> None:
-    """The default Mounter: a session's mount process started by this process."""
+def mount_here(image_path: str, number: int, mountpoint: str) -> Callable[[], None]:
+    """The default Mounter: a session's mount process started by this process (ready when
+    this returns)."""
     from imagefs.session.mounts import start
 
     start(image_path, str(number), mountpoint, [], writable=True, tied_to=os.getpid(),
           volatile=True)
+    return lambda: None
 
 
 def _detach(mnt: str) -> None:

@@ -133,7 +133,8 @@ def run_change(args: argparse.Namespace, image: str | None, index: str | None,
 
 
 @contextmanager
-def own_mounter(dry_run: bool) -> Iterator[Callable[[str, int, str], None] | None]:
+def own_mounter(dry_run: bool
+                ) -> Iterator[Callable[[str, int, str], Callable[[], None]] | None]:
     """The mounts of a transaction run here (no daemon): made by a fork server forked from
     this process now, before it imports and plans anything (daemon.forkserver), so that
     the imports a mount needs overlap the planning.  Its mounts are tied to this process
@@ -142,15 +143,18 @@ def own_mounter(dry_run: bool) -> Iterator[Callable[[str, int, str], None] | Non
     if dry_run:
         yield None
         return
-    from daemon.forkserver import MountForkServer, MountRequest
+    from daemon.forked_server import fork_server
 
-    server = MountForkServer(fork_here=True)
-    server.start()
+    started = fork_server()  # first: the server's imports start now, on the other CPU
+    from daemon.forkserver import MountForkServer, MountRequest, ready
 
-    def mount(image: str, number: int, mountpoint: str) -> None:
-        server.mount(MountRequest(image=os.path.abspath(image), index=str(number),
-                                  mountpoint=mountpoint, writable=True,
-                                  tied_to=os.getpid(), volatile=True))
+    server = MountForkServer(fork_server, started)
+
+    def mount(image: str, number: int, mountpoint: str) -> Callable[[], None]:
+        return ready(server.begin(MountRequest(image=os.path.abspath(image),
+                                               index=str(number), mountpoint=mountpoint,
+                                               writable=True, tied_to=os.getpid(),
+                                               volatile=True)))
 
     try:
         yield mount
