@@ -196,8 +196,8 @@ def _answered(request: MountRequest, ours: socket.socket, timeout: float) -> dic
 
 def serve(sock: socket.socket, title: str = "") -> None:
     """Fork a mount per request until the other end closes."""
-    # Everything a mount process needs, imported once, here.
-    import psutil  # noqa: F401  (a stale session's remount asks whether its pid lives)
+    # Everything a mount process needs, imported once, here (not psutil: only a busy
+    # unmount asks it who holds the mount, in the unmounting process).
     from setproctitle import setproctitle
 
     import imagefs.format.packs  # noqa: F401

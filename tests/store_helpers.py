@@ -170,8 +170,8 @@ class Cluster:
                                                 stderr=log, start_new_session=True,
                                                 cwd=self.folder)
             log.close()
-        probe = Weed.__new__(Weed)
-        probe.endpoint = self.endpoint
+        probe = Weed.__new__(Weed)  # its readiness probe, for this gateway
+        probe.endpoint, probe.secret = self.endpoint, "imagefs-test"
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             dead = [n for n, p in self.procs.items() if p.poll() is not None]
