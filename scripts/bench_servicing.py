@@ -2,8 +2,10 @@
 imagefs transaction beside the same done by hand with wimlib, and listing packages.
 
 On the bookworm-minbase tree, each run on a fresh copy of the image (imagefs) or the LZX WIM:
-  * add hello: imagefs `package add IMAGE 1 hello.deb` (open a session, install with the
-    image's dpkg in its container, check, commit) -> s; wimlib: `wimmountrw --unix-data`,
+  * add hello: imagefs `package add IMAGE 1 hello.deb --no-daemon` (open a session, install
+    with the image's dpkg in its container, check, commit) -> s, and the same through an
+    imagefs daemon started (warm) beforehand, as it runs wherever imagefs.socket is
+    enabled (its own row, beside the same wimlib runs); wimlib: `wimmountrw --unix-data`,
     copy the .deb in, `chroot MNT dpkg -i`, remove the copy, `wimunmount --commit`; plain:
     `wimapply` to a directory, `dpkg --root=DIR -i`, `wimcapture` a new WIM.
   * add jq with its dependencies: imagefs `package add IMAGE 1 jq.deb --repository DEBS`
@@ -23,9 +25,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -75,29 +80,71 @@ def _measure(b: Any, name: str, short: str, src: Path, imagefs: str,
     b.names.setdefault(str(repo), "DEBS")
     hello = [deb("hello")]
     jq = [deb(n) for n in ("jq", "libjq1", "libonig5")]
-    for label, key, debs, extra in (
-            ("add hello", "hello", hello, []),
-            ("add jq (+2 deps from --repository)", "jq", jq, ["--repository", str(repo)])):
-        size = sum(d.stat().st_size for d in debs)
-        t_row = b.row(f"svc.{key}", f"servicing: {label} (s)", "s", target=0.5)
-        g_row = b.row(f"svc.{key}.growth", f"servicing: {label}, growth (MiB; target: bytes)",
-                      "bytes",
-                      targets=[("abs", size + SLACK)])
-        for _run, tool in ((r, t) for r in range(RUNS) for t in PEERS):
-            before, sample, after = _add(b, tool, image, wim, imagefs, debs[:1], debs, extra)
-            timed(t_row, tool, sample)
-            g_row.values[tool] = after - before
+    with _daemon(b, imagefs):
+        _add(b, "daemon", image, wim, imagefs, hello, hello, [])  # warm-up, not counted
+        for label, key, debs, extra in (
+                ("add hello", "hello", hello, []),
+                ("add jq (+2 deps from --repository)", "jq", jq, ["--repository", str(repo)])):
+            size = sum(d.stat().st_size for d in debs)
+            t_row = b.row(f"svc.{key}", f"servicing: {label} (s)", "s", target=0.5)
+            d_row = b.row(f"svc.{key}.daemon", f"servicing: {label}, through a daemon (s)",
+                          "s", target=0.5)
+            g_row = b.row(f"svc.{key}.growth",
+                          f"servicing: {label}, growth (MiB; target: bytes)", "bytes",
+                          targets=[("abs", size + SLACK)])
+            for _run, tool in ((r, t) for r in range(RUNS) for t in (*PEERS, "daemon")):
+                before, sample, after = _add(b, tool, image, wim, imagefs, debs[:1], debs,
+                                             extra)
+                if tool == "daemon":
+                    timed(d_row, "imagefs", sample)
+                    continue
+                timed(t_row, tool, sample)
+                if tool == "wimlib":  # the daemon's row is beside the same wimlib runs
+                    timed(d_row, tool, sample)
+                g_row.values[tool] = after - before
     _measure_list(b, image, wim, imagefs, timed)
+
+
+@contextmanager
+def _daemon(b: Any, imagefs: str) -> Iterator[None]:
+    """An imagefs daemon of the bench's own (its socket in the work dir, its sessions in
+    svc-state): `package add` then goes through it (its fork server mounts the session),
+    as it does wherever imagefs.socket is enabled; one add, not counted, warms it (its
+    first job imports the servicing modules).  Stopped afterwards with SIGTERM, by its
+    pid."""
+    sock = b.work / "svc-daemon.sock"
+    env = {**os.environ, "IMAGEFS_SOCKET": str(sock)}
+    proc = subprocess.Popen([imagefs, "daemon"], cwd=b.work, env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"imagefs daemon did not start (exit {proc.poll()})")
+            time.sleep(0.05)
+        b.names.setdefault(str(sock), "SOCK")
+        yield
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def _add(b: Any, tool: str, image: str, wim: str, imagefs: str, first: list[Path],
          debs: list[Path], extra: list[str]) -> tuple[int, float, int]:
-    """One add by tool on a fresh copy: (size before, seconds, size after)."""
-    if tool == "imagefs":
+    """One add by tool on a fresh copy: (size before, seconds, size after).  imagefs runs
+    without a daemon; daemon, imagefs through the bench's daemon (_daemon)."""
+    if tool in ("imagefs", "daemon"):
         shutil.copyfile(b.work / image, b.work / "svc.imagefs")
         before = b.size("svc.imagefs")
-        s = b.run([imagefs, "package", "add", "svc.imagefs", "1", *map(str, first), *extra,
-                   "--no-daemon"])
+        how = (["--daemon"] if tool == "daemon" else ["--no-daemon"])
+        s = b.run([*(["env", f"IMAGEFS_SOCKET={b.work / 'svc-daemon.sock'}"]
+                     if tool == "daemon" else []),
+                   imagefs, "package", "add", "svc.imagefs", "1", *map(str, first), *extra,
+                   *how])
         return before, s.seconds, b.size("svc.imagefs")
     shutil.copyfile(b.work / wim, b.work / "svc.wim")
     before = b.size("svc.wim")
