@@ -17,6 +17,7 @@ from imagefs.format import layout as F
 from imagefs.format.commit_record import Commit, IndexEntry
 from imagefs.format.container import ImageFile
 from imagefs.format.files import open_regular
+from imagefs.format.packs import PackReader
 from imagefs.format.view import IndexView
 
 from .capture import TreeCapture
@@ -104,9 +105,9 @@ class Image:
             ],
         }
 
-    def view(self, spec: str | int) -> IndexView:
+    def view(self, spec: str | int, packs: PackReader | None = None) -> IndexView:
         number, entry = self.select(spec)
-        return IndexView(self.file, number, entry)
+        return IndexView(self.file, number, entry, packs=packs)
 
 
 def find_index(indices: list[IndexEntry], spec: str | int, by_number: bool = True

@@ -25,10 +25,8 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -107,30 +105,16 @@ def _measure(b: Any, name: str, short: str, src: Path, imagefs: str,
 
 @contextmanager
 def _daemon(b: Any, imagefs: str) -> Iterator[None]:
-    """An imagefs daemon of the bench's own (its socket in the work dir, its sessions in
-    svc-state): `package add` then goes through it (its fork server mounts the session),
-    as it does wherever imagefs.socket is enabled; one add, not counted, warms it (its
-    first job imports the servicing modules).  Stopped afterwards with SIGTERM, by its
-    pid."""
-    sock = b.work / "svc-daemon.sock"
-    env = {**os.environ, "IMAGEFS_SOCKET": str(sock)}
-    proc = subprocess.Popen([imagefs, "daemon"], cwd=b.work, env=env, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 30
-        while not sock.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"imagefs daemon did not start (exit {proc.poll()})")
-            time.sleep(0.05)
+    """An imagefs daemon of the bench's own (bench_daemon.daemon_child: its socket in the
+    work dir, its sessions in svc-state, stopped by its pid): `package add` then goes
+    through it (its fork server mounts the session), as it does wherever imagefs.socket is
+    enabled.  One add, not counted, warms it (its first job imports the servicing
+    modules)."""
+    from bench_daemon import daemon_child
+
+    with daemon_child(imagefs, b.work, dict(os.environ)) as sock:
         b.names.setdefault(str(sock), "SOCK")
         yield
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _add(b: Any, tool: str, image: str, wim: str, imagefs: str, first: list[Path],
@@ -141,7 +125,7 @@ def _add(b: Any, tool: str, image: str, wim: str, imagefs: str, first: list[Path
         shutil.copyfile(b.work / image, b.work / "svc.imagefs")
         before = b.size("svc.imagefs")
         how = (["--daemon"] if tool == "daemon" else ["--no-daemon"])
-        s = b.run([*(["env", f"IMAGEFS_SOCKET={b.work / 'svc-daemon.sock'}"]
+        s = b.run([*(["env", f"IMAGEFS_SOCKET={b.work / 'daemon.sock'}"]
                      if tool == "daemon" else []),
                    imagefs, "package", "add", "svc.imagefs", "1", *map(str, first), *extra,
                    *how])

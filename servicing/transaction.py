@@ -38,6 +38,8 @@ from imagefs.errors import (
     UsageError,
     one_line,
 )
+from imagefs.format.decoded import decoded_packs
+from imagefs.format.packs import PackReader
 from imagefs.image import Image, find_index
 from imagefs.places import run_dir
 
@@ -189,9 +191,11 @@ def service(image_path: str, index_spec: str, change: Change, *,
             # However this ends, every mount asked for is made (or failed) before the
             # workspace is cleared: a mount made after that would outlive it.
             stack.callback(_settle, mounting.values())
+            # The plan's reads keep the packs they decompress for the mounts (decoded.py).
+            packs = PackReader(img.file, decoded=decoded_packs())
             for number, entry in chosen:
                 progress.step(f"planning index {number} ({entry.name})")
-                plan = _plan(change, IndexRoot(img.view(number)), number, entry.name)
+                plan = _plan(change, IndexRoot(img.view(number, packs)), number, entry.name)
                 outcome.indices.append(IndexOutcome(number, entry.name, plan,
                                                     root=entry.root))
         todo = [i for i in outcome.indices if not i.plan.empty() or new_index is not None]

@@ -19,6 +19,7 @@ import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import xxhash
 
@@ -28,6 +29,9 @@ from . import layout as F
 from .commit_record import Commit
 from .container import ImageFile, compressor
 from .lru import WeightedLRU
+
+if TYPE_CHECKING:
+    from .decoded import DecodedPacks
 
 
 def fast_hash(data: bytes | memoryview) -> bytes:
@@ -332,8 +336,11 @@ class PackReader:
     pack wait for the first one's result instead of decompressing it again.  A chunk's xxh3
     is checked the first time it is read from a cached pack, not on every read of it."""
 
-    def __init__(self, image: ImageFile, cache_bytes: int = 256 << 20) -> None:
+    def __init__(self, image: ImageFile, cache_bytes: int = 256 << 20,
+                 decoded: DecodedPacks | None = None) -> None:
         self.image = image
+        # where decompressed packs are kept for other processes (decoded.py), or None
+        self.decoded = decoded
         # at least two of the file's largest packs, so that reading on across a pack's end
         # never decompresses one twice (8 MiB packs of the compact profile, a small cache)
         largest = image.header.pack_target + image.header.chunk_max
@@ -366,8 +373,7 @@ class PackReader:
                     break
             ev.wait()
         try:
-            raw = self.image.read_frame(pack, F.KIND_PACK)
-            self.decompressions += 1
+            raw = self._decompressed(pack)
             with self._lock:
                 for gone in self._cache.put(pack, raw):
                     self._verified.pop(gone, None)
@@ -378,6 +384,23 @@ class PackReader:
             with self._lock:
                 del self._inflight[pack]
             ev.set()
+
+    def _decompressed(self, pack: int) -> bytes:
+        """The pack's bytes: from the kept packs when they hold it, else decompressed (and
+        kept there)."""
+        if self.decoded is None:
+            self.decompressions += 1
+            return self.image.read_frame(pack, F.KIND_PACK)
+        info, stored = self.image.read_stored(pack, F.KIND_PACK)
+        if info.codec == F.CODEC_STORED:
+            return stored
+        name = self.decoded.name(stored)
+        raw = self.decoded.load(name, info.raw)
+        if raw is None:
+            self.decompressions += 1
+            raw = self.image.decode_payload(info, stored)
+            self.decoded.keep(name, raw)
+        return raw
 
     def read_chunk(self, pack: int, offset: int, length: int, xxh: bytes) -> bytes:
         return self.checked(pack, offset, length, xxh)[offset:offset + length]

@@ -125,6 +125,7 @@ class Session:
     @classmethod
     def _assemble(cls, info: SessionInfo, img: Image, staging: Staging,
                   cache: int | None) -> Session:
+        from imagefs.format.decoded import decoded_packs
         from imagefs.format.packs import PackReader
         from imagefs.format.records import MetaReader
         from imagefs.format.view import IndexView
@@ -142,7 +143,7 @@ class Session:
                          meta=MetaReader(img.file, META_CACHE),
                          packs=PackReader(img.file, cache_bytes=pack_cache(
                              cache, img.file.header, TRANSACTION_CACHE if info.volatile
-                             else None)))
+                             else None), decoded=decoded_packs() if info.volatile else None))
         base = IndexTree(view, inode_cache_weight=INODE_CACHE_WEIGHT)
         nodes = staging.load_nodes()
         counts = Counts(**meta["counts"])  # type: ignore[arg-type]

@@ -1,0 +1,97 @@
+"""Decompressed packs kept between servicing transactions (imagefs/format/decoded.py): a
+second reader, in a copy of the image too, decompresses nothing; a kept file that is
+damaged is not used; the folder stays within its bound; a transaction keeps what its plan
+and its mount decompressed."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import run_imagefs
+
+from imagefs.format.decoded import CHECK, DecodedPacks
+from imagefs.format.packs import PackReader
+from imagefs.image import Image
+from imagefs.places import run_dir
+
+DEBS = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures" / "debs"
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An image whose files span several packs (1 MiB each)."""
+    base = tmp_path_factory.mktemp("decoded")
+    tree = base / "tree"
+    tree.mkdir()
+    rng = random.Random(7)
+    for i in range(40):  # 4 MiB, half of it compressible
+        (tree / f"f{i:02d}").write_bytes(rng.randbytes(50_000) + bytes(50_000))
+    run_imagefs("capture", tree, base / "a.imagefs", "--name", "t")
+    return base / "a.imagefs"
+
+
+def read_all(path: Path, decoded: DecodedPacks | None) -> tuple[dict[str, bytes], int]:
+    """Every file's bytes through a fresh PackReader; and how many packs it decompressed."""
+    with Image.open(str(path)) as img:
+        packs = PackReader(img.file, decoded=decoded)
+        view = img.view(1, packs)
+        root = view.root()
+        out = {name.decode(): bytes(view.read(view.get(ref), 0, 1 << 30))
+               for name, _kind, ref in root.entries}
+        return out, packs.decompressions
+
+
+def test_a_second_reader_decompresses_nothing_even_in_a_copy(image: Path,
+                                                            tmp_path: Path) -> None:
+    kept = DecodedPacks(str(tmp_path / "kept"))
+    first, n = read_all(image, kept)
+    assert n >= 3 and len(os.listdir(tmp_path / "kept" / "packs")) == n
+    again, m = read_all(image, kept)
+    assert (again, m) == (first, 0)
+    copy = tmp_path / "copy.imagefs"
+    shutil.copyfile(image, copy)
+    assert read_all(copy, kept) == (first, 0)  # named by the stored bytes, not the file
+    assert read_all(image, None) == (first, n)  # and what it read is what the image holds
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "garbage"])
+def test_a_damaged_kept_pack_is_not_used(image: Path, tmp_path: Path, damage: str) -> None:
+    kept = DecodedPacks(str(tmp_path / "kept"))
+    first, n = read_all(image, kept)
+    victim = sorted((tmp_path / "kept" / "packs").iterdir())[0]
+    data = bytearray(victim.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0x01
+    elif damage == "truncate":
+        del data[-CHECK - 1:]
+    else:
+        data = bytearray(os.urandom(len(data)))
+    victim.write_bytes(bytes(data))
+    assert read_all(image, kept) == (first, 1)  # that one decompressed again, and right
+
+
+def test_the_folder_stays_within_its_bound(image: Path, tmp_path: Path) -> None:
+    kept = DecodedPacks(str(tmp_path / "kept"), limit=1 << 20)
+    kept.put("a" * 64, bytes(700_000))
+    kept.put("b" * 64, bytes(700_000))
+    kept.evict()
+    sizes = [p.stat().st_size for p in (tmp_path / "kept" / "packs").iterdir()]
+    assert sum(sizes) <= 1 << 20 and len(sizes) == 1
+    assert kept.load("b" * 64, 700_000 - CHECK) is None  # not a kept pack: no check
+    assert DecodedPacks(str(tmp_path / "small"), limit=1 << 40).limit < 1 << 40  # free/4
+
+
+def test_a_transaction_keeps_what_it_decompressed(minbase_image: Path,
+                                                  tmp_path: Path) -> None:
+    folder = Path(run_dir()) / "decoded" / "packs"
+    shutil.rmtree(folder.parent, ignore_errors=True)
+    image = tmp_path / "svc.imagefs"
+    shutil.copyfile(minbase_image, image)
+    run_imagefs("package", "add", image, "1", DEBS / "hello_2.10-3_amd64.deb", "--no-daemon")
+    kept = len(os.listdir(folder))
+    assert kept >= 10, kept  # dpkg's own packs, the database's, the libraries'
+    assert "OK" in run_imagefs("verify", image).stdout.decode()
