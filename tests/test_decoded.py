@@ -95,3 +95,16 @@ def test_a_transaction_keeps_what_it_decompressed(minbase_image: Path,
     kept = len(os.listdir(folder))
     assert kept >= 10, kept  # dpkg's own packs, the database's, the libraries'
     assert "OK" in run_imagefs("verify", image).stdout.decode()
+
+
+def test_a_folder_others_may_write_is_not_used(tmp_path: Path) -> None:
+    folder = tmp_path / "kept"
+    (folder / "packs").mkdir(parents=True)
+    os.chmod(folder / "packs", 0o777)
+    with pytest.raises(PermissionError):
+        DecodedPacks(str(folder))
+    os.chmod(folder / "packs", 0o700)
+    os.symlink(folder, tmp_path / "link")
+    with pytest.raises(PermissionError):
+        DecodedPacks(str(tmp_path / "link"))
+    assert DecodedPacks(str(folder)).folder == str(folder)

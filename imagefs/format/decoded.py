@@ -11,7 +11,8 @@ in a copy of the image, or in another image, is the same file, and no other byte
 claim its name.  It holds the decompressed bytes and their xxh3-128, checked when it is
 read back; the chunks are still checked against the index's own xxh3-128 as they are read
 (packs.PackReader), as for every pack.  The folder is the user's (0700), bounded by
-LIMIT, and never more than a quarter of what its filesystem has free.
+LIMIT, and never more than a quarter of what its filesystem has free; a folder that is not
+the user's own, or that others may write, is not used.
 """
 
 from __future__ import annotations
@@ -35,8 +36,13 @@ class DecodedPacks(FolderCache):
 
     def __init__(self, folder: str | None = None, limit: int = LIMIT) -> None:
         super().__init__(folder or os.path.join(run_dir(), "decoded"), limit, "packs")
-        st = os.statvfs(self.folder)
-        self.limit = min(limit, st.f_bavail * st.f_frsize // 4)
+        for path in (self.folder, os.path.join(self.folder, self.kind)):
+            st = os.lstat(path)  # not one another user made for us to read from
+            if st.st_uid != os.geteuid() or st.st_mode & 0o022 or not os.path.isdir(path) \
+                    or os.path.islink(path):
+                raise PermissionError(f"{path}: not this user's own folder")
+        fs = os.statvfs(self.folder)
+        self.limit = min(limit, fs.f_bavail * fs.f_frsize // 4)
 
     @staticmethod
     def name(stored: bytes) -> str:
