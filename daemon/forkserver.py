@@ -164,14 +164,6 @@ class MountForkServer:
             self._proc = None
 
 
-def ready(answer: Callable[[], dict[str, Any]]) -> Callable[[], None]:
-    """answer (MountForkServer.begin's) as a servicing Mounter's wait: its record unused."""
-    def wait() -> None:
-        answer()
-
-    return wait
-
-
 def _answered(request: MountRequest, ours: socket.socket, timeout: float) -> dict[str, Any]:
     """The answer to a mount request, read from ours (closed afterwards)."""
     with ours:

@@ -24,7 +24,7 @@ from imagefs.places import state_dir
 
 from .access import IMAGE, READ, WRITE, check_path, path_param
 from .calls import history_who, job_answer
-from .forkserver import MountRequest, ready
+from .forkserver import MountRequest
 from .jobs import JobContext
 from .protocol import INVALID_PARAMS, RpcError
 from .rpc import Call, optional
@@ -88,16 +88,16 @@ async def where(call: Call, method: str, image: str | None, index: int | str | N
     return None, info.mountpoint
 
 
-def fork_server_mounter(call: Call) -> Callable[[str, int, str], Callable[[], None]]:
+def fork_server_mounter(call: Call) -> Callable[[str, int, str], Callable[[], object]]:
     """servicing.transaction.Mounter: the caller's new session, mounted by the fork
     server and tied to the daemon's process."""
     confined = [] if call.peer.is_root else ["nosuid,nodev"]
 
-    def mount(image: str, number: int, mountpoint: str) -> Callable[[], None]:
-        return ready(call.daemon.fork_server.begin(MountRequest(
+    def mount(image: str, number: int, mountpoint: str) -> Callable[[], object]:
+        return call.daemon.fork_server.begin(MountRequest(
             image=image, index=str(number), mountpoint=mountpoint, options=confined,
             writable=True, owner=call.peer.uid, state_dir=state_dir(),
-            tied_to=os.getpid(), volatile=True)))
+            tied_to=os.getpid(), volatile=True))
 
     return mount
 

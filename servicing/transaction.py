@@ -65,7 +65,7 @@ SUMMARY_PATHS = 20  # paths of each kind (added, removed, changed) kept in a his
 # to this process, and returns what waits until that mount is ready (raising if it failed).
 # The default mounts here, before it returns; the daemon and the CLI have a fork server do
 # it, while the verb plans.
-Mounter = Callable[[str, int, str], Callable[[], None]]
+Mounter = Callable[[str, int, str], Callable[[], object]]
 
 
 class Progress(Protocol):
@@ -344,8 +344,8 @@ class _Mounting:
     """A session's mount, asked for; wait() returns it once it is ready (or raises why it
     failed), as often as it is asked."""
 
-    def __init__(self, ready: Callable[[], None], target: Target) -> None:
-        self._ready: Callable[[], None] | None = ready
+    def __init__(self, ready: Callable[[], object], target: Target) -> None:
+        self._ready: Callable[[], object] | None = ready
         self._failed: BaseException | None = None
         self.target = target
 
@@ -380,7 +380,7 @@ def _unchanged_since_planned(image_path: str, todo: list[IndexOutcome]) -> None:
                 raise ChangedWhilePlanned(image_path, f"{item.index} ({item.name})")
 
 
-def mount_here(image_path: str, number: int, mountpoint: str) -> Callable[[], None]:
+def mount_here(image_path: str, number: int, mountpoint: str) -> Callable[[], object]:
     """The default Mounter: a session's mount process started by this process (ready when
     this returns)."""
     from imagefs.session.mounts import start

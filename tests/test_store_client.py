@@ -1,4 +1,4 @@
-"""Store.get_pack against a hostile HTTP server on loopback (no SeaweedFS needed): with
+"""Store.get of a pack against a hostile HTTP server on loopback (no SeaweedFS needed): with
 credentials in the environment a GET is signed here and sent by urllib3 (signed.py), so
 what boto3 would catch is ours to catch: a body cut short, a size past the bound, 404, and
 5xx answers retried, then one line."""
@@ -63,30 +63,30 @@ def store(monkeypatch: pytest.MonkeyPatch) -> Iterator[Store]:
 
 
 def test_a_pack_is_read_whole(store: Store) -> None:
-    assert store.get_pack("site/packs/ok", len(BODY)) == BODY
+    assert store.get("site/packs/ok", len(BODY)) == BODY
     assert store.received == len(BODY)
 
 
 def test_a_body_cut_short_is_tried_again_then_named(store: Store) -> None:
     with pytest.raises(StoreFailed) as e:
-        store.get_pack("site/packs/short", len(BODY))
+        store.get("site/packs/short", len(BODY))
     assert e.value.message() == ("s3://bucket/site/packs/short: ended after 100 of 1100 bytes")
     assert Hostile.asked == ["short"] * PACK_ATTEMPTS
 
 
 def test_a_size_past_the_bound_is_refused_before_the_body(store: Store) -> None:
     with pytest.raises(StoreFailed, match="more than the 1100 such an object may hold"):
-        store.get_pack("site/packs/huge", len(BODY))
+        store.get("site/packs/huge", len(BODY))
     assert Hostile.asked == ["huge"]
 
 
 def test_a_missing_pack_is_not_found_at_once(store: Store) -> None:
     with pytest.raises(NoSuchObject):
-        store.get_pack("site/packs/gone", len(BODY))
+        store.get("site/packs/gone", len(BODY))
     assert Hostile.asked == ["gone"]
 
 
 def test_a_busy_store_is_tried_again_then_named(store: Store) -> None:
     with pytest.raises(StoreFailed, match="the store refused: HTTP 503"):
-        store.get_pack("site/packs/busy", len(BODY))
+        store.get("site/packs/busy", len(BODY))
     assert Hostile.asked == ["busy"] * PACK_ATTEMPTS

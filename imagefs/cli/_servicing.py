@@ -134,9 +134,9 @@ def run_change(args: argparse.Namespace, image: str | None, index: str | None,
 
 @contextmanager
 def own_mounter(dry_run: bool
-                ) -> Iterator[Callable[[str, int, str], Callable[[], None]] | None]:
+                ) -> Iterator[Callable[[str, int, str], Callable[[], object]] | None]:
     """The mounts of a transaction run here (no daemon): made by a fork server forked from
-    this process now, before it imports and plans anything (daemon.forkserver), so that
+    this process now, before it imports and plans anything (daemon.forked_server), so that
     the imports a mount needs overlap the planning.  Its mounts are tied to this process
     and are volatile sessions, as servicing.transaction's own would be; the server ends
     with the block.  None for a dry run, which mounts nothing."""
@@ -146,15 +146,14 @@ def own_mounter(dry_run: bool
     from daemon.forked_server import fork_server
 
     started = fork_server()  # first: the server's imports start now, on the other CPU
-    from daemon.forkserver import MountForkServer, MountRequest, ready
+    from daemon.forkserver import MountForkServer, MountRequest
 
     server = MountForkServer(fork_server, started)
 
-    def mount(image: str, number: int, mountpoint: str) -> Callable[[], None]:
-        return ready(server.begin(MountRequest(image=os.path.abspath(image),
-                                               index=str(number), mountpoint=mountpoint,
-                                               writable=True, tied_to=os.getpid(),
-                                               volatile=True)))
+    def mount(image: str, number: int, mountpoint: str) -> Callable[[], object]:
+        return server.begin(MountRequest(image=os.path.abspath(image), index=str(number),
+                                         mountpoint=mountpoint, writable=True,
+                                         tied_to=os.getpid(), volatile=True))
 
     try:
         yield mount

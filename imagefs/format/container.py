@@ -330,8 +330,12 @@ class ImageFile:
                 raise CorruptImage(self.path, f"{where}: zstd frame size differs from header")
 
     def decode_payload(self, info: FrameInfo, payload: bytes) -> bytes:
-        where = f"{_KIND_WORDS[info.kind]} at offset {info.offset}"
         self._check_stored(info, payload)
+        return self.decode_checked(info, payload)
+
+    def decode_checked(self, info: FrameInfo, payload: bytes) -> bytes:
+        """decode_payload of a payload read_stored returned (already checked)."""
+        where = f"{_KIND_WORDS[info.kind]} at offset {info.offset}"
         if info.codec == F.CODEC_STORED:
             return payload
         try:

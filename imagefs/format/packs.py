@@ -398,7 +398,7 @@ class PackReader:
         raw = self.decoded.load(name, info.raw)
         if raw is None:
             self.decompressions += 1
-            raw = self.image.decode_payload(info, stored)
+            raw = self.image.decode_checked(info, stored)
             self.decoded.keep(name, raw)
         return raw
 

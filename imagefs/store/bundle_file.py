@@ -92,7 +92,7 @@ class BundleFile(ImageFile):
         """Fetch, check and cache one pack object: on a fetching thread for the packs
         ahead, so that the reader's thread only decompresses (an apply of web from a
         store spent 0.3 s of it hashing)."""
-        data = self.store.get_pack(self.store.url.key(PACKS, obj.sha256), obj.size)
+        data = self.store.get(self.store.url.key(PACKS, obj.sha256), obj.size)
         with self._ahead_lock:
             self.fetched += 1
         if len(data) != obj.size or digest_of(data) != obj.sha256:

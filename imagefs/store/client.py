@@ -31,8 +31,8 @@ ENDPOINT_ENV = "IMAGEFS_S3_ENDPOINT"
 BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]\Z")  # S3's rules for new buckets
 PREFIX_PART = re.compile(r"[A-Za-z0-9._=+@,-]{1,200}\Z")
 CHUNK = 1 << 20  # bytes read from a response at a time
-PACK_ATTEMPTS = 3  # get_pack's tries, as the client's standard retry mode makes
-RETRIED = (429, 500, 502, 503, 504)  # answers that get_pack tries again
+PACK_ATTEMPTS = 3  # a signed GET's tries, as the client's standard retry mode makes
+RETRIED = (429, 500, 502, 503, 504)  # answers that a signed GET tries again
 ERROR_DOCUMENT = 4096  # bytes of an S3 error document read for its code and message
 ERROR_CODE = re.compile(r"<Code>([^<]{1,100})</Code>")
 ERROR_MESSAGE = re.compile(r"<Message>([^<]{1,300})</Message>")
@@ -204,12 +204,6 @@ class Store:
             raise self._failed(e, key) from None
         finally:
             _finish(body, got == size)
-
-    def get_pack(self, key: str, limit: int) -> bytes:
-        """A pack object's bytes (bounded, as get).  A pack is the many-times-over request
-        of reading an index from a store: signed here (signed.py) when it can be, its body
-        cut short tried again."""
-        return self.get(key, limit)
 
     def get_range(self, key: str, start: int, length: int) -> bytes:
         """length bytes of the object from start (fewer if it ends before)."""
