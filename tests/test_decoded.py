@@ -12,13 +12,12 @@ from pathlib import Path
 
 import pytest
 from conftest import run_imagefs
+from servicing_helpers import HELLO, NEEDS_DEBS
 
 from imagefs.format.decoded import CHECK, DecodedPacks
 from imagefs.format.packs import PackReader
 from imagefs.image import Image
 from imagefs.places import run_dir
-
-DEBS = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures" / "debs"
 
 
 @pytest.fixture(scope="module")
@@ -85,13 +84,14 @@ def test_the_folder_stays_within_its_bound(image: Path, tmp_path: Path) -> None:
     assert DecodedPacks(str(tmp_path / "small"), limit=1 << 40).limit < 1 << 40  # free/4
 
 
+@NEEDS_DEBS
 def test_a_transaction_keeps_what_it_decompressed(minbase_image: Path,
                                                   tmp_path: Path) -> None:
     folder = Path(run_dir()) / "decoded" / "packs"
     shutil.rmtree(folder.parent, ignore_errors=True)
     image = tmp_path / "svc.imagefs"
     shutil.copyfile(minbase_image, image)
-    run_imagefs("package", "add", image, "1", DEBS / "hello_2.10-3_amd64.deb", "--no-daemon")
+    run_imagefs("package", "add", image, "1", HELLO, "--no-daemon")
     kept = len(os.listdir(folder))
     assert kept >= 10, kept  # dpkg's own packs, the database's, the libraries'
     assert "OK" in run_imagefs("verify", image).stdout.decode()
