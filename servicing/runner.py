@@ -42,6 +42,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from imagefs.errors import Busy, SystemFailure, UsageError
+from imagefs.mount.cpu import on_cpu, pinned_cpu
+from imagefs.mount.registry import record_for
 
 BWRAP = "bwrap"
 POLICY_RC_D = "policy-rc.d"  # in usr/sbin
@@ -115,13 +117,21 @@ def run(root: str | os.PathLike[str], argv: Sequence[str], *,
         raise SystemFailure(BWRAP, "not found; install the Debian package bubblewrap")
     cmd = [*bwrap_argv(bwrap, root, {**service_env(), **(env or {})}, binds),
            "/bin/sh", "-c", "printf '\\036imagefs-started\\n' >&2; exec \"$@\"", "sh", *argv]
-    with _locked(root), _policy_rc_d(root):
+    with _locked(root), _policy_rc_d(root), on_cpu(_served_on(root)):
         out, err, code = _communicate(root, argv, cmd, input, timeout)
     mine, started, theirs = err.partition(STARTED)
     if not started:
         first = mine.decode(errors="replace").strip().splitlines() or [f"exit code {code}"]
         raise SystemFailure(BWRAP, f"cannot start the container at {root}: {first[0]}")
     return Completed(argv, code, out, mine + theirs)
+
+
+def _served_on(root: str) -> int | None:
+    """The CPU a servicing transaction's mount of root runs on (imagefs.mount.cpu): the
+    container runs there too, so that each of its requests to the mount is a context
+    switch rather than two wakeups of another CPU.  None for any other root."""
+    rec = record_for(root)
+    return pinned_cpu(rec.pid) if rec is not None and rec.pid > 0 else None
 
 
 def bwrap_argv(bwrap: str, root: str, env: Mapping[str, str],

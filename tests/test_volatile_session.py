@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 from conftest import copy_image, run_imagefs
 
+from imagefs.mount.registry import record_for
 from imagefs.session.content import FileContent
 from imagefs.session.lifecycle import find_session
 from imagefs.session.staging import Staging
+from servicing.runner import run
 from servicing.transaction import opened
 
 
@@ -64,5 +66,48 @@ def test_servicing_sessions_are_volatile_and_others_are_not(minbase_image: Path,
     run_imagefs("mount", "--rw", "--no-daemon", image, "1", mnt)
     try:
         assert not find_session(str(mnt)).volatile
+    finally:
+        run_imagefs("unmount", mnt, "--discard")
+
+
+def _cpus_of(pid: int) -> set[str]:
+    """The CPUs each thread of pid may run on, as /proc says (one entry per thread)."""
+    found = set()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+        found.add(next(ln.split()[1] for ln in status.splitlines()
+                       if ln.startswith("Cpus_allowed_list:")))
+    return found
+
+
+def _in_container(root: str) -> str:
+    out = run(root, ["sh", "-c", "grep Cpus_allowed_list /proc/self/status"])
+    assert out.returncode == 0, out.stderr
+    return out.stdout.decode().split()[1]
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("fusermount3") is None
+                    or len(os.sched_getaffinity(0)) < 2, reason="needs root, FUSE, 2 CPUs")
+def test_a_transactions_mount_and_its_container_share_one_cpu(minbase_image: Path,
+                                                              tmp_path: Path) -> None:
+    """mount/cpu.py: each transaction's mount process, every thread of it, is pinned to
+    one CPU, a second transaction's to another; the programs run in it run there too,
+    and the caller's own CPUs are as they were.  A user's writable session is left alone."""
+    before = os.sched_getaffinity(0)
+    image = copy_image(minbase_image, tmp_path / "m.imagefs")
+    with opened(str(image), "1") as first, opened(str(image), "1") as second:
+        pids = [record_for(t.root).pid for t in (first, second)]  # type: ignore[union-attr]
+        cpus = [_cpus_of(pid) for pid in pids]
+        assert all(len(c) == 1 for c in cpus) and cpus[0] != cpus[1], cpus
+        for target, cpu in zip((first, second), cpus, strict=True):
+            assert {_in_container(target.root)} == cpu
+            assert os.sched_getaffinity(0) == before
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    run_imagefs("mount", "--rw", "--no-daemon", image, "1", mnt)
+    try:
+        (everything,) = _cpus_of(record_for(str(mnt)).pid)  # type: ignore[union-attr]
+        assert "-" in everything or "," in everything  # not pinned: more than one CPU
+        assert _in_container(str(mnt)) == everything
     finally:
         run_imagefs("unmount", mnt, "--discard")

@@ -50,6 +50,7 @@ from imagefs.errors import CorruptImage  # noqa: E402
 from imagefs.format import layout as F  # noqa: E402
 from imagefs.format.packs import PackReader  # noqa: E402
 
+from .cpu import pin_here  # noqa: E402
 from .prefill import PageFiller  # noqa: E402
 from .tree import IndexTree, Refusal  # noqa: E402
 
@@ -100,6 +101,9 @@ class BaseOperations(pyfuse3.Operations):
     # that wait is spent polling without sleeping
     drain_wait_us = DRAIN_WAIT_US
     drain_spin_us = DRAIN_SPIN_US
+    # a servicing transaction's mount: on one CPU with the programs it serves (cpu.py), so
+    # it never polls for their next request, which would keep them from running
+    shares_cpu = False
 
     def __init__(self, label: str) -> None:
         super().__init__()
@@ -438,9 +442,11 @@ def serve(ops: BaseOperations, mountpoint: str, options: set[str],
     always will (a file opened before the readahead change would keep 128 KiB).  With
     tied_to, the mount also ends when that process does (a servicing verb's mounts must not
     outlive it, also when it is killed)."""
+    if ops.shares_cpu:
+        pin_here()
     if _fuseshim is not None:
         _fuseshim.configure(*ops.shim_handlers())
-        _fuseshim.set_drain_wait(ops.drain_wait_us, ops.drain_spin_us)
+        _fuseshim.set_drain_wait(ops.drain_wait_us, 0 if ops.shares_cpu else ops.drain_spin_us)
     shim.say_once(ops.label)  # the one line saying the fast paths are off, and why
     pyfuse3.init(ops, mountpoint, options)
     try:

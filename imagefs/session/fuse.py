@@ -35,13 +35,6 @@ from .staging import NEW_INO_BASE, SYNC_INTERVAL
 from .tree import SessionTree
 
 log = logging.getLogger("imagefs.mount")
-# How long a servicing transaction's mount polls for the next request after a burst
-# (mount/fuse.py DRAIN_SPIN_US, 1000 for other mounts).  Its workload is dpkg: several
-# processes at once (dpkg-deb feeding dpkg, maintainer scripts, ldconfig), which on two
-# CPUs need the one a polling driver holds, while not polling at all costs each request a
-# wakeup.  package add, 8 interleaved runs (medians), 1000 -> 200: jq 0.769 -> 0.663 s,
-# hello 0.550 -> 0.508 s; at 0, jq 0.709 -> 0.638 s but hello 0.495 -> 0.524 s.
-TRANSACTION_SPIN_US = 200
 
 
 class WritableOperations(DirectoryHandles):
@@ -54,8 +47,7 @@ class WritableOperations(DirectoryHandles):
         self.packs = self.tree.view.packs
         self.commit_lock = trio.Lock()
         self.discarding = False
-        if session.info.volatile:  # a servicing transaction's: see TRANSACTION_SPIN_US
-            self.drain_spin_us = TRANSACTION_SPIN_US
+        self.shares_cpu = session.info.volatile  # a servicing transaction's
 
     def shim_handlers(self) -> tuple[Any, ...]:
         return (self.lseek, True, shim.FREE_OPENS_FILES, self.fallocate_sync,
