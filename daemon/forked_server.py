@@ -66,28 +66,8 @@ class ForkedServer:
             os.kill(self.pid, signal.SIGKILL)
 
 
-# A server forked ahead (fork_ahead), for the next fork_server() call to take.
-_ahead: tuple[ForkedServer, socket.socket] | None = None
-
-
-def fork_ahead() -> None:
-    """Fork the server now, for a fork_server() call expected soon: the CLI calls this as
-    soon as its words name a transaction, before it imports the verb (~25 ms sooner).  One
-    never taken ends with this process (its socket's end, or PR_SET_PDEATHSIG)."""
-    global _ahead
-    if _ahead is None:
-        _ahead = fork_server()
-
-
 def fork_server() -> tuple[ForkedServer, socket.socket]:
-    """A fork server forked from this process now (or ahead, if it still runs), and this
-    end of its socket."""
-    global _ahead
-    if _ahead is not None:
-        ahead, _ahead = _ahead, None
-        if ahead[0].poll() is None:
-            return ahead
-        ahead[1].close()
+    """A fork server forked from this process now, and this end of its socket."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         server = ForkedServer.start(ours, theirs)

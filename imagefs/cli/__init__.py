@@ -28,14 +28,6 @@ VERBS = ["capture", "info", "ls", "cat", "extract", "apply", "verify", "delete",
          "remount", "cleanup", "package", "health", "firstboot", "generalize", "feature",
          "driver", "daemon"]
 
-# The verbs whose actions may run a servicing transaction of their own (cli/_servicing.py
-# run_change), and the actions among theirs that never do.  A transaction's fork server is
-# forked as soon as the words name one (see forks_ahead).
-TRANSACTING = ("package", "firstboot", "feature", "driver", "generalize")
-NOT_TRANSACTING = ("list", "inventory", "check")
-# Words that mean no transaction of this process's own: help, a dry run (mounts nothing),
-# a caller's session, or the daemon's
-ELSEWHERE = ("-h", "--help", "--dry-run", "--mount", "--daemon")
 
 
 class _Version(argparse.Action):
@@ -86,30 +78,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def forks_ahead(words: Sequence[str]) -> bool:
-    """Whether these words name a transaction that this process will run with its own
-    mounts: then its fork server (daemon.forked_server) is forked before anything else,
-    and imports what a mount needs on another CPU while this process imports the verb and
-    plans.  A guess from the words alone; a wrong one costs an idle fork, never a result."""
-    if not words or words[0] not in TRANSACTING or any(w in ELSEWHERE for w in words):
-        return False
-    action = next((w for w in words[1:] if not w.startswith("-")), None)
-    if action in NOT_TRANSACTING:
-        return False
-    if "--no-daemon" in words:
-        return True
-    from daemon.client import daemon_running
-
-    return not daemon_running()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
     verb = words[0] if words and words[0] in VERBS else None
-    if forks_ahead(words):
-        from daemon.forked_server import fork_ahead
-
-        fork_ahead()
     args = build_parser(verb).parse_args(words)
     try:
         code = args.func(args)
