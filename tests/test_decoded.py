@@ -57,7 +57,7 @@ def test_a_second_reader_decompresses_nothing_even_in_a_copy(image: Path,
     assert read_all(image, None) == (first, n)  # and what it read is what the image holds
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "garbage"])
+@pytest.mark.parametrize("damage", ["flip", "truncate", "extend", "garbage"])
 def test_a_damaged_kept_pack_is_not_used(image: Path, tmp_path: Path, damage: str) -> None:
     kept = DecodedPacks(str(tmp_path / "kept"))
     first, n = read_all(image, kept)
@@ -67,6 +67,8 @@ def test_a_damaged_kept_pack_is_not_used(image: Path, tmp_path: Path, damage: st
         data[len(data) // 2] ^= 0x01
     elif damage == "truncate":
         del data[-CHECK - 1:]
+    elif damage == "extend":  # the bytes and their check whole, then more
+        data += b"\0"
     else:
         data = bytearray(os.urandom(len(data)))
     victim.write_bytes(bytes(data))

@@ -49,15 +49,18 @@ class DecodedPacks(FolderCache):
         return hashlib.sha256(stored).hexdigest()
 
     def load(self, name: str, size: int) -> bytes | None:
-        """The decompressed pack kept as name, if it is whole (size bytes, its check)."""
+        """The decompressed pack kept as name, if it is whole (size bytes, its check).
+        Read as two parts, the bytes and their check, so that the bytes are not copied
+        again (a tenth of a transaction's reads of kept packs)."""
         try:
-            data = self.get(name)
+            fh = self.open(name)
+            if fh is None:
+                return None
+            with fh:
+                raw, check = fh.read(size), fh.read(CHECK + 1)
         except OSError:
             return None
-        if data is None or len(data) != size + CHECK:
-            return None
-        raw = data[:size]
-        if xxhash.xxh3_128_digest(raw) != data[size:]:
+        if len(raw) != size or check != xxhash.xxh3_128_digest(raw):
             return None
         return raw
 

@@ -15,6 +15,7 @@ import contextlib
 import os
 import tempfile
 import threading
+from typing import BinaryIO, cast
 
 RESCAN_PUTS = 64  # puts between two counts of the folder: counting at every put made a
 # fresh apply of web from a store (206 packs) spend 0.35 s in stat()
@@ -39,15 +40,22 @@ class FolderCache:
 
     def get(self, name: str) -> bytes | None:
         """A blob's bytes, if kept (the caller checks them: the cache is only a copy)."""
+        fh = self.open(name)
+        if fh is None:
+            return None
+        with fh:
+            return fh.read()
+
+    def open(self, name: str) -> BinaryIO | None:
+        """A blob's file, unbuffered, if kept; marked used (evicted last)."""
         path = self.path(self.kind, name)
         try:
-            with open(path, "rb") as fh:
-                data = fh.read()
+            fh = open(path, "rb", buffering=0)  # noqa: SIM115 (the caller closes it)
         except FileNotFoundError:
             return None
         with contextlib.suppress(OSError):
-            os.utime(path)  # used: evicted last
-        return data
+            os.utime(path)
+        return cast(BinaryIO, fh)
 
     def has(self, name: str) -> bool:
         return os.path.exists(self.path(self.kind, name))
