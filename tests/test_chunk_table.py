@@ -77,3 +77,35 @@ def test_a_new_chunk_is_found_and_listed_once(tmp_path: Path) -> None:
         listed = packs.table.all()
         assert sum(c is e for c in listed) == 1 and len(listed) == 5
         assert packs.table.count == 5
+
+
+def test_without_a_shared_fast_hash_the_index_finds_entries_where_they_lie(
+        tmp_path: Path) -> None:
+    """No two entries share an xxh3-128 (as in any real image): the index holds where each
+    entry lies and unpacks it when asked; a chunk added later with the xxh3-128 of an
+    entry there is found beside it, and all() lists every entry once."""
+    path = str(tmp_path / "image.ifs")
+    ImageFile.create(path)
+    d_xxh = hashlib.md5(b"d").digest()
+    c_xxh = d_xxh[8:] + hashlib.sha256(D).digest()[:8]  # spans D's xxh and sha
+    with ImageFile.open(path, writable=True) as f, Transaction(f, 1) as tx:
+        packs = tx.pack_writer()
+        locs = [packs.add_chunk(data, xxh=xxh) for data, xxh in
+                ((A, FORCED), (D, d_xxh), (C, c_xxh))]
+        tx.finish_packs()
+        tx.publish()
+    want = [(loc.pack_id(), loc.offset) for loc in locs]
+    with ImageFile.open(path, writable=True) as f, Transaction(f, 1) as tx:
+        table = tx.pack_writer().table
+        while table._raw:
+            assert table.find(hashlib.md5(b"nothing").digest(), A) is None
+        assert table._where and not table.by_xxh  # indexed by place, no object yet
+        found = [table.find(loc.xxh, loc.sha) for loc in locs]
+        assert [(c.pack, c.offset) for c in found if c is not None] == want
+        assert table.find(FORCED, hashlib.sha256(B).digest()) is None
+        b = tx.pack_writer().add_chunk(B, xxh=FORCED)  # A's fast hash, new content
+        assert table.find(FORCED, b.sha) is b
+        assert (table.find(FORCED, locs[0].sha) or locs[1]).offset == locs[0].offset
+        listed = table.all()
+        assert len(listed) == 4 and sum(c is b for c in listed) == 1
+        assert sorted((c.pack, c.offset) for c in listed if c is not b) == want
