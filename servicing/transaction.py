@@ -201,6 +201,7 @@ def service(image_path: str, index_spec: str, change: Change, *,
         todo = [i for i in outcome.indices if not i.plan.empty() or new_index is not None]
         if dry_run or not todo:
             return outcome
+        _import_the_commit()
         targets = [mounting[item.index].wait() for item in todo]
         # Started once every mount process is forked: a fork while another thread runs
         # may copy a lock that thread holds (an import's) into a child that then hangs.
@@ -222,6 +223,16 @@ def service(image_path: str, index_spec: str, change: Change, *,
         item.commit = result
     outcome.committed = any(r.get("changed") for r in results)
     return outcome
+
+
+def _import_the_commit() -> None:
+    """Import what the commit runs now, while the sessions' mounts come up (without a
+    daemon they are ready ~0.05 s after the plans), rather than after the change, when
+    everything waits for the commit: 10-18 ms of `package add` of hello.  (A daemon has
+    them from its first commit.)"""
+    import imagefs.diff  # noqa: F401
+    import imagefs.session.commit  # noqa: F401
+    import imagefs.session.lifecycle  # noqa: F401
 
 
 def service_mount(mountpoint: str, change: Change, *, dry_run: bool = False,
