@@ -22,17 +22,19 @@ D = b"content D " * 1000
 FORCED = hashlib.md5(b"any 16 bytes").digest()
 
 
-def _stored(tmp_path: Path) -> tuple[str, list[ChunkLoc]]:
-    """An image whose table holds A and B under one fast hash, D, and C under a fast hash
-    that also occurs in D's entry, 8 bytes into it; the chunks' locations."""
+D_XXH = hashlib.md5(b"d").digest()
+C_XXH = D_XXH[8:] + hashlib.sha256(D).digest()[:8]  # spans D's xxh and sha
+
+
+def _stored(tmp_path: Path, with_b: bool = True) -> tuple[str, list[ChunkLoc]]:
+    """An image whose table holds A and (with_b) B under one fast hash, D, and C under a
+    fast hash that also occurs in D's entry, 8 bytes into it; the chunks' locations."""
     path = str(tmp_path / "image.ifs")
     ImageFile.create(path)
-    d_xxh = hashlib.md5(b"d").digest()
-    c_xxh = d_xxh[8:] + hashlib.sha256(D).digest()[:8]  # spans D's xxh and sha
+    chunks = [(A, FORCED), *([(B, FORCED)] if with_b else []), (D, D_XXH), (C, C_XXH)]
     with ImageFile.open(path, writable=True) as f, Transaction(f, 1) as tx:
         packs = tx.pack_writer()
-        locs = [packs.add_chunk(A, xxh=FORCED), packs.add_chunk(B, xxh=FORCED),
-                packs.add_chunk(D, xxh=d_xxh), packs.add_chunk(C, xxh=c_xxh)]
+        locs = [packs.add_chunk(data, xxh=xxh) for data, xxh in chunks]
         tx.finish_packs()
         tx.publish()
     return path, locs
@@ -84,16 +86,7 @@ def test_without_a_shared_fast_hash_the_index_finds_entries_where_they_lie(
     """No two entries share an xxh3-128 (as in any real image): the index holds where each
     entry lies and unpacks it when asked; a chunk added later with the xxh3-128 of an
     entry there is found beside it, and all() lists every entry once."""
-    path = str(tmp_path / "image.ifs")
-    ImageFile.create(path)
-    d_xxh = hashlib.md5(b"d").digest()
-    c_xxh = d_xxh[8:] + hashlib.sha256(D).digest()[:8]  # spans D's xxh and sha
-    with ImageFile.open(path, writable=True) as f, Transaction(f, 1) as tx:
-        packs = tx.pack_writer()
-        locs = [packs.add_chunk(data, xxh=xxh) for data, xxh in
-                ((A, FORCED), (D, d_xxh), (C, c_xxh))]
-        tx.finish_packs()
-        tx.publish()
+    path, locs = _stored(tmp_path, with_b=False)
     want = [(loc.pack_id(), loc.offset) for loc in locs]
     with ImageFile.open(path, writable=True) as f, Transaction(f, 1) as tx:
         table = tx.pack_writer().table
