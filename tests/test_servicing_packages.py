@@ -176,3 +176,28 @@ async def test_the_daemon_lists_the_same_packages(tmp_path: Path) -> None:
         with pytest.raises(RpcError) as e:
             await c.call("packages.list", image=str(bare), index=1)
         assert e.value.code == -32002 and "no dpkg database" in e.value.message
+
+
+STATUS_TEXT = (b"Package: a\nStatus: install ok installed\nVersion: 1\nArchitecture: amd64\n\n"
+               b"Package: b\nStatus: install ok installed\nVersion: 2\nArchitecture: all\n\n"
+               b"Description: a stanza without a package is not one\n")
+
+
+def test_a_status_file_is_parsed_once_per_process_and_read_only(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """servicing.packages._stanzas: the same bytes give the same parsed stanzas (a daemon
+    plans copies of one image without parsing their status file again), which nobody can
+    change; other bytes are parsed anew, and a text over KEPT_TEXT_MAX is not kept."""
+    from servicing import packages
+
+    first = packages._stanzas(STATUS_TEXT)
+    assert [(f["Package"], f["Version"]) for f in first] == [("a", "1"), ("b", "2")]
+    assert packages._stanzas(bytes(bytearray(STATUS_TEXT))) is first  # equal bytes
+    with pytest.raises(TypeError):
+        first[0]["Version"] = "9"  # type: ignore[index]
+    changed = STATUS_TEXT.replace(b"Version: 2", b"Version: 3")
+    assert [f["Version"] for f in packages._stanzas(changed)] == ["1", "3"]
+    monkeypatch.setattr(packages, "KEPT_TEXT_MAX", 10)
+    big = STATUS_TEXT + b"\n"
+    assert packages._stanzas(big) is not packages._stanzas(big)
+    assert packages._stanzas(big) == first
