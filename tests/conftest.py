@@ -275,6 +275,16 @@ def servicing_leftovers() -> list[str]:
             + (os.listdir(base) if os.path.isdir(base) else []))
 
 
+def settled_after_a_kill() -> None:
+    """After a servicing verb was SIGKILLed: its fork server, when it was answering a mount
+    request, ends once that mount is made or failed (the mount may appear after the verb
+    died), and every mount of the verb then ends on its own.  Wait for both, in that order,
+    so that the cleanup that follows meets everything the verb will leave."""
+    assert wait_until(lambda: not orphan_fork_servers(), 10), orphan_fork_servers()
+    assert wait_until(lambda: not [m for m in kernel_imagefs_mounts()
+                                   if "/servicing/" in m], 15)
+
+
 def orphan_fork_servers() -> list[str]:
     """The fork servers of servicing verbs run without a daemon whose verb is gone, and
     their children still answering a mount request (they share the title): the server

@@ -31,9 +31,9 @@ import pytest
 from conftest import (
     REPO,
     fixture_tree,
-    kernel_imagefs_mounts,
     run_imagefs,
     servicing_leftovers,
+    settled_after_a_kill,
     wait_until,
 )
 
@@ -211,8 +211,7 @@ def kill_at_random(image: Path, argv: list[str], state: Callable[[Path], str], r
         time.sleep(rng.uniform(0.0, whole * 1.1))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        assert wait_until(lambda: not [m for m in kernel_imagefs_mounts()
-                                       if "/servicing/" in m], 15)
+        settled_after_a_kill()
         cleaned_up()
         # A container killed with its verb can take a moment to be gone (its processes
         # end when their reads of the dead mount fail).

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import cli_zygote
-from conftest import kernel_imagefs_mounts, run_imagefs, wait_until
+from conftest import run_imagefs, settled_after_a_kill
 from servicing_helpers import DEBS
 
 CHRONY = DEBS / "chrony_4.3-2+deb12u3_amd64.deb"
@@ -151,8 +151,7 @@ def kill_at_random(argv: list[str], image: Path, pristine: Path, rounds: int, se
         time.sleep(rng.uniform(0.0, whole * 1.3))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        assert wait_until(lambda: not [m for m in kernel_imagefs_mounts()
-                                       if "/servicing/" in m], 15)
+        settled_after_a_kill()
         cleaned_up()
         assert leftovers() == []
         assert verify(str(image)).ok

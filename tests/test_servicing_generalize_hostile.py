@@ -21,7 +21,12 @@ from pathlib import Path
 
 import cli_zygote
 import pytest
-from conftest import kernel_imagefs_mounts, run_imagefs, servicing_leftovers, wait_until
+from conftest import (
+    run_imagefs,
+    servicing_leftovers,
+    settled_after_a_kill,
+    wait_until,
+)
 from generalize_helpers import sha, specialised_copy, state
 from servicing_helpers import NEEDS_NSPAWN
 from test_servicing_transaction import cleaned_up
@@ -232,8 +237,7 @@ def kill_at_random(image: Path, rounds: int, seed: int) -> dict[str, int]:
         proc.wait()
         # The killed verb's mount process unmounts and ends on its own, a moment later
         # (or, killed while starting, ends without mounting): wait for both.
-        assert wait_until(lambda: not [m for m in kernel_imagefs_mounts()
-                                       if "/servicing/" in m], 15)
+        settled_after_a_kill()
         assert wait_until(lambda: not [x for x in servicing_leftovers() if "/" in x], 15)
         cleaned_up()
         assert servicing_leftovers() == []

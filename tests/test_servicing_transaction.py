@@ -24,9 +24,9 @@ from conftest import (
     copy_image,
     kernel_imagefs_mounts,
     mounted_rw,
-    orphan_fork_servers,
     run_imagefs,
     servicing_leftovers,
+    settled_after_a_kill,
     wait_until,
 )
 from servicing_helpers import HELLO, NEEDS_DEBS, NEEDS_NSPAWN, hello_state, sha
@@ -190,9 +190,7 @@ def kill_at_random(image: Path, rounds: int, seed: int) -> dict[str, int]:
         time.sleep(rng.uniform(0.0, whole * 1.1))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        assert wait_until(lambda: not [m for m in kernel_imagefs_mounts()
-                                       if m.startswith(f"{run_dir()}/servicing/")], 15)
-        assert wait_until(lambda: not orphan_fork_servers(), 10), orphan_fork_servers()
+        settled_after_a_kill()
         cleaned_up()
         assert servicing_leftovers() == []
         assert verify(str(image)).ok
