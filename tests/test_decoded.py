@@ -1,7 +1,8 @@
 """Decompressed packs kept between servicing transactions (imagefs/format/decoded.py): a
-second reader, in a copy of the image too, decompresses nothing; a kept file that is
-damaged is not used; the folder stays within its bound; a transaction keeps what its plan
-and its mount decompressed."""
+second reader, in a copy of the image too, decompresses nothing, and a reader of the same
+file finds them by place without reading the stored frames; a kept file that is damaged
+is dropped and read again from the image; the folder stays within its bound; a
+transaction keeps what its plan and its mount decompressed."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ import os
 import random
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import run_imagefs
 from servicing_helpers import HELLO, NEEDS_DEBS
 
-from imagefs.format.decoded import CHECK, DecodedPacks
+from imagefs.format.decoded import PLACES, DecodedPacks
 from imagefs.format.packs import PackReader
 from imagefs.image import Image
 from imagefs.places import run_dir
@@ -33,9 +35,19 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return base / "a.imagefs"
 
 
-def read_all(path: Path, decoded: DecodedPacks | None) -> tuple[dict[str, bytes], int]:
-    """Every file's bytes through a fresh PackReader; and how many packs it decompressed."""
+def read_all(path: Path, decoded: DecodedPacks | None, stored: list[int] | None = None
+             ) -> tuple[dict[str, bytes], int]:
+    """Every file's bytes through a fresh PackReader; and how many packs it decompressed.
+    stored: gets the offset of each frame read as stored (to be named by its bytes)."""
     with Image.open(str(path)) as img:
+        if stored is not None:
+            real = img.file.read_stored
+
+            def counted(offset: int, kind: bytes) -> Any:
+                stored.append(offset)
+                return real(offset, kind)
+
+            img.file.read_stored = counted  # type: ignore[method-assign]
         packs = PackReader(img.file, decoded=decoded)
         view = img.view(1, packs)
         root = view.root()
@@ -57,6 +69,25 @@ def test_a_second_reader_decompresses_nothing_even_in_a_copy(image: Path,
     assert read_all(image, None) == (first, n)  # and what it read is what the image holds
 
 
+def test_a_reader_of_the_same_file_finds_them_by_place(image: Path, tmp_path: Path) -> None:
+    kept = DecodedPacks(str(tmp_path / "kept"))
+    first, n = read_all(image, kept)
+    places = tmp_path / "kept" / PLACES
+    assert len(os.listdir(places)) == n  # one place per pack of this file
+    stored: list[int] = []
+    assert read_all(image, kept, stored) == (first, 0)
+    assert stored == []  # no frame read to be hashed: each found by where it lies
+    copy = tmp_path / "copy.imagefs"
+    shutil.copyfile(image, copy)
+    assert read_all(copy, kept, stored) == (first, 0)
+    assert len(stored) == n  # another file: found by the stored bytes, then by place
+    assert len(os.listdir(places)) == 2 * n
+    for pack in os.listdir(tmp_path / "kept" / "packs"):  # evicted: its places go too
+        os.unlink(tmp_path / "kept" / "packs" / pack)
+    kept.evict()
+    assert os.listdir(places) == []
+
+
 @pytest.mark.parametrize("damage", ["flip", "truncate", "extend", "garbage"])
 def test_a_damaged_kept_pack_is_not_used(image: Path, tmp_path: Path, damage: str) -> None:
     kept = DecodedPacks(str(tmp_path / "kept"))
@@ -66,13 +97,14 @@ def test_a_damaged_kept_pack_is_not_used(image: Path, tmp_path: Path, damage: st
     if damage == "flip":
         data[len(data) // 2] ^= 0x01
     elif damage == "truncate":
-        del data[-CHECK - 1:]
-    elif damage == "extend":  # the bytes and their check whole, then more
+        del data[-1:]
+    elif damage == "extend":  # the bytes whole, then more
         data += b"\0"
     else:
         data = bytearray(os.urandom(len(data)))
     victim.write_bytes(bytes(data))
     assert read_all(image, kept) == (first, 1)  # that one decompressed again, and right
+    assert read_all(image, kept) == (first, 0)  # and kept again, whole
 
 
 def test_the_folder_stays_within_its_bound(image: Path, tmp_path: Path) -> None:
@@ -82,7 +114,7 @@ def test_the_folder_stays_within_its_bound(image: Path, tmp_path: Path) -> None:
     kept.evict()
     sizes = [p.stat().st_size for p in (tmp_path / "kept" / "packs").iterdir()]
     assert sum(sizes) <= 1 << 20 and len(sizes) == 1
-    assert kept.load("b" * 64, 700_000 - CHECK) is None  # not a kept pack: no check
+    assert kept.load("b" * 64, 700_000 - 1) is None  # not the size asked for
     assert DecodedPacks(str(tmp_path / "small"), limit=1 << 40).limit < 1 << 40  # free/4
 
 

@@ -4,7 +4,9 @@ discards them whole), while every other session stays durable."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -111,3 +113,48 @@ def test_a_transactions_mount_and_its_container_share_one_cpu(minbase_image: Pat
         assert _in_container(str(mnt)) == everything
     finally:
         run_imagefs("unmount", mnt, "--discard")
+
+
+def _getattrs_after(log: str) -> int:
+    """The GETATTR requests the mount whose log this is served, from its last line
+    (written at unmount; waited for)."""
+    deadline = time.monotonic() + 10
+    while "unmounted from" not in (text := Path(log).read_text()):
+        assert time.monotonic() < deadline, text
+        time.sleep(0.05)
+    found = re.search(r"requests \d+: ([^;]*)", text.split("unmounted from")[-1])
+    assert found, text
+    return sum(int(n) for n, op in re.findall(r"(\d+) (\w+)", found.group(1))
+               if op == "getattr")
+
+
+def _reopen_and_fstat(path: str, times: int = 6) -> None:
+    for _ in range(times):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fstat(fd)
+        finally:
+            os.close(fd)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("fusermount3") is None,
+                    reason="needs root and FUSE")
+def test_a_transactions_mount_goes_without_the_writeback_cache(minbase_image: Path,
+                                                               tmp_path: Path) -> None:
+    """With the kernel's writeback cache every close marks the file's block count stale,
+    and the next fstat is a GETATTR (dpkg reopens /etc/passwd for each file it unpacks): a
+    transaction's mount goes without the cache, a user's writable mount keeps it."""
+    image = copy_image(minbase_image, tmp_path / "m.imagefs")
+    with opened(str(image), "1") as target:
+        log = record_for(target.root).log  # type: ignore[union-attr]
+        _reopen_and_fstat(os.path.join(target.root, "etc/passwd"))
+    assert _getattrs_after(log) <= 2
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    run_imagefs("mount", "--rw", "--no-daemon", image, "1", mnt)
+    try:
+        log = record_for(str(mnt)).log  # type: ignore[union-attr]
+        _reopen_and_fstat(str(mnt / "etc/passwd"))
+    finally:
+        run_imagefs("unmount", mnt, "--discard")
+    assert _getattrs_after(log) >= 5  # the kernel asked again after each close

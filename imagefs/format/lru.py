@@ -61,3 +61,11 @@ class WeightedLRU(Generic[K, V]):
                 self._total -= self._weigh(old)
                 evicted.append(old_key)
         return evicted
+
+    def pop(self, key: K) -> V | None:
+        """Remove key's value (None if it is not here)."""
+        with self._lock:
+            value = self._items.pop(key, None)
+            if value is not None:
+                self._total -= self._weigh(value)
+            return value

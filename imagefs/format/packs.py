@@ -14,12 +14,13 @@ chunk it collides with.
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import xxhash
 
@@ -32,6 +33,9 @@ from .lru import WeightedLRU
 
 if TYPE_CHECKING:
     from .decoded import DecodedPacks
+
+# A decompressed pack: its bytes, or a kept one mapped (decoded.py); sliced, it is bytes.
+Unpacked = bytes | mmap.mmap
 
 
 def fast_hash(data: bytes | memoryview) -> bytes:
@@ -381,8 +385,8 @@ class PackReader:
         # at least two of the file's largest packs, so that reading on across a pack's end
         # never decompresses one twice (8 MiB packs of the compact profile, a small cache)
         largest = image.header.pack_target + image.header.chunk_max
-        self._cache: WeightedLRU[int, bytes] = WeightedLRU(max(cache_bytes, 2 * largest),
-                                                            len)
+        self._cache: WeightedLRU[int, Unpacked] = WeightedLRU(
+            max(cache_bytes, 2 * largest), len)
         self._lock = threading.Lock()
         self._inflight: dict[int, threading.Event] = {}
         # pack -> the (offset, length, xxh3) of each chunk checked in it: a verdict holds
@@ -390,6 +394,10 @@ class PackReader:
         # that shares the offset (a crafted one could otherwise skip its check).
         self._verified: dict[int, set[tuple[int, int, bytes]]] = {}
         self.decompressions = 0
+        # pack -> (place, name) of the kept pack it was mapped from (decoded.py): one
+        # whose chunk fails its check is dropped there and decompressed again
+        self._kept: dict[int, tuple[str | None, str | None]] = {}
+        self._file: os.stat_result | None = None  # the image file's, for places
         # called with each pack's offset once it is in the cache, in the thread that
         # decompressed it, outside the lock (a mount's page filler: prefill.py)
         self.on_cached: Callable[[int], None] | None = None
@@ -398,7 +406,7 @@ class PackReader:
         """Whether pack is decompressed in the cache now (its LRU place unchanged)."""
         return pack in self._cache
 
-    def pack(self, pack: int) -> bytes:
+    def pack(self, pack: int) -> Unpacked:
         while True:
             with self._lock:
                 raw = self._cache.get(pack)
@@ -422,39 +430,79 @@ class PackReader:
                 del self._inflight[pack]
             ev.set()
 
-    def _decompressed(self, pack: int) -> bytes:
-        """The pack's bytes: from the kept packs when they hold it, else decompressed (and
-        kept there)."""
+    def _decompressed(self, pack: int) -> Unpacked:
+        """The pack's bytes: mapped from the kept packs when they hold it (found by its
+        place in this file, else by its stored bytes), else decompressed (and kept)."""
         if self.decoded is None:
             self.decompressions += 1
             return self.image.read_frame(pack, F.KIND_PACK)
+        place = None
+        if self.image.fd >= 0:
+            info = self.image.frame_info(pack, F.KIND_PACK)
+            if self._file is None:
+                self._file = os.fstat(self.image.fd)
+            place = self.decoded.place(self._file, pack, info.check, info.stored, info.raw)
+            mapped = self.decoded.load_at(place, info.raw)
+            if mapped is not None:
+                self._kept[pack] = (place, None)
+                return mapped
         info, stored = self.image.read_stored(pack, F.KIND_PACK)
         if info.codec == F.CODEC_STORED:
             return stored
         name = self.decoded.name(stored)
-        raw = self.decoded.load(name, info.raw)
-        if raw is None:
+        raw: Unpacked | None = self.decoded.load(name, info.raw)
+        if raw is not None:
+            self._kept[pack] = (place, name)
+        else:
             self.decompressions += 1
             raw = self.image.decode_checked(info, stored)
             self.decoded.keep(name, raw)
+        if place is not None:
+            self.decoded.remember(place, name)
         return raw
+
+    def _unkeep(self, pack: int) -> bool:
+        """Drop a pack mapped from the kept packs (one of its chunks failed its check)
+        here and there; whether it was one."""
+        with self._lock:
+            kept = self._kept.pop(pack, None)
+            if kept is None:
+                return False
+            self._cache.pop(pack)
+            self._verified.pop(pack, None)
+        if self.decoded is not None:
+            self.decoded.forget(*kept)
+        return True
 
     def read_chunk(self, pack: int, offset: int, length: int, xxh: bytes) -> bytes:
         return self.checked(pack, offset, length, xxh)[offset:offset + length]
 
-    def checked(self, pack: int, offset: int, length: int, xxh: bytes) -> bytes:
+    def checked(self, pack: int, offset: int, length: int, xxh: bytes) -> Unpacked:
         """The decompressed pack holding a chunk, that chunk's xxh3 checked: callers slice
-        it (or view it, without a copy)."""
+        it (or view it, without a copy).  A kept pack whose chunk fails is read again from
+        the image, once."""
         raw = self.pack(pack)
-        if offset + length > len(raw):
-            raise CorruptImage(self.image.path, f"chunk at {offset}+{length} lies past the "
-                                                f"end of pack {pack}")
         key = (offset, length, xxh)
         done = self._verified.get(pack)
         if done is None or key not in done:
-            if fast_hash(memoryview(raw)[offset:offset + length]) != xxh:
-                raise ChecksumMismatch(self.image.path, f"chunk at {offset} of pack {pack}")
+            if not self._holds(raw, offset, length, xxh):
+                if not self._unkeep(pack):
+                    self._fail(pack, offset, length, len(raw))
+                raw = self.pack(pack)
+                if not self._holds(raw, offset, length, xxh):
+                    self._fail(pack, offset, length, len(raw))
             with self._lock:
                 if pack in self._cache:
                     self._verified.setdefault(pack, set()).add(key)
         return raw
+
+    @staticmethod
+    def _holds(raw: Unpacked, offset: int, length: int, xxh: bytes) -> bool:
+        return offset + length <= len(raw) and \
+            fast_hash(memoryview(raw)[offset:offset + length]) == xxh
+
+    def _fail(self, pack: int, offset: int, length: int, size: int) -> NoReturn:
+        if offset + length > size:
+            raise CorruptImage(self.image.path, f"chunk at {offset}+{length} lies past the "
+                                                f"end of pack {pack}")
+        raise ChecksumMismatch(self.image.path, f"chunk at {offset} of pack {pack}")

@@ -16,7 +16,7 @@ from imagefs.errors import ChecksumMismatch, CorruptImage, NoSuchPath, NotADirec
 from . import layout as F
 from .commit_record import IndexEntry
 from .container import ImageFile
-from .packs import PackReader
+from .packs import PackReader, Unpacked
 from .records import Extent, Inode, MetaReader
 
 MAX_SYMLINK_HOPS = 40
@@ -113,7 +113,7 @@ class IndexView:
             parts.append(bytes(end - pos))
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    def _checked(self, pack: int, poff: int, length: int, xxh: bytes) -> bytes:
+    def _checked(self, pack: int, poff: int, length: int, xxh: bytes) -> Unpacked:
         """PackReader.checked, its errors naming the index and the chunk."""
         try:
             return self.packs.checked(pack, poff, length, xxh)

@@ -67,7 +67,7 @@
 
 /* The interface shim.py expects (configure's arguments, the functions below); a build
  * with another number is stale and not used (shim.py: API). */
-#define SHIM_API 7
+#define SHIM_API 8
 
 /* lseek (3.8) and FUSE_CAP_CACHE_SYMLINKS (3.10) are needed. */
 #if FUSE_MAJOR_VERSION != 3 || FUSE_MINOR_VERSION < 10
@@ -157,6 +157,8 @@ static int dont_mask;             /* the kernel leaves the umask to us (ACL inhe
  * no open of files (a writable mount).  Requests then carry fh 0, replaced by the inode. */
 enum { FREE_OPENS_ALL = 1, FREE_OPENS_FILES = 2 };
 static int handles_are_inodes;
+/* Whether a writable mount (FREE_OPENS_FILES) asks for the kernel's writeback cache. */
+static int writeback_cache = 1;
 typedef void (*read_fn)(fuse_req_t, fuse_ino_t, size_t, off_t, struct fuse_file_info *);
 typedef void (*write_buf_fn)(fuse_req_t, fuse_ino_t, struct fuse_bufvec *, off_t,
                              struct fuse_file_info *);
@@ -1031,8 +1033,11 @@ static void shim_init(void *userdata, struct fuse_conn_info *conn)
         conn->want &= ~FUSE_CAP_ATOMIC_O_TRUNC;
     /* The writeback cache: the kernel keeps written pages and sends them in batches (at the
      * latest on close, fsync and syncfs), keeping size and times itself and sending them
-     * with SETATTR.  For a writable mount only: every change comes through this mount. */
-    if (handles_are_inodes == FREE_OPENS_FILES && (conn->capable & FUSE_CAP_WRITEBACK_CACHE))
+     * with SETATTR.  For a writable mount only: every change comes through this mount.
+     * Unless configure() turned it off: with it, every close (FLUSH) marks the file's
+     * block count stale, so the next stat of a file closed before asks the mount again. */
+    if (handles_are_inodes == FREE_OPENS_FILES && writeback_cache
+            && (conn->capable & FUSE_CAP_WRITEBACK_CACHE))
         conn->want |= FUSE_CAP_WRITEBACK_CACHE;
 }
 
@@ -1168,9 +1173,10 @@ static PyObject *configure(PyObject *self, PyObject *args)
 {
     PyObject *handler, *fallocate = Py_None, *setxattr = Py_None, *fast_handlers = Py_None;
     int symlinks, inodes, nomask = 0;  /* inodes: 0, FREE_OPENS_ALL or FREE_OPENS_FILES */
+    int writeback = 1;
     (void)self;
-    if (!PyArg_ParseTuple(args, "Opi|OOpO", &handler, &symlinks, &inodes, &fallocate,
-                          &setxattr, &nomask, &fast_handlers))
+    if (!PyArg_ParseTuple(args, "Opi|OOpOp", &handler, &symlinks, &inodes, &fallocate,
+                          &setxattr, &nomask, &fast_handlers, &writeback))
         return NULL;
     if (fast_handlers != Py_None && !PyDict_Check(fast_handlers)) {
         PyErr_SetString(PyExc_TypeError, "fast handlers must be a dict or None");
@@ -1193,6 +1199,7 @@ static PyObject *configure(PyObject *self, PyObject *args)
     }
     cache_symlinks = symlinks;
     handles_are_inodes = inodes;
+    writeback_cache = writeback;
     Py_RETURN_NONE;
 }
 
@@ -1271,7 +1278,8 @@ static PyMethodDef methods[] = {
      "{FUSE opcode: requests served} since the mount began (0: an unknown opcode)"},
     {"configure", configure, METH_VARARGS,
      "configure(lseek, cache_symlinks, handles_are_inodes[, fallocate[, setxattr[, "
-     "dont_mask[, fast]]]]): before pyfuse3.init(); fast: {request name: callable}"},
+     "dont_mask[, fast[, writeback_cache]]]]]): before pyfuse3.init(); fast: {request "
+     "name: callable}; writeback_cache: whether a writable mount asks for it (default)"},
     {"set_drain_wait", set_drain_wait, METH_VARARGS,
      "set_drain_wait(microseconds[, spinning]): how long a drain waits for the next "
      "request, and for how much of that it polls without sleeping"},

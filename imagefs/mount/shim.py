@@ -26,7 +26,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 # The interface of _fuseshim this module speaks (SHIM_API in _fuseshim.c).
-API = 7
+API = 8
 # configure()'s free-opens argument (handles_are_inodes in _fuseshim.c): 0 none, all opens
 # (an immutable index: files and directories), or file opens only (a writable mount).
 FREE_OPENS_ALL = 1
