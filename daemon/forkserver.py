@@ -267,7 +267,7 @@ def _mount(message: bytes, answer_fd: int) -> dict[str, Any]:
 def _store_opener(req: MountRequest) -> Callable[[], Any] | None:
     """For an index of a store: how to open it (the server's S3 credentials, the caller's
     cache); None for an image file."""
-    from imagefs.store.client import is_store_url
+    from imagefs.store import is_store_url  # not the client: 5 ms of each mount
 
     if not is_store_url(req.image):
         return None
@@ -291,6 +291,13 @@ def main(argv: list[str]) -> int:
         print("usage: python -m daemon.forkserver FD (started by the imagefs daemon)",
               file=sys.stderr)
         return 2
+    # The daemon's server: its mounts may act as another user (setuid), who may not be
+    # able to read the interpreter's files, so what a mount might import later is
+    # imported now (a verb's own server, daemon.forked_server, mounts as its verb's user).
+    import importlib.metadata  # noqa: F401
+
+    import imagefs.capture  # noqa: F401
+
     with socket.socket(fileno=fd) as sock:
         serve(sock)
     return 0

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import importlib.metadata  # noqa: F401  (loaded now: see imagefs.capture below)
 import logging
 import math
 import os
@@ -38,6 +39,11 @@ from typing import Any
 
 import trio
 
+# Imported here, not when first used: a job acts as its caller, and a caller may not be
+# able to read the interpreter's files (/root/.pyenv is root's alone), so whatever a job
+# imports must already be loaded.  The library imports these two lazily (a mount process
+# starts faster without them): capture (pyfastcdc) and importlib.metadata (the version).
+import imagefs.capture  # noqa: F401
 from imagefs.errors import Error
 from imagefs.places import use_state_dir
 

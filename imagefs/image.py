@@ -20,7 +20,6 @@ from imagefs.format.files import open_regular
 from imagefs.format.packs import PackReader
 from imagefs.format.view import IndexView
 
-from .capture import TreeCapture
 from .errors import Error, NoSuchIndex, UsageError
 
 DEFAULT_LEVEL = 9
@@ -176,6 +175,8 @@ def capture(image_path: str, src: str, name: str, description: str = "",
     level: DEFAULT_LEVEL, or with compact COMPACT_LEVEL; compact also gives a new file
     the compact profile's packs (an existing file keeps its own)."""
     from imagefs.format.writer import Transaction, add_index, history_entry
+
+    from .capture import TreeCapture  # here: pyfastcdc and the walk cost a mount 18 ms
 
     level = profile_level(level, compact)
     if not os.path.isdir(src):

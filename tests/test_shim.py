@@ -42,6 +42,23 @@ def test_known_versions_give_fast_paths() -> None:
     assert reason(pyfuse3="3.5.9", libfuse="3.14.1") == ""
 
 
+def test_pyfuse3_learns_its_version_without_importlib_metadata() -> None:
+    """shim._own_version_only: a fresh process that imports the shim (as a mount process
+    does) gets pyfuse3's true version, the fast paths on, and no importlib.metadata; one
+    that has importlib.metadata already keeps it."""
+    probe = ("import sys, imagefs.mount.shim as s, pyfuse3; "
+             "print(pyfuse3.__version__, 'importlib.metadata' in sys.modules, "
+             "repr(s.fast_paths_off()))")
+    fresh = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                           check=True, cwd=REPO).stdout.split()
+    import importlib.metadata
+
+    assert fresh == [importlib.metadata.version("pyfuse3"), "False", "''"]
+    already = subprocess.run([sys.executable, "-c", "import importlib.metadata; " + probe],
+                             capture_output=True, text=True, check=True, cwd=REPO)
+    assert already.stdout.split() == [fresh[0], "True", "''"]
+
+
 @pytest.mark.parametrize(("change", "expected"), [
     ({"env": {"IMAGEFS_NO_FAST_PATHS": "1"}}, "IMAGEFS_NO_FAST_PATHS=1 is set"),
     ({"module": None, "unusable": "the C shim imagefs.mount._fuseshim is not built (x)"},

@@ -10,10 +10,12 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Callable, Iterator
-
-from pyfastcdc.cy import FastCDC
+from typing import TYPE_CHECKING
 
 from .packs import ChunkLoc
+
+if TYPE_CHECKING:  # its import costs a mount (which only finds data regions) 8 ms
+    from pyfastcdc.cy import FastCDC
 
 WINDOW = 8 << 20  # bytes read at a time
 

@@ -19,9 +19,12 @@ __version__ (already known once pyfuse3 is imported) and libfuse's fuse_pkgversi
 from __future__ import annotations
 
 import contextlib
+import glob
+import importlib.util
 import logging
 import os
 import sys
+import types
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -83,7 +86,45 @@ def _no_ldconfig() -> Iterator[None]:
         ctypes.util.find_library = real
 
 
-with _no_ldconfig():
+@contextlib.contextmanager
+def _own_version_only() -> Iterator[None]:
+    """While pyfuse3 is imported, importlib.metadata is a stand-in that answers
+    version() from the package's own dist-info beside it: pyfuse3 asks for its version
+    when imported, and the real importlib.metadata (the email package, zipfile, ...)
+    costs a mount process 12 ms at start, on a servicing transaction's critical path.
+    Any question the stand-in cannot answer is "not found", as the real one would say;
+    the shim then finds an unknown version and turns the fast paths off (never wrong)."""
+    if "importlib.metadata" in sys.modules:
+        yield
+        return
+
+    class PackageNotFoundError(ModuleNotFoundError):
+        pass
+
+    def version(name: str) -> str:
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.origin:
+            raise PackageNotFoundError(name)
+        site = os.path.dirname(os.path.dirname(spec.origin))
+        for info in sorted(glob.glob(os.path.join(site, f"{name}-*.dist-info"))):
+            with contextlib.suppress(OSError), open(os.path.join(info, "METADATA")) as fh:
+                for line in fh:
+                    if line.startswith("Version:"):
+                        return line.split(":", 1)[1].strip()
+        raise PackageNotFoundError(name)
+
+    stand_in = types.ModuleType("importlib.metadata")
+    stand_in.PackageNotFoundError = PackageNotFoundError  # type: ignore[attr-defined]
+    stand_in.version = version  # type: ignore[attr-defined]
+    sys.modules["importlib.metadata"] = stand_in
+    try:
+        yield
+    finally:
+        if sys.modules.get("importlib.metadata") is stand_in:
+            del sys.modules["importlib.metadata"]
+
+
+with _no_ldconfig(), _own_version_only():
     import pyfuse3  # noqa: E402  (after the shim: see _load)
 
 

@@ -14,3 +14,11 @@ An index pushed to `s3://BUCKET/PREFIX` is three kinds of object (docs/store.md)
 Pulling is an export whose source is a bundle (bundle_file.py: pack frames are fetched from
 the store as they are read), so only the packs holding chunks the local file lacks move.
 """
+
+from __future__ import annotations
+
+
+def is_store_url(text: str) -> bool:
+    """Whether text names a store (s3://...) rather than an image file: here, not in
+    client.py, so that a mount process asks it without importing the store's client."""
+    return text.startswith("s3://")

@@ -25,6 +25,7 @@ from typing import Any
 
 from imagefs.errors import NoSuchObject, StoreFailed, UsageError, one_line
 
+from . import is_store_url
 from .signed import SignedReads, from_environment
 
 ENDPOINT_ENV = "IMAGEFS_S3_ENDPOINT"
@@ -50,10 +51,6 @@ class StoreUrl:
 
     def __str__(self) -> str:
         return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
-
-
-def is_store_url(text: str) -> bool:
-    return text.startswith("s3://")
 
 
 def parse_url(text: str) -> StoreUrl:
