@@ -50,14 +50,20 @@ class ForkedServer:
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
+        """Its exit code, once it ended (woken by its pidfd, not polling: the verb waits
+        for it last, after its commit)."""
+        import select
         import subprocess
-        import time
 
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self.poll() is None:
-            if deadline is not None and time.monotonic() > deadline:
-                raise subprocess.TimeoutExpired(f"forkserver {self.pid}", timeout or 0.0)
-            time.sleep(0.005)
+        if self.poll() is None:
+            fd = os.pidfd_open(self.pid)
+            try:
+                if not select.select([fd], [], [], timeout)[0]:
+                    raise subprocess.TimeoutExpired(f"forkserver {self.pid}", timeout or 0.0)
+            finally:
+                os.close(fd)
+            _pid, status = os.waitpid(self.pid, 0)
+            self.returncode = os.waitstatus_to_exitcode(status)
         assert self.returncode is not None
         return self.returncode
 

@@ -457,3 +457,23 @@ def test_root_mount_serves_other_users_with_kernel_permission_checks(tmp_path: P
             assert "nosuid" not in opts and "nodev" not in opts, opts
     finally:
         os.rmdir(mnt)
+
+
+def test_wait_ended_returns_once_the_process_ends() -> None:
+    """kernel.wait_ended (how a transaction waits for its mount to end): through a pidfd,
+    also for a process that is not the caller's child; False while it still runs."""
+    from imagefs.mount.kernel import wait_ended
+
+    # Not our child: a shell's, which ends 0.2 s after the shell has printed its pid.
+    shell = subprocess.Popen(["sh", "-c", "sleep 0.2 & echo $!; wait"],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert shell.stdout is not None
+        pid = int(shell.stdout.readline())
+        assert not wait_ended(pid, 0.01)
+        start = time.monotonic()
+        assert wait_ended(pid, 10)
+        assert time.monotonic() - start < 5
+    finally:
+        shell.wait(10)
+    assert wait_ended(pid, 0) and wait_ended(0, 0)  # gone, or not a process

@@ -20,7 +20,6 @@ import errno
 import logging
 import os
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TextIO
@@ -36,7 +35,7 @@ from imagefs.errors import (
 )
 from imagefs.format.container import now_iso
 
-from .kernel import FSTYPE, canonical, find_mount, holders, is_dead, pid_alive, umount
+from .kernel import FSTYPE, canonical, find_mount, holders, is_dead, pid_alive, umount, wait_ended
 from .options import pack_cache, parse_options
 from .registry import MountRecord, log_path, record_for
 
@@ -304,7 +303,5 @@ def detach(path: str, rec: MountRecord, wait: float, done: str = "") -> None:
                                    "mount inside it)")
     if err:
         raise SystemFailure(path, f"umount failed: {os.strerror(err)}")
-    deadline = time.monotonic() + wait
-    while rec.pid and pid_alive(rec.pid) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_ended(rec.pid, wait)
     rec.remove()
