@@ -38,6 +38,7 @@ VERSION = re.compile(r"([0-9]+:)?[0-9][A-Za-z0-9.+~:-]*\Z")  # dpkg's; checked f
 ARCH = re.compile(r"[a-z0-9][a-z0-9-]*\Z")
 REQUIRED = ("Package", "Version", "Architecture")
 CHUNK = 1 << 20
+KEEP = 32 << 20  # bytes of file content the check keeps for compressing ahead, at most
 MAX_CONTROL = 4 << 20  # bytes of control.tar members read at most
 # What reading a damaged archive raises: python-debian's own errors, and those of the
 # decompressors and tarfile below it.
@@ -55,6 +56,9 @@ class Deb:
     size: int  # bytes of the .deb
     fields: dict[str, str] = field(compare=False)
     md5sums: int = 0  # files listed in md5sums
+    # The content of each regular file in the data, in the archive's order, as the check
+    # read it (None: more than KEEP bytes, read again when asked: file_contents)
+    contents: tuple[bytes, ...] | None = field(default=None, compare=False, repr=False)
 
     @property
     def name(self) -> str:
@@ -93,14 +97,13 @@ def open_deb(path: str, check_data: bool = True) -> Deb:
             _check_ar(given, deb, st.st_size)
             fields = _control(given, deb)
             sums = _md5sums(given, deb)
-            if check_data:
-                _check_data(given, deb, sums)
+            contents = _check_data(given, deb, sums) if check_data else None
             deb.close()
             fh.seek(0)
             digest = _sha256(fh)  # of the file checked, not of one put in its place
     except BROKEN as e:
         raise refuse(given, f"not a Debian package, or a damaged one ({_why(e)})") from None
-    return Deb(path, given, digest, st.st_size, fields, len(sums))
+    return Deb(path, given, digest, st.st_size, fields, len(sums), contents)
 
 
 def _why(e: BaseException) -> str:
@@ -175,10 +178,14 @@ def _md5sums(given: str, deb: DebFile) -> dict[str, str]:
     return sums
 
 
-def _check_data(given: str, deb: DebFile, sums: dict[str, str]) -> None:
-    """Every data member stays inside the root; every file in md5sums is there, intact."""
+def _check_data(given: str, deb: DebFile, sums: dict[str, str]) -> tuple[bytes, ...] | None:
+    """Every data member stays inside the root; every file in md5sums is there, intact.
+    The content of each regular file, as read for that (what compressing ahead takes: the
+    data is not decompressed twice), or None past KEEP bytes."""
     seen: set[str] = set()
     left = dict(sums)
+    kept: list[bytes] | None = []
+    total = 0
     tar = deb.data.tgz()
     for member in tar:
         problem = member_problem(member.name, member, seen)
@@ -186,13 +193,21 @@ def _check_data(given: str, deb: DebFile, sums: dict[str, str]) -> None:
             raise refuse(given, f"unsafe package: its data holds {problem}")
         path = _relative(member.name)
         seen.add(path)
-        if member.isfile() and path in left:
+        if member.isfile() and (path in left or (kept is not None and member.size)):
+            total += member.size
+            if total > KEEP:
+                kept = None
             digest = hashlib.md5(usedforsecurity=False)
             fh = tar.extractfile(member)
             assert fh is not None
+            blocks = []
             while block := fh.read(CHUNK):
                 digest.update(block)
-            if digest.hexdigest() != left.pop(path):
+                if kept is not None:
+                    blocks.append(block)
+            if kept is not None and member.size:
+                kept.append(b"".join(blocks))
+            if path in left and digest.hexdigest() != left.pop(path):
                 raise refuse(given, f"{one_line(path)} does not match its md5sum "
                                     "(a damaged package)")
         elif member.islnk() and path in left:
@@ -201,12 +216,21 @@ def _check_data(given: str, deb: DebFile, sums: dict[str, str]) -> None:
         first = one_line(sorted(left)[0])
         raise refuse(given, f"its md5sums list {first}, which its data does not hold "
                             "(a damaged package)")
+    return None if kept is None else tuple(kept)
 
 
 def file_contents(deb: Deb, most: int) -> Iterator[bytes]:
     """The content of each regular file in deb's data, in the archive's order, while
     their sum stays within most bytes: what dpkg will write, for compressing ahead
-    (imagefs.format.ahead).  A guess: a package that cannot be read gives nothing more."""
+    (imagefs.format.ahead).  A guess: a package that cannot be read gives nothing more.
+    What the check kept is not read again."""
+    if deb.contents is not None:
+        for kept in deb.contents:
+            most -= len(kept)
+            if most < 0:
+                return
+            yield kept
+        return
     try:
         with open(deb.path, "rb") as fh:
             tar = DebFile(fileobj=fh).data.tgz()

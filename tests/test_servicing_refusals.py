@@ -335,3 +335,23 @@ def test_deferred_configuration_needs_pre_depends_configured_already() -> None:
     with pytest.raises(Refused) as e:
         plan_add(db(), given, [], True)
     assert "tool 1.0 needs helper configured before it is unpacked" in e.value.args[0]
+
+
+@pytest.mark.parametrize("keep", [1 << 30, 10])
+def test_the_check_keeps_what_compressing_ahead_reads(tmp_path: Path, keep: int,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """open_deb keeps every regular file's content as its check read it (conffiles too,
+    which md5sums leaves out), so that compressing ahead does not decompress the data
+    again; past KEEP bytes it keeps nothing, and file_contents reads the .deb instead.
+    Either way it gives what dpkg will write, in the archive's order."""
+    from servicing import debs
+
+    monkeypatch.setattr(debs, "KEEP", keep)
+    files = {"usr/bin/tool": b"\x7fELF" + bytes(range(256)) * 40,
+             "etc/tool.conf": b"setting = 1\n", "usr/share/doc/tool/empty": b""}
+    path = build_deb(tmp_path, "tool", files=files)
+    checked = debs.open_deb(str(path))
+    assert (checked.contents is not None) is (keep > 20_000)
+    every = list(debs.file_contents(checked, 1 << 30))
+    assert sorted(every) == sorted(data for data in files.values() if data)
+    assert list(debs.file_contents(checked, len(every[0]))) == every[:1]  # within `most`
