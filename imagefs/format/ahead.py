@@ -2,7 +2,7 @@
 
 A servicing transaction knows much of what its commit will store before the commit starts:
 the files of the packages it installs.  Compressing them at a servicing commit's level
-(zstd 19) is most of that commit's time, and while dpkg runs in the session one CPU is
+(zstd 18) is most of that commit's time, and while dpkg runs in the session one CPU is
 idle.  CompressAhead cuts those files into chunks exactly as a commit does
 (chunking.chunk_region, the image's chunk sizes), leaves out the chunks the image already
 stores, and compresses the rest into packs on a thread of its own.  The commit is offered
