@@ -158,3 +158,38 @@ def test_a_transactions_mount_goes_without_the_writeback_cache(minbase_image: Pa
     finally:
         run_imagefs("unmount", mnt, "--discard")
     assert _getattrs_after(log) >= 5  # the kernel asked again after each close
+
+
+@pytest.mark.parametrize("volatile", [False, True])
+def test_a_large_write_starts_its_way_to_disk_in_a_durable_session_only(
+        every_type_tree: Path, tmp_path: Path, volatile: bool,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """content.WRITEBACK_FROM: a write of 512 KiB or more into a durable session has the
+    kernel start writing it to disk at once (files.start_writeback, sync_file_range), so
+    that the writer's fsync finds it on its way; a small write, or any write into a
+    volatile session (never written to disk on purpose), is left to the kernel."""
+    from imagefs.format import files
+    from imagefs.session import content
+    from imagefs.session.lifecycle import Session, discard
+
+    started: list[tuple[int, int]] = []
+
+    def recorded(fd: int, offset: int, length: int) -> None:
+        started.append((offset, length))
+        files.start_writeback(fd, offset, length)  # the real one: it must take the fd
+
+    monkeypatch.setattr(content, "start_writeback", recorded)
+    image = tmp_path / "t.imagefs"
+    run_imagefs("capture", every_type_tree, image, "--name", "t")
+    session = Session.create(str(image), "1", str(tmp_path / "nowhere"), volatile=volatile)
+    try:
+        tree = session.tree
+        ino = tree.make(1, b"big", 0o100644, 0, 0).ino
+        big = os.urandom(1 << 20)
+        tree.write(ino, 0, big)
+        tree.write(ino, 1 << 20, b"small" * 100)
+        assert started == ([] if volatile else [(0, 1 << 20)])
+        assert tree.read(ino, 0, 1 << 20) == big
+    finally:
+        session.close()
+        discard(session.info)
