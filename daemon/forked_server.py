@@ -52,16 +52,13 @@ class ForkedServer:
     def wait(self, timeout: float | None = None) -> int:
         """Its exit code, once it ended (woken by its pidfd, not polling: the verb waits
         for it last, after its commit)."""
-        import select
         import subprocess
 
+        from imagefs.mount.kernel import wait_ended
+
         if self.poll() is None:
-            fd = os.pidfd_open(self.pid)
-            try:
-                if not select.select([fd], [], [], timeout)[0]:
-                    raise subprocess.TimeoutExpired(f"forkserver {self.pid}", timeout or 0.0)
-            finally:
-                os.close(fd)
+            if not wait_ended(self.pid, timeout):
+                raise subprocess.TimeoutExpired(f"forkserver {self.pid}", timeout or 0.0)
             _pid, status = os.waitpid(self.pid, 0)
             self.returncode = os.waitstatus_to_exitcode(status)
         assert self.returncode is not None

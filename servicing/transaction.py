@@ -208,14 +208,11 @@ def service(image_path: str, index_spec: str, change: Change, *,
             # A thread may start only once no mount is left to fork from this process
             # (mount_here): a fork while another thread runs may copy a lock that thread
             # holds (an import's) into a child that then hangs.  A fork server's mounts
-            # (the CLI's and the daemon's) fork nothing here: compressing starts now, while
-            # they come up (jq and its two libraries: ~0.2 s at zstd 19, else waited for).
-            early = mounter is not None
-            if early:
-                ahead = compressing.enter_context(_compressing_ahead(image_path, change, todo))
-            targets = [mounting[item.index].wait() for item in todo]
-            if not early:
-                ahead = compressing.enter_context(_compressing_ahead(image_path, change, todo))
+            # (the CLI's and the daemon's) fork nothing here: compressing starts before
+            # they are up (jq and its two libraries: ~0.2 s at zstd 18, else waited for).
+            targets = None if mounter is not None else _wait_all(mounting, todo)
+            ahead = compressing.enter_context(_compressing_ahead(image_path, change, todo))
+            targets = targets or _wait_all(mounting, todo)
             _unchanged_since_planned(image_path, todo)
             for item, target in zip(todo, targets, strict=True):
                 progress.step(f"servicing index {item.index} ({item.name})")
@@ -233,6 +230,11 @@ def service(image_path: str, index_spec: str, change: Change, *,
         item.commit = result
     outcome.committed = any(r.get("changed") for r in results)
     return outcome
+
+
+def _wait_all(mounting: dict[int, _Mounting], todo: list[IndexOutcome]) -> list[Target]:
+    """Each serviced index's mount, once it is up."""
+    return [mounting[item.index].wait() for item in todo]
 
 
 def _import_the_commit() -> None:

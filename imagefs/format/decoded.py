@@ -69,28 +69,24 @@ class DecodedPacks(FolderCache):
 
     def load(self, name: str, size: int) -> mmap.mmap | None:
         """The decompressed pack kept as name, mapped, if it has size bytes."""
-        return self._mapped(os.path.join(self.folder, self.kind, name), size)
+        return self._mapped(name, self.kind, size)
 
     def load_at(self, place: str, size: int) -> mmap.mmap | None:
         """The decompressed pack a place leads to, mapped, if it has size bytes."""
-        return self._mapped(os.path.join(self.folder, PLACES, place), size)
+        return self._mapped(place, PLACES, size)
 
-    def _mapped(self, path: str, size: int) -> mmap.mmap | None:
+    def _mapped(self, name: str, kind: str, size: int) -> mmap.mmap | None:
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            return None
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_size != size or size == 0:
+            fh = self.open(name, kind)
+            if fh is None:
                 return None
-            with contextlib.suppress(OSError):
-                os.utime(fd)  # used: evicted last
-            return mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+            with fh:
+                st = os.fstat(fh.fileno())
+                if not stat.S_ISREG(st.st_mode) or st.st_size != size or size == 0:
+                    return None
+                return mmap.mmap(fh.fileno(), size, mmap.MAP_SHARED, mmap.PROT_READ)
         except (OSError, ValueError):
             return None
-        finally:
-            os.close(fd)
 
     def keep(self, name: str, raw: bytes) -> None:
         """Keep a decompressed pack; a cache that cannot take it (full, gone) is skipped."""

@@ -46,9 +46,10 @@ class FolderCache:
         with fh:
             return fh.read()
 
-    def open(self, name: str) -> BinaryIO | None:
-        """A blob's file, unbuffered, if kept; marked used (evicted last)."""
-        path = self.path(self.kind, name)
+    def open(self, name: str, kind: str | None = None) -> BinaryIO | None:
+        """A blob's file, unbuffered, if kept (in kind, this cache's own by default); marked
+        used (evicted last)."""
+        path = self.path(kind or self.kind, name)
         try:
             fh = open(path, "rb", buffering=0)  # noqa: SIM115 (the caller closes it)
         except FileNotFoundError:

@@ -439,6 +439,8 @@ class PackReader:
         place = None
         if self.image.fd >= 0:
             info = self.image.frame_info(pack, F.KIND_PACK)
+            if info.codec == F.CODEC_STORED:  # nothing to decompress, nothing kept
+                return self.image.read_stored(pack, F.KIND_PACK)[1]
             if self._file is None:
                 self._file = os.fstat(self.image.fd)
             place = self.decoded.place(self._file, pack, info.check, info.stored, info.raw)

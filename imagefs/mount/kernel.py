@@ -15,7 +15,6 @@ import errno
 import os
 import select
 import struct
-import time
 from collections.abc import Callable
 from typing import NamedTuple, Protocol
 
@@ -79,23 +78,20 @@ def find_mount(path: str) -> KernelMount | None:
     return hit
 
 
-def wait_ended(pid: int, timeout: float) -> bool:
-    """Wait up to timeout seconds for process pid to end; whether it has.  Through a pidfd
-    (readable once the process ends, also one that is not our child): a poll every 10 ms
-    made each servicing transaction wait 5 ms on average for its mount to end."""
+def wait_ended(pid: int, timeout: float | None) -> bool:
+    """Wait up to timeout seconds (None: as long as it takes) for process pid to end;
+    whether it has.  Through a pidfd, readable once the process ends, also one that is not
+    our child (as fuse._stop_when_gone waits): a poll every 10 ms made each servicing
+    transaction wait 5 ms on average for its mount to end."""
     if pid <= 0:
         return True
     try:
         fd = os.pidfd_open(pid)
     except ProcessLookupError:
         return True
-    except OSError:  # no pidfds here: poll
-        deadline = time.monotonic() + timeout
-        while pid_alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        return not pid_alive(pid)
     try:
-        return bool(select.select([fd], [], [], max(timeout, 0.0))[0]) or not pid_alive(pid)
+        readable = select.select([fd], [], [], None if timeout is None else max(timeout, 0.0))
+        return bool(readable[0]) or not pid_alive(pid)
     finally:
         os.close(fd)
 
