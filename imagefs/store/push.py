@@ -95,11 +95,16 @@ def push(image_path: str, selection: str, url_text: str, endpoint: str | None = 
             directories: dict[int, Inode] = {}
             used = used_chunks([view], directories)
             before = store.sent
-            packs, sent = _send_packs(store, image.file, sorted(used))
+            touched: list[tuple[str, Callable[[], bytes]]] = []
+            packs, sent = _send_packs(store, image.file, sorted(used), touched)
             body = encode_bundle(packs, _bundle_image(image, view, used, chunks, directories,
                                                       who, str(url)))
             bundle = digest_of(body)
-            _send(store, store.url.key(BUNDLES, bundle), body)
+            touched_bundle: list[tuple[str, Callable[[], bytes]]] = []
+            _send(store, store.url.key(BUNDLES, bundle), body, touched_bundle,
+                  lambda body=body: body)  # type: ignore[misc]
+            sent += _confirm(store, touched)  # the packs, then the bundle: last of all
+            _confirm(store, touched_bundle)
             ref = Ref(view.entry.name, bundle, len(body), now_iso(), view.entry.digest)
             store.put(store.url.key(REFS, ref_name(view.entry.name)), ref.encode())
             done.append(Pushed(view.number, view.entry.name, bundle, len(packs), sent,
@@ -109,16 +114,17 @@ def push(image_path: str, selection: str, url_text: str, endpoint: str | None = 
         return done
 
 
-def _send_packs(store: Store, file: ImageFile, packs: list[int]
+def _send_packs(store: Store, file: ImageFile, packs: list[int],
+                touched: list[tuple[str, Callable[[], bytes]]]
                 ) -> tuple[dict[int, PackObject], int]:
-    """Upload each pack the store lacks; pack id -> its object, and how many were sent."""
+    """Upload each pack the store lacks; pack id -> its object, and how many were sent.
+    touched gets each pack the store had, old, and that was touched (see _confirm)."""
 
     def one(pack: int) -> tuple[int, PackObject, bool]:
-        info, payload = file.read_stored(pack, F.KIND_PACK)  # checksum checked
-        frame = os.pread(file.fd, F.FRAME_HEADER, pack) + payload
+        frame = _frame(file, pack)
         sha = digest_of(frame)
-        return pack, PackObject(sha, len(frame)), _send(store, store.url.key(PACKS, sha),
-                                                        frame)
+        return pack, PackObject(sha, len(frame)), _send(
+            store, store.url.key(PACKS, sha), frame, touched, lambda: _frame(file, pack))
 
     out: dict[int, PackObject] = {}
     sent = 0
@@ -129,9 +135,16 @@ def _send_packs(store: Store, file: ImageFile, packs: list[int]
     return out, sent
 
 
-def _send(store: Store, key: str, data: bytes) -> bool:
-    """Put a content-addressed object unless the store has it (touched when old); True
-    when it was sent."""
+def _frame(file: ImageFile, pack: int) -> bytes:
+    """The pack's frame as the image stores it (its checksum checked)."""
+    _info, payload = file.read_stored(pack, F.KIND_PACK)
+    return os.pread(file.fd, F.FRAME_HEADER, pack) + payload
+
+
+def _send(store: Store, key: str, data: bytes,
+          touched: list[tuple[str, Callable[[], bytes]]], again: Callable[[], bytes]) -> bool:
+    """Put a content-addressed object unless the store has it (touched when old, and then
+    listed in touched with how to make its bytes again); True when it was sent."""
     have = store.head(key)
     if have is None or have.size != len(data):
         store.put(key, data)
@@ -142,7 +155,21 @@ def _send(store: Store, key: str, data: bytes) -> bool:
         except NoSuchObject:  # gc removed it since the HEAD: send it after all
             store.put(key, data)
             return True
+        touched.append((key, again))
     return False
+
+
+def _confirm(store: Store, touched: list[tuple[str, Callable[[], bytes]]]) -> int:
+    """Just before the ref: every object this push touched rather than sent is still there,
+    or is sent again; how many were.  A gc that looked at one just before the touch (it was
+    old) may delete it just after (gc.py's _still_old leaves that moment), and the ref
+    would name a pack the store no longer has."""
+    sent = 0
+    for key, again in touched:
+        if store.head(key) is None:
+            store.put(key, again())
+            sent += 1
+    return sent
 
 
 def _bundle_image(image: Image, view: IndexView, used: dict[int, set[ChunkUse]],
