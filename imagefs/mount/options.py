@@ -8,7 +8,7 @@ from imagefs.format.container import Header
 # Decompressed packs (~1 MiB each).  The kernel's page cache keeps what was read (free opens
 # imply keep_cache), so this cache only has to hold a pack while its files are read, not
 # the data read: 8 MiB reads the bookworm-web index with tar as fast as 256 MiB did, at a
-# peak of 56 MB instead of 262 MB for the mount process (docs/cli.md, mount).
+# peak of 48 MB instead of 262 MB for the mount process (docs/cli.md, mount).
 DEFAULT_CACHE = 8 << 20
 # ...and at least this many of the file's largest packs: a file of the compact profile
 # stores content by kind and name, so a walk of the tree reads from several packs of

@@ -43,7 +43,12 @@ if TYPE_CHECKING:
     from imagefs.image import Image
 
 META_CACHE = 24 << 20  # decompressed metadata blocks
-INODE_CACHE_WEIGHT = 32_768  # decoded records, weighed by their extents and entries
+# Decoded records, weighed by their extents and entries.  A walk visits each record about
+# once and the kernel keeps the attributes and entries it was given, so a small cache
+# serves as well as a large one: tar and find -ls of bookworm-web took the same time at
+# 8 192 as at 32 768, and the read-only mount's peak RSS fell from 56-58 MB to 48 MB
+# (~1 KB per decoded record of its 11 115: tracemalloc).
+INODE_CACHE_WEIGHT = 8_192
 READY = b"ok\n"  # the mount process's word over the pipe; else "err CODE\tmessage\n"
 log = logging.getLogger("imagefs.mount")
 
