@@ -299,12 +299,17 @@ def test_the_shim_under_sanitizers(tmp_path: Path) -> None:
 
 def test_a_mount_process_starts_without_ldconfig() -> None:
     """trio asks ctypes.util.find_library for libpthread at import, which runs ldconfig -p
-    (a fork and exec in every mount process's start); shim.py answers from libc."""
+    (a fork and exec in every mount process's start); shim.py answers from libc when a
+    mount served by trio imports it (trio_loop.py; pyfuse3 itself was imported with
+    plain_loop's stand-in)."""
     code = ("import ctypes.util\n"
             "def refuse(name):\n"
             "    raise SystemExit('ldconfig asked for ' + name)\n"
             "ctypes.util._findSoname_ldconfig = refuse\n"
-            "import imagefs.mount.fuse, trio._core._thread_cache as c\n"
+            "import sys, imagefs.mount.fuse\n"
+            "assert 'trio' not in sys.modules\n"
+            "import imagefs.mount.trio_loop, pyfuse3, trio._core._thread_cache as c\n"
+            "assert pyfuse3.trio is sys.modules['trio']\n"
             "assert c.set_os_thread_name is not None  # threads still named\n"
             "import ctypes.util as u\n"
             "assert u.find_library.__module__ == 'ctypes.util'\n")

@@ -4,8 +4,9 @@ adapter over tree.IndexTree.  The writable one is imagefs/session/fuse.py.
 
 Requests that never wait (lookup, getattr, xattrs, readlink, read, write, flush, release,
 forget, and a writable mount's changes) are answered by plain functions called from
-_fuseshim, which then drains the requests already waiting without going back to the trio
-loop; the rest go through pyfuse3's coroutines.  The fast paths are off (pyfuse3's
+_fuseshim, which then drains the requests already waiting without going back to the loop
+(trio_loop.py's, or plain_loop.py's for a servicing transaction's mount); the rest go
+through pyfuse3's coroutines.  The fast paths are off (pyfuse3's
 coroutines answer everything) with IMAGEFS_NO_FAST_PATHS=1, without the shim, and with
 pyfuse3 or libfuse versions the shim does not know (shim.py, docs/shim.md); the mount's log
 then says so once.
@@ -33,8 +34,9 @@ import logging
 import os
 import signal
 import sqlite3
+import threading
 from collections.abc import Callable, Coroutine
-from typing import Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 # The shim must be loaded, with its symbols global, before pyfuse3 binds fuse_session_new:
 # shim.py does that, then imports pyfuse3.
@@ -44,15 +46,18 @@ from . import shim
 _fuseshim = shim.shim()
 
 import pyfuse3  # noqa: E402
-import trio  # noqa: E402
 
 from imagefs.errors import CorruptImage  # noqa: E402
 from imagefs.format import layout as F  # noqa: E402
 from imagefs.format.packs import PackReader  # noqa: E402
 
+from . import plain_loop  # noqa: E402
 from .cpu import pin_here  # noqa: E402
 from .prefill import PageFiller  # noqa: E402
 from .tree import IndexTree, Refusal  # noqa: E402
+
+if TYPE_CHECKING:
+    import trio
 
 log = logging.getLogger("imagefs.mount")
 
@@ -104,19 +109,24 @@ class BaseOperations(pyfuse3.Operations):
     # a servicing transaction's mount: on one CPU with the programs it serves (cpu.py), so
     # it never polls for their next request, which would keep them from running
     shares_cpu = False
+    # nothing of it ever waits inside a request or runs beside the requests (no commits
+    # through a control socket, no periodic writes): served by plain_loop, without trio
+    plain_loop = False
 
     def __init__(self, label: str) -> None:
         super().__init__()
         self.label = label
-        self.nursery: trio.Nursery | None = None
-        self.initialized = trio.Event()
+        self.nursery: trio.Nursery | None = None  # the trio loop's (trio_loop.py)
+        self.initialized = False
+        self.on_init: Callable[[], None] = lambda: None
         self._reported: set[tuple[int, str]] = set()
         fault = os.environ.get("IMAGEFS_TEST_FAULT")
         self._fault = os.fsencode(fault) if fault else None
 
     def init(self) -> None:
         """Called by pyfuse3 inside the kernel's INIT request, before it is answered."""
-        self.initialized.set()
+        self.initialized = True
+        self.on_init()
 
     def shim_handlers(self) -> tuple[Any, ...]:
         """_fuseshim.configure's arguments."""
@@ -162,7 +172,8 @@ class BaseOperations(pyfuse3.Operations):
         return -pyfuse3.ENOATTR if value is None else value
 
     async def background(self, nursery: trio.Nursery) -> None:
-        """Start tasks that live as long as the mount."""
+        """Start tasks that live as long as the mount (the trio loop's; the plain loop
+        starts none)."""
 
     def stopping(self) -> None:
         """The loop has ended and the FUSE session is about to be destroyed: stop threads
@@ -254,13 +265,11 @@ class BaseOperations(pyfuse3.Operations):
         if len(self._reported) > 10_000:
             self._reported.clear()
         self._reported.add(key)
-        if self.nursery is None:
-            log.error("%s: I/O error on inode %d: %s", self.label, inode, exc)
-        else:
-            self.nursery.start_soon(self._log_damage, inode, exc)
+        threading.Thread(target=self._log_damage, args=(inode, exc), daemon=True,
+                         name="damage-report").start()
 
-    async def _log_damage(self, inode: int, exc: CorruptImage) -> None:
-        path = await trio.to_thread.run_sync(self.path_of, inode)
+    def _log_damage(self, inode: int, exc: CorruptImage) -> None:
+        path = self.path_of(inode)
         shown = path.decode("utf-8", "backslashreplace") if path else f"<inode {inode}>"
         log.error("%s path %s: I/O error (EIO): %s", self.label, shown, exc)
 
@@ -455,54 +464,27 @@ def serve(ops: BaseOperations, mountpoint: str, options: set[str],
                         "not called): no fast paths, SEEK_HOLE will not report holes",
                         ops.label)
         start_guardian(mountpoint)
-        trio.run(_serve, ops, mountpoint, ready, tied_to)
+
+        def announce() -> None:
+            # The kernel lowers readahead to what INIT negotiated when the reply arrives,
+            # so the larger value is written after it, and only then is the mount
+            # announced.
+            set_read_ahead(mountpoint)
+            if ready is not None:
+                ready()
+
+        if ops.plain_loop:
+            plain_loop.run(pyfuse3, lambda: ops.initialized, announce, tied_to, INIT_TIMEOUT)
+        else:
+            from . import trio_loop
+
+            trio_loop.run(ops, announce, tied_to, INIT_TIMEOUT)
     finally:
         ops.stopping()
         pyfuse3.close(unmount=True)
         ops.finished()
         log.info("%s: unmounted from %s (%d pack decompressions)%s; requests %s", ops.label,
                  mountpoint, ops.packs.decompressions, ops.filled(), shim.request_summary())
-
-
-async def _serve(ops: BaseOperations, mountpoint: str,
-                 ready: Callable[[], None] | None, tied_to: int) -> None:
-    async with trio.open_nursery() as nursery:
-        ops.nursery = nursery
-        nursery.start_soon(_stop_on_signals, nursery)
-        if tied_to:
-            nursery.start_soon(_stop_when_gone, ops, tied_to)
-        await ops.background(nursery)
-        nursery.start_soon(_when_initialized, ops, mountpoint, ready)
-        await pyfuse3.main(min_tasks=1, max_tasks=1)  # handlers never wait: one loop
-        nursery.cancel_scope.cancel()
-
-
-async def _stop_on_signals(nursery: trio.Nursery) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async for signum in signals:
-            log.info("%s: unmounting", signal.Signals(signum).name)
-            pyfuse3.terminate()
-            return
-
-
-async def _stop_when_gone(ops: BaseOperations, pid: int) -> None:
-    """Unmount when process pid ends (its pidfd becomes readable), or at once if it ended
-    before the mount was made (its fork server started it late)."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        fd = -1
-    try:
-        if fd >= 0:
-            await trio.lowlevel.wait_readable(fd)
-        # pyfuse3.terminate() before pyfuse3.main() runs is lost, and the mount would then
-        # stay; the kernel's INIT is answered by main(), so once it came main() runs.
-        await ops.initialized.wait()
-        log.info("process %d, which this mount serves, ended: unmounting", pid)
-        pyfuse3.terminate()
-    finally:
-        if fd >= 0:
-            os.close(fd)
 
 
 def start_guardian(mountpoint: str) -> None:
@@ -535,21 +517,6 @@ def start_guardian(mountpoint: str) -> None:
             umount(mountpoint, lazy=True)
     finally:
         os._exit(0)
-
-
-async def _when_initialized(ops: BaseOperations, mountpoint: str,
-                            ready: Callable[[], None] | None) -> None:
-    # The kernel lowers readahead to what INIT negotiated when the reply arrives, so the
-    # larger value is written after it, and only then is the mount announced.
-    with trio.move_on_after(INIT_TIMEOUT) as scope:
-        await ops.initialized.wait()
-    if scope.cancelled_caught:
-        log.error("the kernel sent no INIT within %d s; giving up", INIT_TIMEOUT)
-        pyfuse3.terminate()
-        return
-    set_read_ahead(mountpoint)
-    if ready is not None:
-        ready()
 
 
 def set_read_ahead(mountpoint: str, kb: int = READ_AHEAD_KB) -> None:

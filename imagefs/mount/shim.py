@@ -68,7 +68,7 @@ _fuseshim, _unusable = _load()
 
 @contextlib.contextmanager
 def _no_ldconfig() -> Iterator[None]:
-    """While trio is imported (by pyfuse3), ctypes.util.find_library("pthread") answers
+    """While trio is imported (import_trio), ctypes.util.find_library("pthread") answers
     from the C library already loaded instead of running `ldconfig -p`: trio asks only to
     name its threads, and the fork and exec cost every mount process ~25 ms at start.
     Since glibc 2.34 the pthread functions are libc's own."""
@@ -124,8 +124,35 @@ def _own_version_only() -> Iterator[None]:
             del sys.modules["importlib.metadata"]
 
 
-with _no_ldconfig(), _own_version_only():
+@contextlib.contextmanager
+def _trio_only_if_imported() -> Iterator[None]:
+    """While pyfuse3 is imported, `trio` is plain_loop's stand-in unless trio is imported
+    already: pyfuse3 imports it, at ~50 ms, and a servicing transaction's mount runs
+    without it (plain_loop.py).  Each loop points pyfuse3 at the trio it runs with."""
+    if "trio" in sys.modules:
+        yield
+        return
+    from .plain_loop import STAND_IN
+
+    sys.modules["trio"] = STAND_IN
+    try:
+        yield
+    finally:
+        if sys.modules.get("trio") is STAND_IN:
+            del sys.modules["trio"]
+
+
+with _own_version_only(), _trio_only_if_imported():
     import pyfuse3  # noqa: E402  (after the shim: see _load)
+
+
+def import_trio() -> None:
+    """Import trio (under _no_ldconfig, if it is not imported yet) and make it pyfuse3's:
+    what a mount served by trio does first (trio_loop.py)."""
+    if "trio" not in sys.modules:
+        with _no_ldconfig():
+            import trio  # noqa: F401
+    pyfuse3.trio = sys.modules["trio"]  # type: ignore[attr-defined]
 
 
 def version_tuple(text: str | None) -> tuple[int, int] | None:

@@ -5,6 +5,8 @@ imports neither the mount process's code nor the image format: a tenth of its ti
 
 from __future__ import annotations
 
+from imagefs.errors import MountRefused, UsageError
+
 from .control import request
 from .info import SessionInfo, find_session
 
@@ -15,6 +17,7 @@ def commit(spec: str, new_index: str | None = None, wait: float | None = None,
     when it is mounted, directly when the session is stale."""
     info = find_session(spec)
     if info.live():
+        refuse_a_transactions(info)
         return info, request(info.id, {"op": "commit", "new_index": new_index, "wait": wait,
                                        "who": who})
     from .lifecycle import Session  # the image format: only for a stale session
@@ -24,3 +27,14 @@ def commit(spec: str, new_index: str | None = None, wait: float | None = None,
         return info, session.commit(new_index, wait=wait, who=who)
     finally:
         session.close()
+
+
+def refuse_a_transactions(info: SessionInfo) -> None:
+    """A servicing transaction's session (volatile) is committed or discarded by its verb,
+    once dpkg and its checks are done, and by nothing else: its mount has no control
+    socket (imagefs.mount.plain_loop)."""
+    if info.volatile:
+        raise MountRefused(f"session {info.id} at {info.mountpoint} is a servicing "
+                           "transaction's: its verb commits it when its change is applied "
+                           "and checked, and discards it on failure; nothing else may",
+                           UsageError.exit_code)

@@ -29,7 +29,7 @@ class Served(Protocol):
 
     session: Session
     nursery: trio.Nursery | None
-    commit_lock: trio.Lock
+    commit_lock: trio.Lock | None  # set before this serves
     discarding: bool
 
     def errno_for(self, exc: Exception, handler: str, args: tuple[Any, ...]) -> int: ...
@@ -91,6 +91,7 @@ async def _answer(ops: Served, request: dict[str, Any]) -> dict[str, Any]:
             return {"ok": False, "code": REFUSED, "error": "who must be an object"}
         wait = request.get("wait")
         deadline = None if not isinstance(wait, (int, float)) else time.monotonic() + wait
+        assert ops.commit_lock is not None
         async with ops.commit_lock:
             await written_back(ops.session.info.mountpoint)
             while True:

@@ -144,9 +144,11 @@ def unmount(mountpoint: str, wait: float = 30.0, commit: bool = False,
             raise UsageError(f"{path} is a writable mount (session {rec.session}): "
                              "unmount --commit to publish its changes, or --discard to "
                              "drop them")
+        from .commit_client import refuse_a_transactions
         from .control import request
 
         if commit:
+            refuse_a_transactions(SessionInfo.load(rec.session))
             result = request(rec.session, {"op": "commit", "new_index": new_index})
         else:
             with contextlib.suppress(Error):  # a mount that does not answer still goes
