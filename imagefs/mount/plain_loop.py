@@ -115,6 +115,7 @@ def run(pyfuse3: Any, initialized: Callable[[], bool], announce: Callable[[], No
     tied_to (if not 0), or no INIT within init_timeout seconds.  announce() is called
     once, after the request in which initialized() became true has been answered."""
     pyfuse3.trio = STAND_IN
+    _closing.clear()
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     old = {sig: signal.signal(sig, lambda *_: None) for sig in STOP_SIGNALS}
     old_wakeup = signal.set_wakeup_fd(wake_w)
@@ -123,9 +124,8 @@ def run(pyfuse3: Any, initialized: Callable[[], bool], announce: Callable[[], No
         with contextlib.suppress(ProcessLookupError):  # gone already: stop at once
             pidfd = os.pidfd_open(tied_to)
     try:
-        loop = _Loop(pyfuse3, wake_r, pidfd, initialized, announce,
+        loop = _Loop(pyfuse3, wake_r, pidfd, tied_to, initialized, announce,
                      time.monotonic() + init_timeout)
-        loop.tied_to = tied_to
         if tied_to and pidfd < 0:
             loop.stop(loop.ended())
         loop.drive(pyfuse3.main(1, 1))
@@ -141,25 +141,26 @@ def run(pyfuse3: Any, initialized: Callable[[], bool], announce: Callable[[], No
 class _Loop:
     """The state of one run(): what to poll, and why the mount is stopping."""
 
-    def __init__(self, pyfuse3: Any, wake_r: int, pidfd: int,
+    def __init__(self, pyfuse3: Any, wake_r: int, pidfd: int, tied_to: int,
                  initialized: Callable[[], bool], announce: Callable[[], None],
                  init_deadline: float) -> None:
         self.pyfuse3 = pyfuse3
-        self.wake_r, self.pidfd = wake_r, pidfd
+        self.wake_r, self.pidfd, self.tied_to = wake_r, pidfd, tied_to
         self.initialized, self.announce = initialized, announce
         self.announced = False
         self.init_deadline = init_deadline
         self.why_stop = ""  # set: pyfuse3.terminate() is due, and this is logged
+        self.stop_is_error = False
         self.terminated = False
-        self.tied_to = 0
         self.poller = select.poll()
         self.poller.register(wake_r, select.POLLIN)
         if pidfd >= 0:
             self.poller.register(pidfd, select.POLLIN)
         self.fuse_fd = -1
 
-    def stop(self, why: str) -> None:
-        self.why_stop = self.why_stop or why
+    def stop(self, why: str, error: bool = False) -> None:
+        if not self.why_stop:
+            self.why_stop, self.stop_is_error = why, error
 
     def ended(self) -> str:
         return f"process {self.tied_to}, which this mount serves, ended: unmounting"
@@ -189,7 +190,7 @@ class _Loop:
         while True:
             if self.why_stop and not self.terminated:
                 self.terminated = True
-                (log.error if "INIT" in self.why_stop else log.info)("%s", self.why_stop)
+                (log.error if self.stop_is_error else log.info)("%s", self.why_stop)
                 self.pyfuse3.terminate()  # closes fd: _closing
             if fd in _closing:
                 return ClosedResourceError()
@@ -206,4 +207,4 @@ class _Loop:
             if self.pidfd in ready:
                 self.stop(self.ended())
             if not ready and not self.announced and time.monotonic() >= self.init_deadline:
-                self.stop("the kernel sent no INIT in time; giving up")
+                self.stop("the kernel sent no INIT in time; giving up", error=True)
