@@ -158,7 +158,7 @@ def own_mounter(dry_run: bool
     try:
         yield mount
     finally:
-        server.close()
+        server.close(wait=False)  # it ends at its socket's end, or with this process
 
 
 def show_outcome(doc: dict[str, Any]) -> None:
