@@ -116,12 +116,19 @@ def _own_version_only() -> Iterator[None]:
     stand_in = types.ModuleType("importlib.metadata")
     stand_in.PackageNotFoundError = PackageNotFoundError  # type: ignore[attr-defined]
     stand_in.version = version  # type: ignore[attr-defined]
-    sys.modules["importlib.metadata"] = stand_in
+    with _standing_in(stand_in):
+        yield
+
+
+@contextlib.contextmanager
+def _standing_in(module: types.ModuleType) -> Iterator[None]:
+    """module is sys.modules[its name] for the block (the caller saw it was not imported)."""
+    sys.modules[module.__name__] = module
     try:
         yield
     finally:
-        if sys.modules.get("importlib.metadata") is stand_in:
-            del sys.modules["importlib.metadata"]
+        if sys.modules.get(module.__name__) is module:
+            del sys.modules[module.__name__]
 
 
 @contextlib.contextmanager
@@ -134,12 +141,8 @@ def _trio_only_if_imported() -> Iterator[None]:
         return
     from .plain_loop import STAND_IN
 
-    sys.modules["trio"] = STAND_IN
-    try:
+    with _standing_in(STAND_IN):
         yield
-    finally:
-        if sys.modules.get("trio") is STAND_IN:
-            del sys.modules["trio"]
 
 
 with _own_version_only(), _trio_only_if_imported():
