@@ -158,15 +158,13 @@ class MountForkServer:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
-        if self._proc is not None and not wait:
-            self._proc = None
-        if self._proc is not None:
+        if self._proc is not None and wait:
             try:
                 self._proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 self._proc.kill()
                 self._proc.wait()
-            self._proc = None
+        self._proc = None
 
 
 def _answered(request: MountRequest, ours: socket.socket, timeout: float) -> dict[str, Any]:

@@ -81,8 +81,8 @@ def find_mount(path: str) -> KernelMount | None:
 def wait_ended(pid: int, timeout: float | None) -> bool:
     """Wait up to timeout seconds (None: as long as it takes) for process pid to end;
     whether it has.  Through a pidfd, readable once the process ends, also one that is not
-    our child (as fuse._stop_when_gone waits): a poll every 10 ms made each servicing
-    transaction wait 5 ms on average for its mount to end."""
+    our child (as a mount tied to a verb waits for it: trio_loop, plain_loop): a poll
+    every 10 ms made each servicing transaction wait 5 ms on average for its mount to end."""
     if pid <= 0:
         return True
     try:

@@ -127,7 +127,7 @@ def run(pyfuse3: Any, initialized: Callable[[], bool], announce: Callable[[], No
         loop = _Loop(pyfuse3, wake_r, pidfd, tied_to, initialized, announce,
                      time.monotonic() + init_timeout)
         if tied_to and pidfd < 0:
-            loop.stop(loop.ended())
+            loop.stop(loop.verb_ended)
         loop.drive(pyfuse3.main(1, 1))
     finally:
         signal.set_wakeup_fd(old_wakeup)
@@ -145,7 +145,8 @@ class _Loop:
                  initialized: Callable[[], bool], announce: Callable[[], None],
                  init_deadline: float) -> None:
         self.pyfuse3 = pyfuse3
-        self.wake_r, self.pidfd, self.tied_to = wake_r, pidfd, tied_to
+        self.wake_r, self.pidfd = wake_r, pidfd
+        self.verb_ended = f"process {tied_to}, which this mount serves, ended: unmounting"
         self.initialized, self.announce = initialized, announce
         self.announced = False
         self.init_deadline = init_deadline
@@ -161,9 +162,6 @@ class _Loop:
     def stop(self, why: str, error: bool = False) -> None:
         if not self.why_stop:
             self.why_stop, self.stop_is_error = why, error
-
-    def ended(self) -> str:
-        return f"process {self.tied_to}, which this mount serves, ended: unmounting"
 
     def drive(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Send into coro until it returns; where it waits, wait()."""
@@ -205,6 +203,6 @@ class _Loop:
                         if signum in STOP_SIGNALS:
                             self.stop(f"{signal.Signals(signum).name}: unmounting")
             if self.pidfd in ready:
-                self.stop(self.ended())
+                self.stop(self.verb_ended)
             if not ready and not self.announced and time.monotonic() >= self.init_deadline:
                 self.stop("the kernel sent no INIT in time; giving up", error=True)
