@@ -33,6 +33,7 @@ import importlib
 import json
 import logging
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -73,6 +74,8 @@ class MountRequest:
     volatile: bool = False  # with writable: a session never fsynced (servicing's)
     cache: str | None = None  # image an index of a store: where its objects are kept
     cache_size: int | None = None  # ... and how much of its packs at most
+    warm: list[str] = field(default_factory=list)  # paths under the mount read once it is
+    # ready, for what the caller runs there next (imagefs.mount.warm)
 
 
 class MountForkServer:
@@ -130,12 +133,14 @@ class MountForkServer:
     def mount(self, request: MountRequest, timeout: float = ANSWER_TIMEOUT) -> dict[str, Any]:
         """Mount as request says; the mount's record (MountRecord.to_json()) once it is
         ready, or the mount's error raised with its exit code."""
-        return self.begin(request, timeout)()
+        pending = self.begin(request, timeout)
+        try:
+            return pending.wait()
+        finally:
+            pending.release()
 
-    def begin(self, request: MountRequest, timeout: float = ANSWER_TIMEOUT
-              ) -> Callable[[], dict[str, Any]]:
-        """Ask for the mount and return at once; what it returns waits for the mount to be
-        ready and returns its record (or raises), as mount() does."""
+    def begin(self, request: MountRequest, timeout: float = ANSWER_TIMEOUT) -> PendingMount:
+        """Ask for the mount and return at once: the mount, pending."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._send(json.dumps(asdict(request)).encode(), theirs.fileno())
@@ -145,7 +150,7 @@ class MountForkServer:
                                f"not answer ({e.strerror or e})") from None
         finally:
             theirs.close()
-        return lambda: _answered(request, ours, timeout)
+        return PendingMount(request, ours, timeout)
 
     def close(self, wait: bool = True) -> None:
         """Stop the server (mounts it made go on): it ends when its socket does.  wait:
@@ -167,26 +172,62 @@ class MountForkServer:
         self._proc = None
 
 
-def _answered(request: MountRequest, ours: socket.socket, timeout: float) -> dict[str, Any]:
-    """The answer to a mount request, read from ours (closed afterwards)."""
-    with ours:
-        ours.settimeout(timeout)
+class PendingMount:
+    """A mount asked of the server.  wait() returns its record once it is ready (or
+    raises its error with its exit code), as often as asked; release() lets the server's
+    child go, which reads the request's `warm` paths in the mount until then (the mount
+    cannot be unmounted while it does): call it once done with the mount's caches, and
+    always before unmounting."""
+
+    def __init__(self, request: MountRequest, sock: socket.socket, timeout: float) -> None:
+        self.request = request
+        self._sock: socket.socket | None = sock
+        self._timeout = timeout
+        self._answer: dict[str, Any] | None = None
+
+    def wait(self) -> dict[str, Any]:
+        if self._answer is None:
+            self._answer = self._read_answer()
+        if "error" in self._answer:
+            raise MountRefused(str(self._answer["error"]),
+                               int(self._answer.get("exit_code") or SystemFailure.exit_code))
+        return dict(self._answer["record"])
+
+    def release(self) -> None:
+        """End the child's reading ahead, and wait (up to ANSWER_TIMEOUT) until it has let
+        go of the mount: it stops when this end of the socket closes, and its end
+        closes when it exits."""
+        sock, self._sock = self._sock, None
+        if sock is None:
+            return
+        with sock, contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_WR)
+            sock.settimeout(ANSWER_TIMEOUT)
+            while sock.recv(65536):
+                pass
+
+    def _read_answer(self) -> dict[str, Any]:
+        """The answer: one line of JSON (the child may go on reading ahead after it)."""
+        sock = self._sock
+        mountpoint = self.request.mountpoint
+        if sock is None:
+            raise MountRefused(f"{mountpoint}: the mount request was let go of")
+        sock.settimeout(self._timeout)
         data = b""
         try:
-            while chunk := ours.recv(65536):
+            while b"\n" not in data and (chunk := sock.recv(65536)):
                 data += chunk
         except TimeoutError:
-            raise MountRefused(f"{request.mountpoint}: the mount was not ready within "
-                               f"{timeout:.0f} s") from None
-    try:
-        answer = json.loads(data)
-    except ValueError:
-        raise MountRefused(f"{request.mountpoint}: the mount's starter died before "
-                           "it answered") from None
-    if "error" in answer:
-        raise MountRefused(str(answer["error"]),
-                           int(answer.get("exit_code") or SystemFailure.exit_code))
-    return dict(answer["record"])
+            raise MountRefused(f"{mountpoint}: the mount was not ready within "
+                               f"{self._timeout:.0f} s") from None
+        try:
+            answer = json.loads(data.partition(b"\n")[0])
+            if not isinstance(answer, dict) or not ("error" in answer or "record" in answer):
+                raise ValueError(answer)
+        except ValueError:
+            raise MountRefused(f"{mountpoint}: the mount's starter died before it "
+                               "answered") from None
+        return answer
 
 
 # Everything a mount process needs, imported once, in the server (not psutil: only a busy
@@ -195,8 +236,8 @@ def _answered(request: MountRequest, ours: socket.socket, timeout: float) -> dic
 # makes only those, ~50 ms sooner.
 MOUNT_MODULES = ("setproctitle", "imagefs.format.packs", "imagefs.format.records",
                  "imagefs.format.view", "imagefs.image", "imagefs.mount.fuse",
-                 "imagefs.mount.tree", "imagefs.session.fuse", "imagefs.session.lifecycle",
-                 "imagefs.session.mounts")
+                 "imagefs.mount.tree", "imagefs.mount.warm", "imagefs.session.fuse",
+                 "imagefs.session.lifecycle", "imagefs.session.mounts")
 # ...and in the daemon's server, what any of its mounts might import later: they may act
 # as another user (setuid), who may not be able to read the interpreter's files (a verb's
 # own server mounts as its verb's user).  Its other mounts run under trio (trio_loop, with
@@ -235,15 +276,32 @@ def serve(sock: socket.socket, title: str = "") -> None:
             code = 1
             try:
                 sock.close()
-                _answer(fds[0], _mount(message, fds[0]))
+                answer, warm = _mount(message, fds[0])
+                with socket.socket(fileno=fds[0]) as caller, contextlib.suppress(OSError):
+                    caller.sendall(json.dumps(answer).encode() + b"\n")
+                    if warm and "record" in answer:
+                        _warm(answer["record"]["mountpoint"], warm, caller)
                 code = 0
             finally:
                 os._exit(code)
         os.close(fds[0])
 
 
-def _mount(message: bytes, answer_fd: int) -> dict[str, Any]:
-    """In the child: become the caller, mount, and say how it went."""
+def _warm(mountpoint: str, paths: list[str], caller: socket.socket) -> None:
+    """In the child, once the caller has its answer: read what it will run there next
+    into the kernel's caches, on this CPU while the caller goes on planning, until done
+    or until the caller lets go (PendingMount.release: its end of the socket closed)."""
+    from imagefs.mount.warm import warm
+
+    def let_go() -> bool:
+        return bool(select.select([caller], [], [], 0)[0])
+
+    with contextlib.suppress(Exception):  # only ever a saving of time
+        warm(mountpoint, paths, stop=let_go)
+
+
+def _mount(message: bytes, answer_fd: int) -> tuple[dict[str, Any], list[str]]:
+    """In the child: become the caller, mount, and say how it went; and what to warm."""
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # libfuse waits for fusermount3
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     try:
@@ -266,15 +324,16 @@ def _mount(message: bytes, answer_fd: int) -> dict[str, Any]:
                     writable=req.writable, session=stale, owner=req.owner,
                     not_inherited=(answer_fd,), tied_to=req.tied_to, volatile=req.volatile,
                     opener=_store_opener(req))
-        return {"record": rec.to_json()}
+        return {"record": rec.to_json()}, [str(p) for p in req.warm]
     except Error as e:
-        return {"error": e.message(), "exit_code": e.exit_code}
+        return {"error": e.message(), "exit_code": e.exit_code}, []
     except OSError as e:
         return {"error": SystemFailure(e.filename or "mount", e.strerror).message(),
-                "exit_code": SystemFailure.exit_code}
+                "exit_code": SystemFailure.exit_code}, []
     except Exception as e:  # the answer must come, whatever happened
         log.exception("mount request failed")
-        return {"error": f"internal error: {type(e).__name__}: {e}", "exit_code": INTERNAL_ERROR}
+        return {"error": f"internal error: {type(e).__name__}: {e}",
+                "exit_code": INTERNAL_ERROR}, []
 
 
 def _store_opener(req: MountRequest) -> Callable[[], Any] | None:
@@ -289,11 +348,6 @@ def _store_opener(req: MountRequest) -> Callable[[], Any] | None:
 
     return lambda: open_store_index(req.image, req.index, None, req.cache,
                                     req.cache_size or DEFAULT_LIMIT)
-
-
-def _answer(fd: int, doc: dict[str, Any]) -> None:
-    with contextlib.suppress(OSError), socket.socket(fileno=fd) as s:
-        s.sendall(json.dumps(doc).encode())
 
 
 def main(argv: list[str]) -> int:

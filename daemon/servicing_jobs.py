@@ -16,7 +16,7 @@ run with more rights than its owner has.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from imagefs.errors import UsageError
@@ -24,7 +24,7 @@ from imagefs.places import state_dir
 
 from .access import IMAGE, READ, WRITE, check_path, path_param
 from .calls import history_who, job_answer
-from .forkserver import MountRequest
+from .forkserver import MountRequest, PendingMount
 from .jobs import JobContext
 from .protocol import INVALID_PARAMS, RpcError
 from .rpc import Call, optional
@@ -88,16 +88,18 @@ async def where(call: Call, method: str, image: str | None, index: int | str | N
     return None, info.mountpoint
 
 
-def fork_server_mounter(call: Call) -> Callable[[str, int, str], Callable[[], object]]:
+def fork_server_mounter(call: Call
+                        ) -> Callable[[str, int, str, Sequence[str]], PendingMount]:
     """servicing.transaction.Mounter: the caller's new session, mounted by the fork
     server and tied to the daemon's process."""
     confined = [] if call.peer.is_root else ["nosuid,nodev"]
 
-    def mount(image: str, number: int, mountpoint: str) -> Callable[[], object]:
+    def mount(image: str, number: int, mountpoint: str, reads: Sequence[str]
+              ) -> PendingMount:
         return call.daemon.fork_server.begin(MountRequest(
             image=image, index=str(number), mountpoint=mountpoint, options=confined,
             writable=True, owner=call.peer.uid, state_dir=state_dir(),
-            tied_to=os.getpid(), volatile=True))
+            tied_to=os.getpid(), volatile=True, warm=list(reads)))
 
     return mount
 

@@ -36,6 +36,7 @@ from imagefs.errors import CorruptImage, UsageError
 from imagefs.image import Image
 
 from .debs import Deb, file_contents, open_deb, repository, stage
+from .reads import DPKG_READS
 from .resolver import GONE, Action, Database, PackagePlan, pkg_of, plan_add, plan_remove
 from .roots import IndexRoot, Root
 from .runner import Completed, dpkg_options, run
@@ -197,6 +198,7 @@ class PackageAdd:
     """`package add`: install .debs (and what they need from a repository folder)."""
 
     verb = "package add"
+    reads = DPKG_READS
 
     def __init__(self, debs: Sequence[str], repository: str | None = None,
                  defer_configure: bool = False) -> None:
@@ -277,6 +279,7 @@ class PackageRemove:
     """`package remove`: remove (or purge) packages, refusing what would break others."""
 
     verb = "package remove"
+    reads = DPKG_READS
 
     def __init__(self, names: Sequence[str], purge: bool = False,
                  with_dependents: bool = False) -> None:

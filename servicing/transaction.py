@@ -25,7 +25,7 @@ import os
 import secrets
 import shutil
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -67,8 +67,17 @@ SUMMARY_PATHS = 20  # paths of each kind (added, removed, changed) kept in a his
 # Starts mounting index number of the image writable at a mount point (a new session), tied
 # to this process, and returns what waits until that mount is ready (raising if it failed).
 # The default mounts here, before it returns; the daemon and the CLI have a fork server do
-# it, while the verb plans.
-Mounter = Callable[[str, int, str], Callable[[], object]]
+# it, while the verb plans, and then read the paths given (Change.reads) in the mount.
+class MountHandle(Protocol):
+    """A session's mount, asked for: wait() until it is ready (raising why not); release()
+    once done with what was read ahead in it (Change.reads), and before unmounting it."""
+
+    def wait(self) -> object: ...
+
+    def release(self) -> None: ...
+
+
+Mounter = Callable[[str, int, str, Sequence[str]], MountHandle]
 
 
 class Progress(Protocol):
@@ -112,6 +121,9 @@ class Change(Protocol):
     """A servicing verb's work on one index."""
 
     verb: str  # as the history shows it: "package add"
+    # A change may also have `reads`: paths in the image its apply will read (the image's
+    # dpkg: reads.DPKG_READS), read by the mount's fork server while the plan is made
+    # (imagefs.mount.warm).
 
     def arguments(self) -> dict[str, Any]:
         """The verb's arguments, for the history."""
@@ -170,16 +182,18 @@ class Outcome:
                 "indices": [i.to_json() for i in self.indices]}
 
 
-def service(image_path: str, index_spec: str, change: Change, *,
+def service(image_path: str, index_spec: str, change: Change | Callable[[], Change], *,
             new_index: str | None = None, dry_run: bool = False,
             who: dict[str, Any] | None = None, progress: Progress | None = None,
             publishing: Callable[[], bool] | None = None,
-            wait: float | None = 60.0, mounter: Mounter | None = None) -> Outcome:
+            wait: float | None = 60.0, mounter: Mounter | None = None,
+            reads: Sequence[str] = ()) -> Outcome:
     """Run change on the indices index_spec names ("2", "web", "1,3", "all") of the
     image: all of them are published in one commit, or none.  publishing() is asked just
-    before the commit (False: stop, nothing is published; a daemon job's cancel)."""
+    before the commit (False: stop, nothing is published; a daemon job's cancel).
+    change may be what makes it, called once the mounts were asked for (the CLI imports
+    the verb's module then: ~25 ms more for them to come up), with its reads given."""
     progress = progress or _Silent()
-    outcome = Outcome(os.path.abspath(image_path), change.verb, dry_run)
     with contextlib.ExitStack() as stack:
         with Image.open(image_path) as img:
             chosen = img.select_many(index_spec)
@@ -190,10 +204,13 @@ def service(image_path: str, index_spec: str, change: Change, *,
             # on the other CPU); one with nothing to do is discarded with the workspace.
             mounting = ({} if dry_run else
                         _start(image_path, [(n, e.name) for n, e in chosen],
-                               stack.enter_context(_workspace()), progress, mounter))
+                               stack.enter_context(_workspace()), progress, mounter,
+                               reads if callable(change) else _reads(change)))
             # However this ends, every mount asked for is made (or failed) before the
             # workspace is cleared: a mount made after that would outlive it.
             stack.callback(_settle, mounting.values())
+            change = change() if callable(change) else change
+            outcome = Outcome(os.path.abspath(image_path), change.verb, dry_run)
             # The plan's reads keep the packs they decompress for the mounts (decoded.py).
             packs = PackReader(img.file, decoded=decoded_packs())
             for number, entry in chosen:
@@ -221,8 +238,9 @@ def service(image_path: str, index_spec: str, change: Change, *,
                 item.result = (_apply(change, target, item, progress)
                                if not item.plan.empty() else {})
             progress.step("checking and committing")
-            for target in targets:
-                _detach(target.root)
+            for item, target in zip(todo, targets, strict=True):
+                mounting[item.index].release()
+                _detach(target.root, wait=0)
             if publishing is not None and not publishing():
                 raise Interrupted()
             importing.join()
@@ -232,6 +250,10 @@ def service(image_path: str, index_spec: str, change: Change, *,
         item.commit = result
     outcome.committed = any(r.get("changed") for r in results)
     return outcome
+
+
+def _reads(change: Change) -> Sequence[str]:
+    return tuple(getattr(change, "reads", ()))
 
 
 def _wait_all(mounting: dict[int, _Mounting], todo: list[IndexOutcome]) -> list[Target]:
@@ -283,14 +305,16 @@ def service_mount(mountpoint: str, change: Change, *, dry_run: bool = False,
 
 
 @contextlib.contextmanager
-def opened(image_path: str, index_spec: str, mounter: Mounter | None = None
-           ) -> Iterator[Target]:
+def opened(image_path: str, index_spec: str, mounter: Mounter | None = None,
+           reads: Sequence[str] = ()) -> Iterator[Target]:
     """An index mounted writable in a private place for a look inside with the image's own
-    tools (a health scan's dpkg --verify); whatever happens there is discarded."""
+    tools (a health scan's dpkg --verify); whatever happens there is discarded.  reads: as
+    Change.reads."""
     with Image.open(image_path) as img:
         number, entry = img.select(index_spec)
     with _workspace() as place:
-        mounting = _start(image_path, [(number, entry.name)], place, _Silent(), mounter)
+        mounting = _start(image_path, [(number, entry.name)], place, _Silent(), mounter,
+                          reads)
         try:
             target = mounting[number].wait()
         finally:
@@ -360,32 +384,34 @@ def _compressing_ahead(image_path: str, change: Change, todo: list[IndexOutcome]
 
 
 def _start(image_path: str, indices: list[tuple[int, str]], place: str, progress: Progress,
-           mounter: Mounter | None) -> dict[int, _Mounting]:
-    """Start mounting a new session of each index (number, name) in place."""
+           mounter: Mounter | None, reads: Sequence[str]) -> dict[int, _Mounting]:
+    """Start mounting a new session of each index (number, name) in place, its reads
+    read in it once it is up (a fork server's mounter)."""
     started = {}
     for number, name in indices:
         mnt = os.path.join(place, str(number))
         os.mkdir(mnt, 0o700)
         progress.step(f"opening a session of index {number} ({name})")
-        started[number] = _Mounting((mounter or mount_here)(image_path, number, mnt),
+        started[number] = _Mounting((mounter or mount_here)(image_path, number, mnt, reads),
                                     Target(mnt, number, name, scratch=place))
     return started
 
 
 class _Mounting:
     """A session's mount, asked for; wait() returns it once it is ready (or raises why it
-    failed), as often as it is asked."""
+    failed), as often as it is asked; release() as MountHandle's."""
 
-    def __init__(self, ready: Callable[[], object], target: Target) -> None:
-        self._ready: Callable[[], object] | None = ready
+    def __init__(self, handle: MountHandle, target: Target) -> None:
+        self.handle = handle
+        self._waited = False
         self._failed: BaseException | None = None
         self.target = target
 
     def wait(self) -> Target:
-        if self._ready is not None:
-            ready, self._ready = self._ready, None
+        if not self._waited:
+            self._waited = True
             try:
-                ready()
+                self.handle.wait()
             except BaseException as e:
                 self._failed = e
                 raise
@@ -393,13 +419,18 @@ class _Mounting:
             raise self._failed
         return self.target
 
+    def release(self) -> None:
+        self.handle.release()
+
 
 def _settle(mounting: Iterable[_Mounting]) -> None:
     """Wait until each mount asked for is made or failed (its failure is not this
-    caller's concern: it is cleaning up)."""
+    caller's concern: it is cleaning up), and release it."""
     for m in mounting:
         with contextlib.suppress(Exception):
             m.wait()
+        with contextlib.suppress(Exception):
+            m.release()
 
 
 def _unchanged_since_planned(image_path: str, todo: list[IndexOutcome]) -> None:
@@ -412,25 +443,38 @@ def _unchanged_since_planned(image_path: str, todo: list[IndexOutcome]) -> None:
                 raise ChangedWhilePlanned(image_path, f"{item.index} ({item.name})")
 
 
-def mount_here(image_path: str, number: int, mountpoint: str) -> Callable[[], object]:
+def mount_here(image_path: str, number: int, mountpoint: str, reads: Sequence[str]
+               ) -> MountHandle:
     """The default Mounter: a session's mount process started by this process (ready when
-    this returns)."""
+    this returns; nothing is read ahead, as nothing would run meanwhile)."""
     from imagefs.session.mounts import start
 
     start(image_path, str(number), mountpoint, [], writable=True, tied_to=os.getpid(),
           volatile=True)
-    return lambda: None
+    return _Mounted()
 
 
-def _detach(mnt: str) -> None:
-    """Unmount a serviced index; its session stays (stale) for the commit."""
+class _Mounted:
+    """mount_here's MountHandle: ready, and nothing to let go of."""
+
+    def wait(self) -> object:
+        return None
+
+    def release(self) -> None:
+        pass
+
+
+def _detach(mnt: str, wait: float = MOUNT_WAIT) -> None:
+    """Unmount a serviced index and wait up to wait seconds for its process to end; its
+    session stays (stale) for the commit.  The commit waits for the session instead
+    (Session.load): the mount process lets go of it before it ends (~5 ms sooner)."""
     from imagefs.mount.process import detach
     from imagefs.mount.registry import record_for
 
     rec = record_for(mnt)
     if rec is None:
         raise ServicingFailed(f"the mount at {mnt} went away before the commit")
-    detach(mnt, rec, MOUNT_WAIT)
+    detach(mnt, rec, wait)
 
 
 def _commit(targets: list[Target], todo: list[IndexOutcome], change: Change,
@@ -483,7 +527,7 @@ def _summary(session: Any, written: Any) -> dict[str, Any]:
 
 def _clear(place: str) -> None:
     """Unmount what is mounted in place, discard the sessions mounted there, remove it."""
-    from imagefs.mount.kernel import find_mount, umount
+    from imagefs.mount.kernel import find_mount, umount, wait_ended
     from imagefs.session.lifecycle import discard, list_sessions
 
     for name in sorted(os.listdir(place)) if os.path.isdir(place) else []:
@@ -495,6 +539,9 @@ def _clear(place: str) -> None:
                 umount(mnt, lazy=True)
     for info in list_sessions():
         if info.mountpoint.startswith(place + os.sep):
+            # A mount detached for the commit (_detach without waiting) may still be
+            # writing its session: it is discarded once its process has ended.
+            wait_ended(info.pid, MOUNT_WAIT)
             with contextlib.suppress(Error):
                 discard(info)
     shutil.rmtree(place, ignore_errors=True)

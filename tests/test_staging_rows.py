@@ -1,12 +1,15 @@
-"""A staged inode goes into its SQLite row and comes back field for field: the writer gives
-the columns in INODE_COLUMNS order, the reader takes them by name, so a column added in one
-place and not the other fails here, not in a session."""
+"""A staged inode goes into its SQLite row (or a volatile staging's journal record) and
+comes back field for field: the writer gives the columns in INODE_COLUMNS order, the
+reader takes them by name, so a column added in one place and not the other fails here,
+not in a session."""
 
 from __future__ import annotations
 
 import dataclasses
 import stat
 from pathlib import Path
+
+import pytest
 
 from imagefs.format import layout as F
 from imagefs.session.ranges import Ranges
@@ -21,21 +24,22 @@ def distinct_inode(ino: int, kind: int, **extra: object) -> StagedInode:
                        base_limit=19, parent=20, dirty=False, committed=21, **extra)
 
 
-def test_every_field_survives_a_sync_and_a_load(tmp_path: Path) -> None:
+@pytest.mark.parametrize("volatile", [False, True])
+def test_every_field_survives_a_sync_and_a_load(tmp_path: Path, volatile: bool) -> None:
     nodes = [
         distinct_inode(5, F.REG, staged=Ranges([(0, 4), (8, 14)])),
         distinct_inode(6, F.REG, inline=bytearray(b"x" * 14)),
         distinct_inode(7, F.LNK, target=b"/etc/hostname"),
         distinct_inode(8, F.DIR, entries={}),
     ]
-    st = Staging(str(tmp_path / "s"))
+    st = Staging(str(tmp_path / "s"), volatile)
     try:
         for n in nodes:
             st.node_changed(n)
         st.sync(durable=True)
     finally:
         st.close()
-    st = Staging(str(tmp_path / "s"))
+    st = Staging(str(tmp_path / "s"), volatile)
     try:
         loaded = st.load_nodes()
     finally:

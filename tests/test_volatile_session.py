@@ -15,7 +15,7 @@ from conftest import copy_image, run_imagefs
 from imagefs.mount.registry import record_for
 from imagefs.session.content import FileContent
 from imagefs.session.lifecycle import find_session
-from imagefs.session.staging import Staging
+from imagefs.session.staging import JournalStore, SqliteStore, Staging
 from servicing.runner import run
 from servicing.transaction import opened
 
@@ -23,15 +23,23 @@ from servicing.transaction import opened
 @pytest.mark.parametrize("volatile", [False, True])
 def test_a_volatile_staging_writes_everything_but_syncs_nothing(tmp_path: Path,
                                                                 volatile: bool) -> None:
+    """A volatile staging is a journal nothing fsyncs (staging.JournalStore); every other
+    one is SQLite, fsynced at a durable sync."""
     staging = Staging(str(tmp_path / "s"), volatile)
     try:
-        (mode,) = staging.db.execute("PRAGMA synchronous").fetchone()
-        assert mode == (0 if volatile else 1)  # OFF, or NORMAL
+        if volatile:
+            assert isinstance(staging.store, JournalStore)
+        else:
+            assert isinstance(staging.store, SqliteStore)
+            (mode,) = staging.store.db.execute("PRAGMA synchronous").fetchone()
+            assert mode == 1  # NORMAL; FULL only for the length of a durable sync
         staging.meta_set("base_root", 42)
         staging.sync(durable=True)
     finally:
         staging.close()
-    again = Staging(str(tmp_path / "s"))
+    assert (tmp_path / "s" / "staging.db").exists() is not volatile
+    assert (tmp_path / "s" / "staging.journal").exists() is volatile
+    again = Staging(str(tmp_path / "s"), volatile)
     try:
         meta = again.load_meta()
     finally:

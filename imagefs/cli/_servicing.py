@@ -11,14 +11,17 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from imagefs.errors import DaemonRefused, ServicingFailed, UsageError, one_line
 
 from ._common import human, print_json
 from ._daemon import absolute, add_daemon_options, call, daemon_client, run_job
+
+if TYPE_CHECKING:
+    from daemon.forkserver import PendingMount
 
 TARGET_HELP = ("IMAGE INDEX: the verb opens its own writable session of INDEX (a number, a "
                "name, a list such as 1,3, or all), works in it, and commits all the indices "
@@ -88,10 +91,12 @@ def status_line(enabled: bool) -> Iterator[StatusLine]:
 
 def run_change(args: argparse.Namespace, image: str | None, index: str | None,
                make: Callable[[], Any], method: str, params: dict[str, Any],
-               show: Callable[[dict[str, Any]], None] | None = None) -> int:
+               show: Callable[[dict[str, Any]], None] | None = None,
+               reads: Sequence[str] = ()) -> int:
     """Run the Change make() builds, here or through the daemon's `method` (with params,
     which name the same change), print the outcome; the exit code.  make() is called only
-    here, without a daemon: a verb imports its servicing module in it."""
+    here, without a daemon: a verb imports its servicing module in it, after the mounts
+    were asked for (reads: the change's, servicing.transaction.Change)."""
     dry_run = bool(getattr(args, "dry_run", False))
     new_index = getattr(args, "new_index", None)
     try:
@@ -106,11 +111,10 @@ def run_change(args: argparse.Namespace, image: str | None, index: str | None,
                 with own_mounter(dry_run) as mounter:
                     from servicing.transaction import service
 
-                    change = make()
                     with status_line(not args.json) as line:
-                        doc = service(image, index, change, new_index=new_index,
-                                      dry_run=dry_run, progress=line,
-                                      mounter=mounter).to_json()
+                        doc = service(image, index, make, new_index=new_index,
+                                      dry_run=dry_run, progress=line, mounter=mounter,
+                                      reads=reads).to_json()
             else:
                 from servicing.transaction import service_mount
 
@@ -132,9 +136,12 @@ def run_change(args: argparse.Namespace, image: str | None, index: str | None,
     return 0
 
 
+# servicing.transaction.Mounter (not imported for it: the CLI imports servicing later)
+Mounter = Callable[[str, int, str, Sequence[str]], "PendingMount"]
+
+
 @contextmanager
-def own_mounter(dry_run: bool
-                ) -> Iterator[Callable[[str, int, str], Callable[[], object]] | None]:
+def own_mounter(dry_run: bool) -> Iterator[Mounter | None]:
     """The mounts of a transaction run here (no daemon): made by a fork server forked from
     this process now, before it imports and plans anything (daemon.forked_server), so that
     the imports a mount needs overlap the planning.  Its mounts are tied to this process
@@ -150,10 +157,12 @@ def own_mounter(dry_run: bool
 
     server = MountForkServer(fork_server, started)
 
-    def mount(image: str, number: int, mountpoint: str) -> Callable[[], object]:
+    def mount(image: str, number: int, mountpoint: str, reads: Sequence[str]
+              ) -> PendingMount:
         return server.begin(MountRequest(image=os.path.abspath(image), index=str(number),
                                          mountpoint=mountpoint, writable=True,
-                                         tied_to=os.getpid(), volatile=True))
+                                         tied_to=os.getpid(), volatile=True,
+                                         warm=list(reads)))
 
     try:
         yield mount

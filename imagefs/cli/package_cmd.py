@@ -129,10 +129,12 @@ def run_add(args: argparse.Namespace) -> int:
 
         return PackageAdd(debs, repo, args.defer_configure)
 
+    from servicing.reads import DPKG_READS
+
     return run_change(args, image, index, make, "packages.add",
                       {"debs": [absolute(d) for d in debs],
                        "repository": absolute(repo) if repo is not None else None,
-                       "defer_configure": args.defer_configure})
+                       "defer_configure": args.defer_configure}, reads=DPKG_READS)
 
 
 def run_remove(args: argparse.Namespace) -> int:
@@ -143,9 +145,11 @@ def run_remove(args: argparse.Namespace) -> int:
 
         return PackageRemove(names, args.purge, args.with_dependents)
 
+    from servicing.reads import DPKG_READS
+
     return run_change(args, image, index, make, "packages.remove",
                       {"names": names, "purge": args.purge,
-                       "with_dependents": args.with_dependents})
+                       "with_dependents": args.with_dependents}, reads=DPKG_READS)
 
 
 def run_list(args: argparse.Namespace) -> int:

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from imagefs.errors import BaseChanged, IndexGone, UsageError
+from imagefs.errors import BaseChanged, IndexGone, SessionLive, UsageError
 from imagefs.format.commit_record import Commit, IndexEntry
 from imagefs.format.container import ImageFile, crash_point, now_iso
 from imagefs.mount.options import pack_cache
@@ -48,6 +48,7 @@ META_CACHE = 24 << 20
 # a mount's default, `package add` of hello decompressed 35 packs, 10 of them twice.  The
 # session lives for one transaction, so the memory is held only that long.
 TRANSACTION_CACHE = 64 << 20
+LOCK_WAIT = 30.0  # seconds a volatile session's mount process may take to let go of it
 INODE_CACHE_WEIGHT = 32_768
 
 
@@ -106,7 +107,10 @@ class Session:
         return cls._assemble(info, img, staging, cache)
 
     @classmethod
-    def load(cls, info: SessionInfo, cache: int | None = None) -> Session:
+    def load(cls, info: SessionInfo, cache: int | None = None,
+             wait: float = LOCK_WAIT) -> Session:
+        """The session, opened; a volatile one is waited for (wait seconds at most, else
+        SessionLive) while another process has it open: its mount process, ending."""
         from imagefs.image import Image
 
         from .staging import Staging
@@ -116,7 +120,10 @@ class Session:
             if _uuid(img.file) != info.uuid:
                 raise UsageError(f"{info.image}: not the image session {info.id} was opened "
                                  "on (it was replaced); discard the session")
-            staging = Staging(info.dir, info.volatile)
+            try:
+                staging = Staging(info.dir, info.volatile, wait)
+            except BlockingIOError:
+                raise SessionLive(info.id, info.pid, info.mountpoint) from None
         except BaseException:
             img.close()
             raise

@@ -75,10 +75,13 @@ def _writable(image_path: str, index_spec: str, mountpoint: str, cache: int | No
     rec = MountRecord(image=info.image, index=info.index, name=info.name, mountpoint="",
                       pid=0, mode="rw", session=info.id)
 
+    served: list[Session] = []  # in the mount process
+
     def make_ops() -> object:
         from .fuse import WritableOperations
 
-        return WritableOperations(Session.load(info, cache), label)
+        served.append(Session.load(info, cache))
+        return WritableOperations(served[-1], label)
 
     def ready(rec: MountRecord) -> None:
         info.pid = rec.pid
@@ -91,6 +94,11 @@ def _writable(image_path: str, index_spec: str, mountpoint: str, cache: int | No
             if fresh.pid == os.getpid():
                 fresh.pid = 0
                 fresh.save()
+        # Last: a transaction's verb waits for this (the session's lock, staging.py), not
+        # for the mount process to be gone.
+        for session in served:
+            with contextlib.suppress(Exception):  # never instead of the process's exit
+                session.close()
 
     def failed() -> None:
         if created:

@@ -28,6 +28,15 @@ What is written in which order, and why a crash at any moment is safe:
   touches into the data file (staged ranges grow by whole chunks), so 4 KiB written into
   a 1 GiB file stages one chunk, never the file.
 
+A volatile staging (a servicing transaction's own session, never resumed: a crash discards
+it whole) keeps the same state in `staging.journal` instead of SQLite: each sync() appends
+one record of what changed (a 4-byte length, then the marshalled change), and a load
+replays them in order; a record cut short by a crash ends the journal.  Its mount writes
+the session once, at its end (a listing of 714 entries and 150 changed inodes for
+`package add` of hello), and its verb reads it back at once: ~8 ms into SQLite and ~5 ms
+out of it, ~1.5 ms and ~0.5 ms here.  marshal is safe here because the session directory
+is its creator's own (0700), as the SQLite file was.
+
 Space is reclaimed when a session is discarded or its mount unmounted after commit (the
 directory is removed), and a data file as soon as its inode has no name and no opener.
 """
@@ -35,11 +44,19 @@ directory is removed), and a data file as soon as its inode has no name and no o
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
+import marshal
 import os
 import sqlite3
-from dataclasses import dataclass
+import struct
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
+from imagefs.errors import CorruptImage
 from imagefs.format import layout as F
 from imagefs.format.files import syncfs_path
 from imagefs.format.records import Inode
@@ -156,7 +173,7 @@ def _row(n: StagedInode) -> tuple[object, ...]:
     )
 
 
-def _from_row(row: sqlite3.Row) -> StagedInode:
+def _from_row(row: sqlite3.Row | Mapping[str, Any]) -> StagedInode:
     """The StagedInode a row of `inodes` holds (its entries are loaded apart)."""
     staged, inline = row["staged"], row["inline"]
     return StagedInode(
@@ -182,21 +199,33 @@ def _decode_xattrs(text: str | None) -> list[tuple[bytes, bytes]] | None:
     return [(bytes.fromhex(n), bytes.fromhex(v)) for n, v in json.loads(text)]
 
 
-class Staging:
-    """The session's durable store: SQLite rows and data files, written as sync() says."""
+@dataclass
+class SyncBatch:
+    """What one sync() writes: inodes gone (with their entries), inodes as they now are
+    (rows of `inodes`), entries set ((dir, name, child); child None: removed), and meta
+    values (JSON text)."""
 
-    def __init__(self, directory: str, volatile: bool = False) -> None:
+    gone: list[int] = field(default_factory=list)
+    rows: list[tuple[object, ...]] = field(default_factory=list)
+    entries: list[tuple[int, bytes, int | None]] = field(default_factory=list)
+    meta: dict[str, str] = field(default_factory=dict)
+
+
+class Staging:
+    """The session's store: its metadata (in SQLite, or a journal when volatile) and data
+    files, written as sync() says."""
+
+    def __init__(self, directory: str, volatile: bool = False, wait: float = 0.0) -> None:
+        """wait: seconds a volatile staging waits for another process to let go of it
+        (JournalStore), else BlockingIOError."""
         self.dir = directory
         # volatile: a session nobody resumes after a crash (a servicing transaction's,
         # discarded whole if anything fails): nothing is fsynced, fsync returns at once.
         self.volatile = volatile
         self.data_dir = os.path.join(directory, "data")
         os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
-        self.db = sqlite3.connect(os.path.join(directory, "staging.db"),
-                                  isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute(f"PRAGMA synchronous={'OFF' if volatile else 'NORMAL'}")
-        self.db.executescript(SCHEMA)
+        self.store: SqliteStore | JournalStore = (JournalStore(directory, wait) if volatile
+                                                  else SqliteStore(directory))
         self._nodes: dict[int, StagedInode] = {}  # changed since the last sync
         self._gone: set[int] = set()
         self._entries: dict[tuple[int, bytes], int | None] = {}
@@ -210,7 +239,7 @@ class Staging:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self._fds.clear()
-        self.db.close()
+        self.store.close()
 
     # --- what changed: remembered here, written by sync() -------------------------------
 
@@ -234,43 +263,34 @@ class Staging:
         return bool(self._nodes or self._gone or self._entries or self._meta)
 
     def sync(self, durable: bool = False) -> None:
-        """Write every pending change in one transaction; durable: fsync data files first
-        and make the transaction itself survive power loss (never for a volatile staging)."""
+        """Write every pending change at once (one transaction, or one journal record);
+        durable: fsync data files first and make the write itself survive power loss
+        (never for a volatile staging)."""
         durable = durable and not self.volatile
         if durable:
             self._flush_data()
         if not self.pending and not durable:
             return
-        db = self.db
-        if durable:
-            db.execute("PRAGMA synchronous=FULL")
-        try:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                db.executemany("DELETE FROM inodes WHERE ino=?", [(i,) for i in self._gone])
-                db.executemany("DELETE FROM entries WHERE dir=?", [(i,) for i in self._gone])
-                db.executemany(_UPSERT_INODE, [_row(n) for n in self._nodes.values()])
-                db.executemany("DELETE FROM entries WHERE dir=? AND name=?",
-                               [k for k, v in self._entries.items() if v is None])
-                db.executemany("INSERT OR REPLACE INTO entries VALUES (?,?,?)",
-                               [(d, n, c) for (d, n), c in self._entries.items()
-                                if c is not None])
-                db.executemany("INSERT OR REPLACE INTO meta VALUES (?,?)",
-                               [(k, json.dumps(v)) for k, v in self._meta.items()])
-                if durable:  # a transaction that writes, so the WAL is fsynced now
-                    db.execute("INSERT OR REPLACE INTO meta VALUES ('synced', 'true')")
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:  # SQLite ends it itself on some errors (a full disk)
-                    db.execute("ROLLBACK")
-                raise
-        finally:
-            if durable:
-                db.execute("PRAGMA synchronous=NORMAL")
+        self.store.write(SyncBatch(list(self._gone), [_row(n) for n in self._nodes.values()],
+                                [(d, n, c) for (d, n), c in self._entries.items()],
+                                {k: json.dumps(v) for k, v in self._meta.items()}), durable)
         self._nodes.clear()
         self._gone.clear()
         self._entries.clear()
         self._meta.clear()
+
+    # --- reading it back (remount, offline commit) ---------------------------------------
+
+    def load_meta(self) -> dict[str, object]:
+        return {k: json.loads(v) for k, v in self.store.meta()}
+
+    def load_nodes(self) -> dict[int, StagedInode]:
+        nodes = {node.ino: node for node in map(_from_row, self.store.rows())}
+        for d, name, child in self.store.entries():
+            node = nodes.get(d)
+            if node is not None and node.entries is not None:
+                node.entries[bytes(name)] = child
+        return nodes
 
     def _flush_data(self) -> None:
         """Make every data file written since the last durable sync durable: one fsync
@@ -290,21 +310,6 @@ class Staging:
                     finally:
                         os.close(fd)
         self._written.clear()
-
-    # --- reading it back (remount, offline commit) ---------------------------------------
-
-    def load_meta(self) -> dict[str, object]:
-        return {k: json.loads(v) for k, v in self.db.execute("SELECT key, value FROM meta")}
-
-    def load_nodes(self) -> dict[int, StagedInode]:
-        cursor = self.db.cursor()
-        cursor.row_factory = sqlite3.Row
-        nodes = {node.ino: node for node in map(_from_row, cursor.execute(_SELECT_INODES))}
-        for d, name, child in self.db.execute("SELECT dir, name, child FROM entries"):
-            node = nodes.get(d)
-            if node is not None and node.entries is not None:
-                node.entries[bytes(name)] = child
-        return nodes
 
     # --- data files ----------------------------------------------------------------------
 
@@ -374,3 +379,178 @@ def directory_bytes(path: str) -> int:
             with contextlib.suppress(OSError):
                 total += os.lstat(os.path.join(top, name)).st_blocks * 512
     return total
+
+
+class SqliteStore:
+    """A durable session's metadata: SQLite (WAL), one transaction per sync."""
+
+    def __init__(self, directory: str) -> None:
+        self.db = sqlite3.connect(os.path.join(directory, "staging.db"),
+                                  isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(SCHEMA)
+
+    def write(self, change: SyncBatch, durable: bool) -> None:
+        db = self.db
+        if durable:
+            db.execute("PRAGMA synchronous=FULL")
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany("DELETE FROM inodes WHERE ino=?", [(i,) for i in change.gone])
+                db.executemany("DELETE FROM entries WHERE dir=?", [(i,) for i in change.gone])
+                db.executemany(_UPSERT_INODE, change.rows)
+                db.executemany("DELETE FROM entries WHERE dir=? AND name=?",
+                               [(d, n) for d, n, c in change.entries if c is None])
+                db.executemany("INSERT OR REPLACE INTO entries VALUES (?,?,?)",
+                               [e for e in change.entries if e[2] is not None])
+                db.executemany("INSERT OR REPLACE INTO meta VALUES (?,?)",
+                               list(change.meta.items()))
+                if durable:  # a transaction that writes, so the WAL is fsynced now
+                    db.execute("INSERT OR REPLACE INTO meta VALUES ('synced', 'true')")
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:  # SQLite ends it itself on some errors (a full disk)
+                    db.execute("ROLLBACK")
+                raise
+        finally:
+            if durable:
+                db.execute("PRAGMA synchronous=NORMAL")
+
+    def meta(self) -> Iterator[tuple[str, str]]:
+        yield from self.db.execute("SELECT key, value FROM meta")
+
+    def rows(self) -> Iterator[sqlite3.Row]:
+        cursor = self.db.cursor()
+        cursor.row_factory = sqlite3.Row
+        yield from cursor.execute(_SELECT_INODES)
+
+    def entries(self) -> Iterator[tuple[int, bytes, int]]:
+        yield from self.db.execute("SELECT dir, name, child FROM entries")
+
+    def close(self) -> None:
+        self.db.close()
+
+
+_LENGTH = struct.Struct("<I")
+
+
+class JournalStore:
+    """A volatile session's metadata: `staging.journal`, one appended record per sync
+    (see the module's docstring), replayed whole when read.
+
+    One process at a time has it open, under an exclusive flock: the session's mount
+    process lets go of it last, once it wrote the session and marked it ended
+    (mounts._writable), so that its verb, waiting for the lock, commits the session
+    while the mount process is still freeing its memory (~5 ms for its ~35 MB)."""
+
+    def __init__(self, directory: str, wait: float = 0.0) -> None:
+        self.path = os.path.join(directory, "staging.journal")
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
+                          0o600)
+        try:
+            _lock(self.fd, self.path, wait)
+            self.size = os.fstat(self.fd).st_size
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self._replay: tuple[dict[str, str], dict[int, tuple[Any, ...]],
+                            dict[int, dict[bytes, int]]] | None = None
+
+    def write(self, change: SyncBatch, durable: bool) -> None:
+        blob = marshal.dumps((change.gone, change.rows, change.entries, change.meta))
+        record = _LENGTH.pack(len(blob)) + blob
+        self._replay = None
+        try:
+            if os.write(self.fd, record) != len(record):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.path)
+        except OSError:
+            os.ftruncate(self.fd, self.size)  # never half a record before the next one
+            raise
+        self.size += len(record)
+
+    def meta(self) -> Iterator[tuple[str, str]]:
+        yield from self._replayed()[0].items()
+
+    def rows(self) -> Iterator[dict[str, Any]]:
+        for row in self._replayed()[1].values():
+            yield dict(zip(INODE_COLUMNS, row, strict=True))
+
+    def entries(self) -> Iterator[tuple[int, bytes, int]]:
+        for d, names in self._replayed()[2].items():
+            for name, child in names.items():
+                yield d, name, child
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def _replayed(self) -> tuple[dict[str, str], dict[int, tuple[Any, ...]],
+                                 dict[int, dict[bytes, int]]]:
+        """The journal's records applied in order: meta, rows by inode, entries by
+        directory (kept until the next write)."""
+        if self._replay is not None:
+            return self._replay
+        meta: dict[str, str] = {}
+        rows: dict[int, tuple[Any, ...]] = {}
+        entries: dict[int, dict[bytes, int]] = {}
+        for at, (gone, changed, entries_set, meta_set) in self._records():
+            try:
+                for ino in gone:
+                    rows.pop(ino, None)
+                    entries.pop(ino, None)
+                for row in changed:
+                    if len(row) != len(INODE_COLUMNS):
+                        raise ValueError(f"an inode row of {len(row)} fields")
+                    rows[row[0]] = row
+                for d, name, child in entries_set:
+                    if child is None:
+                        entries.get(d, {}).pop(name, None)
+                    else:
+                        entries.setdefault(d, {})[name] = child
+                meta.update(meta_set)
+            except (ValueError, TypeError) as e:
+                raise CorruptImage(self.path, f"staging journal record at {at}: {e}") from None
+        self._replay = meta, rows, entries
+        return self._replay
+
+    def _records(self) -> Iterator[tuple[int, tuple[list[int], list[tuple[Any, ...]],
+                                                    list[tuple[int, bytes, int | None]],
+                                                    dict[str, str]]]]:
+        """(offset, record) of each whole record; one cut short by a crash ends them."""
+        with open(self.path, "rb") as fh:
+            data = fh.read()
+        at = 0
+        while at + _LENGTH.size <= len(data):
+            (n,) = _LENGTH.unpack_from(data, at)
+            start = at + _LENGTH.size
+            if start + n > len(data):
+                return
+            try:
+                record = marshal.loads(data[start:start + n])
+                gone, changed, entries_set, meta_set = record
+                if not (isinstance(gone, list) and isinstance(changed, list)
+                        and isinstance(entries_set, list) and isinstance(meta_set, dict)):
+                    raise ValueError("not a journal record")
+            except (ValueError, EOFError, TypeError) as e:
+                raise CorruptImage(self.path, f"staging journal record at {at}: {e}") from None
+            yield at, (gone, changed, entries_set, meta_set)
+            at = start + n
+
+
+LOCK_POLL = 0.0005  # seconds between two tries of a lock somebody holds
+
+
+def _lock(fd: int, path: str, wait: float) -> None:
+    """An exclusive flock on fd, waited for up to wait seconds (flock(2) itself cannot
+    time out); BlockingIOError when it is still held by then."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise BlockingIOError(errno.EWOULDBLOCK, "in use by another process",
+                                      path) from None
+            time.sleep(LOCK_POLL)
