@@ -6,17 +6,28 @@ CLI names it before it imports anything else.
 Paths in the image; a symlink is never followed, so both layouts of /usr are named.
 """
 
-# dpkg's database and configuration, and the programs dpkg starts with their libraries:
-# `package add` of hello, its dpkg 108 -> 90 ms.
+# dpkg's database and configuration, and the programs dpkg starts with their libraries,
+# in the order dpkg needs them (the reading goes on while dpkg runs, ahead of it): read
+# beforehand, `dpkg -i` of hello 108 -> 90 ms; `package add` of hello, medians of 16
+# interleaved runs, without these 0.301 s, with them 0.284 s (and 0.295 -> 0.284 s for
+# this order over the database first).
 DPKG_READS = (
+    # what every program dpkg starts needs first: the loader, libc and the shell
+    *(f"{d}/*-linux-*/{lib}" for d in ("usr/lib", "lib") for lib in (
+        "ld-linux*.so.*", "libc.so.6")),
+    "etc/ld.so.cache", *(f"{d}/dash" for d in ("usr/bin", "bin")),
+    # dpkg, its libraries and its database
+    *(f"{d}/dpkg" for d in ("usr/bin", "bin")),
+    *(f"{d}/*-linux-*/{lib}" for d in ("usr/lib", "lib") for lib in (
+        "libmd.so.*", "libselinux.so.*", "libpcre2-8.so.*", "libzstd.so.*",
+        "liblzma.so.*", "libbz2.so.*", "libz.so.*")),
+    "etc/dpkg/dpkg.cfg", "etc/dpkg/dpkg.cfg.d/*",
     "var/lib/dpkg/status", "var/lib/dpkg/available", "var/lib/dpkg/arch",
     "var/lib/dpkg/diversions", "var/lib/dpkg/statoverride", "var/lib/dpkg/triggers/*",
-    "var/lib/dpkg/info/*.list", "etc/dpkg/dpkg.cfg", "etc/dpkg/dpkg.cfg.d/*",
-    "etc/ld.so.cache", "etc/passwd", "etc/group", "etc/nsswitch.conf",
+    "etc/passwd", "etc/group", "etc/nsswitch.conf",
+    # the programs it starts to unpack a package, then the file lists it loads
     *(f"{d}/{p}" for d in ("usr/bin", "bin") for p in (
-        "dpkg", "dpkg-deb", "dpkg-split", "dpkg-query", "dpkg-trigger", "tar", "rm",
-        "dash")),
-    *(f"{d}/*-linux-*/{lib}" for d in ("usr/lib", "lib") for lib in (
-        "ld-linux*.so.*", "libc.so.6", "libmd.so.*", "libselinux.so.*", "libpcre2-8.so.*",
-        "libzstd.so.*", "liblzma.so.*", "libbz2.so.*", "libz.so.*", "libacl.so.*")),
+        "dpkg-split", "dpkg-deb", "tar", "rm", "dpkg-query", "dpkg-trigger")),
+    *(f"{d}/*-linux-*/libacl.so.*" for d in ("usr/lib", "lib")),
+    "var/lib/dpkg/info/*.list",
 )
