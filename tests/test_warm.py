@@ -40,6 +40,24 @@ def test_the_named_regular_files_are_read_and_nothing_else(tmp_path: Path) -> No
     assert got == 100 + 3 * 10 + 7
 
 
+def test_a_path_ending_in_a_slash_is_only_looked_up(tmp_path: Path) -> None:
+    root = _tree(tmp_path)
+    assert warm(str(root), ["var/lib/dpkg/", "var/lib/dpkg/status/", "nothing/"]) == 0
+
+
+def test_the_containers_reads_name_what_the_runner_touches_first() -> None:
+    """reads.CONTAINER_READS is kept true to servicing.runner: the directories bwrap
+    mounts over and the policy-rc.d names it looks for come first of every change."""
+    from servicing import runner
+    from servicing.reads import CONTAINER_READS
+
+    for name in runner.MOUNT_POINTS:
+        assert f"{name}/" in CONTAINER_READS
+    for name in (runner.POLICY_RC_D, runner.SAVED_POLICY):
+        assert f"usr/sbin/{name}" in CONTAINER_READS
+    assert DPKG_READS[:len(CONTAINER_READS)] == CONTAINER_READS
+
+
 def test_no_symlink_is_followed_nor_dotdot_taken(tmp_path: Path) -> None:
     root = _tree(tmp_path)
     outside = tmp_path / "secret"

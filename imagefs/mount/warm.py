@@ -8,10 +8,11 @@ them are decompressed on the way.  Read once beforehand, they are in the kernel'
 (entries, attributes, pages) when dpkg asks: `package add` of hello, its dpkg 108 -> 90 ms.
 
 The paths come from the caller (servicing.reads.DPKG_READS) and are read inside the
-mount only: each component is opened below the one before it without following a
+mount only: each component is looked up below the one before it without following a
 symlink, `*` and `?` match names in a component (fnmatch), and only regular files are
 opened for reading (a device node of the image is never opened: the mount has `dev`),
-up to a budget.  Whatever fails is skipped: this only saves time.
+up to a budget; a path ending in "/" is only looked up (the kernel keeps the entry).
+Whatever fails is skipped: this only saves time.
 """
 
 from __future__ import annotations
@@ -25,20 +26,21 @@ from collections.abc import Callable, Iterator, Sequence
 BUDGET = 32 << 20  # bytes read at most
 SECONDS = 2.0  # and for no longer than this
 CHUNK = 256 << 10
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+# Walking opens with O_PATH: a LOOKUP and nothing else (no OPENDIR, no OPEN), and never a
+# device node's driver; only a regular file is opened for reading (through /proc).
+_WALK_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def warm(root: str, patterns: Sequence[str], budget: int = BUDGET,
          seconds: float = SECONDS, stop: Callable[[], bool] = lambda: False) -> int:
     """Read the regular files under root that patterns name ("var/lib/dpkg/status",
-    "usr/lib/*/libc.so.6"), until done or stop() says so (asked after each file); the
-    bytes read."""
+    "usr/lib/*/libc.so.6"), until done or stop() says so (asked after each path); the
+    bytes read.  A pattern ending in "/" ("dev/") is only looked up."""
     deadline = time.monotonic() + seconds
     left = budget
     listed: dict[tuple[int, int], list[str]] = {}
     try:
-        top = os.open(root, _DIR_FLAGS)
+        top = os.open(root, _WALK_FLAGS | os.O_DIRECTORY)
     except OSError:
         return 0
     try:
@@ -46,48 +48,41 @@ def warm(root: str, patterns: Sequence[str], budget: int = BUDGET,
             parts = [p for p in pattern.split("/") if p not in ("", ".")]
             if not parts or ".." in parts:
                 continue
-            for fd in _files(top, parts, listed):
+            for fd in _found(top, parts, pattern.endswith("/"), listed):
                 try:
                     left -= _read(fd, left)
                 finally:
                     os.close(fd)
                 if left <= 0 or time.monotonic() > deadline or stop():
                     return budget - left
+            if time.monotonic() > deadline or stop():
+                break
     finally:
         os.close(top)
     return budget - left
 
 
-def _files(parent: int, parts: list[str], listed: dict[tuple[int, int], list[str]]
-           ) -> Iterator[int]:
-    """Descriptors, open for reading, of the regular files below parent that parts name;
-    each is the caller's to close.  listed: directories' names, by (device, inode)."""
+def _found(parent: int, parts: list[str], lookup_only: bool,
+           listed: dict[tuple[int, int], list[str]]) -> Iterator[int]:
+    """Descriptors, open for reading, of the regular files below parent (an O_PATH
+    descriptor of a directory) that parts name, each the caller's to close; none when
+    lookup_only.  listed: directories' names, by (device, inode)."""
     name, rest = parts[0], parts[1:]
     for match in _matches(parent, name, listed):
         try:
-            if rest:
-                fd = os.open(match, _DIR_FLAGS, dir_fd=parent)
-                try:
-                    yield from _files(fd, rest, listed)
-                finally:
-                    os.close(fd)
-            elif (file_fd := _regular(match, parent)) is not None:
-                yield file_fd
+            fd = os.open(match, _WALK_FLAGS | (os.O_DIRECTORY if rest or lookup_only else 0),
+                         dir_fd=parent)
         except OSError:
             continue  # missing, a symlink, not a directory: not ours to read
-
-
-def _regular(name: str, parent: int) -> int | None:
-    """name in parent opened for reading if it is a regular file (looked at through an
-    O_PATH descriptor first, which opens nothing, and reopened through it: the same
-    inode), else None."""
-    path_fd = os.open(name, _PATH_FLAGS, dir_fd=parent)
-    try:
-        if not stat.S_ISREG(os.fstat(path_fd).st_mode):
-            return None
-        return os.open(f"/proc/self/fd/{path_fd}", os.O_RDONLY | os.O_CLOEXEC)
-    finally:
-        os.close(path_fd)
+        try:
+            if rest:
+                yield from _found(fd, rest, lookup_only, listed)
+            elif not lookup_only and stat.S_ISREG(os.fstat(fd).st_mode):
+                yield os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
 
 
 def _matches(parent: int, name: str, listed: dict[tuple[int, int], list[str]]
@@ -100,8 +95,12 @@ def _matches(parent: int, name: str, listed: dict[tuple[int, int], list[str]]
         st = os.fstat(parent)
         names = listed.get((st.st_dev, st.st_ino))
         if names is None:
-            with os.scandir(parent) as it:
-                names = listed[(st.st_dev, st.st_ino)] = sorted(e.name for e in it)
+            fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=parent)
+            try:
+                with os.scandir(fd) as it:
+                    names = listed[(st.st_dev, st.st_ino)] = sorted(e.name for e in it)
+            finally:
+                os.close(fd)
     except OSError:
         return []
     return fnmatch.filter(names, name)
