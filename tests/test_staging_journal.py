@@ -59,6 +59,10 @@ def test_the_journal_reads_back_what_sqlite_does(tmp_path: Path, seed: int) -> N
                     else:
                         st.meta_set(*arg)  # type: ignore[misc]
                 st.sync(durable=rng.random() < 0.3)
+            if rng.random() < 0.3:  # read between writes: what was read is kept up to date
+                now = _state(stores[0])
+                now[0].pop("synced", None)
+                assert _state(stores[1]) == now
         expected = _state(stores[0])
         expected[0].pop("synced", None)  # a durable sync's mark: never in a journal
         assert _state(stores[1]) == expected

@@ -455,13 +455,11 @@ class JournalStore:
         except BaseException:
             os.close(self.fd)
             raise
-        self._replay: tuple[dict[str, str], dict[int, tuple[Any, ...]],
-                            dict[int, dict[bytes, int]]] | None = None
+        self._replay: _Replayed | None = None
 
     def write(self, change: SyncBatch, durable: bool) -> None:
         blob = marshal.dumps((change.gone, change.rows, change.entries, change.meta))
         record = _LENGTH.pack(len(blob)) + blob
-        self._replay = None
         try:
             if os.write(self.fd, record) != len(record):
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.path)
@@ -469,6 +467,9 @@ class JournalStore:
             os.ftruncate(self.fd, self.size)  # never half a record before the next one
             raise
         self.size += len(record)
+        if self._replay is not None:  # what was read stays true: the record applied to it
+            _replay_record(self._replay, change.gone, change.rows, change.entries,
+                           change.meta)
 
     def meta(self) -> Iterator[tuple[str, str]]:
         yield from self._replayed()[0].items()
@@ -485,34 +486,19 @@ class JournalStore:
     def close(self) -> None:
         os.close(self.fd)
 
-    def _replayed(self) -> tuple[dict[str, str], dict[int, tuple[Any, ...]],
-                                 dict[int, dict[bytes, int]]]:
+    def _replayed(self) -> _Replayed:
         """The journal's records applied in order: meta, rows by inode, entries by
         directory (kept until the next write)."""
         if self._replay is not None:
             return self._replay
-        meta: dict[str, str] = {}
-        rows: dict[int, tuple[Any, ...]] = {}
-        entries: dict[int, dict[bytes, int]] = {}
+        state: _Replayed = ({}, {}, {})
         for at, (gone, changed, entries_set, meta_set) in self._records():
             try:
-                for ino in gone:
-                    rows.pop(ino, None)
-                    entries.pop(ino, None)
-                for row in changed:
-                    if len(row) != len(INODE_COLUMNS):
-                        raise ValueError(f"an inode row of {len(row)} fields")
-                    rows[row[0]] = row
-                for d, name, child in entries_set:
-                    if child is None:
-                        entries.get(d, {}).pop(name, None)
-                    else:
-                        entries.setdefault(d, {})[name] = child
-                meta.update(meta_set)
+                _replay_record(state, gone, changed, entries_set, meta_set)
             except (ValueError, TypeError) as e:
                 raise CorruptImage(self.path, f"staging journal record at {at}: {e}") from None
-        self._replay = meta, rows, entries
-        return self._replay
+        self._replay = state
+        return state
 
     def _records(self) -> Iterator[tuple[int, tuple[list[int], list[tuple[Any, ...]],
                                                     list[tuple[int, bytes, int | None]],
@@ -536,6 +522,30 @@ class JournalStore:
                 raise CorruptImage(self.path, f"staging journal record at {at}: {e}") from None
             yield at, (gone, changed, entries_set, meta_set)
             at = start + n
+
+
+# A journal's state: meta values (JSON text), inode rows by number, entries by directory.
+_Replayed = tuple[dict[str, str], dict[int, tuple[Any, ...]], dict[int, dict[bytes, int]]]
+
+
+def _replay_record(state: _Replayed, gone: list[int], changed: list[tuple[Any, ...]],
+                   entries_set: list[tuple[int, bytes, int | None]],
+                   meta_set: dict[str, str]) -> None:
+    """Apply one journal record to state, in the order SqliteStore.write applies it."""
+    meta, rows, entries = state
+    for ino in gone:
+        rows.pop(ino, None)
+        entries.pop(ino, None)
+    for row in changed:
+        if len(row) != len(INODE_COLUMNS):
+            raise ValueError(f"an inode row of {len(row)} fields")
+        rows[row[0]] = row
+    for d, name, child in entries_set:
+        if child is None:
+            entries.get(d, {}).pop(name, None)
+        else:
+            entries.setdefault(d, {})[name] = child
+    meta.update(meta_set)
 
 
 LOCK_POLL = 0.0005  # seconds between two tries of a lock somebody holds
