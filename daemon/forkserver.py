@@ -11,7 +11,9 @@ forks a child per request and goes back to waiting; the child takes the caller's
 credentials (uid, gid, groups, as the daemon learned them from SO_PEERCRED), so the kernel
 checks every path as it would for the caller's own `imagefs mount`, then runs
 mounts.start(), which forks the mount process and returns once it is ready; the child
-answers with the mount's record, or the error and its exit code, and exits.  (A session's
+answers with the mount's record, or the error and its exit code (one line of JSON), reads
+the request's `warm` paths in the new mount until done or until the caller lets go
+(PendingMount.release), and exits.  (A session's
 writable mount is root's, made for the session's owner, as `imagefs mount --rw` run by
 root for them would be; the daemon has checked its paths as the caller.)  The mount
 process belongs to nobody but itself (setsid): the daemon and this server may stop or

@@ -64,10 +64,6 @@ COMMIT_LEVEL = 9
 SUMMARY_PATHS = 20  # paths of each kind (added, removed, changed) kept in a history entry
 
 
-# Starts mounting index number of the image writable at a mount point (a new session), tied
-# to this process, and returns what waits until that mount is ready (raising if it failed).
-# The default mounts here, before it returns; the daemon and the CLI have a fork server do
-# it, while the verb plans, and then read the paths given (Change.reads) in the mount.
 class MountHandle(Protocol):
     """A session's mount, asked for: wait() until it is ready (raising why not); release()
     once done with what was read ahead in it (Change.reads), and before unmounting it."""
@@ -77,6 +73,10 @@ class MountHandle(Protocol):
     def release(self) -> None: ...
 
 
+# Starts mounting index number of the image writable at a mount point (a new session), tied
+# to this process, and returns its MountHandle.  The default mounts here, before it
+# returns; the daemon and the CLI have a fork server do it while the verb plans, and read
+# the paths given (Change.reads) in the mount once it is up.
 Mounter = Callable[[str, int, str, Sequence[str]], MountHandle]
 
 
