@@ -94,11 +94,13 @@ def _writable(image_path: str, index_spec: str, mountpoint: str, cache: int | No
             if fresh.pid == os.getpid():
                 fresh.pid = 0
                 fresh.save()
-        # Last: a transaction's verb waits for this (the session's lock, staging.py), not
-        # for the mount process to be gone.
+        # Last: a transaction's verb waits for this (its session's lock, staging.py), not
+        # for the mount process to be gone.  (Any other session is left to the exit, as
+        # before: closing SQLite would checkpoint its log here.)
         for session in served:
-            with contextlib.suppress(Exception):  # never instead of the process's exit
-                session.close()
+            if session.info.volatile:
+                with contextlib.suppress(Exception):  # never instead of the process's exit
+                    session.close()
 
     def failed() -> None:
         if created:
