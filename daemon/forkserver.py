@@ -176,10 +176,10 @@ class MountForkServer:
 
 class PendingMount:
     """A mount asked of the server.  wait() returns its record once it is ready (or
-    raises its error with its exit code), as often as asked; release() lets the server's
-    child go, which reads the request's `warm` paths in the mount until then (the mount
-    cannot be unmounted while it does): call it once done with the mount's caches, and
-    always before unmounting."""
+    raises its error with its exit code), as often as asked, the same each time;
+    release() lets the server's child go, which reads the request's `warm` paths in the
+    mount until then (the mount cannot be unmounted while it does): call it once done
+    with the mount's caches, and always before unmounting."""
 
     def __init__(self, request: MountRequest, sock: socket.socket, timeout: float) -> None:
         self.request = request
@@ -189,7 +189,10 @@ class PendingMount:
 
     def wait(self) -> dict[str, Any]:
         if self._answer is None:
-            self._answer = self._read_answer()
+            try:
+                self._answer = self._read_answer()
+            except MountRefused as e:  # asked again, the same answer
+                self._answer = {"error": e.message(), "exit_code": e.exit_code}
         if "error" in self._answer:
             raise MountRefused(str(self._answer["error"]),
                                int(self._answer.get("exit_code") or SystemFailure.exit_code))

@@ -65,8 +65,9 @@ SUMMARY_PATHS = 20  # paths of each kind (added, removed, changed) kept in a his
 
 
 class MountHandle(Protocol):
-    """A session's mount, asked for: wait() until it is ready (raising why not); release()
-    once done with what was read ahead in it (Change.reads), and before unmounting it."""
+    """A session's mount, asked for: wait() until it is ready (raising why not; asked
+    again, the same); release() once done with what was read ahead in it (Change.reads),
+    and before unmounting it."""
 
     def wait(self) -> object: ...
 
@@ -398,25 +399,14 @@ def _start(image_path: str, indices: list[tuple[int, str]], place: str, progress
 
 
 class _Mounting:
-    """A session's mount, asked for; wait() returns it once it is ready (or raises why it
-    failed), as often as it is asked; release() as MountHandle's."""
+    """A session's mount, asked for (its MountHandle), and where it is."""
 
     def __init__(self, handle: MountHandle, target: Target) -> None:
         self.handle = handle
-        self._waited = False
-        self._failed: BaseException | None = None
         self.target = target
 
     def wait(self) -> Target:
-        if not self._waited:
-            self._waited = True
-            try:
-                self.handle.wait()
-            except BaseException as e:
-                self._failed = e
-                raise
-        if self._failed is not None:
-            raise self._failed
+        self.handle.wait()
         return self.target
 
     def release(self) -> None:

@@ -37,7 +37,6 @@ import os
 import signal
 import stat
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -59,7 +58,7 @@ from imagefs.errors import (
 
 from . import layout as F
 from .commit_record import Commit
-from .files import fsync_dir, open_regular, pwrite_all
+from .files import flock_within, fsync_dir, open_regular, pwrite_all
 
 
 def crash_point(name: str) -> None:
@@ -362,16 +361,9 @@ class ImageFile:
 
     def lock(self, wait: float | None = None) -> None:
         """Take the writer lock; wait up to `wait` seconds (None: forever)."""
-        deadline = None if wait is None else time.monotonic() + wait
-        while True:
-            try:
-                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                self._still_named()
-                return
-            except BlockingIOError:
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise Busy(self.path, "try again later, or pass --wait") from None
-                time.sleep(0.05)
+        if not flock_within(self.fd, wait, 0.05):
+            raise Busy(self.path, "try again later, or pass --wait")
+        self._still_named()
 
     def _still_named(self) -> None:
         """Refuse (and unlock) when path no longer names this file: `imagefs optimize`

@@ -5,8 +5,10 @@ file's type."""
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import os
 import stat
+import time
 
 from imagefs.errors import NoSuchImage, NotAnImage, SystemFailure
 
@@ -18,6 +20,20 @@ def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> No
         n = os.pwrite(fd, view, offset)
         view = view[n:]
         offset += n
+
+
+def flock_within(fd: int, wait: float | None, poll: float) -> bool:
+    """Take an exclusive flock on fd, trying every poll seconds for up to wait seconds
+    (None: as long as it takes; flock(2) itself cannot time out); whether it was taken."""
+    deadline = None if wait is None else time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(poll)
 
 
 def fsync_dir(path: str) -> None:

@@ -45,20 +45,18 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import json
 import marshal
 import os
 import sqlite3
 import struct
-import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from imagefs.errors import CorruptImage
 from imagefs.format import layout as F
-from imagefs.format.files import syncfs_path
+from imagefs.format.files import flock_within, syncfs_path
 from imagefs.format.records import Inode
 
 from .ranges import Ranges
@@ -468,8 +466,7 @@ class JournalStore:
             raise
         self.size += len(record)
         if self._replay is not None:  # what was read stays true: the record applied to it
-            _replay_record(self._replay, change.gone, change.rows, change.entries,
-                           change.meta)
+            _replay_record(self._replay, change)
 
     def meta(self) -> Iterator[tuple[str, str]]:
         yield from self._replayed()[0].items()
@@ -492,17 +489,15 @@ class JournalStore:
         if self._replay is not None:
             return self._replay
         state: _Replayed = ({}, {}, {})
-        for at, (gone, changed, entries_set, meta_set) in self._records():
+        for at, batch in self._records():
             try:
-                _replay_record(state, gone, changed, entries_set, meta_set)
+                _replay_record(state, batch)
             except (ValueError, TypeError) as e:
                 raise CorruptImage(self.path, f"staging journal record at {at}: {e}") from None
         self._replay = state
         return state
 
-    def _records(self) -> Iterator[tuple[int, tuple[list[int], list[tuple[Any, ...]],
-                                                    list[tuple[int, bytes, int | None]],
-                                                    dict[str, str]]]]:
+    def _records(self) -> Iterator[tuple[int, SyncBatch]]:
         """(offset, record) of each whole record; one cut short by a crash ends them."""
         with open(self.path, "rb") as fh:
             data = fh.read()
@@ -520,7 +515,7 @@ class JournalStore:
                     raise ValueError("not a journal record")
             except (ValueError, EOFError, TypeError) as e:
                 raise CorruptImage(self.path, f"staging journal record at {at}: {e}") from None
-            yield at, (gone, changed, entries_set, meta_set)
+            yield at, SyncBatch(gone, changed, entries_set, meta_set)
             at = start + n
 
 
@@ -528,39 +523,29 @@ class JournalStore:
 _Replayed = tuple[dict[str, str], dict[int, tuple[Any, ...]], dict[int, dict[bytes, int]]]
 
 
-def _replay_record(state: _Replayed, gone: list[int], changed: list[tuple[Any, ...]],
-                   entries_set: list[tuple[int, bytes, int | None]],
-                   meta_set: dict[str, str]) -> None:
+def _replay_record(state: _Replayed, batch: SyncBatch) -> None:
     """Apply one journal record to state, in the order SqliteStore.write applies it."""
     meta, rows, entries = state
-    for ino in gone:
+    for ino in batch.gone:
         rows.pop(ino, None)
         entries.pop(ino, None)
-    for row in changed:
+    for row in batch.rows:
         if len(row) != len(INODE_COLUMNS):
             raise ValueError(f"an inode row of {len(row)} fields")
-        rows[row[0]] = row
-    for d, name, child in entries_set:
+        rows[row[0]] = row  # type: ignore[index]
+    for d, name, child in batch.entries:
         if child is None:
             entries.get(d, {}).pop(name, None)
         else:
             entries.setdefault(d, {})[name] = child
-    meta.update(meta_set)
+    meta.update(batch.meta)
 
 
 LOCK_POLL = 0.0005  # seconds between two tries of a lock somebody holds
 
 
 def _lock(fd: int, path: str, wait: float) -> None:
-    """An exclusive flock on fd, waited for up to wait seconds (flock(2) itself cannot
-    time out); BlockingIOError when it is still held by then."""
-    deadline = time.monotonic() + wait
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                raise BlockingIOError(errno.EWOULDBLOCK, "in use by another process",
-                                      path) from None
-            time.sleep(LOCK_POLL)
+    """An exclusive flock on fd, waited for up to wait seconds; BlockingIOError when it is
+    still held by then."""
+    if not flock_within(fd, wait, LOCK_POLL):
+        raise BlockingIOError(errno.EWOULDBLOCK, "in use by another process", path)
